@@ -1,0 +1,43 @@
+"""Facts about Google's AlphaEarth Foundations embeddings, declared once.
+
+The annual Satellite Embedding product has 64 bands (A00..A63); each pixel is a
+unit-length vector. The Cloud Storage COGs store it as signed int8 with
+q = round(127.5 * sign(x) * sqrt(|x|)), nodata -128, de-quantized as
+x = sign(q) * (q / 127.5) ** 2. Data: CC-BY 4.0, "AlphaEarth Foundations Satellite
+Embedding dataset, Google / Google DeepMind".
+"""
+from __future__ import annotations
+
+import numpy as np
+
+N_BANDS = 64
+NODATA_INT8 = -128
+QUANT_SCALE = 127.5
+ATTRIBUTION = "AlphaEarth Foundations Satellite Embedding dataset, Google / Google DeepMind (CC-BY 4.0)"
+
+
+def band_names(n_bands: int = N_BANDS, prefix: str = "A") -> list[str]:
+    """Band names as AlphaEarth spells them: A00..A63 (E000.. for wider outputs)."""
+    width = max(2, len(str(n_bands - 1)))
+    return [f"{prefix}{i:0{width}d}" for i in range(n_bands)]
+
+
+def quantize(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Encode values in [-1, 1] as AlphaEarth int8; invalid pixels become -128.
+
+    The square-root companding spends the int8 codes where unit vectors' components
+    live (mostly small), so the round trip error is at most about 1/127.5 near |x| = 1
+    and much smaller near 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    q = np.rint(QUANT_SCALE * np.sign(x) * np.sqrt(np.minimum(np.abs(x), 1.0)))
+    q = np.clip(q, -127, 127).astype(np.int8)
+    if valid is not None:
+        q[~np.broadcast_to(valid, q.shape)] = NODATA_INT8
+    return q
+
+
+def dequantize(q: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Decode AlphaEarth int8 to floats: sign(q) * (q / 127.5) ** 2 (nodata not masked)."""
+    f = np.asarray(q).astype(dtype) / dtype(QUANT_SCALE)
+    return np.sign(f) * f * f

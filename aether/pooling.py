@@ -1,0 +1,187 @@
+"""Window pooling of AlphaEarth vectors around points, with summed-area tables.
+
+For each point the base and augmented views are the nodata-masked mean of the
+vectors in a square window centred on the point's pixel (clipped at the raster's
+edges), renormalised to unit length. The raster is visited in chunks that hold
+points, in raster order; each chunk (plus a halo of the largest radius) gets one
+summed-area table of values and one of valid counts, so a window of any size costs
+four lookups, and memory is bounded by the chunk, not by the raster.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from aether.alphaearth import NODATA_INT8, QUANT_SCALE
+from aether.raster import RasterInfo, invalid_pixels, read_pixels
+
+# sign(q) * q**2 for every int8 code q (indexed by q viewed as uint8), 0 for nodata:
+# AlphaEarth's de-quantization in exact integers, scaled by 127.5**2.
+_CODES = np.arange(256, dtype=np.int64).astype(np.uint8).view(np.int8).astype(np.int64)
+_INT8_SQUARES = _CODES * np.abs(_CODES)
+_INT8_SQUARES[_CODES == NODATA_INT8] = 0
+_INT8_MAX_SQUARE = 127 * 127
+
+CHUNK_PX = 1024  # chunk side; a multiple of common block sizes (256, 512)
+GDAL_CACHE_MB = 512  # holds the blocks a chunk's halo shares with its neighbours
+
+
+@dataclass
+class PooledViews:
+    """Unit-length pooled vectors for each point, and which points can be used."""
+
+    views: list[np.ndarray]  # one (N, C) float32 array per radius; zeros where not valid
+    valid: np.ndarray  # (N,) bool: on the raster, and every view has a valid pixel
+    inside: np.ndarray  # (N,) bool: the point's pixel is on the raster
+
+
+def pool_points(
+    info: RasterInfo,
+    x: np.ndarray,
+    y: np.ndarray,
+    radii_m: list[float],
+    lat_deg: np.ndarray | None = None,
+    chunk_px: int = CHUNK_PX,
+    threads: int = 2,
+    progress: bool = False,
+) -> PooledViews:
+    """Pool a window of each radius in `radii_m` (metres) around points (x, y) in the raster's CRS.
+
+    `lat_deg` (the points' latitudes) matters only for a geographic CRS, where a
+    window's size in degrees depends on latitude; it defaults to y there.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = len(x)
+    rows, cols = info.rowcol(x, y)
+    inside = (rows >= 0) & (rows < info.height) & (cols >= 0) & (cols < info.width)
+    lat = (y if lat_deg is None else np.asarray(lat_deg, dtype=np.float64)) if info.is_geographic else None
+    half = []
+    for radius_m in radii_m:
+        rx, ry = info.radius_px(radius_m, lat)
+        half.append((np.broadcast_to(rx, (n,)), np.broadcast_to(ry, (n,))))
+    channels = info.count
+    sums = [np.zeros((n, channels), dtype=np.float64) for _ in radii_m]
+    counts = [np.zeros(n, dtype=np.int64) for _ in radii_m]
+
+    def work(members: np.ndarray, pixels: np.ndarray, r0: int, c0: int) -> int:
+        values, valid = _summed_area_tables(pixels, info, int(_window_area(members, half)))
+        flat = values.reshape(-1, channels)
+        flat_valid = valid.reshape(-1)
+        stride = values.shape[1]
+        r, c = rows[members], cols[members]
+        for k, (rx, ry) in enumerate(half):
+            top = np.clip(r - ry[members], 0, info.height) - r0
+            bottom = np.clip(r + ry[members] + 1, 0, info.height) - r0
+            left = np.clip(c - rx[members], 0, info.width) - c0
+            right = np.clip(c + rx[members] + 1, 0, info.width) - c0
+            corners = (bottom * stride + right, top * stride + right, bottom * stride + left, top * stride + left)
+            box = flat[corners[0]] - flat[corners[1]] - flat[corners[2]] + flat[corners[3]]
+            sums[k][members] = box * (1.0 / QUANT_SCALE**2 if info.is_int8 else 1.0)
+            counts[k][members] = (
+                flat_valid[corners[0]] - flat_valid[corners[1]] - flat_valid[corners[2]] + flat_valid[corners[3]]
+            )
+        return len(members)
+
+    bar = tqdm(total=int(inside.sum()), desc="pooling POIs", unit="POI", disable=not progress)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(info.path, NUM_THREADS="ALL_CPUS") as src:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            pending: deque = deque()
+            for members in _chunk_groups(rows, cols, inside, info.width, chunk_px):
+                hx = max(int(h[0][members].max()) for h in half)
+                hy = max(int(h[1][members].max()) for h in half)
+                r, c = rows[members], cols[members]
+                r0, r1 = max(int(r.min()) - hy, 0), min(int(r.max()) + hy + 1, info.height)
+                c0, c1 = max(int(c.min()) - hx, 0), min(int(c.max()) + hx + 1, info.width)
+                pixels = read_pixels(src, Window(c0, r0, c1 - c0, r1 - r0), info)
+                pending.append(pool.submit(work, members, pixels, r0, c0))
+                while len(pending) > max(1, threads):
+                    bar.update(pending.popleft().result())
+            while pending:
+                bar.update(pending.popleft().result())
+    bar.close()
+
+    views = []
+    valid = inside.copy()
+    for s, cnt in zip(sums, counts):
+        norm = np.linalg.norm(s, axis=1, keepdims=True)
+        ok = (cnt > 0) & (norm[:, 0] > 0)
+        valid &= ok
+        v = np.zeros(s.shape, dtype=np.float32)
+        v[ok] = s[ok] / norm[ok]
+        views.append(v)
+    return PooledViews(views=views, valid=valid, inside=inside)
+
+
+def _chunk_groups(rows, cols, inside, width: int, chunk_px: int) -> list[np.ndarray]:
+    """Indices of the points on the raster, grouped by chunk, chunks in raster order."""
+    idx = np.flatnonzero(inside)
+    if not len(idx):
+        return []
+    chunk_ids = (rows[idx] // chunk_px) * (-(-width // chunk_px)) + cols[idx] // chunk_px
+    order = np.argsort(chunk_ids, kind="stable")
+    idx, chunk_ids = idx[order], chunk_ids[order]
+    starts = np.flatnonzero(chunk_ids[1:] != chunk_ids[:-1]) + 1
+    return np.split(idx, starts)
+
+
+def _window_area(members: np.ndarray, half) -> int:
+    """The largest window area (pixels) among these points' views."""
+    return max(int(((2 * rx[members] + 1) * (2 * ry[members] + 1)).max()) for rx, ry in half)
+
+
+_local = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A per-thread reusable array: allocating a fresh table for every chunk costs
+    as much in page faults as filling it."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _local.buf = np.empty(size, dtype=np.uint8)
+    return buf[:size].view(dtype).reshape(shape)
+
+
+def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed-area tables (h+1, w+1, C) of an (h, w, C) block's values and (h+1, w+1) of its valid pixels.
+
+    int8 blocks are integrated exactly, as the integers sign(q) * q**2. When every
+    window sum fits in int32 the table is int32 and may wrap around: a box sum taken
+    from it is exact modulo 2**32, hence exact. Float blocks use float64.
+    """
+    h, w, channels = pixels.shape
+    invalid = invalid_pixels(pixels, info)
+    if info.is_int8:
+        dtype = np.int32 if max_window_px * _INT8_MAX_SQUARE < 2**31 else np.int64
+        lut = _INT8_SQUARES.astype(dtype)
+        codes = pixels.view(np.uint8)
+    else:
+        dtype = np.float64
+    table = _scratch((h + 1, w + 1, channels), dtype)
+    table[0] = 0
+    table[:, 0] = 0
+    rows_with_nodata = set(np.flatnonzero(invalid.any(axis=1)).tolist())
+    for i in range(h):  # row by row: each step is a contiguous (w, C) slab that stays in cache
+        row = table[i + 1, 1:]
+        if info.is_int8:
+            np.take(lut, codes[i], out=row, mode="clip")
+        else:
+            row[...] = pixels[i]
+        if i in rows_with_nodata:
+            row[invalid[i]] = 0
+        row += table[i, 1:]
+    for j in range(w):
+        np.add(table[:, j + 1], table[:, j], out=table[:, j + 1])
+    valid = np.zeros((h + 1, w + 1), dtype=np.int32)
+    valid[1:, 1:] = ~invalid
+    np.cumsum(valid, axis=0, out=valid)
+    np.cumsum(valid, axis=1, out=valid)
+    return table, valid

@@ -1,0 +1,159 @@
+"""Opening AlphaEarth rasters and reading blocks of them as masked vectors.
+
+Accepts what users actually have: Earth Engine exports (float32/float64, NaN or a
+declared nodata), the Cloud Storage int8 encoding (-128 masked), any CRS, north-up
+or bottom-up rows, and VRT mosaics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from aether.alphaearth import NODATA_INT8, N_BANDS, dequantize
+from aether.errors import AetherError
+
+# WGS84 ellipsoid, for metres per degree at a latitude.
+_WGS84_A = 6378137.0
+_WGS84_E2 = 6.69437999014e-3
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the rest of AETHER needs to know about an embedding raster."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    crs: CRS
+    transform: Affine
+    dtype: str
+    nodata: float | None
+    block_shape: tuple[int, int]
+
+    @property
+    def is_int8(self) -> bool:
+        return self.dtype == "int8"
+
+    @property
+    def is_geographic(self) -> bool:
+        return bool(self.crs.is_geographic)
+
+    def pixel_size_m(self, lat_deg: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel width and height on the ground in metres (at `lat_deg` for a geographic CRS)."""
+        sx, sy = abs(self.transform.a), abs(self.transform.e)
+        if not self.is_geographic:
+            factor = self.crs.linear_units_factor[1]
+            return np.asarray(sx * factor, dtype=np.float64), np.asarray(sy * factor, dtype=np.float64)
+        if lat_deg is None:
+            raise ValueError("a geographic raster needs a latitude to convert degrees to metres")
+        m_lat, m_lon = metres_per_degree(np.asarray(lat_deg, dtype=np.float64))
+        return sx * m_lon, sy * m_lat
+
+    def radius_px(self, radius_m: float, lat_deg: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Half-widths (columns, rows) in whole pixels of a window of ground radius `radius_m`.
+
+        45 m at 10 m pixels gives 4, i.e. a 9 x 9 window.
+        """
+        sx_m, sy_m = self.pixel_size_m(lat_deg)
+        rx = np.floor(radius_m / sx_m + 1e-6).astype(np.int64)
+        ry = np.floor(radius_m / sy_m + 1e-6).astype(np.int64)
+        return rx, ry
+
+    def rowcol(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Array row and column of map coordinates (either row orientation)."""
+        cols, rows = ~self.transform @ (np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        finite = np.isfinite(rows) & np.isfinite(cols)  # non-finite points land off the raster, at -1
+        rows = np.floor(np.clip(np.where(finite, rows, -1), -1, 2**52)).astype(np.int64)
+        cols = np.floor(np.clip(np.where(finite, cols, -1), -1, 2**52)).astype(np.int64)
+        return rows, cols
+
+    def xy(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map coordinates of pixel centres."""
+        return self.transform @ (np.asarray(cols, dtype=np.float64) + 0.5, np.asarray(rows, dtype=np.float64) + 0.5)
+
+
+def metres_per_degree(lat_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Metres per degree of latitude and of longitude at `lat_deg` on the WGS84 ellipsoid."""
+    phi = np.radians(lat_deg)
+    w = 1.0 - _WGS84_E2 * np.sin(phi) ** 2
+    meridian = _WGS84_A * (1.0 - _WGS84_E2) / w**1.5
+    normal = _WGS84_A / np.sqrt(w)
+    return meridian * math.pi / 180.0, normal * np.cos(phi) * math.pi / 180.0
+
+
+def open_raster(path: str, n_bands: int = N_BANDS) -> RasterInfo:
+    """Open and check an embedding raster; refuse what AETHER cannot read correctly."""
+    try:
+        with rasterio.open(path) as src:
+            info = RasterInfo(
+                path=str(path),
+                width=src.width,
+                height=src.height,
+                count=src.count,
+                crs=src.crs,
+                transform=src.transform,
+                dtype=src.dtypes[0],
+                nodata=src.nodata,
+                block_shape=tuple(src.block_shapes[0]) if src.count else (0, 0),
+            )
+            dtypes = set(src.dtypes)
+    except rasterio.errors.RasterioIOError as exc:
+        raise AetherError(f"cannot open raster {path}: {_first_line(exc)}") from None
+    if info.crs is None:
+        raise AetherError(f"raster {path} has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32635) and retry")
+    if info.count != n_bands:
+        raise AetherError(f"raster {path} has {info.count} bands, expected {n_bands} (set data.n_bands if this is intended)")
+    if len(dtypes) != 1:
+        raise AetherError(f"raster {path} mixes band types {sorted(dtypes)}; expected one type for all bands")
+    if info.dtype not in ("int8", "float32", "float64"):
+        raise AetherError(f"raster {path} has type {info.dtype}; expected int8 (AlphaEarth Cloud Storage) or float32/float64")
+    if info.transform.b != 0 or info.transform.d != 0:
+        raise AetherError(f"raster {path} is rotated or sheared; warp it to a north-up grid first (gdalwarp)")
+    if info.is_int8 and info.nodata is not None and info.nodata != NODATA_INT8:
+        raise AetherError(f"raster {path} is int8 with nodata {info.nodata}; the AlphaEarth encoding uses {NODATA_INT8}")
+    return info
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def invalid_pixels(pixels: np.ndarray, info: RasterInfo) -> np.ndarray:
+    """Pixels (h, w) where any band of the (h, w, C) block is nodata."""
+    if info.is_int8:
+        return (pixels == NODATA_INT8).any(axis=-1)
+    bad = ~np.isfinite(pixels)
+    if info.nodata is not None and not math.isnan(info.nodata):
+        bad |= pixels == info.nodata
+    return bad.any(axis=-1)
+
+
+def read_pixels(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo) -> np.ndarray:
+    """Read a block as (h, w, C), pixel-major, in the file's own type.
+
+    GDAL writes straight into the transposed buffer, which for the usual
+    pixel-interleaved GeoTIFFs is also the fastest way to read them.
+    """
+    window = Window(*(int(v) for v in (window.col_off, window.row_off, window.width, window.height)))
+    pixels = np.empty((window.height, window.width, info.count), dtype=info.dtype)
+    try:
+        src.read(window=window, out=pixels.transpose(2, 0, 1))
+    except rasterio.errors.RasterioIOError as exc:
+        raise AetherError(f"cannot read raster {info.path} at {window}: {_first_line(exc)}") from None
+    return pixels
+
+
+def read_vectors(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
+    """Read a block as float32 vectors (h, w, C), invalid pixels zeroed, and the valid mask (h, w)."""
+    pixels = read_pixels(src, window, info)
+    invalid = invalid_pixels(pixels, info)
+    values = dequantize(pixels) if info.is_int8 else pixels.astype(np.float32)
+    values[invalid] = 0.0
+    return values, ~invalid

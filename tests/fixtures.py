@@ -1,0 +1,107 @@
+"""Small generated inputs for the tests: AlphaEarth-like rasters and POI files (a few KB each)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.transform import Affine, from_origin
+
+from aether.alphaearth import N_BANDS, band_names, quantize
+
+UTM = "EPSG:32635"
+ORIGIN = (385000.0, 6673000.0)  # central Helsinki, UTM zone 35N
+CATEGORIES = [("amenity", "cafe"), ("amenity", "restaurant"), ("shop", "books"), ("leisure", "park")]
+
+
+def unit_field(height: int, width: int, bands: int = N_BANDS, seed: int = 0, smooth: int = 4) -> np.ndarray:
+    """(bands, h, w) unit vectors that vary smoothly in space, like AlphaEarth."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.standard_normal((bands, height // smooth + 2, width // smooth + 2))
+    rows = np.arange(height) // smooth
+    cols = np.arange(width) // smooth
+    field = coarse[:, rows][:, :, cols] + 0.3 * rng.standard_normal((bands, height, width))
+    return (field / np.linalg.norm(field, axis=0, keepdims=True)).astype(np.float32)
+
+
+def write_raster(path: Path, values: np.ndarray, *, dtype: str = "int8", crs: str | None = UTM,
+                 transform: Affine | None = None, nodata=None, bottom_up: bool = False,
+                 block: int | None = None) -> Path:
+    """Write (bands, h, w) float vectors as an int8 (AlphaEarth encoding) or float GeoTIFF.
+
+    NaN pixels become nodata. `bottom_up` stores rows south-first with a positive y
+    pixel size, as some mirrors do.
+    """
+    bands, height, width = values.shape
+    transform = transform or from_origin(ORIGIN[0], ORIGIN[1], 10.0, 10.0)
+    invalid = np.isnan(values).any(axis=0)
+    if dtype == "int8":
+        data = quantize(np.nan_to_num(values), valid=~invalid)
+        nodata = -128
+    else:
+        data = values.astype(dtype)
+        if nodata is not None:
+            data[:, invalid] = nodata
+    if bottom_up:
+        data = data[:, ::-1, :]
+        transform = transform @ Affine.translation(0, height) @ Affine.scale(1, -1)
+    profile = dict(driver="GTiff", width=width, height=height, count=bands, dtype=dtype, transform=transform,
+                   nodata=nodata)
+    if crs is not None:
+        profile["crs"] = crs
+    if block:
+        profile.update(tiled=True, blockxsize=block, blockysize=block)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        if bands == N_BANDS:
+            for i, name in enumerate(band_names(bands), start=1):
+                dst.set_band_description(i, name)
+    return path
+
+
+def poi_records(n: int, height: int, width: int, seed: int = 0, margin_px: int = 2) -> list[dict]:
+    """Points inside a UTM raster at ORIGIN with 10 m pixels, with names and categories."""
+    from pyproj import Transformer
+
+    rng = np.random.default_rng(seed)
+    to_lonlat = Transformer.from_crs(UTM, "EPSG:4326", always_xy=True)
+    out = []
+    for i in range(n):
+        x = ORIGIN[0] + 10.0 * rng.uniform(margin_px, width - margin_px)
+        y = ORIGIN[1] - 10.0 * rng.uniform(margin_px, height - margin_px)
+        lon, lat = to_lonlat.transform(x, y)
+        key, value = CATEGORIES[i % len(CATEGORIES)]
+        out.append({"osm_id": f"node/{i}", "name": f"Place {i}", "key": key, "value": value,
+                    "description": f"A place of {value}, a type of {key}, named Place {i}.", "lon": lon, "lat": lat})
+    return out
+
+
+def write_geojson(path: Path, records: list[dict]) -> Path:
+    features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
+                 "properties": {k: v for k, v in r.items() if k not in ("lon", "lat")}} for r in records]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, records: list[dict]) -> Path:
+    import pandas
+
+    pandas.DataFrame(records).to_csv(path, index=False)
+    return path
+
+
+def write_config(path: Path, ae_tif: Path, poi: Path, **sections) -> Path:
+    """A small, fast config: tiny model, few epochs, cache and run folder beside it."""
+    import yaml
+
+    cfg = {
+        "data": {"ae_tif": str(ae_tif), "poi": str(poi), "val_block_m": 100},
+        "text": {"cache_dir": str(path.parent / "cache")},
+        "model": {"latent_dim": 16, "hidden_dim": 32},
+        "train": {"epochs": 3, "batch_size": 16, "run_dir": str(path.parent / "run")},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path

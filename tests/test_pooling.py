@@ -1,0 +1,124 @@
+"""Window pooling against a brute-force masked mean, computed independently per point."""
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from aether.alphaearth import dequantize
+from aether.pooling import pool_points
+from aether.raster import metres_per_degree, open_raster
+from fixtures import ORIGIN, unit_field, write_raster
+
+
+def brute_force(values: np.ndarray, invalid: np.ndarray, row: int, col: int, ry: int, rx: int):
+    """Masked mean of (C, h, w) values over the clipped window, renormalised; None if all nodata."""
+    window = (slice(max(row - ry, 0), row + ry + 1), slice(max(col - rx, 0), col + rx + 1))
+    ok = ~invalid[window]
+    if not ok.any():
+        return None
+    total = values[:, window[0], window[1]][:, ok].sum(axis=1)
+    return total / np.linalg.norm(total)
+
+
+def stored_values(path):
+    """What the file holds, de-quantized, in array order, and its invalid mask."""
+    with rasterio.open(path) as src:
+        raw = src.read()
+        nodata = src.nodata
+    if raw.dtype == np.int8:
+        return dequantize(raw).astype(np.float64), (raw == -128).any(axis=0)
+    invalid = ~np.isfinite(raw).all(axis=0)
+    if nodata is not None and not np.isnan(nodata):
+        invalid |= (raw == nodata).any(axis=0)
+    return np.nan_to_num(raw.astype(np.float64)), invalid
+
+
+def field_with_holes(height, width, seed=0):
+    v = unit_field(height, width, seed=seed)
+    v[:, 5:20, 20:35] = np.nan  # a nodata patch larger than the base window
+    v[:, :, :2] = np.nan  # nodata along an edge
+    return v
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float32", "float64"])
+@pytest.mark.parametrize("bottom_up", [False, True])
+@pytest.mark.parametrize("chunk_px", [8, 1024])
+def test_pooling_matches_brute_force(tmp_path, dtype, bottom_up, chunk_px):
+    height, width = 40, 50
+    path = write_raster(tmp_path / "ae.tif", field_with_holes(height, width), dtype=dtype,
+                        nodata=None if dtype == "int8" else -9999.0, bottom_up=bottom_up, block=16)
+    info = open_raster(str(path))
+    values, invalid = stored_values(path)
+    rng = np.random.default_rng(1)
+    # points everywhere, including on the edges and inside the nodata patch
+    x = ORIGIN[0] + rng.uniform(0, width * 10, 200)
+    y = ORIGIN[1] - rng.uniform(0, height * 10, 200)
+    pooled = pool_points(info, x, y, [45, 95], chunk_px=chunk_px)
+    rows, cols = info.rowcol(x, y)
+    assert pooled.inside.all()
+    for k, radius_px in enumerate([4, 9]):
+        for i in range(len(x)):
+            expected = brute_force(values, invalid, rows[i], cols[i], radius_px, radius_px)
+            if expected is None:
+                assert not pooled.valid[i]
+                continue
+            np.testing.assert_allclose(pooled.views[k][i], expected, atol=2e-6)
+    assert (~pooled.valid).sum() > 0, "the nodata patch should leave some base windows empty"
+
+
+def test_bottom_up_and_north_up_agree(tmp_path):
+    v = unit_field(30, 30, seed=3)
+    a = open_raster(str(write_raster(tmp_path / "n.tif", v)))
+    b = open_raster(str(write_raster(tmp_path / "s.tif", v, bottom_up=True)))
+    rng = np.random.default_rng(0)
+    x = ORIGIN[0] + rng.uniform(0, 300, 50)
+    y = ORIGIN[1] - rng.uniform(0, 300, 50)
+    pa, pb = pool_points(a, x, y, [45]), pool_points(b, x, y, [45])
+    np.testing.assert_array_equal(pa.views[0], pb.views[0])
+
+
+def test_points_outside_are_flagged(tmp_path):
+    info = open_raster(str(write_raster(tmp_path / "ae.tif", unit_field(20, 20))))
+    x = np.array([ORIGIN[0] + 50, ORIGIN[0] - 5, ORIGIN[0] + 205, np.nan])
+    y = np.array([ORIGIN[1] - 50, ORIGIN[1] - 50, ORIGIN[1] - 50, ORIGIN[1] - 50])
+    pooled = pool_points(info, x, y, [45, 95])
+    assert pooled.inside.tolist() == [True, False, False, False]
+    assert pooled.valid.tolist() == [True, False, False, False]
+    assert np.all(pooled.views[0][1:] == 0)
+
+
+def test_geographic_raster_windows_have_ground_size(tmp_path):
+    """An EPSG:4326 raster with ~1 m pixels: a 45 m radius must span ~45 pixels in each direction."""
+    lat0 = 60.17
+    m_lat, m_lon = metres_per_degree(np.array(lat0))
+    dx, dy = 1.0 / float(m_lon), 1.0 / float(m_lat)  # one metre in degrees
+    height, width = 120, 130
+    transform = from_origin(24.93, lat0 + height * dy / 2, dx, dy)
+    v = unit_field(height, width, seed=5, smooth=8)
+    path = write_raster(tmp_path / "geo.tif", v, crs="EPSG:4326", transform=transform, dtype="float32")
+    info = open_raster(str(path))
+    values, invalid = stored_values(path)
+    rx, ry = info.radius_px(45.0, np.array([lat0]))
+    assert abs(int(rx[0]) - 45) <= 1 and abs(int(ry[0]) - 45) <= 1
+    lon = np.array([24.93 + 60 * dx, 24.93 + 10 * dx])
+    lat = np.array([lat0, lat0 + 40 * dy])
+    pooled = pool_points(info, lon, lat, [45.0])
+    rows, cols = info.rowcol(lon, lat)
+    rx, ry = info.radius_px(45.0, lat)
+    for i in range(2):
+        expected = brute_force(values, invalid, rows[i], cols[i], int(ry[i]), int(rx[i]))
+        np.testing.assert_allclose(pooled.views[0][i], expected, atol=2e-6)
+
+
+def test_large_windows_fall_back_to_int64(tmp_path):
+    """A window too big for wrapping int32 sums (over 2**31 / 127**2 pixels) is still exact."""
+    height, width = 400, 400
+    v = unit_field(height, width, seed=2, smooth=50)
+    v[:] = np.abs(v)  # all positive: sums grow without cancelling
+    v /= np.linalg.norm(v, axis=0, keepdims=True)
+    path = write_raster(tmp_path / "big.tif", v, transform=from_origin(ORIGIN[0], ORIGIN[1], 1.0, 1.0), block=256)
+    info = open_raster(str(path))
+    values, invalid = stored_values(path)
+    pooled = pool_points(info, np.array([ORIGIN[0] + 200.5]), np.array([ORIGIN[1] - 200.5]), [190.0])
+    expected = brute_force(values, invalid, 200, 200, 190, 190)
+    np.testing.assert_allclose(pooled.views[0][0], expected, atol=2e-6)
