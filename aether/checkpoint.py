@@ -1,0 +1,88 @@
+"""Checkpoints: one self-contained file, written atomically, checked when read."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from aether.config import Config, config_from_dict
+from aether.errors import AetherError
+from aether.model import AetherModel
+
+FORMAT = "aether-checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """Save to a temporary file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_checkpoint(model: AetherModel, cfg: Config, text_identity: dict, text_dim: int,
+                    epoch: int, metrics: dict) -> dict:
+    """Everything inference and retrieval need, with nothing else beside the file."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": cfg.to_dict(),
+        "input": {
+            "n_bands": cfg.data.n_bands,
+            "base_radius_m": cfg.data.base_radius_m,
+            "aug_radius_m": cfg.data.aug_radius_m,
+        },
+        "text_encoder": {**text_identity, "dim": text_dim},
+        "epoch": epoch,
+        "metrics": metrics,
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and check a checkpoint; a truncated or foreign file is an AetherError."""
+    path = Path(path)
+    if not path.is_file():
+        raise AetherError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise AetherError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise AetherError(f"checkpoint {path} is not an AETHER checkpoint")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise AetherError(f"checkpoint {path} has format version {ckpt.get('format_version')}; "
+                          f"this AETHER reads version {FORMAT_VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[AetherModel, Config]:
+    """Rebuild the model (eval mode) and its config from a loaded checkpoint."""
+    cfg = config_from_dict(ckpt["config"])
+    model = AetherModel(ckpt["input"]["n_bands"], ckpt["text_encoder"]["dim"], cfg.model.latent_dim,
+                        cfg.model.hidden_dim, cfg.model.dropout, cfg.loss.temperature, cfg.loss.learn_temperature)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise AetherError(f"checkpoint weights do not match its config: {str(exc).splitlines()[0]}") from None
+    return model.eval(), cfg
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,230 @@
+"""The training configuration: one YAML file, validated before any heavy work.
+
+Every key has a type and a default here; an unknown key, a wrong type, a value out
+of range or a missing input file is an AetherError naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from aether.errors import AetherError
+from aether.poi import DEFAULT_TEMPLATE, template_fields
+
+
+@dataclass
+class DataConfig:
+    ae_tif: str = "data/AE/helsinki_standin_ae_int8.tif"
+    poi: str = "data/poi/helsinki_poi.geojson"
+    n_bands: int = 64
+    id_column: str = "osm_id"
+    description_column: str = "description"
+    template: str = DEFAULT_TEMPLATE
+    lon_column: str = "lon"
+    lat_column: str = "lat"
+    poi_crs: str | None = None
+    base_radius_m: float = 45.0
+    aug_radius_m: float = 95.0
+    val_fraction: float = 0.2
+    val_block_m: float = 500.0
+
+
+@dataclass
+class TextConfig:
+    backend: str = "sentence-transformers"
+    model: str = "all-MiniLM-L6-v2"
+    dimensions: int | None = None
+    base_url: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    cache_dir: str = "data/cache"
+
+
+@dataclass
+class ModelConfig:
+    latent_dim: int = 128
+    hidden_dim: int = 256
+    dropout: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    lam: float = 0.2
+    temperature: float = 0.07
+    learn_temperature: bool = False
+    min_temperature: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_epochs: int = 2
+    seed: int = 0
+    device: str = "auto"
+    run_dir: str = "ckpts/helsinki"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_BACKENDS = ("sentence-transformers", "openai")
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), check_files: bool = True) -> Config:
+    """Read a YAML config, apply `section.key=value` overrides, validate, resolve paths.
+
+    Relative paths are taken from the config file's folder.
+    """
+    raw: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise AetherError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise AetherError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise AetherError(f"config file {path} must hold a mapping of sections (data, text, model, loss, train)")
+        base = path.resolve().parent
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    _resolve_paths(cfg, base)
+    if check_files:
+        for key in ("ae_tif", "poi"):
+            value = getattr(cfg.data, key)
+            if not Path(value).exists():
+                raise AetherError(f"config data.{key}: file {value} does not exist")
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Rebuild a Config saved in a checkpoint (already resolved)."""
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or "." not in key:
+        raise AetherError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
+    section, _, name = key.strip().partition(".")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    if not isinstance(raw.setdefault(section, {}), dict):
+        raise AetherError(f"config section {section!r} must be a mapping")
+    raw[section][name] = parsed
+
+
+def _build(cls, raw, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise AetherError(f"config {prefix.rstrip('.') or 'file'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
+            raise AetherError(f"config: unknown key {prefix}{key}{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            values[name] = _build(typ, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], typ, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value, typ, key: str):
+    allowed = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else (typ,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and isinstance(value, t):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise AetherError(f"config {key}: expected {names}, got {value!r}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise AetherError(f"config {key}: {message}")
+
+
+def _validate(cfg: Config) -> None:
+    d, t, m, lo, tr = cfg.data, cfg.text, cfg.model, cfg.loss, cfg.train
+    _check(d.n_bands >= 1, "data.n_bands", f"must be at least 1, got {d.n_bands}")
+    _check(d.base_radius_m >= 0, "data.base_radius_m", f"must be >= 0 metres, got {d.base_radius_m}")
+    _check(d.aug_radius_m >= d.base_radius_m, "data.aug_radius_m",
+           f"must be >= data.base_radius_m ({d.base_radius_m}), got {d.aug_radius_m}")
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check(d.val_block_m > 0, "data.val_block_m", f"must be > 0 metres, got {d.val_block_m}")
+    try:
+        template_fields(d.template)
+        d.template.format(**{k: "x" for k in template_fields(d.template)})
+    except (ValueError, KeyError, IndexError) as exc:
+        raise AetherError(f"config data.template: not a valid template ({exc})") from None
+    _check(t.backend in _BACKENDS, "text.backend", f"must be one of {', '.join(_BACKENDS)}, got {t.backend!r}")
+    _check(t.dimensions is None or t.dimensions > 0, "text.dimensions", f"must be > 0 or null, got {t.dimensions}")
+    _check(t.batch_size >= 1, "text.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.device in _DEVICES, "text.device", f"must be one of {', '.join(_DEVICES)}, got {t.device!r}")
+    _check(m.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {m.latent_dim}")
+    _check(m.hidden_dim >= 1, "model.hidden_dim", f"must be >= 1, got {m.hidden_dim}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _check(0.0 <= lo.lam <= 1.0, "loss.lam", f"lambda must be in [0, 1], got {lo.lam}")
+    _check(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
+    _check(0 < lo.min_temperature <= lo.temperature, "loss.min_temperature",
+           f"must be in (0, loss.temperature], got {lo.min_temperature}")
+    _check(tr.epochs >= 1, "train.epochs", f"must be >= 1, got {tr.epochs}")
+    _check(tr.batch_size >= 2, "train.batch_size", f"must be >= 2 (a contrastive batch needs negatives), got {tr.batch_size}")
+    _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
+    _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
+    _check(tr.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {tr.warmup_epochs}")
+    _check(tr.device in _DEVICES, "train.device", f"must be one of {', '.join(_DEVICES)}, got {tr.device!r}")
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    def resolve(p: str) -> str:
+        return str(p if Path(p).is_absolute() else (base / p))
+
+    cfg.data.ae_tif = resolve(cfg.data.ae_tif)
+    cfg.data.poi = resolve(cfg.data.poi)
+    cfg.text.cache_dir = resolve(cfg.text.cache_dir)
+    cfg.train.run_dir = resolve(cfg.train.run_dir)
+    # A text model given as a local folder is resolved too; a hub name is left alone.
+    if (base / cfg.text.model).exists():
+        cfg.text.model = resolve(cfg.text.model)

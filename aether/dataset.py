@@ -1,0 +1,101 @@
+"""The training set: POIs pooled on the AlphaEarth raster, their text embeddings, and a spatial split."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from aether.config import Config
+from aether.errors import AetherError
+from aether.poi import PoiTable, prepare_pois, read_poi_frame
+from aether.pooling import pool_points
+from aether.raster import RasterInfo, metres_per_degree, open_raster
+from aether.text import EmbeddingCache, TextEncoder, build_text_encoder, encode_texts
+
+
+@dataclass
+class PoiDataset:
+    """Row-aligned arrays, one row per usable POI."""
+
+    pois: PoiTable
+    base: np.ndarray  # (N, bands) float32, unit length
+    aug: np.ndarray  # (N, bands) float32, unit length
+    text: np.ndarray  # (N, text_dim) float32
+    is_val: np.ndarray  # (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.pois)
+
+
+def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction: float, seed: int) -> np.ndarray:
+    """Validation mask made of whole square blocks of side `block_m`, so neighbours do not leak.
+
+    Blocks are laid on a local metric grid (metres per degree at the mean latitude),
+    shuffled with `seed`, and taken until at least `val_fraction` of the points are in
+    validation. The same inputs always give the same split.
+    """
+    n = len(lon)
+    if n < 2:
+        return np.zeros(n, dtype=bool)
+    m_lat, m_lon = metres_per_degree(np.asarray(np.mean(lat)))
+    bx = np.floor(lon * m_lon / block_m).astype(np.int64)
+    by = np.floor(lat * m_lat / block_m).astype(np.int64)
+    blocks, block_of = np.unique(np.stack([bx, by], axis=1), axis=0, return_inverse=True)
+    block_of = block_of.reshape(-1)
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    sizes = np.bincount(block_of, minlength=len(blocks))
+    target = max(1, int(round(val_fraction * n)))
+    chosen, total = [], 0
+    for b in order:
+        if total >= target:
+            break
+        if total + sizes[b] >= n:  # never put every point in validation
+            continue
+        chosen.append(b)
+        total += sizes[b]
+    return np.isin(block_of, chosen)
+
+
+def log(message: str) -> None:
+    tqdm.write(message)
+
+
+def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
+    """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why."""
+    info = open_raster(cfg.data.ae_tif, cfg.data.n_bands)
+    frame = read_poi_frame(cfg.data.poi, cfg.data.lon_column, cfg.data.lat_column, cfg.data.poi_crs)
+    pois, dropped = prepare_pois(frame, info.crs, cfg.data.template, cfg.data.description_column,
+                                 cfg.data.id_column, source=f"POI file {cfg.data.poi}")
+    pooled = pool_points(info, pois.x, pois.y, [cfg.data.base_radius_m, cfg.data.aug_radius_m],
+                         lat_deg=pois.lat, progress=progress)
+    outside = ~pooled.inside
+    if outside.any():
+        dropped["outside the raster"] = int(outside.sum())
+    nodata = pooled.inside & ~pooled.valid
+    if nodata.any():
+        dropped["window all nodata"] = int(nodata.sum())
+    log(f"POIs: {len(frame)} read, {int(pooled.valid.sum())} usable")
+    for reason, count in dropped.items():
+        log(f"dropped {count} POIs: {reason}")
+    keep = pooled.valid
+    if keep.sum() == 0:
+        raise AetherError(f"no usable POIs: none of {len(frame)} in {cfg.data.poi} has text and a valid window "
+                          f"on raster {cfg.data.ae_tif} (do they overlap? check both CRSs)")
+    pois = pois.subset(keep)
+    if encoder is None:
+        encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions,
+                                     cfg.text.base_url, cfg.text.device)
+    cache = EmbeddingCache(cfg.text.cache_dir)
+    try:
+        text, n_encoded = encode_texts(encoder, pois.texts, cache, cfg.text.batch_size, progress)
+    finally:
+        cache.close()
+    n_unique = len(set(pois.texts))
+    if n_encoded == 0:
+        log(f"text: all {n_unique} unique descriptions came from the cache ({cfg.text.cache_dir}); nothing encoded")
+    else:
+        log(f"text: encoded {n_encoded} of {n_unique} unique descriptions with {encoder.identity['model']}")
+    is_val = spatial_split(pois.lon, pois.lat, cfg.data.val_block_m, cfg.data.val_fraction, cfg.train.seed)
+    dataset = PoiDataset(pois, pooled.views[0][keep], pooled.views[1][keep], text, is_val)
+    return dataset, info, encoder
