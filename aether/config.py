@@ -32,7 +32,7 @@ class DataConfig:
     base_radius_m: float = 45.0
     aug_radius_m: float = 95.0
     val_fraction: float = 0.2
-    val_block_m: float = 500.0
+    val_block_m: float = 250.0
 
 
 @dataclass
@@ -50,7 +50,7 @@ class TextConfig:
 class ModelConfig:
     latent_dim: int = 128
     hidden_dim: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.5
 
 
 @dataclass
@@ -63,11 +63,11 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
+    epochs: int = 10
     batch_size: int = 256
     lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_epochs: int = 2
+    weight_decay: float = 0.1
+    warmup_epochs: int = 1
     seed: int = 0
     device: str = "auto"
     run_dir: str = "ckpts/helsinki"
@@ -127,15 +127,23 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+class _OverrideText(str):
+    """An override's text, with its YAML reading: a key that takes text gets the text as typed
+    (so `data.template={name}` stays a string), other keys get the parsed value."""
+
+    parsed: object
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or "." not in key:
         raise AetherError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
     section, _, name = key.strip().partition(".")
+    parsed = _OverrideText(value.strip())
     try:
-        parsed = yaml.safe_load(value)
+        parsed.parsed = yaml.safe_load(value)
     except yaml.YAMLError:
-        parsed = value
+        parsed.parsed = value.strip()
     if not isinstance(raw.setdefault(section, {}), dict):
         raise AetherError(f"config section {section!r} must be a mapping")
     raw[section][name] = parsed
@@ -167,11 +175,18 @@ def _build(cls, raw, prefix: str):
 
 def _coerce(value, typ, key: str):
     allowed = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else (typ,)
+    if isinstance(value, _OverrideText):
+        value = str(value) if str in allowed and value.parsed is not None else value.parsed
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no decimal point) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t in (str, bool) and isinstance(value, t):
@@ -200,6 +215,8 @@ def _validate(cfg: Config) -> None:
         raise AetherError(f"config data.template: not a valid template ({exc})") from None
     _check(t.backend in _BACKENDS, "text.backend", f"must be one of {', '.join(_BACKENDS)}, got {t.backend!r}")
     _check(t.dimensions is None or t.dimensions > 0, "text.dimensions", f"must be > 0 or null, got {t.dimensions}")
+    _check(t.dimensions is None or t.backend == "openai", "text.dimensions",
+           "applies to the openai backend only; set it to null")
     _check(t.batch_size >= 1, "text.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.device in _DEVICES, "text.device", f"must be one of {', '.join(_DEVICES)}, got {t.device!r}")
     _check(m.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {m.latent_dim}")

