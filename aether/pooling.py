@@ -19,7 +19,7 @@ import rasterio
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from aether.alphaearth import NODATA_INT8, QUANT_SCALE
+from aether.alphaearth import NODATA_INT8
 from aether.raster import RasterInfo, invalid_pixels, read_pixels
 
 # sign(q) * q**2 for every int8 code q (indexed by q viewed as uint8), 0 for nodata:
@@ -37,7 +37,7 @@ GDAL_CACHE_MB = 512  # holds the blocks a chunk's halo shares with its neighbour
 class PooledViews:
     """Unit-length pooled vectors for each point, and which points can be used."""
 
-    views: list[np.ndarray]  # one (N, C) float32 array per radius; zeros where not valid
+    views: list[np.ndarray]  # one (N, C) float32 array per radius; zeros where that window is empty
     valid: np.ndarray  # (N,) bool: on the raster, and every view has a valid pixel
     inside: np.ndarray  # (N,) bool: the point's pixel is on the raster
 
@@ -68,26 +68,32 @@ def pool_points(
         rx, ry = info.radius_px(radius_m, lat)
         half.append((np.broadcast_to(rx, (n,)), np.broadcast_to(ry, (n,))))
     channels = info.count
-    sums = [np.zeros((n, channels), dtype=np.float64) for _ in radii_m]
-    counts = [np.zeros(n, dtype=np.int64) for _ in radii_m]
+    views = [np.zeros((n, channels), dtype=np.float32) for _ in radii_m]
+    valid = inside.copy()
 
     def work(members: np.ndarray, pixels: np.ndarray, r0: int, c0: int) -> int:
-        values, valid = _summed_area_tables(pixels, info, int(_window_area(members, half)))
+        values, counts = _summed_area_tables(pixels, info, _window_area(members, half))
         flat = values.reshape(-1, channels)
-        flat_valid = valid.reshape(-1)
+        flat_counts = counts.reshape(-1)
         stride = values.shape[1]
         r, c = rows[members], cols[members]
         for k, (rx, ry) in enumerate(half):
-            top = np.clip(r - ry[members], 0, info.height) - r0
-            bottom = np.clip(r + ry[members] + 1, 0, info.height) - r0
+            top = (np.clip(r - ry[members], 0, info.height) - r0) * stride
+            bottom = (np.clip(r + ry[members] + 1, 0, info.height) - r0) * stride
             left = np.clip(c - rx[members], 0, info.width) - c0
             right = np.clip(c + rx[members] + 1, 0, info.width) - c0
-            corners = (bottom * stride + right, top * stride + right, bottom * stride + left, top * stride + left)
-            box = flat[corners[0]] - flat[corners[1]] - flat[corners[2]] + flat[corners[3]]
-            sums[k][members] = box * (1.0 / QUANT_SCALE**2 if info.is_int8 else 1.0)
-            counts[k][members] = (
-                flat_valid[corners[0]] - flat_valid[corners[1]] - flat_valid[corners[2]] + flat_valid[corners[3]]
-            )
+            corners = (bottom + right, top + right, bottom + left, top + left)
+            box = np.take(flat, corners[0], axis=0)  # np.take is about twice as fast as flat[idx] here
+            box -= np.take(flat, corners[1], axis=0)
+            box -= np.take(flat, corners[2], axis=0)
+            box += np.take(flat, corners[3], axis=0)
+            box = box.astype(np.float32)
+            count = flat_counts[corners[0]] - flat_counts[corners[1]] - flat_counts[corners[2]] + flat_counts[corners[3]]
+            norm = np.linalg.norm(box, axis=1)
+            ok = (count > 0) & (norm > 0)
+            # the mean's scale (1 / count, and 1 / 127.5**2 for int8) cancels in the renormalisation
+            views[k][members] = box / np.where(ok, norm, 1.0)[:, None]
+            valid[members] &= ok
         return len(members)
 
     bar = tqdm(total=int(inside.sum()), desc="pooling POIs", unit="POI", disable=not progress)
@@ -108,15 +114,6 @@ def pool_points(
                 bar.update(pending.popleft().result())
     bar.close()
 
-    views = []
-    valid = inside.copy()
-    for s, cnt in zip(sums, counts):
-        norm = np.linalg.norm(s, axis=1, keepdims=True)
-        ok = (cnt > 0) & (norm[:, 0] > 0)
-        valid &= ok
-        v = np.zeros(s.shape, dtype=np.float32)
-        v[ok] = s[ok] / norm[ok]
-        views.append(v)
     return PooledViews(views=views, valid=valid, inside=inside)
 
 
@@ -126,7 +123,7 @@ def _chunk_groups(rows, cols, inside, width: int, chunk_px: int) -> list[np.ndar
     if not len(idx):
         return []
     chunk_ids = (rows[idx] // chunk_px) * (-(-width // chunk_px)) + cols[idx] // chunk_px
-    order = np.argsort(chunk_ids, kind="stable")
+    order = np.lexsort((cols[idx], rows[idx], chunk_ids))  # raster order inside a chunk: cache-friendly lookups
     idx, chunk_ids = idx[order], chunk_ids[order]
     starts = np.flatnonzero(chunk_ids[1:] != chunk_ids[:-1]) + 1
     return np.split(idx, starts)
@@ -158,7 +155,6 @@ def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int
     from it is exact modulo 2**32, hence exact. Float blocks use float64.
     """
     h, w, channels = pixels.shape
-    invalid = invalid_pixels(pixels, info)
     if info.is_int8:
         dtype = np.int32 if max_window_px * _INT8_MAX_SQUARE < 2**31 else np.int64
         lut = _INT8_SQUARES.astype(dtype)
@@ -168,18 +164,18 @@ def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int
     table = _scratch((h + 1, w + 1, channels), dtype)
     table[0] = 0
     table[:, 0] = 0
-    rows_with_nodata = set(np.flatnonzero(invalid.any(axis=1)).tolist())
-    for i in range(h):  # row by row: each step is a contiguous (w, C) slab that stays in cache
+    invalid = np.empty((h, w), dtype=bool)
+    for i in range(h):  # row by row: each row is a contiguous (w, C) slab that stays in cache
         row = table[i + 1, 1:]
+        invalid[i] = invalid_pixels(pixels[i], info)
         if info.is_int8:
             np.take(lut, codes[i], out=row, mode="clip")
         else:
             row[...] = pixels[i]
-        if i in rows_with_nodata:
+        if invalid[i].any():
             row[invalid[i]] = 0
+        np.cumsum(row, axis=0, dtype=dtype, out=row)
         row += table[i, 1:]
-    for j in range(w):
-        np.add(table[:, j + 1], table[:, j], out=table[:, j + 1])
     valid = np.zeros((h + 1, w + 1), dtype=np.int32)
     valid[1:, 1:] = ~invalid
     np.cumsum(valid, axis=0, out=valid)
