@@ -16,9 +16,9 @@ QUANT_SCALE = 127.5
 ATTRIBUTION = "AlphaEarth Foundations Satellite Embedding dataset, Google / Google DeepMind (CC-BY 4.0)"
 
 
-def band_names(n_bands: int = N_BANDS, prefix: str = "A") -> list[str]:
-    """Band names as AlphaEarth spells them: A00..A63 (E000.. for wider outputs)."""
-    width = max(2, len(str(n_bands - 1)))
+def band_names(n_bands: int = N_BANDS, prefix: str = "A", digits: int = 2) -> list[str]:
+    """Band names as AlphaEarth spells them, A00..A63; AETHER outputs use E000.. (digits=3)."""
+    width = max(digits, len(str(n_bands - 1)))
     return [f"{prefix}{i:0{width}d}" for i in range(n_bands)]
 
 

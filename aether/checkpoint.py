@@ -16,10 +16,20 @@ FORMAT = "aether-checkpoint"
 FORMAT_VERSION = 1
 
 
+def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new temporary file in `path`'s folder (same file system, so a rename is atomic),
+    with the permissions an ordinary new file gets rather than mkstemp's 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, Path(tmp)
+
+
 def atomic_torch_save(obj, path: str | Path) -> None:
     """Save to a temporary file beside `path`, then rename: readers never see half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -27,7 +37,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

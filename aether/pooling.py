@@ -181,3 +181,32 @@ def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int
     np.cumsum(valid, axis=0, out=valid)
     np.cumsum(valid, axis=1, out=valid)
     return table, valid
+
+
+def window_means(pixels: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
+                 hx: int, hy: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense window pooling of a tile: the unit-length masked mean around every pixel.
+
+    `pixels` is the tile with a halo of `hy` rows and `hx` columns on each side (nodata
+    where the halo leaves the raster), in the file's type; `rx_rows`/`ry_rows` are each
+    tile row's half-widths (they vary with latitude on a geographic raster). Returns
+    (th, tw, C) float32 means (zero where invalid) and the (th, tw) valid mask. Sums are
+    exact for int8 rasters, so tiles of any size give identical results.
+    """
+    th, tw = pixels.shape[0] - 2 * hy, pixels.shape[1] - 2 * hx
+    table, counts = _summed_area_tables(pixels, info, (2 * hx + 1) * (2 * hy + 1))
+    means = np.empty((th, tw, pixels.shape[2]), dtype=np.float32)
+    count = np.empty((th, tw), dtype=np.int64)
+    for i in range(th):
+        rx, ry = int(rx_rows[i]), int(ry_rows[i])
+        top, bottom = hy + i - ry, hy + i + ry + 1
+        left, right = slice(hx - rx, hx - rx + tw), slice(hx + rx + 1, hx + rx + 1 + tw)
+        box = table[bottom, right] - table[top, right]
+        box -= table[bottom, left]
+        box += table[top, left]
+        means[i] = box
+        count[i] = counts[bottom, right] - counts[top, right] - counts[bottom, left] + counts[top, left]
+    norm = np.linalg.norm(means, axis=2)
+    valid = (count > 0) & (norm > 0)
+    means /= np.where(valid, norm, 1.0)[..., None]
+    return means, valid

@@ -1,0 +1,344 @@
+"""Raster inference: stream an AlphaEarth raster through the trained AE projector.
+
+By default every output pixel sees what the projector saw in training: the
+nodata-masked, renormalised mean over the base-view window (ground radius from the
+checkpoint), computed per tile with a halo so seams cannot appear. Reading, computing
+and writing overlap in a three-stage pipeline, and memory is bounded by the tile.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize
+from aether.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, temp_file_beside
+from aether.errors import AetherError
+from aether.pooling import pool_points, window_means
+from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
+
+OUTPUT_DTYPES = ("int8", "float16", "float32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+POOLINGS = ("window", "pixel")
+TILE_PX = 512
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class AetherEmbedder:
+    """The trained AE projector with its input facts, ready to embed vectors, points or arrays."""
+
+    def __init__(self, ckpt_path: str | Path, device: str = "auto", precision: str = "auto"):
+        if precision not in PRECISIONS:
+            raise AetherError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.ckpt_path = str(ckpt_path)
+        self.ckpt = load_checkpoint(ckpt_path)
+        model, self.cfg = model_from_checkpoint(self.ckpt)
+        from aether.training import pick_device
+
+        self.device = pick_device(device)
+        self.projector = model.ae.to(self.device).eval()
+        self.precision = resolve_precision(precision, self.device)
+        self.n_bands = int(self.ckpt["input"]["n_bands"])
+        self.base_radius_m = float(self.ckpt["input"]["base_radius_m"])
+        self.latent_dim = self.projector.out_dim
+        width = self.cfg.model.hidden_dim + self.latent_dim + self.n_bands
+        # CPU: keep a batch's activations within ~4 MiB of cache (measured fastest here);
+        # GPU: large batches, ~256 MiB of activations.
+        budget = (256 << 20) if self.device.type == "cuda" else (4 << 20)
+        self.batch_px = max(1024, budget // (4 * width))
+
+    @torch.no_grad()
+    def project(self, vectors: np.ndarray) -> np.ndarray:
+        """(N, bands) unit vectors -> (N, latent) unit vectors, float32."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.n_bands:
+            raise AetherError(f"expected vectors of shape (N, {self.n_bands}), got {vectors.shape}")
+        out = np.empty((len(vectors), self.latent_dim), dtype=np.float32)
+        dtype = _AUTOCAST.get(self.precision)
+        for start in range(0, len(vectors), self.batch_px):
+            x = torch.from_numpy(vectors[start:start + self.batch_px]).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                z = self.projector.net(x)
+            z = torch.nn.functional.normalize(z.float(), dim=-1)
+            out[start:start + len(z)] = z.cpu().numpy()
+        return out
+
+    def check_raster(self, info: RasterInfo) -> None:
+        """Refuse a raster whose bands or grid do not fit this checkpoint."""
+        if info.count != self.n_bands:
+            raise AetherError(f"raster {info.path} has {info.count} bands but checkpoint {self.ckpt_path} "
+                              f"was trained on {self.n_bands}")
+        lat = None
+        if info.is_geographic:
+            lat = info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]
+        sx, sy = info.pixel_size_m(lat)
+        if np.max(sx) > 2 * self.base_radius_m + 1e-6 or np.max(sy) > 2 * self.base_radius_m + 1e-6:
+            raise AetherError(f"raster {info.path} has pixels of {float(np.max(sx)):.0f} m, coarser than the "
+                              f"checkpoint's base window ({2 * self.base_radius_m:g} m across)")
+
+    def embed_points(self, ae_tif: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """AETHER vectors at points (raster CRS), pooled exactly as in training; and their valid mask."""
+        info = open_raster(ae_tif, self.n_bands)
+        self.check_raster(info)
+        pooled = pool_points(info, x, y, [self.base_radius_m])
+        z = self.project(pooled.views[0])
+        z[~pooled.valid] = np.nan
+        return z, pooled.valid
+
+    def embed_array(self, pixels: np.ndarray, valid: np.ndarray | None = None, pixel_size_m: float = 10.0,
+                    pooling: str = "window") -> np.ndarray:
+        """Embed an in-memory (h, w, bands) float array; invalid pixels (or all-nodata windows) are NaN."""
+        pixels = np.asarray(pixels, dtype=np.float32)
+        if valid is None:
+            valid = np.isfinite(pixels).all(axis=-1)
+        data = np.where(valid[..., None], pixels, np.nan).astype(np.float32)
+        info = RasterInfo("<array>", data.shape[1], data.shape[0], data.shape[2], None, None, "float32", None, (0, 0))
+        if pooling == "pixel":
+            means, ok = np.nan_to_num(data), valid
+        else:
+            r = int(np.floor(self.base_radius_m / pixel_size_m + 1e-6))
+            padded = np.pad(data, ((r, r), (r, r), (0, 0)), constant_values=np.nan)
+            rows = np.full(data.shape[0], r)
+            means, ok = window_means(padded, info, rows, rows, r, r)
+        out = np.full(data.shape[:2] + (self.latent_dim,), np.nan, dtype=np.float32)
+        out[ok] = self.project(means[ok])
+        return out
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 where it is fast (CUDA, or a CPU with AMX/AVX512-BF16), else fp32.
+
+    On CPUs without native bf16, autocast to bf16 is several times slower than fp32.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
+
+
+@dataclass
+class _Tile:
+    row0: int  # input array row of the tile's first row
+    col0: int
+    height: int
+    width: int
+
+
+def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtype: str = "int8",
+                 precision: str = "auto", tile_px: int = TILE_PX, cog: bool = False, device: str = "auto",
+                 progress: bool = True) -> Path:
+    """Write the AETHER raster of `ae_tif` to `out` (GeoTIFF), atomically."""
+    if pooling not in POOLINGS:
+        raise AetherError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if dtype not in OUTPUT_DTYPES:
+        raise AetherError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and not rasterio.dtypes.check_dtype("float16"):
+        raise AetherError(f"--dtype float16 needs GDAL 3.11 or newer (this rasterio has GDAL "
+                          f"{rasterio.__gdal_version__}); use int8 or float32")
+    if tile_px < 16:
+        raise AetherError(f"tile size must be at least 16 pixels, got {tile_px}")
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        raise AetherError(f"output {out} is a folder; give a file name such as {out / 'aether.tif'}")
+    if not out.parent.is_dir():
+        raise AetherError(f"output folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise AetherError(f"output folder {out.parent} is not writable")
+    if Path(ae_tif).exists() and out.resolve() == Path(ae_tif).resolve():
+        raise AetherError(f"output {out} is the input raster; choose another file name")
+    embedder = AetherEmbedder(ckpt, device=device, precision=precision)
+    info = open_raster(ae_tif, embedder.n_bands)
+    embedder.check_raster(info)
+
+    bottom_up = info.transform.e > 0
+    out_transform = info.transform
+    if bottom_up:  # written north-up, with the matching transform
+        from affine import Affine
+
+        out_transform = info.transform @ Affine.translation(0, info.height) @ Affine.scale(1, -1)
+    nodata = NODATA_INT8 if dtype == "int8" else float("nan")
+    profile = dict(driver="GTiff", width=info.width, height=info.height, count=embedder.latent_dim, dtype=dtype,
+                   crs=info.crs, transform=out_transform, nodata=nodata, tiled=True, blockxsize=256,
+                   blockysize=256, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer")
+    if dtype != "int8":
+        profile["predictor"] = 3 if dtype == "float32" else 1  # floating-point predictor helps float32
+    tags = {
+        "AETHER_CHECKPOINT_SHA256": file_sha256(ckpt),
+        "AETHER_CHECKPOINT": Path(ckpt).name,
+        "AETHER_SOURCE": Path(ae_tif).name,
+        "AETHER_POOLING": pooling if pooling == "pixel" else f"window, base radius {embedder.base_radius_m:g} m",
+        "AETHER_DTYPE": dtype,
+        "AETHER_PRECISION": embedder.precision,
+        "AETHER_ENCODING": ("AlphaEarth int8: value = sign(q) * (q / 127.5)**2, nodata -128, unit vectors"
+                            if dtype == "int8" else f"{dtype} unit vectors, nodata NaN"),
+        "AETHER_TEXT_ENCODER": embedder.ckpt["text_encoder"]["model"],
+    }
+
+    tiles = [_Tile(r, c, min(tile_px, info.height - r), min(tile_px, info.width - c))
+             for r in range(0, info.height, tile_px) for c in range(0, info.width, tile_px)]
+    fd, tmp = temp_file_beside(out, ".partial.tif")
+    os.close(fd)
+    bar = tqdm(total=info.width * info.height, desc="embedding", unit="px", unit_scale=True, disable=not progress)
+    try:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for i, name in enumerate(band_names(embedder.latent_dim, "E", digits=3), start=1):
+                dst.set_band_description(i, name)
+            dst.update_tags(**tags)
+            _pipeline(tiles, info, embedder, pooling, dtype, dst, bottom_up, bar)
+        if cog:
+            _to_cog(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()
+    return out
+
+
+def _pipeline(tiles, info: RasterInfo, embedder: AetherEmbedder, pooling: str, dtype: str, dst,
+              bottom_up: bool, bar) -> None:
+    """Read (thread) -> pool and project (this thread) -> write (thread), with small queues between."""
+    reads: queue.Queue = queue.Queue(maxsize=2)
+    writes: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    if pooling == "window":
+        lat = None
+        if info.is_geographic:
+            lat = info.xy(np.arange(info.height), np.zeros(info.height, dtype=np.int64))[1]
+        rx_all, ry_all = info.radius_px(embedder.base_radius_m, lat)
+        rx_all = np.broadcast_to(rx_all, (info.height,))
+        ry_all = np.broadcast_to(ry_all, (info.height,))
+    else:
+        rx_all = ry_all = np.zeros(info.height, dtype=np.int64)
+
+    def put(q: queue.Queue, item) -> bool:
+        """Queue `item` unless the pipeline is stopping."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(q: queue.Queue):
+        """The next item, or None at the end or when the pipeline is stopping."""
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def fail(exc: BaseException) -> None:
+        errors.append(exc)
+        stop.set()
+
+    def reader() -> None:
+        try:
+            with rasterio.open(info.path, NUM_THREADS="ALL_CPUS") as src:
+                for tile in tiles:
+                    rows = slice(tile.row0, tile.row0 + tile.height)
+                    hx, hy = int(rx_all[rows].max()), int(ry_all[rows].max())
+                    pixels = _read_with_halo(src, info, tile, hx, hy)
+                    if not put(reads, (tile, pixels, rx_all[rows], ry_all[rows], hx, hy)):
+                        return
+            put(reads, None)
+        except BaseException as exc:  # handed to the main thread
+            fail(exc)
+
+    def writer() -> None:
+        try:
+            while (item := get(writes)) is not None:
+                tile, block = item
+                row0 = info.height - tile.row0 - tile.height if bottom_up else tile.row0
+                if bottom_up:
+                    block = block[:, ::-1, :]
+                dst.write(block, window=Window(tile.col0, row0, tile.width, tile.height))
+                bar.update(tile.width * tile.height)
+        except BaseException as exc:
+            fail(exc)
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while (item := get(reads)) is not None:
+            tile, pixels, rx_rows, ry_rows, hx, hy = item
+            if pooling == "window":
+                means, valid = window_means(pixels, info, rx_rows, ry_rows, hx, hy)
+            else:
+                valid = ~invalid_pixels(pixels, info)
+                means = dequantize(pixels) if info.is_int8 else np.nan_to_num(pixels.astype(np.float32))
+            z = np.zeros((tile.height, tile.width, embedder.latent_dim), dtype=np.float32)
+            z[valid] = embedder.project(means[valid])
+            if not put(writes, (tile, _encode(z, valid, dtype))):
+                break
+        put(writes, None)  # no-op when stopping; else the writer drains the queue and ends
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
+def _read_with_halo(src, info: RasterInfo, tile: _Tile, hx: int, hy: int) -> np.ndarray:
+    """The tile plus a halo, in the file's type; where the halo leaves the raster, nodata."""
+    r0, r1 = tile.row0 - hy, tile.row0 + tile.height + hy
+    c0, c1 = tile.col0 - hx, tile.col0 + tile.width + hx
+    rr0, rr1, cc0, cc1 = max(r0, 0), min(r1, info.height), max(c0, 0), min(c1, info.width)
+    inner = read_pixels(src, Window(cc0, rr0, cc1 - cc0, rr1 - rr0), info)
+    if (rr0, rr1, cc0, cc1) == (r0, r1, c0, c1):
+        return inner
+    fill = NODATA_INT8 if info.is_int8 else np.nan
+    pixels = np.full((r1 - r0, c1 - c0, info.count), fill, dtype=info.dtype)
+    pixels[rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = inner
+    return pixels
+
+
+def _encode(z: np.ndarray, valid: np.ndarray, dtype: str) -> np.ndarray:
+    """(h, w, D) unit vectors -> (D, h, w) in the output type, nodata where not valid."""
+    if dtype == "int8":
+        block = quantize(z)
+        block[~valid] = NODATA_INT8
+    else:
+        block = z.astype(dtype)
+        block[~valid] = np.nan
+    return block.transpose(2, 0, 1)
+
+
+def _to_cog(path: Path) -> None:
+    """Rewrite `path` in place as a Cloud-Optimized GeoTIFF with overviews."""
+    from rasterio.shutil import copy as rio_copy
+
+    fd, cog_path = temp_file_beside(path, ".cog.partial.tif")
+    os.close(fd)
+    cog_name = str(cog_path)
+    try:
+        with rasterio.open(path) as src:
+            options = dict(compress="ZSTD", level=1, blocksize=256, overview_resampling="average", bigtiff="if_safer")
+            if src.dtypes[0] != "int8":
+                options["predictor"] = "YES"
+        rio_copy(str(path), cog_name, driver="COG", **options)
+        os.replace(cog_name, path)
+    except BaseException:
+        Path(cog_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,36 @@
+"""Embed an AlphaEarth raster with a trained AETHER checkpoint:
+
+    python infer_aether_raster.py --ae_tif IN.tif --ckpt ckpts/helsinki/best.pt --out OUT.tif
+"""
+import argparse
+
+from aether.cli import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Turn an AlphaEarth raster into an AETHER raster.")
+    parser.add_argument("--ae_tif", required=True, help="AlphaEarth raster (GeoTIFF or VRT; int8 or float; any CRS)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
+    parser.add_argument("--out", required=True, help="output GeoTIFF, written atomically")
+    parser.add_argument("--pooling", choices=["window", "pixel"], default="window",
+                        help="window: the training base-view mean around each pixel (default); pixel: single pixels")
+    parser.add_argument("--dtype", choices=["int8", "float16", "float32"], default="int8",
+                        help="output type; int8 uses AlphaEarth's quantization (default)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                        help="projector arithmetic (autocast); auto: bf16 on CUDA or a CPU with native bf16, else fp32")
+    parser.add_argument("--tile", type=int, default=512, help="tile side in pixels (default 512)")
+    parser.add_argument("--cog", action="store_true", help="write a Cloud-Optimized GeoTIFF with overviews")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args()
+
+    from aether.inference import embed_raster
+
+    out = embed_raster(args.ae_tif, args.ckpt, args.out, pooling=args.pooling, dtype=args.dtype,
+                       precision=args.precision, tile_px=args.tile, cog=args.cog, device=args.device,
+                       progress=not args.no_progress)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run(main)
