@@ -37,6 +37,12 @@ def quantize(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     return q
 
 
+def quantize_torch(x: "torch.Tensor") -> "torch.Tensor":
+    """`quantize` for a torch tensor (same formula, same codes), without nodata handling."""
+    q = x.abs().clamp_(max=1.0).sqrt_().mul_(QUANT_SCALE).round_().copysign_(x)
+    return q.clamp_(-127, 127).to(dtype=__import__("torch").int8)
+
+
 def dequantize(q: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Decode AlphaEarth int8 to floats: sign(q) * (q / 127.5) ** 2 (nodata not masked)."""
     f = np.asarray(q).astype(dtype) / dtype(QUANT_SCALE)

@@ -19,7 +19,7 @@ import torch
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize
+from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize_torch
 from aether.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, temp_file_beside
 from aether.errors import AetherError
 from aether.pooling import pool_points, window_means
@@ -29,6 +29,7 @@ OUTPUT_DTYPES = ("int8", "float16", "float32")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 POOLINGS = ("window", "pixel")
 TILE_PX = 512
+GDAL_CACHE_MB = 128
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -50,25 +51,39 @@ class AetherEmbedder:
         self.base_radius_m = float(self.ckpt["input"]["base_radius_m"])
         self.latent_dim = self.projector.out_dim
         width = self.cfg.model.hidden_dim + self.latent_dim + self.n_bands
-        # CPU: keep a batch's activations within ~4 MiB of cache (measured fastest here);
+        # CPU: keep a batch's activations within ~8 MiB of cache (measured fastest here);
         # GPU: large batches, ~256 MiB of activations.
-        budget = (256 << 20) if self.device.type == "cuda" else (4 << 20)
+        budget = (256 << 20) if self.device.type == "cuda" else (8 << 20)
         self.batch_px = max(1024, budget // (4 * width))
 
-    @torch.no_grad()
     def project(self, vectors: np.ndarray) -> np.ndarray:
         """(N, bands) unit vectors -> (N, latent) unit vectors, float32."""
+        return self._project(vectors, band_major=False).numpy()
+
+    def project_bands(self, vectors: np.ndarray) -> torch.Tensor:
+        """(N, bands) unit vectors -> (latent, N) unit vectors on the CPU, float32: the layout a
+        GeoTIFF band write wants, transposed batch by batch while each batch is in cache."""
+        return self._project(vectors, band_major=True)
+
+    @torch.no_grad()
+    def _project(self, vectors: np.ndarray, band_major: bool) -> torch.Tensor:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.n_bands:
             raise AetherError(f"expected vectors of shape (N, {self.n_bands}), got {vectors.shape}")
-        out = np.empty((len(vectors), self.latent_dim), dtype=np.float32)
+        n = len(vectors)
+        out = torch.empty((self.latent_dim, n) if band_major else (n, self.latent_dim), dtype=torch.float32)
         dtype = _AUTOCAST.get(self.precision)
-        for start in range(0, len(vectors), self.batch_px):
+        for start in range(0, n, self.batch_px):
             x = torch.from_numpy(vectors[start:start + self.batch_px]).to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 z = self.projector.net(x)
-            z = torch.nn.functional.normalize(z.float(), dim=-1)
-            out[start:start + len(z)] = z.cpu().numpy()
+            z = z.float()
+            z /= z.norm(dim=1, keepdim=True).clamp_min_(1e-12)
+            z = z.cpu()
+            if band_major:
+                out[:, start:start + len(z)] = z.T
+            else:
+                out[start:start + len(z)] = z
         return out
 
     def check_raster(self, info: RasterInfo) -> None:
@@ -172,7 +187,8 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     nodata = NODATA_INT8 if dtype == "int8" else float("nan")
     profile = dict(driver="GTiff", width=info.width, height=info.height, count=embedder.latent_dim, dtype=dtype,
                    crs=info.crs, transform=out_transform, nodata=nodata, tiled=True, blockxsize=256,
-                   blockysize=256, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer")
+                   blockysize=256, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer",
+                   num_threads="ALL_CPUS")
     if dtype != "int8":
         profile["predictor"] = 3 if dtype == "float32" else 1  # floating-point predictor helps float32
     tags = {
@@ -193,7 +209,8 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     os.close(fd)
     bar = tqdm(total=info.width * info.height, desc="embedding", unit="px", unit_scale=True, disable=not progress)
     try:
-        with rasterio.open(tmp, "w", **profile) as dst:
+        # a small GDAL block cache: written blocks are flushed as they fill, not kept in RAM
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(tmp, "w", **profile) as dst:
             for i, name in enumerate(band_names(embedder.latent_dim, "E", digits=3), start=1):
                 dst.set_band_description(i, name)
             dst.update_tags(**tags)
@@ -285,9 +302,7 @@ def _pipeline(tiles, info: RasterInfo, embedder: AetherEmbedder, pooling: str, d
             else:
                 valid = ~invalid_pixels(pixels, info)
                 means = dequantize(pixels) if info.is_int8 else np.nan_to_num(pixels.astype(np.float32))
-            z = np.zeros((tile.height, tile.width, embedder.latent_dim), dtype=np.float32)
-            z[valid] = embedder.project(means[valid])
-            if not put(writes, (tile, _encode(z, valid, dtype))):
+            if not put(writes, (tile, _embed_tile(embedder, means, valid, dtype))):
                 break
         put(writes, None)  # no-op when stopping; else the writer drains the queue and ends
     except BaseException:
@@ -314,15 +329,24 @@ def _read_with_halo(src, info: RasterInfo, tile: _Tile, hx: int, hy: int) -> np.
     return pixels
 
 
-def _encode(z: np.ndarray, valid: np.ndarray, dtype: str) -> np.ndarray:
-    """(h, w, D) unit vectors -> (D, h, w) in the output type, nodata where not valid."""
-    if dtype == "int8":
-        block = quantize(z)
-        block[~valid] = NODATA_INT8
+def _embed_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray, dtype: str) -> np.ndarray:
+    """(h, w, bands) pooled vectors -> (latent, h, w) output block, nodata where not valid."""
+    h, w, bands = means.shape
+    flat_valid = valid.reshape(-1)
+    if flat_valid.all():
+        z = embedder.project_bands(means.reshape(-1, bands))
     else:
-        block = z.astype(dtype)
-        block[~valid] = np.nan
-    return block.transpose(2, 0, 1)
+        z = torch.zeros((embedder.latent_dim, h * w), dtype=torch.float32)
+        if flat_valid.any():
+            z[:, torch.from_numpy(flat_valid)] = embedder.project_bands(means.reshape(-1, bands)[flat_valid])
+    invalid = torch.from_numpy(~flat_valid)
+    if dtype == "int8":
+        block = quantize_torch(z)
+        block[:, invalid] = NODATA_INT8
+    else:
+        block = z.to(getattr(torch, dtype))
+        block[:, invalid] = float("nan")
+    return block.numpy().reshape(-1, h, w)
 
 
 def _to_cog(path: Path) -> None:

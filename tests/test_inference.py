@@ -470,7 +470,7 @@ def _run_guarded(fn) -> dict:
 
 def _fail_on_projection(nth: int):
     def inject(monkeypatch):
-        original = AetherEmbedder.project
+        original = AetherEmbedder.project_bands
         calls = []
 
         def project(self, vectors):
@@ -479,13 +479,13 @@ def _fail_on_projection(nth: int):
                 raise RuntimeError("injected failure")
             return original(self, vectors)
 
-        monkeypatch.setattr("aether.inference.AetherEmbedder.project", project)
+        monkeypatch.setattr("aether.inference.AetherEmbedder.project_bands", project)
 
     return inject
 
 
 def _fail_in_writer(monkeypatch):
-    monkeypatch.setattr("aether.inference._encode", lambda z, valid, dtype: None)  # dst.write(None) raises
+    monkeypatch.setattr("aether.inference._embed_tile", lambda embedder, means, valid, dtype: None)  # dst.write(None) raises
 
 
 def _fail_in_writer_while_reading(monkeypatch):
