@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import rasterio
-from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.alphaearth import NODATA_INT8
-from aether.raster import RasterInfo, invalid_pixels, read_pixels
+from aether.raster import BlockCache, RasterInfo, invalid_pixels
 
 # sign(q) * q**2 for every int8 code q (indexed by q viewed as uint8), 0 for nodata:
 # AlphaEarth's de-quantization in exact integers, scaled by 127.5**2.
@@ -30,7 +29,7 @@ _INT8_SQUARES[_CODES == NODATA_INT8] = 0
 _INT8_MAX_SQUARE = 127 * 127
 
 CHUNK_PX = 1024  # chunk side; a multiple of common block sizes (256, 512)
-GDAL_CACHE_MB = 512  # holds the blocks a chunk's halo shares with its neighbours
+GDAL_CACHE_MB = 64
 
 
 @dataclass
@@ -97,8 +96,12 @@ def pool_points(
         return len(members)
 
     bar = tqdm(total=int(inside.sum()), desc="pooling POIs", unit="POI", disable=not progress)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(info.path, NUM_THREADS="ALL_CPUS") as src:
-        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    hx_max = max(int(h[0][inside].max()) if inside.any() else 0 for h in half)
+    hy_max = max(int(h[1][inside].max()) if inside.any() else 0 for h in half)
+    blocks = BlockCache(info, threads)
+    try:
+        # blocks are kept by BlockCache, so GDAL's own cache is kept small
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             pending: deque = deque()
             for members in _chunk_groups(rows, cols, inside, info.width, chunk_px):
                 hx = max(int(h[0][members].max()) for h in half)
@@ -106,13 +109,22 @@ def pool_points(
                 r, c = rows[members], cols[members]
                 r0, r1 = max(int(r.min()) - hy, 0), min(int(r.max()) + hy + 1, info.height)
                 c0, c1 = max(int(c.min()) - hx, 0), min(int(c.max()) + hx + 1, info.width)
-                pixels = read_pixels(src, Window(c0, r0, c1 - c0, r1 - r0), info)
+                # chunks come in raster order: later chunks start no higher than this chunk row's
+                # top halo, and later chunk rows no higher than the next chunk row's top halo
+                chunk_top = (int(r[0]) // chunk_px) * chunk_px
+                chunk_left = (int(c.min()) // chunk_px) * chunk_px
+                next_row_top = chunk_top + chunk_px - hy_max
+                blocks.evict(lambda br0, br1, bc0, bc1: br1 > chunk_top - hy_max
+                             and (br1 > next_row_top or bc1 > chunk_left - hx_max))
+                pixels = blocks.read(r0, r1, c0, c1)
                 pending.append(pool.submit(work, members, pixels, r0, c0))
                 while len(pending) > max(1, threads):
                     bar.update(pending.popleft().result())
             while pending:
                 bar.update(pending.popleft().result())
-    bar.close()
+    finally:
+        blocks.close()
+        bar.close()
 
     return PooledViews(views=views, valid=valid, inside=inside)
 

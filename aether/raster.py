@@ -157,3 +157,64 @@ def read_vectors(src: rasterio.io.DatasetReader, window: Window, info: RasterInf
     values = dequantize(pixels) if info.is_int8 else pixels.astype(np.float32)
     values[invalid] = 0.0
     return values, ~invalid
+
+
+class BlockCache:
+    """Reads windows of a raster so that each storage block is decoded once.
+
+    Windows that overlap (a chunk and its neighbours' halos) share blocks; GDAL's own
+    cache does not keep them when it decodes in several threads. Missing blocks are
+    decoded in parallel, one dataset handle per thread. The caller says which blocks
+    can go (`evict`), which keeps memory bounded by a band of blocks, not the raster.
+    """
+
+    UNIT_PX = 256  # blocks smaller than this are grouped, so tiny blocks do not mean tiny reads
+
+    def __init__(self, info: RasterInfo, threads: int = 2):
+        self.info = info
+        bh, bw = info.block_shape if all(info.block_shape) else (self.UNIT_PX, self.UNIT_PX)
+        self.unit_h = bh * max(1, -(-self.UNIT_PX // bh))
+        self.unit_w = min(bw * max(1, -(-self.UNIT_PX // bw)), info.width)
+        self.units: dict[tuple[int, int], np.ndarray] = {}
+        self._local = __import__("threading").local()
+        self._handles: list = []
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads))
+
+    def _read_unit(self, key: tuple[int, int]) -> np.ndarray:
+        if not hasattr(self._local, "src"):
+            self._local.src = rasterio.open(self.info.path)
+            self._handles.append(self._local.src)
+        r0, c0 = key[0] * self.unit_h, key[1] * self.unit_w
+        window = Window(c0, r0, min(self.unit_w, self.info.width - c0), min(self.unit_h, self.info.height - r0))
+        return read_pixels(self._local.src, window, self.info)
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Rows r0:r1, columns c0:c1 (inside the raster) as (h, w, C) in the file's type."""
+        keys = [(i, j) for i in range(r0 // self.unit_h, (r1 - 1) // self.unit_h + 1)
+                for j in range(c0 // self.unit_w, (c1 - 1) // self.unit_w + 1)]
+        missing = [k for k in keys if k not in self.units]
+        for key, unit in zip(missing, self._pool.map(self._read_unit, missing)):
+            self.units[key] = unit
+        out = np.empty((r1 - r0, c1 - c0, self.info.count), dtype=self.info.dtype)
+        for i, j in keys:
+            ur0, uc0 = i * self.unit_h, j * self.unit_w
+            unit = self.units[(i, j)]
+            a0, a1 = max(r0, ur0), min(r1, ur0 + unit.shape[0])
+            b0, b1 = max(c0, uc0), min(c1, uc0 + unit.shape[1])
+            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = unit[a0 - ur0:a1 - ur0, b0 - uc0:b1 - uc0]
+        return out
+
+    def evict(self, keep) -> None:
+        """Drop cached blocks for which keep(row_start, row_end, col_start, col_end) is False."""
+        for (i, j) in list(self.units):
+            r, c = i * self.unit_h, j * self.unit_w
+            if not keep(r, r + self.unit_h, c, c + self.unit_w):
+                del self.units[(i, j)]
+
+    def close(self) -> None:
+        self._pool.shutdown()
+        for src in self._handles:
+            src.close()
+        self.units.clear()

@@ -105,3 +105,35 @@ def write_config(path: Path, ae_tif: Path, poi: Path, **sections) -> Path:
         cfg.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
+
+
+def write_vrt_mosaic(path: Path, parts: list[Path]) -> Path:
+    """A VRT mosaic (as gdalbuildvrt writes) of same-grid GeoTIFFs that tile a larger area."""
+    with rasterio.open(parts[0]) as first:
+        crs, res, count, dtype, nodata = first.crs, first.res, first.count, first.dtypes[0], first.nodata
+    bounds = []
+    for p in parts:
+        with rasterio.open(p) as src:
+            bounds.append(src.bounds)
+    left, top = min(b.left for b in bounds), max(b.top for b in bounds)
+    right, bottom = max(b.right for b in bounds), min(b.bottom for b in bounds)
+    width, height = round((right - left) / res[0]), round((top - bottom) / res[1])
+    gdal_type = {"int8": "Int8", "float32": "Float32", "float64": "Float64"}[dtype]
+    lines = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+             f"  <SRS>{crs.to_wkt()}</SRS>",
+             f"  <GeoTransform>{left}, {res[0]}, 0, {top}, 0, {-res[1]}</GeoTransform>"]
+    for band in range(1, count + 1):
+        lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{band}">')
+        if nodata is not None:
+            lines.append(f"    <NoDataValue>{nodata}</NoDataValue>")
+        for p, b in zip(parts, bounds):
+            w, h = round((b.right - b.left) / res[0]), round((b.top - b.bottom) / res[1])
+            x0, y0 = round((b.left - left) / res[0]), round((top - b.top) / res[1])
+            lines += ["    <SimpleSource>", f"      <SourceFilename>{p}</SourceFilename>",
+                      f"      <SourceBand>{band}</SourceBand>",
+                      f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>',
+                      f'      <DstRect xOff="{x0}" yOff="{y0}" xSize="{w}" ySize="{h}"/>', "    </SimpleSource>"]
+        lines.append("  </VRTRasterBand>")
+    lines.append("</VRTDataset>")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -7,7 +7,7 @@ from rasterio.transform import from_origin
 from aether.alphaearth import dequantize
 from aether.pooling import pool_points
 from aether.raster import metres_per_degree, open_raster
-from fixtures import ORIGIN, unit_field, write_raster
+from fixtures import ORIGIN, unit_field, write_raster, write_vrt_mosaic
 
 
 def brute_force(values: np.ndarray, invalid: np.ndarray, row: int, col: int, ry: int, rx: int):
@@ -122,3 +122,20 @@ def test_large_windows_fall_back_to_int64(tmp_path):
     pooled = pool_points(info, np.array([ORIGIN[0] + 200.5]), np.array([ORIGIN[1] - 200.5]), [190.0])
     expected = brute_force(values, invalid, 200, 200, 190, 190)
     np.testing.assert_allclose(pooled.views[0][0], expected, atol=2e-6)
+
+
+def test_vrt_mosaic_pools_like_one_file(tmp_path):
+    """Two halves mosaicked by a VRT give exactly what the whole raster gives, across the seam."""
+    v = unit_field(30, 40, seed=4)
+    whole = open_raster(str(write_raster(tmp_path / "whole.tif", v)))
+    west = write_raster(tmp_path / "west.tif", v[:, :, :20])
+    east = write_raster(tmp_path / "east.tif", v[:, :, 20:], transform=from_origin(ORIGIN[0] + 200, ORIGIN[1], 10, 10))
+    mosaic = open_raster(str(write_vrt_mosaic(tmp_path / "mosaic.vrt", [west, east])))
+    assert (mosaic.width, mosaic.height) == (40, 30)
+    rng = np.random.default_rng(2)
+    x = ORIGIN[0] + rng.uniform(0, 400, 60)
+    y = ORIGIN[1] - rng.uniform(0, 300, 60)
+    a, b = pool_points(whole, x, y, [45, 95]), pool_points(mosaic, x, y, [45, 95])
+    np.testing.assert_array_equal(a.valid, b.valid)
+    for va, vb in zip(a.views, b.views):
+        np.testing.assert_array_equal(va, vb)
