@@ -8,7 +8,12 @@ Embedding dataset, Google / Google DeepMind".
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 N_BANDS = 64
 NODATA_INT8 = -128
@@ -37,10 +42,12 @@ def quantize(x: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     return q
 
 
-def quantize_torch(x: "torch.Tensor") -> "torch.Tensor":
+def quantize_torch(x: torch.Tensor) -> torch.Tensor:
     """`quantize` for a torch tensor (same formula, same codes), without nodata handling."""
+    import torch
+
     q = x.abs().clamp_(max=1.0).sqrt_().mul_(QUANT_SCALE).round_().copysign_(x)
-    return q.clamp_(-127, 127).to(dtype=__import__("torch").int8)
+    return q.clamp_(-127, 127).to(torch.int8)
 
 
 def dequantize(q: np.ndarray, dtype=np.float32) -> np.ndarray:

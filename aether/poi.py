@@ -5,9 +5,14 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from aether.errors import AetherError
+
+if TYPE_CHECKING:
+    import geopandas
 
 DEFAULT_TEMPLATE = "A place of {value}, a type of {key}, named {name}."
 OSM_ATTRIBUTION = "© OpenStreetMap contributors, ODbL 1.0"

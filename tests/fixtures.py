@@ -8,7 +8,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine, from_origin
 
-from aether.alphaearth import N_BANDS, band_names, quantize
+from aether.alphaearth import N_BANDS, NODATA_INT8, band_names, dequantize, quantize
 
 UTM = "EPSG:32635"
 ORIGIN = (385000.0, 6673000.0)  # central Helsinki, UTM zone 35N
@@ -137,3 +137,29 @@ def write_vrt_mosaic(path: Path, parts: list[Path]) -> Path:
     lines.append("</VRTDataset>")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def stored_values(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """What a raster file holds, de-quantized, (C, h, w) in file row order, and its invalid mask.
+
+    An independent reading for the tests: plain rasterio and numpy, no AETHER code path.
+    """
+    with rasterio.open(path) as src:
+        raw = src.read()
+        nodata = src.nodata
+    if raw.dtype == np.int8:
+        return dequantize(raw).astype(np.float64), (raw == NODATA_INT8).any(axis=0)
+    invalid = ~np.isfinite(raw).all(axis=0)
+    if nodata is not None and not np.isnan(nodata):
+        invalid |= (raw == nodata).any(axis=0)
+    return np.nan_to_num(raw.astype(np.float64)), invalid
+
+
+def brute_force(values: np.ndarray, invalid: np.ndarray, row: int, col: int, ry: int, rx: int):
+    """Masked mean of (C, h, w) values over the clipped window, renormalised; None if all nodata."""
+    window = (slice(max(row - ry, 0), row + ry + 1), slice(max(col - rx, 0), col + rx + 1))
+    ok = ~invalid[window]
+    if not ok.any():
+        return None
+    total = values[:, window[0], window[1]][:, ok].sum(axis=1)
+    return total / np.linalg.norm(total)

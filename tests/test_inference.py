@@ -30,7 +30,7 @@ from aether.alphaearth import NODATA_INT8, dequantize
 from aether.errors import AetherError
 from aether.inference import AetherEmbedder, embed_raster
 from aether.raster import metres_per_degree
-from fixtures import ORIGIN, unit_field, write_raster
+from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT_PX, WIDTH_PX = 40, 50
@@ -68,27 +68,6 @@ def embedder(ckpt) -> AetherEmbedder:
 
 # ---- independent reference computations ----------------------------------------------------
 
-def stored_values(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """What the input file holds, de-quantized, (C, h, w) in file row order, and its invalid mask."""
-    with rasterio.open(path) as src:
-        raw = src.read()
-        nodata = src.nodata
-    if raw.dtype == np.int8:
-        return dequantize(raw).astype(np.float64), (raw == NODATA_INT8).any(axis=0)
-    invalid = ~np.isfinite(raw).all(axis=0)
-    if nodata is not None and not np.isnan(nodata):
-        invalid |= (raw == nodata).any(axis=0)
-    return np.nan_to_num(raw.astype(np.float64)), invalid
-
-
-def brute_force(values: np.ndarray, invalid: np.ndarray, row: int, col: int, ry: int, rx: int):
-    """Masked mean of (C, h, w) values over the clipped window, renormalised; None if all nodata."""
-    window = (slice(max(row - ry, 0), row + ry + 1), slice(max(col - rx, 0), col + rx + 1))
-    ok = ~invalid[window]
-    if not ok.any():
-        return None
-    total = values[:, window[0], window[1]][:, ok].sum(axis=1)
-    return total / np.linalg.norm(total)
 
 
 def brute_force_all(values: np.ndarray, invalid: np.ndarray, half_px: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,36 +1,13 @@
 """Window pooling against a brute-force masked mean, computed independently per point."""
 import numpy as np
 import pytest
-import rasterio
 from rasterio.transform import from_origin
 
-from aether.alphaearth import dequantize
 from aether.pooling import pool_points
 from aether.raster import metres_per_degree, open_raster
-from fixtures import ORIGIN, unit_field, write_raster, write_vrt_mosaic
+from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster, write_vrt_mosaic
 
 
-def brute_force(values: np.ndarray, invalid: np.ndarray, row: int, col: int, ry: int, rx: int):
-    """Masked mean of (C, h, w) values over the clipped window, renormalised; None if all nodata."""
-    window = (slice(max(row - ry, 0), row + ry + 1), slice(max(col - rx, 0), col + rx + 1))
-    ok = ~invalid[window]
-    if not ok.any():
-        return None
-    total = values[:, window[0], window[1]][:, ok].sum(axis=1)
-    return total / np.linalg.norm(total)
-
-
-def stored_values(path):
-    """What the file holds, de-quantized, in array order, and its invalid mask."""
-    with rasterio.open(path) as src:
-        raw = src.read()
-        nodata = src.nodata
-    if raw.dtype == np.int8:
-        return dequantize(raw).astype(np.float64), (raw == -128).any(axis=0)
-    invalid = ~np.isfinite(raw).all(axis=0)
-    if nodata is not None and not np.isnan(nodata):
-        invalid |= (raw == nodata).any(axis=0)
-    return np.nan_to_num(raw.astype(np.float64)), invalid
 
 
 def field_with_holes(height, width, seed=0):
