@@ -210,7 +210,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     bar = tqdm(total=info.width * info.height, desc="embedding", unit="px", unit_scale=True, disable=not progress)
     try:
         # a small GDAL block cache: written blocks are flushed as they fill, not kept in RAM
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(tmp, "w", **profile) as dst:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), rasterio.open(tmp, "w", **profile) as dst:
             for i, name in enumerate(band_names(embedder.latent_dim, "E", digits=3), start=1):
                 dst.set_band_description(i, name)
             dst.update_tags(**tags)

@@ -60,6 +60,14 @@ def read_poi_frame(path: str, lon_column: str = "lon", lat_column: str = "lat",
     import pandas
 
     suffix = Path(path).suffix.lower()
+    if crs is not None:
+        from pyproj import CRS
+        from pyproj.exceptions import CRSError
+
+        try:
+            CRS.from_user_input(crs)
+        except CRSError:
+            raise AetherError(f"config data.poi_crs: {crs!r} is not a CRS (e.g. EPSG:4326)") from None
     if not Path(path).exists():
         raise AetherError(f"POI file {path} does not exist")
     try:
@@ -83,7 +91,7 @@ def read_poi_frame(path: str, lon_column: str = "lon", lat_column: str = "lat",
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise AetherError(f"cannot read POI file {path}: {first}") from None
     if crs is not None and suffix not in (".csv", ".tsv", ".txt"):
-        frame = frame.set_crs(crs, allow_override=True)
+        frame = frame.set_crs(crs, allow_override=True)  # the file's own CRS is overridden
     if frame.crs is None:
         raise AetherError(f"POI file {path} has no CRS; set data.poi_crs (e.g. EPSG:4326)")
     return frame

@@ -101,7 +101,7 @@ def pool_points(
     blocks = BlockCache(info, threads)
     try:
         # blocks are kept by BlockCache, so GDAL's own cache is kept small
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             pending: deque = deque()
             for members in _chunk_groups(rows, cols, inside, info.width, chunk_px):
                 hx = max(int(h[0][members].max()) for h in half)

@@ -75,7 +75,7 @@ class SentenceTransformerEncoder(TextEncoder):
             try:
                 self._st = SentenceTransformer(path, device=device)
             except Exception as exc:  # the library raises many types for a missing/bad model
-                raise AetherError(f"cannot load sentence-transformers model {self.source!r}: {str(exc).splitlines()[0]}") from None
+                raise AetherError(f"cannot load sentence-transformers model {self.source!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
         return self._st
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:

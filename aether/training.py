@@ -109,7 +109,7 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     metrics_path = run_dir / "metrics.jsonl"
     metrics_path.write_text("")
-    best_score, best_path = -1.0, run_dir / "best.pt"
+    best_score, best_path = -math.inf, run_dir / "best.pt"
     bar = tqdm(range(1, cfg.train.epochs + 1), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
