@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from aether.config import Config, config_from_dict
-from aether.errors import AetherError
+from aether.errors import AetherError, first_line
 from aether.model import AetherModel
 
 FORMAT = "aether-checkpoint"
@@ -69,7 +69,7 @@ def load_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged file
         raise AetherError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+                          f"{first_line(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise AetherError(f"checkpoint {path} is not an AETHER checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
@@ -86,7 +86,7 @@ def model_from_checkpoint(ckpt: dict) -> tuple[AetherModel, Config]:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise AetherError(f"checkpoint weights do not match its config: {str(exc).splitlines()[0]}") from None
+        raise AetherError(f"checkpoint weights do not match its config: {first_line(exc)}") from None
     return model.eval(), cfg
 
 

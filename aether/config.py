@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from aether.errors import AetherError
+from aether.errors import AetherError, first_line
 from aether.poi import DEFAULT_TEMPLATE, template_fields
 
 
@@ -103,7 +103,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_files:
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise AetherError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise AetherError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
         if not isinstance(raw, dict):
             raise AetherError(f"config file {path} must hold a mapping of sections (data, text, model, loss, train)")
         base = path.resolve().parent

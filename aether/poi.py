@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aether.errors import AetherError
+from aether.errors import AetherError, first_line
 
 if TYPE_CHECKING:
     import geopandas
@@ -88,8 +88,7 @@ def read_poi_frame(path: str, lon_column: str = "lon", lat_column: str = "lat",
     except UnicodeDecodeError:
         raise AetherError(f"POI file {path} is not UTF-8 text; convert it (e.g. iconv -t UTF-8)") from None
     except Exception as exc:  # pyogrio, pyarrow and pandas each raise their own types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AetherError(f"cannot read POI file {path}: {first}") from None
+        raise AetherError(f"cannot read POI file {path}: {first_line(exc)}") from None
     if crs is not None and suffix not in (".csv", ".tsv", ".txt"):
         frame = frame.set_crs(crs, allow_override=True)  # the file's own CRS is overridden
     if frame.crs is None:

