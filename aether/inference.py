@@ -24,6 +24,7 @@ from aether.checkpoint import file_sha256, load_checkpoint, model_from_checkpoin
 from aether.errors import AetherError
 from aether.pooling import pool_points, window_means
 from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
+from aether.text import TextEncoder, build_text_encoder
 
 OUTPUT_DTYPES = ("int8", "float16", "float32")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -46,6 +47,8 @@ class AetherEmbedder:
 
         self.device = pick_device(device)
         self.projector = model.ae.to(self.device).eval()
+        self.text_projector = model.text.to(self.device).eval()
+        self._text_encoder = None
         self.precision = resolve_precision(precision, self.device)
         self.n_bands = int(self.ckpt["input"]["n_bands"])
         self.base_radius_m = float(self.ckpt["input"]["base_radius_m"])
@@ -85,6 +88,43 @@ class AetherEmbedder:
             else:
                 out[start:start + len(z)] = z
         return out
+
+    @property
+    def text_identity(self) -> dict:
+        """The text encoder the checkpoint was trained with (backend, model, dimensions)."""
+        enc = self.ckpt["text_encoder"]
+        return {"backend": enc["backend"], "model": enc["model"], "dimensions": enc.get("dimensions")}
+
+    def text_encoder(self) -> TextEncoder:
+        """The checkpoint's own text encoder (built once, checked before use)."""
+        if self._text_encoder is None:
+            enc = build_text_encoder(self.text_identity["backend"], self.text_identity["model"],
+                                     self.text_identity["dimensions"], self.cfg.text.base_url)
+            enc.check()
+            self._text_encoder = enc
+        return self._text_encoder
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], encoder: TextEncoder | None = None) -> np.ndarray:
+        """(N, latent) unit vectors for free texts, in the space the AE projector maps into.
+
+        `encoder` defaults to the checkpoint's; any other encoder is refused, because the text
+        projector only understands the embeddings it was trained on.
+        """
+        if encoder is None:
+            encoder = self.text_encoder()
+        elif encoder.identity != self.text_identity:
+            raise AetherError(f"text encoder {encoder.identity['backend']}/{encoder.identity['model']} differs "
+                              f"from the checkpoint's ({self.text_identity['backend']}/"
+                              f"{self.text_identity['model']}); queries must use the encoder it was trained with")
+        if not texts:
+            return np.zeros((0, self.latent_dim), dtype=np.float32)
+        emb = np.asarray(encoder.encode_batch(list(texts)), dtype=np.float32)
+        if emb.shape[1] != self.ckpt["text_encoder"]["dim"]:
+            raise AetherError(f"text encoder gave {emb.shape[1]}-dimensional embeddings; the checkpoint expects "
+                              f"{self.ckpt['text_encoder']['dim']}")
+        z = self.text_projector(torch.from_numpy(emb).to(self.device)).float().cpu()
+        return z.numpy()
 
     def check_raster(self, info: RasterInfo) -> None:
         """Refuse a raster whose bands or grid do not fit this checkpoint."""
