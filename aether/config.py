@@ -42,6 +42,8 @@ class TextConfig:
     dimensions: int | None = None
     base_url: str | None = None
     batch_size: int = 64
+    max_retries: int = 6
+    request_timeout_s: float = 60.0
     device: str = "auto"
     cache_dir: str = "data/cache"
 
@@ -218,6 +220,8 @@ def _validate(cfg: Config) -> None:
     _check(t.dimensions is None or t.backend == "openai", "text.dimensions",
            "applies to the openai backend only; set it to null")
     _check(t.batch_size >= 1, "text.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.max_retries >= 0, "text.max_retries", f"must be >= 0, got {t.max_retries}")
+    _check(t.request_timeout_s > 0, "text.request_timeout_s", f"must be > 0 seconds, got {t.request_timeout_s}")
     _check(t.device in _DEVICES, "text.device", f"must be one of {', '.join(_DEVICES)}, got {t.device!r}")
     _check(m.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {m.latent_dim}")
     _check(m.hidden_dim >= 1, "model.hidden_dim", f"must be >= 1, got {m.hidden_dim}")
