@@ -166,3 +166,14 @@ def test_train_py_with_openai_backend(server, tmp_path):
     assert server.statuses == [429] + [200] * 4 and sorted(server.inputs) == sorted(r["description"] for r in records)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["text_encoder"] == {"backend": "openai", "model": MODEL, "dimensions": 32, "dim": 32}
+
+
+def test_retry_settings_in_config():
+    from aether.config import load_config
+
+    cfg = load_config(None, ["text.max_retries=2", "text.request_timeout_s=5"], check_files=False)
+    assert (cfg.text.max_retries, cfg.text.request_timeout_s) == (2, 5.0)
+    with pytest.raises(AetherError, match=r"^config text.max_retries: must be >= 0, got -1$"):
+        load_config(None, ["text.max_retries=-1"], check_files=False)
+    with pytest.raises(AetherError, match=r"^config text.request_timeout_s: must be > 0 seconds"):
+        load_config(None, ["text.request_timeout_s=0"], check_files=False)
