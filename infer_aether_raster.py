@@ -21,6 +21,10 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512, help="tile side in pixels (default 512)")
     parser.add_argument("--cog", action="store_true", help="write a Cloud-Optimized GeoTIFF with overviews")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run of the same command from the tiles it had finished")
+    parser.add_argument("--checkpoint-every", type=float, default=5.0, metavar="SECONDS",
+                        help="how often finished tiles are made durable for --resume (default 5 s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args()
 
@@ -28,7 +32,8 @@ def main() -> None:
 
     out = embed_raster(args.ae_tif, args.ckpt, args.out, pooling=args.pooling, dtype=args.dtype,
                        precision=args.precision, tile_px=args.tile, cog=args.cog, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, resume=args.resume,
+                       checkpoint_s=args.checkpoint_every)
     print(f"wrote {out}")
 
 

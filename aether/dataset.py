@@ -64,8 +64,9 @@ def log(message: str) -> None:
 def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
     """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why."""
     if encoder is None:
-        encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions,
-                                     cfg.text.base_url, cfg.text.device)
+        encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url,
+                                     cfg.text.device, max_retries=cfg.text.max_retries,
+                                     request_timeout_s=cfg.text.request_timeout_s)
     encoder.check()
     info = open_raster(cfg.data.ae_tif, cfg.data.n_bands)
     frame = read_poi_frame(cfg.data.poi, cfg.data.lon_column, cfg.data.lat_column, cfg.data.poi_crs)

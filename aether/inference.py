@@ -8,8 +8,9 @@ and writing overlap in a three-stage pipeline, and memory is bounded by the tile
 from __future__ import annotations
 
 import os
-import queue
-import threading
+import json
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +24,18 @@ from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize_torc
 from aether.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, temp_file_beside
 from aether.errors import AetherError
 from aether.pooling import pool_points, window_means
+from aether.dataset import log
 from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
+from aether.streaming import run_pipeline
 from aether.text import TextEncoder, build_text_encoder
 
 OUTPUT_DTYPES = ("int8", "float16", "float32")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 POOLINGS = ("window", "pixel")
 TILE_PX = 512
+OUTPUT_BLOCK_PX = 256
 GDAL_CACHE_MB = 128
+CHECKPOINT_S = 5.0  # how often finished tiles are made durable for --resume
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -99,7 +104,9 @@ class AetherEmbedder:
         """The checkpoint's own text encoder (built once, checked before use)."""
         if self._text_encoder is None:
             enc = build_text_encoder(self.text_identity["backend"], self.text_identity["model"],
-                                     self.text_identity["dimensions"], self.cfg.text.base_url)
+                                     self.text_identity["dimensions"], self.cfg.text.base_url,
+                                     max_retries=self.cfg.text.max_retries,
+                                     request_timeout_s=self.cfg.text.request_timeout_s)
             enc.check()
             self._text_encoder = enc
         return self._text_encoder
@@ -184,18 +191,149 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
 
 
-@dataclass
-class _Tile:
+@dataclass(frozen=True)
+class Tile:
+    index: int
     row0: int  # input array row of the tile's first row
     col0: int
     height: int
     width: int
 
 
+def tile_grid(info: RasterInfo, tile_px: int) -> list[Tile]:
+    """The raster cut into tiles of `tile_px` (smaller at the right and bottom edges), row by row."""
+    origins = [(r, c) for r in range(0, info.height, tile_px) for c in range(0, info.width, tile_px)]
+    return [Tile(i, r, c, min(tile_px, info.height - r), min(tile_px, info.width - c))
+            for i, (r, c) in enumerate(origins)]
+
+
+class PooledTileReader:
+    """Reads tiles with the halo that window pooling needs, and pools and projects them."""
+
+    def __init__(self, info: RasterInfo, embedder: AetherEmbedder, pooling: str):
+        if pooling not in POOLINGS:
+            raise AetherError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.info, self.embedder, self.pooling = info, embedder, pooling
+        if pooling == "window":
+            lat = None
+            if info.is_geographic:
+                lat = info.xy(np.arange(info.height), np.zeros(info.height, dtype=np.int64))[1]
+            rx, ry = info.radius_px(embedder.base_radius_m, lat)
+            self.rx = np.broadcast_to(rx, (info.height,))
+            self.ry = np.broadcast_to(ry, (info.height,))
+        else:
+            self.rx = self.ry = np.zeros(info.height, dtype=np.int64)
+
+    def produce(self, tiles: list[Tile]):
+        """(tile, data) for each tile, read in this (the reader) thread."""
+        with rasterio.open(self.info.path, NUM_THREADS="ALL_CPUS") as src:
+            for tile in tiles:
+                rows = slice(tile.row0, tile.row0 + tile.height)
+                hx, hy = int(self.rx[rows].max()), int(self.ry[rows].max())
+                yield tile, (_read_with_halo(src, self.info, tile, hx, hy), self.rx[rows], self.ry[rows], hx, hy)
+
+    def pooled(self, data) -> tuple[np.ndarray, np.ndarray]:
+        """(h, w, bands) unit vectors (zeros where invalid) and the (h, w) valid mask of one tile."""
+        pixels, rx_rows, ry_rows, hx, hy = data
+        if self.pooling == "window":
+            return window_means(pixels, self.info, rx_rows, ry_rows, hx, hy)
+        valid = ~invalid_pixels(pixels, self.info)
+        means = dequantize(pixels) if self.info.is_int8 else np.nan_to_num(pixels.astype(np.float32))
+        return means, valid
+
+    def latent(self, data) -> tuple[torch.Tensor, np.ndarray]:
+        """(latent, h * w) AETHER vectors (zeros where invalid) and the flat valid mask of one tile."""
+        means, valid = self.pooled(data)
+        return _latent_tile(self.embedder, means, valid), valid.reshape(-1)
+
+
+class _Journal:
+    """What an interrupted run had finished: a small JSON file beside its partial output.
+
+    The partial GeoTIFF is closed (so its directory is on disk) before tiles are recorded
+    here, so every tile the journal names is really in the file.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path, self.fingerprint = path, fingerprint
+
+    def load(self, partial: Path) -> set[int]:
+        if not self.path.is_file() or not partial.is_file():
+            raise AetherError(f"nothing to resume: no interrupted run of this output ({partial.name} and "
+                              f"{self.path.name} beside it); run without --resume")
+        try:
+            saved = json.loads(self.path.read_text())
+            old, done = saved["fingerprint"], saved["done"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise AetherError(f"resume journal {self.path} is damaged; run without --resume to start over") from None
+        changed = sorted(k for k in self.fingerprint if old.get(k) != self.fingerprint[k])
+        if changed:
+            raise AetherError(f"cannot resume: the interrupted run had other {', '.join(changed)}; "
+                              f"run without --resume to start over")
+        return set(int(i) for i in done)
+
+    def save(self, done: set[int]) -> None:
+        fd, tmp = temp_file_beside(self.path)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "done": sorted(done)}, f)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _TileWriter:
+    """Writes finished tiles into the partial output and, every `checkpoint_s`, makes them durable:
+    close the file (GDAL writes its directory), record the tiles in the journal, reopen it."""
+
+    def __init__(self, path: Path, info: RasterInfo, bottom_up: bool, journal: _Journal, done: set[int],
+                 bar, checkpoint_s: float = CHECKPOINT_S):
+        self.path, self.info, self.bottom_up = path, info, bottom_up
+        self.journal, self.done, self.pending = journal, done, set()
+        self.bar, self.checkpoint_s = bar, checkpoint_s
+        self.dst = rasterio.open(path, "r+", NUM_THREADS="ALL_CPUS")
+        self.last = time.monotonic()
+
+    def __call__(self, tile: Tile, block: np.ndarray) -> None:
+        row0 = self.info.height - tile.row0 - tile.height if self.bottom_up else tile.row0
+        if self.bottom_up:
+            block = block[:, ::-1, :]
+        self.dst.write(block, window=Window(tile.col0, row0, tile.width, tile.height))
+        self.pending.add(tile.index)
+        self.bar.update(tile.width * tile.height)
+        if time.monotonic() - self.last >= self.checkpoint_s:
+            self.checkpoint()
+
+    def checkpoint(self, reopen: bool = True) -> None:
+        self.dst.close()
+        self.done |= self.pending
+        self.pending = set()
+        self.journal.save(self.done)
+        if reopen:
+            self.dst = rasterio.open(self.path, "r+", NUM_THREADS="ALL_CPUS")
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        if not self.dst.closed:
+            self.dst.close()
+
+
+def partial_paths(out: Path) -> tuple[Path, Path]:
+    """The partial output and its journal that a run of `out` keeps beside it until it ends."""
+    return out.parent / f".{out.name}.partial.tif", out.parent / f".{out.name}.partial.json"
+
+
 def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtype: str = "int8",
                  precision: str = "auto", tile_px: int = TILE_PX, cog: bool = False, device: str = "auto",
-                 progress: bool = True) -> Path:
-    """Write the AETHER raster of `ae_tif` to `out` (GeoTIFF), atomically."""
+                 progress: bool = True, resume: bool = False,
+                 checkpoint_s: float = CHECKPOINT_S) -> Path:
+    """Write the AETHER raster of `ae_tif` to `out` (GeoTIFF), atomically.
+
+    Until the run ends, the output grows in a partial file beside `out`, with a journal of
+    finished tiles. An interrupted run (Ctrl-C, SIGTERM, SIGKILL, power loss) leaves `out`
+    untouched; `resume=True` continues from the journal and gives the same output as an
+    uninterrupted run. A run without `resume` discards any earlier partial output.
+    """
     if pooling not in POOLINGS:
         raise AetherError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if dtype not in OUTPUT_DTYPES:
@@ -205,15 +343,10 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
                           f"{rasterio.__gdal_version__}); use int8 or float32")
     if tile_px < 16:
         raise AetherError(f"tile size must be at least 16 pixels, got {tile_px}")
+    if not checkpoint_s >= 0:
+        raise AetherError(f"checkpoint interval must be 0 or more seconds, got {checkpoint_s}")
     out = Path(out)
-    if out.exists() and out.is_dir():
-        raise AetherError(f"output {out} is a folder; give a file name such as {out / 'aether.tif'}")
-    if not out.parent.is_dir():
-        raise AetherError(f"output folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise AetherError(f"output folder {out.parent} is not writable")
-    if Path(ae_tif).exists() and out.resolve() == Path(ae_tif).resolve():
-        raise AetherError(f"output {out} is the input raster; choose another file name")
+    check_output_file(out, ae_tif)
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
     info = open_raster(ae_tif, embedder.n_bands)
     embedder.check_raster(info)
@@ -225,14 +358,17 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
 
         out_transform = info.transform @ Affine.translation(0, info.height) @ Affine.scale(1, -1)
     nodata = NODATA_INT8 if dtype == "int8" else float("nan")
+    # output blocks never straddle tiles, so a block is written once, whole (and --resume never rewrites one)
+    block_px = math.gcd(tile_px, OUTPUT_BLOCK_PX) if math.gcd(tile_px, OUTPUT_BLOCK_PX) >= 16 else OUTPUT_BLOCK_PX
     profile = dict(driver="GTiff", width=info.width, height=info.height, count=embedder.latent_dim, dtype=dtype,
-                   crs=info.crs, transform=out_transform, nodata=nodata, tiled=True, blockxsize=256,
-                   blockysize=256, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer",
+                   crs=info.crs, transform=out_transform, nodata=nodata, tiled=True, blockxsize=block_px,
+                   blockysize=block_px, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer",
                    num_threads="ALL_CPUS")
     if dtype != "int8":
         profile["predictor"] = 3 if dtype == "float32" else 1  # floating-point predictor helps float32
+    ckpt_sha = file_sha256(ckpt)
     tags = {
-        "AETHER_CHECKPOINT_SHA256": file_sha256(ckpt),
+        "AETHER_CHECKPOINT_SHA256": ckpt_sha,
         "AETHER_CHECKPOINT": Path(ckpt).name,
         "AETHER_SOURCE": Path(ae_tif).name,
         "AETHER_POOLING": pooling if pooling == "pixel" else f"window, base radius {embedder.base_radius_m:g} m",
@@ -242,120 +378,75 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
                             if dtype == "int8" else f"{dtype} unit vectors, nodata NaN"),
         "AETHER_TEXT_ENCODER": embedder.ckpt["text_encoder"]["model"],
     }
-
-    tiles = [_Tile(r, c, min(tile_px, info.height - r), min(tile_px, info.width - c))
-             for r in range(0, info.height, tile_px) for c in range(0, info.width, tile_px)]
-    fd, tmp = temp_file_beside(out, ".partial.tif")
-    os.close(fd)
-    bar = tqdm(total=info.width * info.height, desc="embedding", unit="px", unit_scale=True, disable=not progress)
-    try:
-        # a small GDAL block cache: written blocks are flushed as they fill, not kept in RAM
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), rasterio.open(tmp, "w", **profile) as dst:
+    source = Path(ae_tif).stat() if Path(ae_tif).exists() else None
+    fingerprint = {"input": str(Path(ae_tif).resolve()) if source else ae_tif,
+                   "input size and time": [source.st_size, source.st_mtime_ns] if source else None,
+                   "checkpoint": ckpt_sha, "pooling": pooling, "dtype": dtype, "precision": embedder.precision,
+                   "device": embedder.device.type, "tile size": tile_px}
+    partial, journal_path = partial_paths(out)
+    journal = _Journal(journal_path, fingerprint)
+    tiles = tile_grid(info, tile_px)
+    if resume:
+        done = journal.load(partial)
+    else:
+        if partial.exists() or journal_path.exists():
+            log(f"discarding the partial output of an earlier interrupted run ({partial.name})")
+        partial.unlink(missing_ok=True)
+        journal.remove()
+        done = set()
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), rasterio.open(partial, "w", **profile) as dst:
             for i, name in enumerate(band_names(embedder.latent_dim, "E", digits=3), start=1):
                 dst.set_band_description(i, name)
             dst.update_tags(**tags)
-            _pipeline(tiles, info, embedder, pooling, dtype, dst, bottom_up, bar)
+        journal.save(done)
+    todo = [t for t in tiles if t.index not in done]
+    if resume:
+        log(f"resuming: {len(tiles) - len(todo)} of {len(tiles)} tiles were done")
+    bar = tqdm(total=info.width * info.height, desc="embedding", unit="px", unit_scale=True, disable=not progress,
+               initial=sum(t.width * t.height for t in tiles if t.index in done))
+    reader = PooledTileReader(info, embedder, pooling)
+    writer = None
+    try:
+        # a small GDAL block cache: written blocks are flushed as they fill, not kept in RAM
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
+            writer = _TileWriter(partial, info, bottom_up, journal, done, bar, checkpoint_s)
+            run_pipeline(lambda: reader.produce(todo),
+                         lambda tile, data: _embed_tile(embedder, *reader.pooled(data), dtype),
+                         writer)
+            writer.checkpoint(reopen=False)
         if cog:
-            _to_cog(tmp)
-        os.replace(tmp, out)
+            _to_cog(partial)
+        os.replace(partial, out)
+        journal.remove()
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.close()
+        log(f"interrupted; finished tiles are kept in {partial}. Continue with --resume")
+        raise
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if writer is not None:
+            writer.close()
+        partial.unlink(missing_ok=True)
+        journal.remove()
         raise
     finally:
         bar.close()
     return out
 
 
-def _pipeline(tiles, info: RasterInfo, embedder: AetherEmbedder, pooling: str, dtype: str, dst,
-              bottom_up: bool, bar) -> None:
-    """Read (thread) -> pool and project (this thread) -> write (thread), with small queues between."""
-    reads: queue.Queue = queue.Queue(maxsize=2)
-    writes: queue.Queue = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    if pooling == "window":
-        lat = None
-        if info.is_geographic:
-            lat = info.xy(np.arange(info.height), np.zeros(info.height, dtype=np.int64))[1]
-        rx_all, ry_all = info.radius_px(embedder.base_radius_m, lat)
-        rx_all = np.broadcast_to(rx_all, (info.height,))
-        ry_all = np.broadcast_to(ry_all, (info.height,))
-    else:
-        rx_all = ry_all = np.zeros(info.height, dtype=np.int64)
-
-    def put(q: queue.Queue, item) -> bool:
-        """Queue `item` unless the pipeline is stopping."""
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def get(q: queue.Queue):
-        """The next item, or None at the end or when the pipeline is stopping."""
-        while not stop.is_set():
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
-
-    def fail(exc: BaseException) -> None:
-        errors.append(exc)
-        stop.set()
-
-    def reader() -> None:
-        try:
-            with rasterio.open(info.path, NUM_THREADS="ALL_CPUS") as src:
-                for tile in tiles:
-                    rows = slice(tile.row0, tile.row0 + tile.height)
-                    hx, hy = int(rx_all[rows].max()), int(ry_all[rows].max())
-                    pixels = _read_with_halo(src, info, tile, hx, hy)
-                    if not put(reads, (tile, pixels, rx_all[rows], ry_all[rows], hx, hy)):
-                        return
-            put(reads, None)
-        except BaseException as exc:  # handed to the main thread
-            fail(exc)
-
-    def writer() -> None:
-        try:
-            while (item := get(writes)) is not None:
-                tile, block = item
-                row0 = info.height - tile.row0 - tile.height if bottom_up else tile.row0
-                if bottom_up:
-                    block = block[:, ::-1, :]
-                dst.write(block, window=Window(tile.col0, row0, tile.width, tile.height))
-                bar.update(tile.width * tile.height)
-        except BaseException as exc:
-            fail(exc)
-
-    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
-    for t in threads:
-        t.start()
-    try:
-        while (item := get(reads)) is not None:
-            tile, pixels, rx_rows, ry_rows, hx, hy = item
-            if pooling == "window":
-                means, valid = window_means(pixels, info, rx_rows, ry_rows, hx, hy)
-            else:
-                valid = ~invalid_pixels(pixels, info)
-                means = dequantize(pixels) if info.is_int8 else np.nan_to_num(pixels.astype(np.float32))
-            if not put(writes, (tile, _embed_tile(embedder, means, valid, dtype))):
-                break
-        put(writes, None)  # no-op when stopping; else the writer drains the queue and ends
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
+def check_output_file(out: Path, source: str | None = None) -> None:
+    """Refuse, before any work, an output path that cannot be written or would overwrite the input."""
+    if out.exists() and out.is_dir():
+        raise AetherError(f"output {out} is a folder; give a file name such as {out / 'aether.tif'}")
+    if not out.parent.is_dir():
+        raise AetherError(f"output folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise AetherError(f"output folder {out.parent} is not writable")
+    if source is not None and Path(source).exists() and out.resolve() == Path(source).resolve():
+        raise AetherError(f"output {out} is the input raster; choose another file name")
 
 
-def _read_with_halo(src, info: RasterInfo, tile: _Tile, hx: int, hy: int) -> np.ndarray:
+def _read_with_halo(src, info: RasterInfo, tile: Tile, hx: int, hy: int) -> np.ndarray:
     """The tile plus a halo, in the file's type; where the halo leaves the raster, nodata."""
     r0, r1 = tile.row0 - hy, tile.row0 + tile.height + hy
     c0, c1 = tile.col0 - hx, tile.col0 + tile.width + hx
@@ -369,17 +460,23 @@ def _read_with_halo(src, info: RasterInfo, tile: _Tile, hx: int, hy: int) -> np.
     return pixels
 
 
-def _embed_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray, dtype: str) -> np.ndarray:
-    """(h, w, bands) pooled vectors -> (latent, h, w) output block, nodata where not valid."""
+def _latent_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+    """(h, w, bands) pooled vectors -> (latent, h * w) float32 AETHER vectors, zeros where not valid."""
     h, w, bands = means.shape
     flat_valid = valid.reshape(-1)
     if flat_valid.all():
-        z = embedder.project_bands(means.reshape(-1, bands))
-    else:
-        z = torch.zeros((embedder.latent_dim, h * w), dtype=torch.float32)
-        if flat_valid.any():
-            z[:, torch.from_numpy(flat_valid)] = embedder.project_bands(means.reshape(-1, bands)[flat_valid])
-    invalid = torch.from_numpy(~flat_valid)
+        return embedder.project_bands(means.reshape(-1, bands))
+    z = torch.zeros((embedder.latent_dim, h * w), dtype=torch.float32)
+    if flat_valid.any():
+        z[:, torch.from_numpy(flat_valid)] = embedder.project_bands(means.reshape(-1, bands)[flat_valid])
+    return z
+
+
+def _embed_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray, dtype: str) -> np.ndarray:
+    """(h, w, bands) pooled vectors -> (latent, h, w) output block, nodata where not valid."""
+    h, w, _ = means.shape
+    z = _latent_tile(embedder, means, valid)
+    invalid = torch.from_numpy(~valid.reshape(-1))
     if dtype == "int8":
         block = quantize_torch(z)
         block[:, invalid] = NODATA_INT8

@@ -163,3 +163,21 @@ def brute_force(values: np.ndarray, invalid: np.ndarray, row: int, col: int, ry:
         return None
     total = values[:, window[0], window[1]][:, ok].sum(axis=1)
     return total / np.linalg.norm(total)
+
+
+def write_untrained_checkpoint(path: Path, latent_dim: int = 16, hidden_dim: int = 32, text_dim: int = 384,
+                               seed: int = 0) -> Path:
+    """A checkpoint of a randomly initialised model whose text side is the packaged MiniLM (384-d)."""
+    import torch
+
+    from aether.checkpoint import make_checkpoint
+    from aether.config import Config
+    from aether.model import AetherModel
+
+    torch.manual_seed(seed)
+    cfg = Config()
+    cfg.model.latent_dim, cfg.model.hidden_dim = latent_dim, hidden_dim
+    model = AetherModel(cfg.data.n_bands, text_dim, latent_dim, hidden_dim)
+    text = {"backend": "sentence-transformers", "model": "sentence-transformers/all-MiniLM-L6-v2", "dimensions": None}
+    torch.save(make_checkpoint(model, cfg, text, text_dim, epoch=1, metrics={}), path)
+    return path

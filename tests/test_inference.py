@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
 from rasterio.transform import from_origin
 
 from aether.alphaearth import NODATA_INT8, dequantize
 from aether.errors import AetherError
 from aether.inference import AetherEmbedder, embed_raster
 from aether.raster import metres_per_degree
-from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster
+from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster, write_untrained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT_PX, WIDTH_PX = 40, 50
@@ -47,18 +46,7 @@ RUN_TIMEOUT_S = 4.0  # a 40 x 50 px run takes ~0.2 s (~1.2 s with the slowed rea
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    from aether.checkpoint import make_checkpoint
-    from aether.config import Config
-    from aether.model import AetherModel
-
-    torch.manual_seed(0)
-    cfg = Config()
-    cfg.model.latent_dim, cfg.model.hidden_dim = LATENT_DIM, HIDDEN_DIM
-    model = AetherModel(cfg.data.n_bands, TEXT_DIM, LATENT_DIM, HIDDEN_DIM)
-    text = {"backend": "sentence-transformers", "model": "sentence-transformers/all-MiniLM-L6-v2", "dimensions": None}
-    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    torch.save(make_checkpoint(model, cfg, text, TEXT_DIM, epoch=1, metrics={}), path)
-    return path
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", LATENT_DIM, HIDDEN_DIM, TEXT_DIM)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +131,7 @@ def ae_raster(tmp: Path, kind: str, name: str = "ae.tif", values: np.ndarray | N
 
 
 def partials(folder: Path) -> list[Path]:
-    return sorted(folder.glob(".*.partial.tif"))
+    return sorted(folder.glob(".*.partial.*"))
 
 
 # ---- 1. georeferencing round trip ------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""A three-stage pipeline: read (thread) -> compute (caller's thread) -> write (thread).
+
+Reading and writing GeoTIFF blocks spend most of their time in GDAL, which releases the
+GIL, so they overlap with the NumPy/PyTorch compute in between. Queues are short, so at
+most a few work items are in memory at once, and an error in any stage stops the others
+and is raised in the caller's thread.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Iterator
+
+QUEUE_SIZE = 2
+
+
+def run_pipeline(produce: Callable[[], Iterator[tuple[Any, Any]]],
+                 compute: Callable[[Any, Any], Any],
+                 consume: Callable[[Any, Any], None]) -> None:
+    """Run `produce()` (yielding (task, data)) in a reader thread, `compute(task, data)` here,
+    and `consume(task, result)` in a writer thread, in task order."""
+    reads: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+    writes: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    end = object()
+
+    def put(q: queue.Queue, item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(q: queue.Queue):
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return end
+
+    def fail(exc: BaseException) -> None:
+        errors.append(exc)
+        stop.set()
+
+    def reader() -> None:
+        try:
+            for item in produce():
+                if not put(reads, item):
+                    return
+            put(reads, end)
+        except BaseException as exc:  # handed to the caller's thread
+            fail(exc)
+
+    def writer() -> None:
+        try:
+            while (item := get(writes)) is not end:
+                consume(*item)
+        except BaseException as exc:
+            fail(exc)
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while (item := get(reads)) is not end:
+            task, data = item
+            if not put(writes, (task, compute(task, data))):
+                break
+        put(writes, end)  # a no-op when stopping; else the writer drains the queue and ends
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
