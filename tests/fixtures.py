@@ -181,3 +181,25 @@ def write_untrained_checkpoint(path: Path, latent_dim: int = 16, hidden_dim: int
     text = {"backend": "sentence-transformers", "model": "sentence-transformers/all-MiniLM-L6-v2", "dimensions": None}
     torch.save(make_checkpoint(model, cfg, text, text_dim, epoch=1, metrics={}), path)
     return path
+
+
+def run_script_in_process(script: str, args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """What `python SCRIPT ARGS` does (exit code, stdout, stderr), without a new interpreter."""
+    import importlib.util
+    import sys
+
+    from aether.cli import run
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(Path(script).stem + "_script", root / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    capsys.readouterr()
+    try:
+        run(module.main)
+    except SystemExit as exc:
+        captured = capsys.readouterr()
+        return exc.code, captured.out, captured.err
+    captured = capsys.readouterr()
+    return 0, captured.out, captured.err

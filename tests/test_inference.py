@@ -11,7 +11,6 @@ precision errors.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import stat
 import subprocess
@@ -29,7 +28,7 @@ from aether.alphaearth import NODATA_INT8, dequantize
 from aether.errors import AetherError
 from aether.inference import AetherEmbedder, embed_raster
 from aether.raster import metres_per_degree
-from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster, write_untrained_checkpoint
+from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster, write_untrained_checkpoint, run_script_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT_PX, WIDTH_PX = 40, 50
@@ -379,18 +378,8 @@ REFUSALS = [
 
 def _cli_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """What `python infer_aether_raster.py ARGS` does, without a new interpreter."""
-    from aether.cli import run
-
-    spec = importlib.util.spec_from_file_location("infer_script", ROOT / "infer_aether_raster.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    monkeypatch.setattr(sys, "argv", ["infer_aether_raster.py", *args, "--no-progress"])
-    capsys.readouterr()
-    try:
-        run(script.main)
-    except SystemExit as exc:
-        return exc.code, capsys.readouterr().err
-    return 0, capsys.readouterr().err
+    code, _, err = run_script_in_process("infer_aether_raster.py", [*args, "--no-progress"], monkeypatch, capsys)
+    return code, err
 
 
 def _cli_subprocess(args: list[str]) -> tuple[int, str]:

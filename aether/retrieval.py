@@ -1,0 +1,355 @@
+"""Natural-language retrieval: text queries -> similarity maps and ranked places.
+
+Queries go through the checkpoint's own text encoder and text projector into the shared
+latent space; every pixel's AETHER vector (read from an AETHER raster, or computed on the
+fly from an AlphaEarth raster) is scored by cosine similarity. One streaming pass over the
+raster serves all queries. Per query this writes a similarity GeoTIFF on the raster's grid,
+the top-k places as GeoJSON (greedy non-maximum suppression in metres, so hits are distinct
+places rather than neighbouring pixels) and a PNG heatmap.
+
+Top-k is exact while streaming: greedy suppression takes pixels in falling score order and
+each kept pixel suppresses at most D others (D = pixels within the radius), so the k hits
+are always among the best k * (D + 1) pixels, which is all a tile-by-tile pass keeps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.warp import transform as warp_transform
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from aether.checkpoint import file_sha256, temp_file_beside
+from aether.dataset import log
+from aether.errors import AetherError
+from aether.inference import TILE_PX, AetherEmbedder, PooledTileReader, Tile, tile_grid
+from aether.raster import RasterInfo, metres_per_degree, open_raster, read_vectors
+from aether.streaming import run_pipeline
+from aether.text import build_text_encoder
+
+MAX_CANDIDATES = 5_000_000  # per query; a cap on k * (D + 1) for huge radii
+HEATMAP_MAX_PX = 1024  # longer side of the PNG heatmap's image
+
+
+@dataclass
+class QueryResult:
+    query: str
+    tif: Path
+    geojson: Path
+    png: Path
+    hits: list[dict]
+
+
+def read_queries(path: str | Path) -> list[str]:
+    """One query per line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise AetherError(f"query file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise AetherError(f"query file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise AetherError(f"cannot read query file {path}: {exc.strerror}") from None
+    queries = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not queries:
+        raise AetherError(f"query file {path} has no queries (one per line)")
+    return queries
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A file-name-safe version of a query."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].rstrip("-") or "query"
+
+
+def nms_radius_px(info: RasterInfo, radius_m: float) -> int:
+    """The largest number of pixels a radius spans along either axis (smallest pixel size)."""
+    lat = None
+    if info.is_geographic:
+        lat = info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]
+    sx, sy = info.pixel_size_m(lat)
+    return int(math.ceil(radius_m / max(min(float(np.min(sx)), float(np.min(sy))), 1e-9)))
+
+
+def distances_m(x0: float, y0: float, x: np.ndarray, y: np.ndarray, geographic: bool) -> np.ndarray:
+    """Ground distances from one point to many, in metres (map units of a projected CRS are metres)."""
+    if not geographic:
+        return np.hypot(x - x0, y - y0)
+    m_lat, m_lon = metres_per_degree(np.asarray((y + y0) / 2.0))
+    return np.hypot((x - x0) * m_lon, (y - y0) * m_lat)
+
+
+def non_max_suppression(scores: np.ndarray, x: np.ndarray, y: np.ndarray, k: int, radius_m: float,
+                        geographic: bool = False) -> np.ndarray:
+    """Indices of up to k points chosen greedily by falling score, none within `radius_m` of a
+    better chosen point (a point exactly at the radius is kept; ties broken by index)."""
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    alive = np.ones(len(scores), dtype=bool)
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == k:
+            break
+        if not alive[i]:
+            continue
+        chosen.append(int(i))
+        if radius_m > 0:
+            alive &= distances_m(x[i], y[i], x, y, geographic) >= radius_m
+        alive[i] = False
+    return np.asarray(chosen, dtype=np.int64)
+
+
+class _TopCandidates:
+    """The best `keep` pixels seen so far for one query (scores, input rows and columns)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.scores = np.empty(0, dtype=np.float32)
+        self.rows = np.empty(0, dtype=np.int64)
+        self.cols = np.empty(0, dtype=np.int64)
+
+    def add(self, scores: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+        ok = np.isfinite(scores)
+        scores, rows, cols = scores[ok], rows[ok], cols[ok]
+        if len(scores) > self.keep:
+            part = np.argpartition(-scores, self.keep - 1)[:self.keep]
+            scores, rows, cols = scores[part], rows[part], cols[part]
+        self.scores = np.concatenate([self.scores, scores])
+        self.rows = np.concatenate([self.rows, rows])
+        self.cols = np.concatenate([self.cols, cols])
+        if len(self.scores) > 2 * self.keep:
+            self._trim()
+
+    def _trim(self) -> None:
+        if len(self.scores) > self.keep:
+            part = np.argpartition(-self.scores, self.keep - 1)[:self.keep]
+            self.scores, self.rows, self.cols = self.scores[part], self.rows[part], self.cols[part]
+
+    def final(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._trim()
+        return self.scores, self.rows, self.cols
+
+
+def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = None, ae_tif: str | None = None,
+             top_k: int = 10, nms_m: float = 100.0, tile_px: int = TILE_PX, device: str = "auto",
+             precision: str = "auto", text_backend: str | None = None, text_model: str | None = None,
+             progress: bool = True) -> list[QueryResult]:
+    """Score every pixel of an AETHER raster (`emb_tif`) or of an AlphaEarth raster (`ae_tif`, embedded
+    on the fly) against each query; write each query's GeoTIFF, GeoJSON and PNG into `out_dir`."""
+    queries = [q.strip() for q in queries]
+    if not queries or any(not q for q in queries):
+        raise AetherError("a query is empty; give the text to search for")
+    if (emb_tif is None) == (ae_tif is None):
+        raise AetherError("give exactly one raster: --emb (an AETHER raster) or --ae_tif (an AlphaEarth raster)")
+    if top_k < 1:
+        raise AetherError(f"top-k must be at least 1, got {top_k}")
+    if not nms_m >= 0 or math.isinf(nms_m):
+        raise AetherError(f"suppression radius must be 0 or more metres, got {nms_m}")
+    if tile_px < 16:
+        raise AetherError(f"tile size must be at least 16 pixels, got {tile_px}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AetherError(f"output {out} is a file; give a folder")
+    if not out.parent.is_dir():
+        raise AetherError(f"folder {out.parent} (holding the output folder) does not exist")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise AetherError(f"output folder {out} is not writable")
+
+    embedder = AetherEmbedder(ckpt, device=device, precision=precision)
+    encoder = None
+    if text_backend is not None or text_model is not None:
+        ident = embedder.text_identity
+        encoder = build_text_encoder(text_backend or ident["backend"], text_model or ident["model"],
+                                     ident["dimensions"] if (text_backend or ident["backend"]) == ident["backend"] else None)
+    if emb_tif is not None:
+        info = open_raster(emb_tif, embedder.latent_dim)
+        _check_aether_raster(emb_tif, ckpt, embedder)
+    else:
+        info = open_raster(ae_tif, embedder.n_bands)
+        embedder.check_raster(info)
+    q = torch.from_numpy(embedder.embed_texts(queries, encoder))  # (nq, latent), refuses another encoder
+
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    names = _unique_names(queries)
+    keep = min(MAX_CANDIDATES, top_k * ((2 * nms_radius_px(info, nms_m) + 1) ** 2 + 1))
+    candidates = [_TopCandidates(keep) for _ in queries]
+    temps: list[Path] = []
+    bottom_up = info.transform.e > 0
+    out_transform = info.transform
+    if bottom_up:
+        from affine import Affine
+
+        out_transform = info.transform @ Affine.translation(0, info.height) @ Affine.scale(1, -1)
+    profile = dict(driver="GTiff", width=info.width, height=info.height, count=1, dtype="float32", crs=info.crs,
+                   transform=out_transform, nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256,
+                   compress="zstd", zstd_level=1, predictor=3, bigtiff="if_safer")
+    tiles = tile_grid(info, tile_px)
+    bar = tqdm(total=info.width * info.height, desc="scoring", unit="px", unit_scale=True, disable=not progress)
+    dsts = []
+    try:
+        for query, name in zip(queries, names):
+            fd, tmp = temp_file_beside(out / f"{name}.tif", ".partial.tif")
+            os.close(fd)
+            temps.append(tmp)
+            dst = rasterio.open(tmp, "w", **profile)
+            dsts.append(dst)
+            dst.set_band_description(1, f"cosine similarity: {query}")
+            dst.update_tags(AETHER_QUERY=query, AETHER_CHECKPOINT_SHA256=file_sha256(ckpt),
+                            AETHER_SOURCE=Path(emb_tif or ae_tif).name)
+
+        if emb_tif is not None:
+            def produce():
+                with rasterio.open(info.path, NUM_THREADS="ALL_CPUS") as src:
+                    for tile in tiles:
+                        yield tile, read_vectors(src, Window(tile.col0, tile.row0, tile.width, tile.height), info)
+
+            def latent(data):
+                vectors, valid = data
+                return torch.from_numpy(vectors.reshape(-1, info.count)).T, valid.reshape(-1)
+        else:
+            reader = PooledTileReader(info, embedder, "window")
+            produce, latent = (lambda: reader.produce(tiles)), reader.latent
+
+        def compute(tile: Tile, data) -> np.ndarray:
+            z, valid = latent(data)
+            sims = (q @ z).numpy()  # (nq, h * w)
+            sims[:, ~valid] = np.nan
+            return sims
+
+        def consume(tile: Tile, sims: np.ndarray) -> None:
+            rows = tile.row0 + np.repeat(np.arange(tile.height), tile.width)
+            cols = tile.col0 + np.tile(np.arange(tile.width), tile.height)
+            row0 = info.height - tile.row0 - tile.height if bottom_up else tile.row0
+            for i, dst in enumerate(dsts):
+                block = sims[i].reshape(tile.height, tile.width)
+                dst.write(block[::-1] if bottom_up else block, 1, window=Window(tile.col0, row0, tile.width, tile.height))
+                candidates[i].add(sims[i], rows, cols)
+            bar.update(tile.width * tile.height)
+
+        run_pipeline(produce, compute, consume)
+        for dst in dsts:
+            dst.close()
+        bar.close()
+
+        results = []
+        for i, (query, name) in enumerate(zip(queries, names)):
+            hits = _hits(info, candidates[i], top_k, nms_m, bottom_up)
+            geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
+            png_tmp = _write_heatmap(temps[i], out / f"{name}.png", query, hits, temps)
+            results.append(QueryResult(query, out / f"{name}.tif", out / f"{name}.geojson", out / f"{name}.png", hits))
+            for tmp, final in ((temps[i], results[-1].tif), (geojson_tmp, results[-1].geojson),
+                               (png_tmp, results[-1].png)):
+                os.replace(tmp, final)
+        _write_index(out, results, emb_tif or ae_tif, ckpt, top_k, nms_m)
+        return results
+    except BaseException:
+        for dst in dsts:
+            dst.close()
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        bar.close()
+
+
+def _check_aether_raster(path: str, ckpt: str, embedder: AetherEmbedder) -> None:
+    """An AETHER raster made by another checkpoint (or text encoder) lives in another latent space."""
+    with rasterio.open(path) as src:
+        tags = src.tags()
+    made_with = tags.get("AETHER_CHECKPOINT_SHA256")
+    if made_with is None:
+        log(f"note: {path} does not say which checkpoint made it; assuming {Path(ckpt).name}")
+        return
+    if made_with != file_sha256(ckpt):
+        raise AetherError(f"AETHER raster {path} was made with another checkpoint ({tags.get('AETHER_CHECKPOINT', '?')}); "
+                          f"query it with that checkpoint, or pass --ae_tif to embed the AlphaEarth raster with this one")
+
+
+def _unique_names(queries: list[str]) -> list[str]:
+    width = max(2, len(str(len(queries))))
+    return [f"q{i:0{width}d}_{slug(q)}" for i, q in enumerate(queries, start=1)]
+
+
+def _hits(info: RasterInfo, cands: _TopCandidates, top_k: int, nms_m: float, bottom_up: bool) -> list[dict]:
+    scores, rows, cols = cands.final()
+    x, y = info.xy(rows, cols)
+    chosen = non_max_suppression(scores, x, y, top_k, nms_m, info.is_geographic)
+    if len(chosen) == 0:
+        return []
+    lon, lat = warp_transform(info.crs, "EPSG:4326", x[chosen].tolist(), y[chosen].tolist())
+    hits = []
+    for rank, (i, lo, la) in enumerate(zip(chosen, lon, lat), start=1):
+        out_row = info.height - 1 - int(rows[i]) if bottom_up else int(rows[i])
+        hits.append({"rank": rank, "score": round(float(scores[i]), 6), "lon": lo, "lat": la,
+                     "x": float(x[i]), "y": float(y[i]), "row": out_row, "col": int(cols[i])})
+    return hits
+
+
+def _write_geojson(path: Path, query: str, hits: list[dict], temps: list[Path]) -> Path:
+    features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [h["lon"], h["lat"]]},
+                 "properties": {"query": query, **{k: v for k, v in h.items() if k not in ("lon", "lat")}}}
+                for h in hits]
+    fd, tmp = temp_file_beside(path, ".partial.geojson")
+    temps.append(tmp)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"type": "FeatureCollection", "features": features}, f, ensure_ascii=False, indent=1)
+    return tmp
+
+
+def _write_heatmap(tif: Path, path: Path, query: str, hits: list[dict], temps: list[Path]) -> Path:
+    """The similarity map, read at most HEATMAP_MAX_PX across (averaged), with a colour bar and the hits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rasterio.enums import Resampling
+
+    with rasterio.open(tif) as src:
+        scale = max(src.width, src.height) / HEATMAP_MAX_PX
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale))) if scale > 1 else src.shape
+        img = src.read(1, out_shape=shape, resampling=Resampling.average, masked=True).filled(np.nan)
+        b = src.bounds
+    fig, ax = plt.subplots(figsize=(7, 7 * shape[0] / shape[1] + 0.6), dpi=110)
+    cmap = plt.get_cmap("magma").with_extremes(bad="#d0d0d0")
+    finite = img[np.isfinite(img)]
+    vmin, vmax = (np.percentile(finite, [2, 99.8]) if finite.size else (0.0, 1.0))
+    im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, extent=(b.left, b.right, b.bottom, b.top),
+                   interpolation="nearest")
+    if hits:
+        ax.scatter([h["x"] for h in hits], [h["y"] for h in hits], s=60, facecolors="none", edgecolors="#00e5ff",
+                   linewidths=1.5)
+        for h in hits:
+            ax.annotate(str(h["rank"]), (h["x"], h["y"]), xytext=(4, 4), textcoords="offset points", color="#00e5ff",
+                        fontsize=8, weight="bold")
+    ax.set_title(query if len(query) <= 70 else query[:67] + "...", fontsize=11)
+    ax.tick_params(labelsize=7)
+    ax.ticklabel_format(useOffset=False, style="plain")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="cosine similarity")
+    fig.tight_layout()
+    fd, tmp = temp_file_beside(path, ".partial.png")
+    os.close(fd)
+    temps.append(tmp)
+    fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return tmp
+
+
+def _write_index(out: Path, results: list[QueryResult], source: str, ckpt: str, top_k: int, nms_m: float) -> None:
+    index = {"source": str(source), "checkpoint": str(ckpt), "top_k": top_k, "nms_radius_m": nms_m,
+             "queries": [{"query": r.query, "tif": r.tif.name, "geojson": r.geojson.name, "png": r.png.name,
+                          "best_score": r.hits[0]["score"] if r.hits else None} for r in results]}
+    fd, tmp = temp_file_beside(out / "queries.json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(index, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, out / "queries.json")
