@@ -148,7 +148,7 @@ class AetherEmbedder:
 
     def embed_points(self, ae_tif: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """AETHER vectors at points (raster CRS), pooled exactly as in training; and their valid mask."""
-        info = open_raster(ae_tif, self.n_bands)
+        info = open_raster(ae_tif, n_bands=None)
         self.check_raster(info)
         pooled = pool_points(info, x, y, [self.base_radius_m])
         z = self.project(pooled.views[0])
@@ -348,7 +348,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     out = Path(out)
     check_output_file(out, ae_tif)
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
-    info = open_raster(ae_tif, embedder.n_bands)
+    info = open_raster(ae_tif, n_bands=None)
     embedder.check_raster(info)
 
     bottom_up = info.transform.e > 0

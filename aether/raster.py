@@ -88,8 +88,11 @@ def metres_per_degree(lat_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return meridian * math.pi / 180.0, normal * np.cos(phi) * math.pi / 180.0
 
 
-def open_raster(path: str, n_bands: int = N_BANDS) -> RasterInfo:
-    """Open and check an embedding raster; refuse what AETHER cannot read correctly."""
+def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
+    """Open and check an embedding raster; refuse what AETHER cannot read correctly.
+
+    `n_bands=None` leaves the band count to the caller (who can name what it must match).
+    """
     try:
         with rasterio.open(path) as src:
             info = RasterInfo(
@@ -108,7 +111,7 @@ def open_raster(path: str, n_bands: int = N_BANDS) -> RasterInfo:
         raise AetherError(f"cannot open raster {path}: {first_line(exc)}") from None
     if info.crs is None:
         raise AetherError(f"raster {path} has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32635) and retry")
-    if info.count != n_bands:
+    if n_bands is not None and info.count != n_bands:
         raise AetherError(f"raster {path} has {info.count} bands, expected {n_bands} (set data.n_bands if this is intended)")
     if len(dtypes) != 1:
         raise AetherError(f"raster {path} mixes band types {sorted(dtypes)}; expected one type for all bands")

@@ -170,10 +170,13 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         encoder = build_text_encoder(text_backend or ident["backend"], text_model or ident["model"],
                                      ident["dimensions"] if (text_backend or ident["backend"]) == ident["backend"] else None)
     if emb_tif is not None:
-        info = open_raster(emb_tif, embedder.latent_dim)
+        info = open_raster(emb_tif, n_bands=None)
+        if info.count != embedder.latent_dim:
+            raise AetherError(f"AETHER raster {emb_tif} has {info.count} bands but checkpoint {ckpt} has a "
+                              f"{embedder.latent_dim}-dimensional latent space (an AlphaEarth raster? use --ae_tif)")
         _check_aether_raster(emb_tif, ckpt, embedder)
     else:
-        info = open_raster(ae_tif, embedder.n_bands)
+        info = open_raster(ae_tif, n_bands=None)
         embedder.check_raster(info)
     q = torch.from_numpy(embedder.embed_texts(queries, encoder))  # (nq, latent), refuses another encoder
 

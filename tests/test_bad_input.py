@@ -1,13 +1,12 @@
-"""Bad input to train.py: one line 'error: ...' on stderr, exit code 2, no traceback, no checkpoint.
+"""The bad-input matrix: train.py, infer_aether_raster.py and retrieve.py each answer bad input with
+one line 'error: ...' on stderr and exit code 2, no traceback, and leave no output behind.
 
-Every case builds its own tiny inputs (20 x 20 pixels, 20 POIs). A few cases run the
-real `python train.py` in a subprocess (each costs ~5 s of imports); the rest call the
-same entry point in-process through `aether.cli.run`, which is what the script runs.
-All of these errors must be raised before the text model is loaded.
+Every case builds its own tiny inputs (20 x 20 pixels, 20 POIs) and returns the script and its
+arguments. A few cases run the real script in a subprocess (each costs ~5 s of imports); the
+rest call the same entry point in-process through `aether.cli.run`, which is what the script runs.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures import poi_records, unit_field, write_config, write_csv, write_geojson, write_raster
+from fixtures import (poi_records, run_script_in_process, unit_field, write_config, write_csv, write_geojson,
+                      write_raster, write_untrained_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE_PX = 20
@@ -37,14 +37,38 @@ def _geojson(tmp: Path, records: list[dict] | None = None) -> Path:
     return write_geojson(tmp / "pois.geojson", _records() if records is None else records)
 
 
+TRAIN, INFER, RETRIEVE = "train.py", "infer_aether_raster.py", "retrieve.py"
+
+
 def _args(tmp: Path, ae_tif: Path | None = None, poi: Path | None = None, **sections) -> list[str]:
     """Valid inputs unless replaced: `--cfg` for a config naming `ae_tif` and `poi`."""
     ae_tif = _raster(tmp) if ae_tif is None else ae_tif
     poi = _geojson(tmp) if poi is None else poi
-    return ["--cfg", str(write_config(tmp / "config.yaml", ae_tif, poi, **sections))]
+    return [TRAIN, "--cfg", str(write_config(tmp / "config.yaml", ae_tif, poi, **sections))]
 
 
-# ---- one builder per case: tmp folder -> train.py arguments ----------------------------------
+def _infer(tmp: Path, ae_tif: Path | None = None, ckpt: Path | None = None, out: Path | None = None,
+           *extra: str) -> list[str]:
+    """Valid infer_aether_raster.py arguments unless replaced."""
+    ae_tif = _raster(tmp) if ae_tif is None else ae_tif
+    ckpt = write_untrained_checkpoint(tmp / "best.pt") if ckpt is None else ckpt
+    out = tmp / "out.tif" if out is None else out
+    return [INFER, "--ae_tif", str(ae_tif), "--ckpt", str(ckpt), "--out", str(out), *extra]
+
+
+def _retrieve(tmp: Path, *extra: str, emb: Path | None = None, ckpt: Path | None = None,
+              query: list[str] | None = None) -> list[str]:
+    """Valid retrieve.py arguments unless replaced; the AETHER raster is made by the checkpoint."""
+    ckpt = write_untrained_checkpoint(tmp / "best.pt") if ckpt is None else ckpt
+    if emb is None:
+        from aether.inference import embed_raster
+
+        emb = embed_raster(str(_raster(tmp, "ae.tif")), str(ckpt), str(tmp / "aether.tif"), progress=False)
+    query = ["--query", "a cafe"] if query is None else query
+    return [RETRIEVE, "--ckpt", str(ckpt), "--emb", str(emb), *query, "--out", str(tmp / "out"), *extra]
+
+
+# ---- one builder per case: tmp folder -> [script, arguments...] -------------------------------
 
 def missing_raster(tmp):
     return _args(tmp, ae_tif=tmp / "nowhere.tif")
@@ -153,13 +177,13 @@ def run_dir_is_a_file(tmp):
 
 
 def missing_config_file(tmp):
-    return ["--cfg", str(tmp / "nowhere.yaml")]
+    return [TRAIN, "--cfg", str(tmp / "nowhere.yaml")]
 
 
 def config_not_yaml(tmp):
     path = tmp / "config.yaml"
     path.write_text("data: [unclosed\n  poi: {", encoding="utf-8")
-    return ["--cfg", str(path)]
+    return [TRAIN, "--cfg", str(path)]
 
 
 def bad_set_override(tmp):
@@ -176,6 +200,101 @@ def openai_without_key(tmp):
 
 def dimensions_with_sentence_transformers(tmp):
     return _args(tmp, text={"dimensions": 256})
+
+
+# infer_aether_raster.py
+
+def infer_missing_raster(tmp):
+    return _infer(tmp, ae_tif=tmp / "nowhere.tif")
+
+
+def infer_checkpoint_for_other_band_count(tmp):
+    return _infer(tmp, ckpt=write_untrained_checkpoint(tmp / "best.pt", n_bands=32))
+
+
+def infer_truncated_checkpoint(tmp):
+    good = write_untrained_checkpoint(tmp / "good.pt").read_bytes()
+    (tmp / "best.pt").write_bytes(good[: len(good) // 2])
+    (tmp / "good.pt").unlink()
+    return _infer(tmp, ckpt=tmp / "best.pt")
+
+
+def infer_raster_given_as_checkpoint(tmp):
+    return _infer(tmp, ckpt=_raster(tmp, "not_a_checkpoint.pt"))
+
+
+def infer_output_folder_missing(tmp):
+    return _infer(tmp, out=tmp / "no" / "out.tif")
+
+
+def infer_output_is_input(tmp):
+    ae_tif = _raster(tmp)
+    return _infer(tmp, ae_tif=ae_tif, out=ae_tif)
+
+
+def infer_tile_too_small(tmp):
+    return _infer(tmp, None, None, None, "--tile", "8")
+
+
+def infer_resume_without_interrupted_run(tmp):
+    return _infer(tmp, None, None, None, "--resume")
+
+
+def infer_bottom_up_float_raster_without_crs(tmp):
+    return _infer(tmp, ae_tif=_raster(tmp, dtype="float32", crs=None, bottom_up=True))
+
+
+# retrieve.py
+
+def retrieve_raster_from_other_checkpoint(tmp):
+    args = _retrieve(tmp)
+    other = write_untrained_checkpoint(tmp / "other.pt", seed=1)
+    args[args.index("--ckpt") + 1] = str(other)
+    return args
+
+
+def retrieve_other_text_encoder(tmp):
+    return _retrieve(tmp, "--text-model", "all-mpnet-base-v2")
+
+
+def retrieve_empty_query(tmp):
+    return _retrieve(tmp, query=["--query", "   "])
+
+
+def retrieve_query_file_without_queries(tmp):
+    path = tmp / "queries.txt"
+    path.write_text("# nothing here\n\n", encoding="utf-8")
+    return _retrieve(tmp, query=["--queries", str(path)])
+
+
+def retrieve_query_file_not_utf8(tmp):
+    path = tmp / "queries.txt"
+    path.write_bytes("caf\xe9 by the sea\n".encode("latin-1"))
+    return _retrieve(tmp, query=["--queries", str(path)])
+
+
+def retrieve_alphaearth_raster_as_emb(tmp):
+    return _retrieve(tmp, emb=_raster(tmp, "ae64.tif"))
+
+
+def retrieve_checkpoint_with_other_latent_size(tmp):
+    args = _retrieve(tmp)
+    args[args.index("--ckpt") + 1] = str(write_untrained_checkpoint(tmp / "wide.pt", latent_dim=32))
+    return args
+
+
+def retrieve_top_k_zero(tmp):
+    return _retrieve(tmp, "--top-k", "0")
+
+
+def retrieve_negative_nms_radius(tmp):
+    return _retrieve(tmp, "--nms-m", "-5")
+
+
+def retrieve_output_parent_missing(tmp):
+    args = _retrieve(tmp)
+    args[args.index("--out") + 1] = str(tmp / "no" / "out")
+    return args
 
 
 SUBPROCESS, IN_PROCESS = "subprocess", "in-process"
@@ -209,45 +328,60 @@ CASES = [
     (set_unknown_key, "unknown key loss.lamda (did you mean loss.lam?)", IN_PROCESS),
     (openai_without_key, "OPENAI_API_KEY", SUBPROCESS),
     (dimensions_with_sentence_transformers, "config text.dimensions: applies to the openai backend only", IN_PROCESS),
+    (infer_missing_raster, "cannot open raster", IN_PROCESS),
+    (infer_checkpoint_for_other_band_count, "has 64 bands but checkpoint", IN_PROCESS),
+    (infer_truncated_checkpoint, "cannot be read (truncated or not a checkpoint)", SUBPROCESS),
+    (infer_raster_given_as_checkpoint, "cannot be read (truncated or not a checkpoint)", IN_PROCESS),
+    (infer_output_folder_missing, "does not exist", IN_PROCESS),
+    (infer_output_is_input, "is the input raster", IN_PROCESS),
+    (infer_tile_too_small, "tile size must be at least 16 pixels", IN_PROCESS),
+    (infer_resume_without_interrupted_run, "nothing to resume", IN_PROCESS),
+    (infer_bottom_up_float_raster_without_crs, "has no CRS", IN_PROCESS),
+    (retrieve_raster_from_other_checkpoint, "was made with another checkpoint", IN_PROCESS),
+    (retrieve_other_text_encoder, "differs from the checkpoint's", IN_PROCESS),
+    (retrieve_empty_query, "a query is empty", IN_PROCESS),
+    (retrieve_query_file_without_queries, "has no queries", IN_PROCESS),
+    (retrieve_query_file_not_utf8, "is not UTF-8 text", SUBPROCESS),
+    (retrieve_alphaearth_raster_as_emb, "has 64 bands but checkpoint", IN_PROCESS),
+    (retrieve_checkpoint_with_other_latent_size, "has 16 bands but checkpoint", IN_PROCESS),
+    (retrieve_top_k_zero, "top-k must be at least 1", IN_PROCESS),
+    (retrieve_negative_nms_radius, "suppression radius must be 0 or more metres", IN_PROCESS),
+    (retrieve_output_parent_missing, "does not exist", IN_PROCESS),
 ]
 
 
-# ---- running train.py ----------------------------------------------------------------------
+# ---- running the scripts ---------------------------------------------------------------------
 
-def _run_subprocess(args: list[str]) -> tuple[int, str]:
+def _run_subprocess(script: str, args: list[str]) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "train.py", *args, "--no-progress"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, script, *args, "--no-progress"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stderr
 
 
-def _run_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """What `python train.py ARGS` does, without a new interpreter."""
-    from aether.cli import run
-
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["train.py", *args, "--no-progress"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run(script.main)
-    return exit_info.value.code, capsys.readouterr().err
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("build, expected, how", CASES, ids=[c[0].__name__ for c in CASES])
 def test_bad_input_is_one_error_line(build, expected, how, tmp_path, monkeypatch, capsys):
-    args = build(tmp_path)
+    script, *args = build(tmp_path)
+    before = _files(tmp_path)
     if how == SUBPROCESS:
-        code, stderr = _run_subprocess(args)
+        code, stderr = _run_subprocess(script, args)
     else:
-        code, stderr = _run_in_process(args, monkeypatch, capsys)
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        monkeypatch.chdir(ROOT)
+        code, _, stderr = run_script_in_process(script, [*args, "--no-progress"], monkeypatch, capsys)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert code == 2, stderr
     assert "Traceback" not in stderr, stderr
     assert lines and lines[-1].startswith("error: "), stderr
     assert expected in lines[-1], stderr
-    assert not [p for p in tmp_path.rglob("*.pt")], "a checkpoint was written"
+    assert _files(tmp_path) == before, "output was left behind"
+
+
+def test_the_matrix_covers_every_command():
+    scripts = {build.__name__.split("_")[0] for build, _, _ in CASES}
+    assert len(CASES) >= 25 and {"infer", "retrieve"} <= scripts

@@ -18,7 +18,7 @@ from aether.checkpoint import load_checkpoint, model_from_checkpoint
 from aether.inference import embed_raster
 from aether.retrieval import non_max_suppression, retrieve, slug
 from aether.text import SentenceTransformerEncoder
-from fixtures import run_script_in_process, stored_values, unit_field, write_raster, write_untrained_checkpoint
+from fixtures import stored_values, unit_field, write_raster, write_untrained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT_PX, WIDTH_PX, PIXEL_M = 48, 40, 10.0
@@ -138,37 +138,3 @@ def test_from_alphaearth_matches_from_aether_raster(tmp_path, setup):
         assert sa.transform == sb.transform
     np.testing.assert_array_equal(np.isnan(x), np.isnan(y))
     np.testing.assert_allclose(x[~np.isnan(x)], y[~np.isnan(y)], atol=0.02)
-
-
-# ---- refusals ---------------------------------------------------------------------------------
-
-def refusal_cases(setup, tmp_path):
-    ae, ckpt, emb = setup
-    other = write_untrained_checkpoint(tmp_path / "other.pt", seed=1)
-    empty = tmp_path / "empty.txt"
-    empty.write_text("# nothing\n\n")
-    base = ["--ckpt", str(ckpt), "--out", str(tmp_path / "out")]
-    return {
-        "raster from another checkpoint": (["--ckpt", str(other), "--emb", str(emb), "--query", "x",
-                                            "--out", str(tmp_path / "out")], "made with another checkpoint"),
-        "another text encoder": ([*base, "--emb", str(emb), "--query", "x", "--text-model", "all-mpnet-base-v2"],
-                                 "differs from the checkpoint's"),
-        "empty query": ([*base, "--emb", str(emb), "--query", "  "], "a query is empty"),
-        "empty query file": ([*base, "--emb", str(emb), "--queries", str(empty)], "has no queries"),
-        "AlphaEarth raster given as --emb": ([*base, "--emb", str(ae), "--query", "x"], "has 64 bands, expected 16"),
-        "bad top-k": ([*base, "--emb", str(emb), "--query", "x", "--top-k", "0"], "top-k must be at least 1"),
-        "output parent missing": (["--ckpt", str(ckpt), "--emb", str(emb), "--query", "x",
-                                   "--out", str(tmp_path / "no" / "out")], "does not exist"),
-    }
-
-
-@pytest.mark.parametrize("case", ["raster from another checkpoint", "another text encoder", "empty query",
-                                  "empty query file", "AlphaEarth raster given as --emb", "bad top-k",
-                                  "output parent missing"])
-def test_refusals_one_line_exit_2_nothing_written(tmp_path, setup, monkeypatch, capsys, case):
-    args, message = refusal_cases(setup, tmp_path)[case]
-    code, _, err = run_script_in_process("retrieve.py", [*args, "--no-progress"], monkeypatch, capsys)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
-    assert not (tmp_path / "out").exists()
