@@ -403,7 +403,6 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
     """Evaluate `ckpt` on its own held-out POIs; write metrics.json and metrics.md into `out_dir`
     (default: `eval` beside the checkpoint) and return the metrics."""
     from aether.inference import AetherEmbedder
-    from aether.text import EmbeddingCache, encode_texts
     from aether.training import check_writable_dir
 
     started = time.time()
@@ -416,10 +415,10 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
     for key, value in (("ae_tif", ae_tif), ("poi", poi)):
         if value is not None:
             setattr(cfg.data, key, str(Path(value).resolve()))
-        if not Path(getattr(cfg.data, key)).exists():
-            flag = f"--{key}"
-            raise AetherError(f"{key} file {getattr(cfg.data, key)} (from the checkpoint's config) does not exist; "
-                              f"pass {flag} if the data moved")
+        path = getattr(cfg.data, key)
+        if not Path(path).exists():
+            origin = "given" if value is not None else "named by the checkpoint's config; pass --" + key + " if it moved"
+            raise AetherError(f"{key} file {path} does not exist ({origin})")
     layer = read_landuse(landuse, landuse_column) if landuse is not None else None
     info = open_raster(cfg.data.ae_tif, embedder.n_bands)
     embedder.check_raster(info)
@@ -446,49 +445,19 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
     retrieval["chance"] = chance_retrieval(len(val))
 
     categories = _poi_categories(cfg, dataset.pois.ids[val])
-    category_result = None
-    probe_group = None
+    category_result = probe_group = None
     if categories is None:
         notes.append(f"POI file has no {' and '.join(CATEGORY_FIELDS)} columns: no category retrieval or probe.")
     else:
         keys, values = categories
-        pairs_kv = [(k, v) for k, v in zip(keys, values) if k and v]
-        counts: dict[tuple[str, str], int] = {}
-        for kv in pairs_kv:
-            counts[kv] = counts.get(kv, 0) + 1
-        chosen = sorted(kv for kv, c in counts.items() if c >= min_category_pois)
-        if chosen:
-            queries = [render_description(category_template, {"key": k, "value": v}) for k, v in chosen]
-            cache = EmbeddingCache(cfg.text.cache_dir)
-            try:
-                query_emb, _ = encode_texts(encoder, queries, cache, cfg.text.batch_size, progress=False)
-            finally:
-                cache.close()
-            per_category = []
-            for (k, v), query, emb in zip(chosen, queries, query_emb):
-                relevant = (keys == k) & (values == v)
-                ap = {name: average_precision(ae_z[name] @ pair.text(emb[None])[0], relevant)
-                      for name, pair in pairs.items()}
-                ap["chance"] = chance_average_precision(len(val), int(relevant.sum()))
-                per_category.append({"category": f"{k}={v}", "n": int(relevant.sum()), "query": query, "ap": ap})
-            category_result = {"n_categories": len(per_category), "min_pois": min_category_pois,
-                               "template": category_template, "categories": per_category,
-                               "map": {m: float(np.mean([c["ap"][m] for c in per_category])) for m in MODELS}}
-        else:
+        category_result = category_retrieval(keys, values, ae_z, pairs, encoder, cfg, category_template,
+                                             min_category_pois)
+        if category_result is None:
             notes.append(f"no category has {min_category_pois} or more held-out POIs: no category retrieval.")
-
-        group_counts = {g: int(np.sum(keys == g)) for g in set(keys) if g}
-        groups = sorted(g for g, c in group_counts.items() if c >= min_category_pois)
-        if len(groups) >= 2:
-            rows = np.flatnonzero(np.isin(keys, groups))
-            fold_of = spatial_folds(dataset.pois.lon[val][rows], dataset.pois.lat[val][rows], cfg.data.val_block_m,
-                                    folds, PROBE_SEED)
-            if len(np.unique(fold_of)) >= 2:
-                scores = linear_probe({"alphaearth": base[rows], "aether": ae_z["trained"][rows],
-                                       "untrained": ae_z["untrained"][rows]}, keys[rows], fold_of, progress,
-                                      "probe: POI category group")
-                probe_group = {"n": len(rows), "classes": groups, "folds": int(len(np.unique(fold_of))),
-                               "macro_f1": scores}
+        probe_group = _category_group_probe(keys, dataset.pois.lon[val], dataset.pois.lat[val],
+                                            {"alphaearth": base, "aether": ae_z["trained"],
+                                             "untrained": ae_z["untrained"]},
+                                            min_category_pois, cfg.data.val_block_m, folds, progress)
         if probe_group is None:
             notes.append("too few held-out POIs, category groups or spatial blocks for the category-group probe.")
 
@@ -497,27 +466,13 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
 
     probe_landuse = None
     if layer is not None:
-        rows_px, cols_px, labels = landuse_samples(layer, landuse_column, info, LANDUSE_PIXELS_PER_CLASS,
-                                                   LANDUSE_MIN_PIXELS, PROBE_SEED)
-        if len(np.unique(labels)) >= 2:
-            from pyproj import Transformer
-
-            px, py = info.xy(rows_px, cols_px)
-            lon, lat = Transformer.from_crs(info.crs, "EPSG:4326", always_xy=True).transform(px, py)
-            pooled = pool_points(info, px, py, [embedder.base_radius_m])
-            ok = pooled.valid
-            feats = pooled.views[0][ok]
-            fold_of = spatial_folds(np.asarray(lon)[ok], np.asarray(lat)[ok], cfg.data.val_block_m, folds, PROBE_SEED)
-            if len(np.unique(fold_of)) >= 2:
-                scores = linear_probe({"alphaearth": feats, "aether": pairs["trained"].ae(feats),
-                                       "untrained": pairs["untrained"].ae(feats)}, labels[ok], fold_of, progress,
-                                      "probe: land use")
-                probe_landuse = {"n": int(ok.sum()), "classes": sorted(set(labels[ok])),
-                                 "folds": int(len(np.unique(fold_of))), "macro_f1": scores,
-                                 "file": str(Path(landuse).resolve()), "column": landuse_column}
+        probe_landuse = _landuse_probe(layer, landuse_column, info, embedder.base_radius_m, pairs,
+                                       cfg.data.val_block_m, folds, progress)
         if probe_landuse is None:
             notes.append(f"land-use layer {landuse}: fewer than 2 classes with {LANDUSE_MIN_PIXELS} pixels on the "
                          f"raster, or one spatial block: no land-use probe.")
+        else:
+            probe_landuse.update(file=str(Path(landuse).resolve()), column=landuse_column)
 
     notes += _standard_notes(info, probe_landuse is not None)
     metrics = {
@@ -543,6 +498,76 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
     return metrics
 
 
+def category_retrieval(keys: np.ndarray, values: np.ndarray, ae_z: dict[str, np.ndarray],
+                       pairs: dict[str, ProjectorPair], encoder, cfg, template: str, min_pois: int) -> dict | None:
+    """Average precision of each category's template query over all held-out POI locations, per pair
+    and chance; None when no category has `min_pois` held-out POIs."""
+    from aether.text import EmbeddingCache, encode_texts
+
+    counts: dict[tuple[str, str], int] = {}
+    for kv in zip(keys, values):
+        if all(kv):
+            counts[kv] = counts.get(kv, 0) + 1
+    chosen = sorted(kv for kv, c in counts.items() if c >= min_pois)
+    if not chosen:
+        return None
+    queries = [render_description(template, {"key": k, "value": v}) for k, v in chosen]
+    cache = EmbeddingCache(cfg.text.cache_dir)
+    try:
+        query_emb, _ = encode_texts(encoder, queries, cache, cfg.text.batch_size, progress=False)
+    finally:
+        cache.close()
+    n = len(keys)
+    per_category = []
+    for (k, v), query, emb in zip(chosen, queries, query_emb):
+        relevant = (keys == k) & (values == v)
+        ap = {name: average_precision(ae_z[name] @ pair.text(emb[None])[0], relevant) for name, pair in pairs.items()}
+        ap["chance"] = chance_average_precision(n, int(relevant.sum()))
+        per_category.append({"category": f"{k}={v}", "n": int(relevant.sum()), "query": query, "ap": ap})
+    return {"n_categories": len(per_category), "min_pois": min_pois, "template": template,
+            "categories": per_category,
+            "map": {m: float(np.mean([c["ap"][m] for c in per_category])) for m in MODELS}}
+
+
+def _category_group_probe(keys: np.ndarray, lon: np.ndarray, lat: np.ndarray, features: dict[str, np.ndarray],
+                          min_pois: int, block_m: float, folds: int, progress: bool) -> dict | None:
+    """Macro-F1 of predicting the category group (OSM key) of held-out POIs from each feature set."""
+    groups = sorted(g for g in set(keys) if g and int(np.sum(keys == g)) >= min_pois)
+    if len(groups) < 2:
+        return None
+    rows = np.flatnonzero(np.isin(keys, groups))
+    fold_of = spatial_folds(lon[rows], lat[rows], block_m, folds, PROBE_SEED)
+    if len(np.unique(fold_of)) < 2:
+        return None
+    scores = linear_probe({name: x[rows] for name, x in features.items()}, keys[rows], fold_of, progress,
+                          "probe: POI category group")
+    return {"n": len(rows), "classes": groups, "folds": int(len(np.unique(fold_of))), "macro_f1": scores}
+
+
+def _landuse_probe(layer, column: str, info: RasterInfo, base_radius_m: float, pairs: dict[str, ProjectorPair],
+                   block_m: float, folds: int, progress: bool) -> dict | None:
+    """Macro-F1 of predicting land use per pixel from the base-window AlphaEarth mean and its projections."""
+    from pyproj import Transformer
+
+    rows, cols, labels = landuse_samples(layer, column, info, LANDUSE_PIXELS_PER_CLASS, LANDUSE_MIN_PIXELS,
+                                         PROBE_SEED)
+    if len(np.unique(labels)) < 2:
+        return None
+    px, py = info.xy(rows, cols)
+    pooled = pool_points(info, px, py, [base_radius_m])  # the window inference gives each pixel
+    ok = pooled.valid
+    lon, lat = Transformer.from_crs(info.crs, "EPSG:4326", always_xy=True).transform(px[ok], py[ok])
+    fold_of = spatial_folds(np.asarray(lon), np.asarray(lat), block_m, folds, PROBE_SEED)
+    if len(np.unique(fold_of)) < 2 or len(np.unique(labels[ok])) < 2:
+        return None
+    feats = pooled.views[0][ok]
+    scores = linear_probe({"alphaearth": feats, "aether": pairs["trained"].ae(feats),
+                           "untrained": pairs["untrained"].ae(feats)}, labels[ok], fold_of, progress,
+                          "probe: land use")
+    return {"n": int(ok.sum()), "classes": sorted(set(labels[ok])), "folds": int(len(np.unique(fold_of))),
+            "macro_f1": scores}
+
+
 def _standard_notes(info: RasterInfo, landuse_probe: bool) -> list[str]:
     import rasterio
 
@@ -554,9 +579,12 @@ def _standard_notes(info: RasterInfo, landuse_probe: bool) -> list[str]:
         notes.append("The AlphaEarth raster is a STAND-IN computed from OpenStreetMap layers (land use, natural "
                      "cover, buildings, roads, water), not real AlphaEarth: absolute numbers say little about "
                      "real data.")
-        if landuse_probe:
-            notes.append("The land-use probe on the stand-in is flattered: the stand-in was itself computed from OSM "
-                         "land use, so its features encode the labels being predicted.")
+    if landuse_probe:
+        notes.append("Land-use pixels are sampled over the whole raster: the projectors never saw land-use labels, "
+                     "only POI descriptions.")
+    if standin and landuse_probe:
+        notes.append("The land-use probe on the stand-in is flattered: the stand-in was itself computed from OSM "
+                     "land use, so its features encode the labels being predicted.")
     return notes
 
 
