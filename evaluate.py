@@ -27,10 +27,11 @@ def main() -> None:
     parser.add_argument("--poi", default=None, help="POI file, if it moved since training")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args()
-    if args.landuse_column is not None and args.landuse is None:
-        parser.error("--landuse-column needs --landuse")
-
+    from aether.errors import AetherError
     from aether.evaluation import evaluate
+
+    if args.landuse_column is not None and args.landuse is None:
+        raise AetherError("--landuse-column needs --landuse (the land-use polygon file)")
 
     evaluate(args.ckpt, args.out, args.landuse, args.landuse_column or "landuse", args.search_radius_m,
              args.min_category_pois, args.folds, args.category_template, args.ae_tif, args.poi,
