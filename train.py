@@ -1,5 +1,11 @@
-"""Train AETHER: python train.py --cfg config.yaml [--set train.epochs=3 ...]"""
+"""Train AETHER: python train.py --cfg config.yaml [--set train.epochs=3 ...] [--resume RUN_DIR]
+
+SIGINT (Ctrl-C) or SIGTERM stops training after the current step with a resumable last.pt,
+one message saying how to resume, and exit code 130 or 143.
+"""
 import argparse
+import shlex
+import sys
 
 from aether.cli import run
 
@@ -9,6 +15,8 @@ def main() -> None:
     parser.add_argument("--cfg", required=True, help="YAML config file (see README: Config reference)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
+                        help="continue an interrupted run exactly: its run folder (meaning its last.pt) or a checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args()
 
@@ -16,7 +24,8 @@ def main() -> None:
     from aether.training import train
 
     cfg = load_config(args.cfg, args.overrides)
-    train(cfg, progress=not args.no_progress)
+    command = shlex.join(["python", sys.argv[0], "--cfg", args.cfg, *(f"--set={o}" for o in args.overrides)])
+    train(cfg, progress=not args.no_progress, resume=args.resume, command=command)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
-"""Checkpoints: one self-contained file, written atomically, checked when read."""
+"""Checkpoints: one self-contained file, written atomically, checked when read.
+
+Every checkpoint holds what inference needs (weights, config, input facts, text encoder).
+`last.pt` also holds a "resume" entry: optimizer, scheduler, random-number states, the
+position in training and the best score so far, so `train(..., resume=...)` continues exactly.
+"""
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import torch
 
@@ -26,13 +34,15 @@ def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """Save to a temporary file beside `path`, then rename: readers never see half a file."""
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that replaces `path` (via a temporary file beside it and a rename) only when
+    the block ends without an error: readers never see half a file."""
     path = Path(path)
     fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,10 +51,26 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         raise
 
 
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """torch.save through `atomic_write`."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    """Copy `source` to `path` through `atomic_write`."""
+    with atomic_write(path) as f, open(source, "rb") as src:
+        shutil.copyfileobj(src, f)
+
+
 def make_checkpoint(model: AetherModel, cfg: Config, text_identity: dict, text_dim: int,
-                    epoch: int, metrics: dict) -> dict:
-    """Everything inference and retrieval need, with nothing else beside the file."""
-    return {
+                    epoch: int, metrics: dict, resume: dict | None = None) -> dict:
+    """Everything inference and retrieval need, with nothing else beside the file.
+
+    `epoch` is the last finished epoch and `metrics` its record; `resume` (last.pt only) is
+    the training state that `aether.training.train` continues from.
+    """
+    ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -58,6 +84,9 @@ def make_checkpoint(model: AetherModel, cfg: Config, text_identity: dict, text_d
         "epoch": epoch,
         "metrics": metrics,
     }
+    if resume is not None:
+        ckpt["resume"] = resume
+    return ckpt
 
 
 def load_checkpoint(path: str | Path) -> dict:

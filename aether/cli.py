@@ -7,13 +7,29 @@ from typing import Callable
 from aether.errors import AetherError
 
 
+class Interrupted(Exception):
+    """A run that stopped cleanly on a signal after saving its work.
+
+    The message says where the work is and how to continue; the exit code is 128 plus the
+    signal number (130 for SIGINT, 143 for SIGTERM), as shells report a signal.
+    """
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run(main: Callable[[], object]) -> None:
-    """Run `main`; an AetherError becomes 'error: ...' on stderr and exit code 2."""
+    """Run `main`; an AetherError becomes 'error: ...' on stderr and exit code 2, a clean stop
+    on a signal its message and 128 + the signal number."""
     try:
         main()
     except AetherError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

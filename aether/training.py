@@ -1,10 +1,15 @@
-"""Training: AdamW with warmup and a cosine schedule, spatial validation, checkpoints."""
+"""Training: AdamW with warmup and a cosine schedule, spatial validation, checkpoints,
+exact resume, and a clean stop on SIGINT / SIGTERM."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
+import shlex
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aether.checkpoint import atomic_torch_save, make_checkpoint
+from aether.checkpoint import atomic_copy, atomic_torch_save, atomic_write, load_checkpoint, make_checkpoint
+from aether.cli import Interrupted
 from aether.config import Config
 from aether.dataset import PoiDataset, build_dataset, log
 from aether.errors import AetherError
@@ -21,6 +27,17 @@ from aether.metrics import recall_at_k
 from aether.model import AetherModel
 
 KS = (1, 5, 10)
+
+# Config keys that shape the model or the training trajectory: a resumed run must have the same.
+# train.epochs may change (the schedule then follows the new count); file paths may move, the
+# data themselves are compared by fingerprint once read.
+RESUME_MUST_MATCH = (
+    "data.n_bands", "data.base_radius_m", "data.aug_radius_m", "data.val_fraction", "data.val_block_m",
+    "text.backend", "text.model", "text.dimensions",
+    "model.latent_dim", "model.hidden_dim", "model.dropout",
+    "loss.lam", "loss.temperature", "loss.learn_temperature", "loss.min_temperature",
+    "train.batch_size", "train.lr", "train.weight_decay", "train.warmup_epochs", "train.seed",
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,10 +90,162 @@ def evaluate_split(model: AetherModel, loss_fn: AetherLoss, base, aug, text) -> 
     return out
 
 
-def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None) -> Path:
-    """Train on the data `cfg` names; return the path of the best checkpoint."""
+def rng_states() -> dict:
+    """The global random-number states (Python, NumPy, torch CPU and CUDA) as weights-only data."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` returned."""
+    random.setstate(states["python"])
+    saved = states["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+                         "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
+
+
+def data_fingerprint(dataset: PoiDataset) -> dict[str, str]:
+    """SHA-256 digests of what training sees, by part: a resumed run must see the same."""
+    def digest(*parts: bytes) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(part)
+        return h.hexdigest()
+
+    def text(items) -> bytes:
+        return "\0".join(map(str, items)).encode("utf-8", "surrogatepass")
+
+    return {
+        "POI ids": digest(text(dataset.pois.ids)),
+        "descriptions": digest(text(dataset.pois.texts)),
+        "AlphaEarth windows": digest(np.ascontiguousarray(dataset.base).tobytes(),
+                                     np.ascontiguousarray(dataset.aug).tobytes()),
+        "train/validation split": digest(np.ascontiguousarray(dataset.is_val).tobytes()),
+    }
+
+
+def _flatten(config: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def resume_checkpoint(target: str | Path, cfg: Config) -> tuple[Path, dict]:
+    """Find (a run folder means its last.pt), read and check the checkpoint to resume `cfg` from.
+
+    Refuses, before any heavy work, a checkpoint without training state or one whose config
+    differs from `cfg` in a key of RESUME_MUST_MATCH.
+    """
+    path = Path(target)
+    if path.is_dir():
+        path = path / "last.pt"
+        if not path.is_file():
+            raise AetherError(f"cannot resume: folder {target} holds no last.pt (is it a training run folder?)")
+    elif not path.exists():
+        raise AetherError(f"cannot resume: {target} does not exist (give a run folder or its last.pt)")
+    ckpt = load_checkpoint(path)
+    if "resume" not in ckpt:
+        raise AetherError(f"cannot resume from {path}: it holds weights but no training state "
+                          f"(best.pt never does); resume from the run folder or its last.pt")
+    saved, current = _flatten(ckpt["config"]), _flatten(cfg.to_dict())
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != current[key]:
+            raise AetherError(f"cannot resume from {path}: {key} is {current[key]!r} in this config but "
+                              f"{saved.get(key)!r} in the checkpoint; resume with the config (and --set overrides) "
+                              f"the run started with, or start a new run in another train.run_dir")
+    return path, ckpt
+
+
+def check_resume_data(path: Path, ckpt: dict, dataset: PoiDataset, fingerprint: dict[str, str],
+                      text_identity: dict | None) -> None:
+    """Refuse to resume on other data than the checkpoint was trained on."""
+    n_bands, text_dim = dataset.base.shape[1], dataset.text.shape[1]
+    if ckpt["input"]["n_bands"] != n_bands:
+        raise AetherError(f"cannot resume from {path}: it was trained on {ckpt['input']['n_bands']} AlphaEarth bands, "
+                          f"this raster has {n_bands}")
+    saved_text = ckpt["text_encoder"]
+    current_text = {**(text_identity or saved_text), "dim": text_dim}
+    if current_text != saved_text:
+        raise AetherError(f"cannot resume from {path}: it was trained with text encoder {saved_text['model']} "
+                          f"({saved_text['dim']} dimensions), this run uses {current_text['model']} "
+                          f"({text_dim} dimensions)")
+    changed = [part for part, digest in fingerprint.items() if ckpt["resume"]["data"].get(part) != digest]
+    if changed:
+        raise AetherError(f"cannot resume from {path}: the training data changed since it was written "
+                          f"({', '.join(changed)} differ); resume with the same data.ae_tif, data.poi and column "
+                          f"settings, or start a new run in another train.run_dir")
+
+
+def carry_over_run_files(source_dir: Path, run_dir: Path, last_epoch: int) -> None:
+    """Continue metrics.jsonl from the resumed run: keep its lines up to `last_epoch` (later ones
+    were written after the checkpoint) and drop a line cut short by a kill. Resuming into another
+    folder also takes the run's best.pt there, so 'best' keeps its meaning."""
+    kept = []
+    source = source_dir / "metrics.jsonl"
+    if source.is_file():
+        for line in source.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("epoch", math.inf) <= last_epoch:
+                kept.append(line + "\n")
+    with atomic_write(run_dir / "metrics.jsonl") as f:
+        f.write("".join(kept).encode("utf-8"))
+    if source_dir.resolve() != run_dir.resolve() and (source_dir / "best.pt").is_file():
+        atomic_copy(source_dir / "best.pt", run_dir / "best.pt")
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask training to stop at the next step boundary instead
+    of killing it (`signum` records which); a second signal raises KeyboardInterrupt at once.
+    The previous handlers are restored on exit. Outside the main thread it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
+          resume: str | Path | None = None, command: str | None = None) -> Path:
+    """Train on the data `cfg` names; return the path of the best checkpoint.
+
+    `resume` (a run folder, meaning its last.pt, or a checkpoint file) continues that run where
+    it stopped: weights, temperature, optimizer, scheduler, random-number states and position,
+    so on CPU the result is bit for bit that of an uninterrupted run. SIGINT or SIGTERM during
+    training finishes the current step, saves last.pt there and raises `Interrupted`, whose
+    message shows how to resume (`command`, the command line that started the run, plus --resume).
+    """
     run_dir = Path(cfg.train.run_dir)
     check_writable_dir(run_dir, "config train.run_dir")
+    resume_path, resumed = resume_checkpoint(resume, cfg) if resume is not None else (None, None)
     start = time.time()
     seed_everything(cfg.train.seed)
     encoder = None
@@ -84,6 +253,9 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None)
         dataset, _, encoder = build_dataset(cfg, progress=progress)
     identity = encoder.identity if encoder is not None else {"backend": cfg.text.backend, "model": cfg.text.model,
                                                              "dimensions": cfg.text.dimensions}
+    fingerprint = data_fingerprint(dataset)
+    if resumed is not None:
+        check_resume_data(resume_path, resumed, dataset, fingerprint, encoder.identity if encoder else None)
     device = pick_device(cfg.train.device)
     seed_everything(cfg.train.seed)
 
@@ -97,7 +269,8 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None)
     if len(train_rows) < 2:
         raise AetherError(f"only {len(train_rows)} training POIs; contrastive training needs at least 2")
     base, aug, text = tensor(dataset.base), tensor(dataset.aug), tensor(dataset.text)
-    model = AetherModel(dataset.base.shape[1], dataset.text.shape[1], cfg.model.latent_dim, cfg.model.hidden_dim,
+    text_dim = dataset.text.shape[1]
+    model = AetherModel(dataset.base.shape[1], text_dim, cfg.model.latent_dim, cfg.model.hidden_dim,
                         cfg.model.dropout, cfg.loss.temperature, cfg.loss.learn_temperature).to(device)
     loss_fn = AetherLoss(cfg.loss.lam, cfg.loss.min_temperature)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -108,39 +281,80 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None)
         optimizer, cosine_with_warmup(cfg.train.epochs * steps_per_epoch, cfg.train.warmup_epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(cfg.train.seed)
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    best_score, best_path = -math.inf, run_dir / "best.pt"
-    bar = tqdm(range(1, cfg.train.epochs + 1), desc="training", unit="epoch", disable=not progress)
-    for epoch in bar:
-        model.train()
-        order = torch.from_numpy(train_rows)[torch.randperm(len(train_rows), generator=generator)]
-        totals = {"loss": 0.0, "ae_ae": 0.0, "ae_poi": 0.0}
-        for step in range(steps_per_epoch):
-            idx = order[step * batch:(step + 1) * batch].to(device)
-            loss, parts = loss_fn(model.ae(base[idx]), model.ae(aug[idx]), model.text(text[idx]), model.log_logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            for k in totals:
-                totals[k] += parts[k] / steps_per_epoch
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in totals.items()},
-                  "lr": scheduler.get_last_lr()[0],
-                  "temperature": 1.0 / float(loss_fn.logit_scale(model.log_logit_scale.detach()))}
-        if len(val_rows) >= 2:
-            vi = torch.from_numpy(val_rows).to(device)
-            record.update(evaluate_split(model, loss_fn, base[vi], aug[vi], text[vi]))
-        record["elapsed_s"] = round(time.time() - start, 2)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        score = record.get("val_t2ae_r10", -record["train_loss"])
-        ckpt = make_checkpoint(model, cfg, identity, dataset.text.shape[1], epoch, record)
-        atomic_torch_save(ckpt, run_dir / "last.pt")
-        if score > best_score:
-            best_score = score
-            atomic_torch_save(ckpt, best_path)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                        **({"R@10": f"{record['val_t2ae_r10']:.3f}"} if "val_t2ae_r10" in record else {}))
+    best_score, best_path, last_path = -math.inf, run_dir / "best.pt", run_dir / "last.pt"
+    first_epoch, first_step, totals, record = 1, 0, None, {}
+    if resumed is None:
+        metrics_path.write_text("")
+    else:
+        state = resumed["resume"]
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["epoch_generator"])
+        set_rng_states(state["rng"])
+        first_epoch, first_step, totals = state["epoch"], state["step"], state["totals"]
+        best_score, record = state["best_score"], resumed["metrics"]
+        start -= state["elapsed_s"]
+        carry_over_run_files(resume_path.parent, run_dir, first_epoch - 1)
+        saved_epochs = resumed["config"]["train"]["epochs"]
+        log(f"resuming {resume_path} at epoch {first_epoch}, step {first_step} of {steps_per_epoch}"
+            + (f" (train.epochs is {cfg.train.epochs} here, {saved_epochs} in the checkpoint: the learning-rate "
+               f"schedule follows {cfg.train.epochs})" if saved_epochs != cfg.train.epochs else ""))
+        if first_epoch > cfg.train.epochs:
+            log(f"nothing to train: the checkpoint is past train.epochs = {cfg.train.epochs}")
+            return best_path
+
+    def save_last(epoch: int, step: int, epoch_generator: torch.Tensor, totals: dict) -> None:
+        """last.pt with the state to continue at `step` of `epoch` (epoch's shuffle from `epoch_generator`)."""
+        state = {"epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch, "epoch_generator": epoch_generator,
+                 "totals": dict(totals), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "rng": rng_states(), "best_score": best_score, "elapsed_s": time.time() - start,
+                 "data": fingerprint}
+        atomic_torch_save(make_checkpoint(model, cfg, identity, text_dim, epoch - 1, record, resume=state), last_path)
+
+    bar = tqdm(range(first_epoch, cfg.train.epochs + 1), initial=first_epoch - 1, total=cfg.train.epochs,
+               desc="training", unit="epoch", disable=not progress)
+    with StopOnSignal() as stop:
+        for epoch in bar:
+            model.train()
+            if epoch > first_epoch or totals is None:
+                totals = {"loss": 0.0, "ae_ae": 0.0, "ae_poi": 0.0}
+            epoch_generator = generator.get_state()
+            order = torch.from_numpy(train_rows)[torch.randperm(len(train_rows), generator=generator)]
+            for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
+                if stop.signum is not None:
+                    save_last(epoch, step, epoch_generator, totals)
+                    bar.close()
+                    how = (f"{command} --resume {shlex.quote(str(run_dir))}" if command
+                           else f"train(cfg, resume={str(run_dir)!r})")
+                    raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name} at epoch {epoch}, "
+                                      f"step {step} of {steps_per_epoch}; checkpoint saved to {last_path}; "
+                                      f"resume with: {how}", 128 + stop.signum)
+                idx = order[step * batch:(step + 1) * batch].to(device)
+                loss, parts = loss_fn(model.ae(base[idx]), model.ae(aug[idx]), model.text(text[idx]),
+                                      model.log_logit_scale)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                for k in totals:
+                    totals[k] += parts[k] / steps_per_epoch
+            record = {"epoch": epoch, **{f"train_{k}": v for k, v in totals.items()},
+                      "lr": scheduler.get_last_lr()[0],
+                      "temperature": 1.0 / float(loss_fn.logit_scale(model.log_logit_scale.detach()))}
+            if len(val_rows) >= 2:
+                vi = torch.from_numpy(val_rows).to(device)
+                record.update(evaluate_split(model, loss_fn, base[vi], aug[vi], text[vi]))
+            record["elapsed_s"] = round(time.time() - start, 2)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            score = record.get("val_t2ae_r10", -record["train_loss"])
+            if score > best_score:  # best.pt before last.pt: a kill between them replays this epoch
+                best_score = score
+                atomic_torch_save(make_checkpoint(model, cfg, identity, text_dim, epoch, record), best_path)
+            save_last(epoch + 1, 0, generator.get_state(), {k: 0.0 for k in totals})
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                            **({"R@10": f"{record['val_t2ae_r10']:.3f}"} if "val_t2ae_r10" in record else {}))
     bar.close()
     final = record
     if "val_t2ae_r10" in final:
@@ -148,6 +362,6 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None)
         log(f"validation ({len(val_rows)} POIs): text-to-AE R@1/5/10 = {final['val_t2ae_r1']:.3f} / "
             f"{final['val_t2ae_r5']:.3f} / {final['val_t2ae_r10']:.3f} (chance R@10 = {chance:.3f}); "
             f"best R@10 = {best_score:.3f}")
-    log(f"checkpoints: {best_path} (best), {run_dir / 'last.pt'} (last); metrics: {metrics_path}; "
+    log(f"checkpoints: {best_path} (best), {last_path} (last); metrics: {metrics_path}; "
         f"{time.time() - start:.1f} s")
     return best_path
