@@ -180,9 +180,12 @@ def test_killed_or_stopped_runs_resume_to_the_same_weights(setup):
 def train_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """The real train.py run in this process (as test_bad_input does): exit code and stderr."""
     monkeypatch.setattr(sys, "argv", args[1:])
-    with pytest.raises(SystemExit) as stop:
+    try:
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    return stop.value.code, capsys.readouterr().err
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
 
 
 def test_bad_resume_targets_exit_2_with_one_line(setup, monkeypatch, capsys):
@@ -215,3 +218,24 @@ def test_bad_resume_targets_exit_2_with_one_line(setup, monkeypatch, capsys):
         assert expected in lines[0], stderr
     assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
     assert not (tmp / "new").exists()
+
+
+def test_resume_into_another_folder_for_more_epochs_then_nothing_to_do(setup, monkeypatch, capsys):
+    """A finished run continued elsewhere with more epochs keeps its metrics and best.pt; a
+    second resume finds nothing to train. The reference folder is left as it was."""
+    tmp, cfg, _ = setup
+    reference, longer = tmp / "reference", tmp / "longer"
+    before = {p.name: p.read_bytes() for p in reference.iterdir()}
+    args = command(cfg, longer, "--set", f"train.epochs={EPOCHS + 1}", "--resume", str(reference))
+    code, stderr = train_in_process(args, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert epochs_in(longer) == list(range(1, EPOCHS + 2))
+    assert metrics_without_time(longer)[:EPOCHS] == metrics_without_time(reference)
+    assert (longer / "best.pt").is_file() and load_checkpoint(longer / "last.pt")["epoch"] == EPOCHS + 1
+    assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
+
+    args = command(cfg, longer, "--set", f"train.epochs={EPOCHS + 1}", "--resume", str(longer))
+    monkeypatch.setattr(sys, "argv", args[1:])
+    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    assert "nothing to train" in capsys.readouterr().out
+    assert epochs_in(longer) == list(range(1, EPOCHS + 2))
