@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -211,7 +212,7 @@ def _validate(cfg: Config) -> None:
     _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
     _check(d.val_block_m > 0, "data.val_block_m", f"must be > 0 metres, got {d.val_block_m}")
     try:
-        template_fields(d.template)
+        list(string.Formatter().parse(d.template))  # malformed braces raise ValueError here
         d.template.format(**{k: "x" for k in template_fields(d.template)})
     except (ValueError, KeyError, IndexError) as exc:
         raise AetherError(f"config data.template: not a valid template ({exc})") from None
