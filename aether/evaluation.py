@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import rasterio
 import torch
+from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.checkpoint import file_sha256, model_from_checkpoint, temp_file_beside
@@ -40,6 +42,8 @@ CATEGORY_FIELDS = ("key", "value")  # POI columns a category is made of, as the 
 KS = (1, 5, 10)
 DISTANCES_M = (50, 100, 250)
 SEARCH_RADIUS_M = 500.0
+MAX_SEARCH_RADIUS_M = 50_000.0
+LANDUSE_WINDOW_ROWS = 512  # rows of the land-use grid rasterized at a time
 MIN_CATEGORY_POIS = 5
 FOLDS = 5
 LANDUSE_PIXELS_PER_CLASS = 500
@@ -338,17 +342,33 @@ def landuse_samples(layer, column: str, info: RasterInfo, per_class: int, min_pi
         from affine import Affine
 
         transform = transform @ Affine.translation(0, info.height) @ Affine.scale(1, -1)
-    grid = rasterize(list(zip(layer.geometry, codes.tolist())), out_shape=(info.height, info.width),
-                     transform=transform, fill=0, dtype="uint16")
-    if flip:
-        grid = grid[::-1]
+    shapes = list(zip(layer.geometry, codes.tolist()))
     rng = np.random.default_rng(seed)
+    # a uniform sample without replacement, in windows of rows so memory stays bounded: every
+    # pixel draws a random key and each class keeps its `per_class` smallest keys
+    keys = [np.zeros(0)] * (len(classes) + 1)
+    picks = [np.zeros(0, np.int64)] * (len(classes) + 1)
+    counts = np.zeros(len(classes) + 1, dtype=np.int64)
+    for r0 in range(0, info.height, LANDUSE_WINDOW_ROWS):
+        h = min(LANDUSE_WINDOW_ROWS, info.height - r0)
+        window = rasterize(shapes, out_shape=(h, info.width), fill=0, dtype="uint16",
+                           transform=rasterio.windows.transform(Window(0, r0, info.width, h), transform))
+        flat = window.reshape(-1)
+        r = rng.random(flat.size)
+        counts += np.bincount(flat, minlength=len(classes) + 1)
+        for code in np.unique(flat[flat > 0]):
+            at = np.flatnonzero(flat == code)
+            north_up_rows = r0 + at // info.width
+            file_rows = info.height - 1 - north_up_rows if flip else north_up_rows
+            k = np.concatenate([keys[code], r[at]])
+            i = np.concatenate([picks[code], file_rows * info.width + at % info.width])
+            keep = np.argsort(k, kind="stable")[:per_class]
+            keys[code], picks[code] = k[keep], i[keep]
     rows, cols, labels = [], [], []
     for code, name in enumerate(classes, start=1):
-        flat = np.flatnonzero(grid == code)
-        if len(flat) < min_pixels:
+        if counts[code] < min_pixels:
             continue
-        pick = np.sort(rng.choice(flat, size=min(per_class, len(flat)), replace=False))
+        pick = np.sort(picks[code])
         rows.append(pick // info.width)
         cols.append(pick % info.width)
         labels += [name] * len(pick)
@@ -379,8 +399,9 @@ def _poi_categories(cfg, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
 
 
 def _check_options(search_radius_m: float, min_category_pois: int, folds: int, category_template: str) -> None:
-    if not search_radius_m > 0:
-        raise AetherError(f"--search-radius-m must be > 0 metres, got {search_radius_m}")
+    if not 0 < search_radius_m <= MAX_SEARCH_RADIUS_M:
+        raise AetherError(f"--search-radius-m must be > 0 and at most {MAX_SEARCH_RADIUS_M:g} metres, "
+                          f"got {search_radius_m}")
     if min_category_pois < 1:
         raise AetherError(f"--min-category-pois must be at least 1, got {min_category_pois}")
     if folds < 2:
@@ -569,8 +590,6 @@ def _landuse_probe(layer, column: str, info: RasterInfo, base_radius_m: float, p
 
 
 def _standard_notes(info: RasterInfo, landuse_probe: bool) -> list[str]:
-    import rasterio
-
     with rasterio.open(info.path) as src:
         standin = src.tags().get("AETHER_STANDIN") == "true"
     notes = ["The category-group probe uses held-out POIs only: the AETHER projector was trained on the "

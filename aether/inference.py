@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize_torch
 from aether.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, temp_file_beside
-from aether.errors import AetherError
+from aether.errors import AetherError, first_line
 from aether.pooling import pool_points, window_means
 from aether.dataset import log
 from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
@@ -276,7 +275,10 @@ class _Journal:
         fd, tmp = temp_file_beside(self.path)
         with os.fdopen(fd, "w") as f:
             json.dump({"fingerprint": self.fingerprint, "done": sorted(done)}, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        _fsync(self.path.parent)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -291,7 +293,11 @@ class _TileWriter:
         self.path, self.info, self.bottom_up = path, info, bottom_up
         self.journal, self.done, self.pending = journal, done, set()
         self.bar, self.checkpoint_s = bar, checkpoint_s
-        self.dst = rasterio.open(path, "r+", NUM_THREADS="ALL_CPUS")
+        try:
+            self.dst = rasterio.open(path, "r+", NUM_THREADS="ALL_CPUS")
+        except rasterio.errors.RasterioIOError as exc:
+            raise AetherError(f"the partial output {path} is damaged ({first_line(exc)}); "
+                              f"run without --resume to start over") from None
         self.last = time.monotonic()
 
     def __call__(self, tile: Tile, block: np.ndarray) -> None:
@@ -306,6 +312,7 @@ class _TileWriter:
 
     def checkpoint(self, reopen: bool = True) -> None:
         self.dst.close()
+        _fsync(self.path)  # the tiles are on disk before the journal says so
         self.done |= self.pending
         self.pending = set()
         self.journal.save(self.done)
@@ -316,6 +323,15 @@ class _TileWriter:
     def close(self) -> None:
         if not self.dst.closed:
             self.dst.close()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) contents to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def partial_paths(out: Path) -> tuple[Path, Path]:
@@ -341,8 +357,8 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     if dtype == "float16" and not rasterio.dtypes.check_dtype("float16"):
         raise AetherError(f"--dtype float16 needs GDAL 3.11 or newer (this rasterio has GDAL "
                           f"{rasterio.__gdal_version__}); use int8 or float32")
-    if tile_px < 16:
-        raise AetherError(f"tile size must be at least 16 pixels, got {tile_px}")
+    if tile_px < 16 or tile_px % 16:
+        raise AetherError(f"tile size must be a multiple of 16 pixels (GeoTIFF blocks), got {tile_px}")
     if not checkpoint_s >= 0:
         raise AetherError(f"checkpoint interval must be 0 or more seconds, got {checkpoint_s}")
     out = Path(out)
@@ -358,8 +374,8 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
 
         out_transform = info.transform @ Affine.translation(0, info.height) @ Affine.scale(1, -1)
     nodata = NODATA_INT8 if dtype == "int8" else float("nan")
-    # output blocks never straddle tiles, so a block is written once, whole (and --resume never rewrites one)
-    block_px = math.gcd(tile_px, OUTPUT_BLOCK_PX) if math.gcd(tile_px, OUTPUT_BLOCK_PX) >= 16 else OUTPUT_BLOCK_PX
+    # output blocks tile the tiles (of a north-up input), so each block is written once, whole
+    block_px = output_block_px(tile_px)
     profile = dict(driver="GTiff", width=info.width, height=info.height, count=embedder.latent_dim, dtype=dtype,
                    crs=info.crs, transform=out_transform, nodata=nodata, tiled=True, blockxsize=block_px,
                    blockysize=block_px, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer",
@@ -432,6 +448,13 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     finally:
         bar.close()
     return out
+
+
+def output_block_px(tile_px: int) -> int:
+    """The largest GeoTIFF block side (a multiple of 16, at most 512) that divides the tile side."""
+    if tile_px % OUTPUT_BLOCK_PX == 0:
+        return OUTPUT_BLOCK_PX
+    return next(b for b in range(min(tile_px, 512), 15, -16) if tile_px % b == 0)
 
 
 def check_output_file(out: Path, source: str | None = None) -> None:

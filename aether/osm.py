@@ -12,7 +12,7 @@ from pathlib import Path
 import geopandas as gpd
 import pandas as pd
 
-from aether.errors import AetherError
+from aether.errors import AetherError, first_line
 from aether.poi import DEFAULT_TEMPLATE, OSM_ATTRIBUTION, render_description, template_fields
 
 POI_KEYS = ("amenity", "shop", "tourism", "leisure", "office", "craft", "historic")
@@ -29,6 +29,16 @@ def _text(v) -> str | None:
     return s or None
 
 
+def check_osm_template(template: str) -> None:
+    """Refuse a description template that OSM POIs cannot fill."""
+    unknown = sorted(set(template_fields(template)) - {"name", "key", "value"})
+    if unknown:
+        raise AetherError(
+            f"description template {template!r} uses {unknown}; OSM POIs only have "
+            "{name}, {key} and {value}"
+        )
+
+
 def pois_from_frame(frame: pd.DataFrame, template: str = DEFAULT_TEMPLATE) -> gpd.GeoDataFrame:
     """Turn OSM elements (pyrosm's layout) into the POI table, sorted by osm_id.
 
@@ -37,12 +47,7 @@ def pois_from_frame(frame: pd.DataFrame, template: str = DEFAULT_TEMPLATE) -> gp
     without any of the keys are dropped; lines and polygons become their
     representative point.
     """
-    unknown = sorted(set(template_fields(template)) - {"name", "key", "value"})
-    if unknown:
-        raise AetherError(
-            f"description template {template!r} uses {unknown}; OSM POIs only have "
-            "{name}, {key} and {value}"
-        )
+    check_osm_template(template)
     keys = [k for k in POI_KEYS if k in frame.columns]
     rows, points = [], []
     for rec, geom in zip(frame.to_dict("records"), frame.geometry):
@@ -72,7 +77,11 @@ def extract_pois(pbf_path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) 
         import pyrosm
     except ImportError as e:
         raise AetherError("reading .osm.pbf extracts needs pyrosm: pip install pyrosm") from e
-    elements = pyrosm.OSM(str(pbf_path)).get_pois(custom_filter={k: True for k in POI_KEYS})
+    check_osm_template(template)  # before the (slow) parse
+    try:
+        elements = pyrosm.OSM(str(pbf_path)).get_pois(custom_filter={k: True for k in POI_KEYS})
+    except Exception as exc:  # pyrosm raises several types for a damaged or foreign file
+        raise AetherError(f"cannot read OSM extract {pbf_path}: {first_line(exc) or type(exc).__name__}") from None
     if elements is None or len(elements) == 0:
         return pois_from_frame(pd.DataFrame(columns=["id", "osm_type", "name", "geometry"]), template)
     return pois_from_frame(elements, template)

@@ -80,19 +80,21 @@ def nms_radius_px(info: RasterInfo, radius_m: float) -> int:
     return int(math.ceil(radius_m / max(min(float(np.min(sx)), float(np.min(sy))), 1e-9)))
 
 
-def distances_m(x0: float, y0: float, x: np.ndarray, y: np.ndarray, geographic: bool) -> np.ndarray:
-    """Ground distances from one point to many, in metres (map units of a projected CRS are metres)."""
+def distances_m(x0: float, y0: float, x: np.ndarray, y: np.ndarray, geographic: bool,
+                unit_m: float = 1.0) -> np.ndarray:
+    """Ground distances from one point to many, in metres; `unit_m` is a projected CRS's unit in metres."""
     if not geographic:
-        return np.hypot(x - x0, y - y0)
+        return np.hypot(x - x0, y - y0) * unit_m
     m_lat, m_lon = metres_per_degree(np.asarray((y + y0) / 2.0))
     return np.hypot((x - x0) * m_lon, (y - y0) * m_lat)
 
 
 def non_max_suppression(scores: np.ndarray, x: np.ndarray, y: np.ndarray, k: int, radius_m: float,
-                        geographic: bool = False) -> np.ndarray:
+                        geographic: bool = False, unit_m: float = 1.0, tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Indices of up to k points chosen greedily by falling score, none within `radius_m` of a
-    better chosen point (a point exactly at the radius is kept; ties broken by index)."""
-    order = np.lexsort((np.arange(len(scores)), -scores))
+    better chosen point (a point exactly at the radius is kept). Equal scores go to the smaller
+    `tiebreak` (default: the index), so the answer does not depend on the order of the input."""
+    order = np.lexsort((np.arange(len(scores)) if tiebreak is None else tiebreak, -scores))
     alive = np.ones(len(scores), dtype=bool)
     chosen: list[int] = []
     for i in order:
@@ -102,7 +104,7 @@ def non_max_suppression(scores: np.ndarray, x: np.ndarray, y: np.ndarray, k: int
             continue
         chosen.append(int(i))
         if radius_m > 0:
-            alive &= distances_m(x[i], y[i], x, y, geographic) >= radius_m
+            alive &= distances_m(x[i], y[i], x, y, geographic, unit_m) >= radius_m
         alive[i] = False
     return np.asarray(chosen, dtype=np.int64)
 
@@ -183,7 +185,11 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
     created = not out.exists()
     out.mkdir(exist_ok=True)
     names = _unique_names(queries)
-    keep = min(MAX_CANDIDATES, top_k * ((2 * nms_radius_px(info, nms_m) + 1) ** 2 + 1))
+    keep = top_k * ((2 * nms_radius_px(info, nms_m) + 1) ** 2 + 1)
+    if keep > MAX_CANDIDATES:
+        log(f"note: top-{top_k} with {nms_m:g} m suppression would need {keep:,} candidates per query; keeping "
+            f"{MAX_CANDIDATES:,}, so fewer than {top_k} places may be returned")
+        keep = MAX_CANDIDATES
     candidates = [_TopCandidates(keep) for _ in queries]
     temps: list[Path] = []
     bottom_up = info.transform.e > 0
@@ -287,7 +293,9 @@ def _unique_names(queries: list[str]) -> list[str]:
 def _hits(info: RasterInfo, cands: _TopCandidates, top_k: int, nms_m: float, bottom_up: bool) -> list[dict]:
     scores, rows, cols = cands.final()
     x, y = info.xy(rows, cols)
-    chosen = non_max_suppression(scores, x, y, top_k, nms_m, info.is_geographic)
+    unit_m = 1.0 if info.is_geographic else float(info.crs.linear_units_factor[1])
+    chosen = non_max_suppression(scores, x, y, top_k, nms_m, info.is_geographic, unit_m,
+                                 tiebreak=rows * info.width + cols)  # ties: first in raster order
     if len(chosen) == 0:
         return []
     lon, lat = warp_transform(info.crs, "EPSG:4326", x[chosen].tolist(), y[chosen].tolist())

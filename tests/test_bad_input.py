@@ -334,7 +334,7 @@ CASES = [
     (infer_raster_given_as_checkpoint, "cannot be read (truncated or not a checkpoint)", IN_PROCESS),
     (infer_output_folder_missing, "does not exist", IN_PROCESS),
     (infer_output_is_input, "is the input raster", IN_PROCESS),
-    (infer_tile_too_small, "tile size must be at least 16 pixels", IN_PROCESS),
+    (infer_tile_too_small, "tile size must be a multiple of 16 pixels", IN_PROCESS),
     (infer_resume_without_interrupted_run, "nothing to resume", IN_PROCESS),
     (infer_bottom_up_float_raster_without_crs, "has no CRS", IN_PROCESS),
     (retrieve_raster_from_other_checkpoint, "was made with another checkpoint", IN_PROCESS),

@@ -226,3 +226,35 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(trained, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: land-use file") and "'landuse'" in lines[0]
     assert "class" in lines[0]  # names the columns it has
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bottom_up", [False, True])
+def test_landuse_samples_windowed_match_pixel_centres(tmp_path, monkeypatch, bottom_up):
+    """Land-use pixels are burnt window by window; every pixel whose centre lies in a polygon is found
+    with its class (checked point by point with shapely), and a small quota is a subset of them."""
+    import geopandas as gpd
+    from shapely.geometry import Point, box
+
+    import aether.evaluation as evaluation
+    from aether.raster import open_raster
+    from fixtures import ORIGIN, unit_field, write_raster
+
+    monkeypatch.setattr(evaluation, "LANDUSE_WINDOW_ROWS", 7)
+    height, width = 30, 40
+    info = open_raster(str(write_raster(tmp_path / "ae.tif", unit_field(height, width), bottom_up=bottom_up)))
+    x0, y0 = ORIGIN
+    polys = [box(x0 + 12, y0 - 183, x0 + 157, y0 - 21), box(x0 + 201, y0 - 297, x0 + 388, y0 - 144)]  # no edge on a centre
+    layer = gpd.GeoDataFrame({"landuse": ["park", "retail"]}, geometry=polys, crs=info.crs)
+    rows, cols, labels = evaluation.landuse_samples(layer, "landuse", info, per_class=10_000, min_pixels=1, seed=0)
+    xs, ys = info.xy(rows, cols)
+    expected = {}
+    for r in range(height):
+        for c in range(width):
+            x, y = info.xy(np.array([r]), np.array([c]))
+            for name, poly in zip(["park", "retail"], polys):
+                if poly.contains(Point(float(x[0]), float(y[0]))):
+                    expected[(r, c)] = name
+    assert dict(zip(zip(rows.tolist(), cols.tolist()), labels.tolist())) == expected
+    r5, c5, l5 = evaluation.landuse_samples(layer, "landuse", info, per_class=5, min_pixels=1, seed=0)
+    assert sorted(l5.tolist()) == ["park"] * 5 + ["retail"] * 5
+    assert all(expected[(r, c)] == lab for r, c, lab in zip(r5.tolist(), c5.tolist(), l5.tolist()))

