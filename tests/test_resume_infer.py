@@ -39,7 +39,9 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def start_and_interrupt(cmd: list[str], journal: Path, sig: int, min_done: int = 4) -> subprocess.Popen:
     """Start `cmd`, wait until its journal records `min_done` tiles, then send `sig`."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: restore it
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
