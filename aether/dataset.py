@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from aether.config import Config
+from aether.console import log
 from aether.errors import AetherError
 from aether.poi import PoiTable, prepare_pois, read_poi_frame
 from aether.pooling import pool_points
@@ -55,10 +55,6 @@ def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction
         chosen.append(b)
         total += sizes[b]
     return np.isin(block_of, chosen)
-
-
-def log(message: str) -> None:
-    tqdm.write(message)
 
 
 def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True) -> tuple[PoiDataset, RasterInfo, TextEncoder]:

@@ -29,7 +29,8 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.checkpoint import file_sha256, model_from_checkpoint, temp_file_beside
-from aether.dataset import build_dataset, log
+from aether.console import log
+from aether.dataset import build_dataset
 from aether.errors import AetherError, first_line
 from aether.metrics import mean_reciprocal_rank, recall_at_k
 from aether.model import AetherModel

@@ -23,7 +23,7 @@ from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize_torc
 from aether.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, temp_file_beside
 from aether.errors import AetherError, first_line
 from aether.pooling import pool_points, window_means
-from aether.dataset import log
+from aether.console import log
 from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
 from aether.streaming import run_pipeline
 from aether.text import TextEncoder, build_text_encoder
@@ -33,7 +33,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 POOLINGS = ("window", "pixel")
 TILE_PX = 512
 OUTPUT_BLOCK_PX = 256
-GDAL_CACHE_MB = 128
+GDAL_CACHE_MB = 64
 CHECKPOINT_S = 5.0  # how often finished tiles are made durable for --resume
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,25 +67,27 @@ class AetherEmbedder:
         """(N, bands) unit vectors -> (N, latent) unit vectors, float32."""
         return self._project(vectors, band_major=False).numpy()
 
-    def project_bands(self, vectors: np.ndarray) -> torch.Tensor:
-        """(N, bands) unit vectors -> (latent, N) unit vectors on the CPU, float32: the layout a
-        GeoTIFF band write wants, transposed batch by batch while each batch is in cache."""
-        return self._project(vectors, band_major=True)
+    def project_bands(self, vectors: np.ndarray, dtype: str = "float32") -> torch.Tensor:
+        """(N, bands) unit vectors -> (latent, N) unit vectors on the CPU: the layout a GeoTIFF band
+        write wants, transposed (and for dtype int8, quantized) batch by batch while each batch is
+        in cache, so no float32 copy of the whole output is ever held."""
+        return self._project(vectors, band_major=True, dtype=dtype)
 
     @torch.no_grad()
-    def _project(self, vectors: np.ndarray, band_major: bool) -> torch.Tensor:
+    def _project(self, vectors: np.ndarray, band_major: bool, dtype: str = "float32") -> torch.Tensor:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.n_bands:
             raise AetherError(f"expected vectors of shape (N, {self.n_bands}), got {vectors.shape}")
         n = len(vectors)
-        out = torch.empty((self.latent_dim, n) if band_major else (n, self.latent_dim), dtype=torch.float32)
-        dtype = _AUTOCAST.get(self.precision)
+        out = torch.empty((self.latent_dim, n) if band_major else (n, self.latent_dim), dtype=getattr(torch, dtype))
+        autocast = _AUTOCAST.get(self.precision)
         for start in range(0, n, self.batch_px):
             x = torch.from_numpy(vectors[start:start + self.batch_px]).to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            with torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None):
                 z = self.projector.net(x)
             z = z.float()
             z /= z.norm(dim=1, keepdim=True).clamp_min_(1e-12)
+            z = quantize_torch(z) if dtype == "int8" else z.to(out.dtype)
             z = z.cpu()
             if band_major:
                 out[:, start:start + len(z)] = z.T
@@ -275,10 +277,7 @@ class _Journal:
         fd, tmp = temp_file_beside(self.path)
         with os.fdopen(fd, "w") as f:
             json.dump({"fingerprint": self.fingerprint, "done": sorted(done)}, f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync(self.path.parent)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -311,8 +310,7 @@ class _TileWriter:
             self.checkpoint()
 
     def checkpoint(self, reopen: bool = True) -> None:
-        self.dst.close()
-        _fsync(self.path)  # the tiles are on disk before the journal says so
+        self.dst.close()  # GDAL writes the blocks and the directory: the tiles are in the file
         self.done |= self.pending
         self.pending = set()
         self.journal.save(self.done)
@@ -323,15 +321,6 @@ class _TileWriter:
     def close(self) -> None:
         if not self.dst.closed:
             self.dst.close()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's) contents to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def partial_paths(out: Path) -> tuple[Path, Path]:
@@ -346,7 +335,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     """Write the AETHER raster of `ae_tif` to `out` (GeoTIFF), atomically.
 
     Until the run ends, the output grows in a partial file beside `out`, with a journal of
-    finished tiles. An interrupted run (Ctrl-C, SIGTERM, SIGKILL, power loss) leaves `out`
+    finished tiles. An interrupted run (Ctrl-C, SIGTERM, SIGKILL, a crash) leaves `out`
     untouched; `resume=True` continues from the journal and gives the same output as an
     uninterrupted run. A run without `resume` discards any earlier partial output.
     """
@@ -483,29 +472,27 @@ def _read_with_halo(src, info: RasterInfo, tile: Tile, hx: int, hy: int) -> np.n
     return pixels
 
 
-def _latent_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray) -> torch.Tensor:
-    """(h, w, bands) pooled vectors -> (latent, h * w) float32 AETHER vectors, zeros where not valid."""
+def _latent_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray,
+                 dtype: str = "float32") -> torch.Tensor:
+    """(h, w, bands) pooled vectors -> (latent, h * w) AETHER vectors in `dtype` (int8: quantized),
+    zeros where not valid."""
     h, w, bands = means.shape
     flat_valid = valid.reshape(-1)
     if flat_valid.all():
-        return embedder.project_bands(means.reshape(-1, bands))
-    z = torch.zeros((embedder.latent_dim, h * w), dtype=torch.float32)
+        return embedder.project_bands(means.reshape(-1, bands), dtype)
+    z = torch.zeros((embedder.latent_dim, h * w), dtype=getattr(torch, dtype))
     if flat_valid.any():
-        z[:, torch.from_numpy(flat_valid)] = embedder.project_bands(means.reshape(-1, bands)[flat_valid])
+        z[:, torch.from_numpy(flat_valid)] = embedder.project_bands(means.reshape(-1, bands)[flat_valid], dtype)
     return z
 
 
 def _embed_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray, dtype: str) -> np.ndarray:
     """(h, w, bands) pooled vectors -> (latent, h, w) output block, nodata where not valid."""
     h, w, _ = means.shape
-    z = _latent_tile(embedder, means, valid)
+    block = _latent_tile(embedder, means, valid, dtype)
     invalid = torch.from_numpy(~valid.reshape(-1))
-    if dtype == "int8":
-        block = quantize_torch(z)
-        block[:, invalid] = NODATA_INT8
-    else:
-        block = z.to(getattr(torch, dtype))
-        block[:, invalid] = float("nan")
+    if invalid.any():
+        block[:, invalid] = NODATA_INT8 if dtype == "int8" else float("nan")
     return block.numpy().reshape(-1, h, w)
 
 

@@ -28,7 +28,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.checkpoint import file_sha256, temp_file_beside
-from aether.dataset import log
+from aether.console import log
 from aether.errors import AetherError
 from aether.inference import TILE_PX, AetherEmbedder, PooledTileReader, Tile, tile_grid
 from aether.raster import RasterInfo, metres_per_degree, open_raster, read_vectors

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from aether.checkpoint import atomic_copy, atomic_torch_save, atomic_write, load_checkpoint, make_checkpoint
 from aether.cli import Interrupted
 from aether.config import Config
-from aether.dataset import PoiDataset, build_dataset, log
+from aether.console import log
+from aether.dataset import PoiDataset, build_dataset
 from aether.errors import AetherError
 from aether.loss import AetherLoss
 from aether.metrics import recall_at_k

@@ -429,11 +429,11 @@ def _fail_on_projection(nth: int):
         original = AetherEmbedder.project_bands
         calls = []
 
-        def project(self, vectors):
+        def project(self, vectors, *args):
             calls.append(len(vectors))
             if len(calls) >= nth:
                 raise RuntimeError("injected failure")
-            return original(self, vectors)
+            return original(self, vectors, *args)
 
         monkeypatch.setattr("aether.inference.AetherEmbedder.project_bands", project)
 
