@@ -634,7 +634,8 @@ def metrics_markdown(m: dict) -> str:
     loc = m["localisation"]
     r = loc["search_radius_m"]
     for t in DISTANCES_M:
-        row(f"localisation: best pixel within {t} m (search radius {r:g} m)", loc, f"acc_{t}m")
+        if t < r:  # at or beyond the search radius every model scores 1: nothing to show
+            row(f"localisation: best pixel within {t} m (search radius {r:g} m)", loc, f"acc_{t}m")
     row("localisation: median error (m)", loc, "median_m", lambda v: f"{v:.0f}")
     row("localisation: mean error (m)", loc, "mean_m", lambda v: f"{v:.0f}")
     lines += ["", "| linear probe (macro-F1, spatially blocked folds) | AlphaEarth | AETHER | untrained AETHER |",

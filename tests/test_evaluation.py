@@ -180,6 +180,7 @@ def test_evaluate_end_to_end(trained):
     table = (out / "metrics.md").read_text()
     assert "| metric | trained | untrained | chance |" in table
     assert "| text-to-AE Recall@10 |" in table and "land use per pixel" in table
+    assert "within 50 m (search radius 100 m)" in table and "within 250 m" not in table  # 1.0 for all: left out
     assert "| text-to-AE Recall@10 |" in result.stdout  # the table is printed too
 
 
