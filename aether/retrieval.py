@@ -37,6 +37,8 @@ from aether.text import build_text_encoder
 
 MAX_CANDIDATES = 5_000_000  # per query; a cap on k * (D + 1) for huge radii
 HEATMAP_MAX_PX = 1024  # longer side of the PNG heatmap's image
+SCORES_BUDGET_MB = 64  # one tile's similarity scores, all queries together
+GDAL_CACHE_MB = 64
 
 
 @dataclass
@@ -63,6 +65,13 @@ def read_queries(path: str | Path) -> list[str]:
     if not queries:
         raise AetherError(f"query file {path} has no queries (one per line)")
     return queries
+
+
+def query_tile_px(tile_px: int, n_queries: int) -> int:
+    """The tile side, shrunk (to a multiple of 16) so one tile's scores for all queries stay within
+    SCORES_BUDGET_MB: memory is bounded by the work window however many queries there are."""
+    fit = int(math.sqrt(SCORES_BUDGET_MB * 2**20 / (4 * n_queries)))
+    return max(16, min(tile_px, fit // 16 * 16))
 
 
 def slug(text: str, max_len: int = 40) -> str:
@@ -201,6 +210,7 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
     profile = dict(driver="GTiff", width=info.width, height=info.height, count=1, dtype="float32", crs=info.crs,
                    transform=out_transform, nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256,
                    compress="zstd", zstd_level=1, predictor=3, bigtiff="if_safer")
+    tile_px = query_tile_px(tile_px, len(queries))
     tiles = tile_grid(info, tile_px)
     bar = tqdm(total=info.width * info.height, desc="scoring", unit="px", unit_scale=True, disable=not progress)
     dsts = []
@@ -244,7 +254,8 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
                 candidates[i].add(sims[i], rows, cols)
             bar.update(tile.width * tile.height)
 
-        run_pipeline(produce, compute, consume)
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):  # written blocks are flushed, not hoarded
+            run_pipeline(produce, compute, consume)
         for dst in dsts:
             dst.close()
         bar.close()

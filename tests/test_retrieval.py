@@ -16,7 +16,7 @@ from rasterio.warp import transform as warp_transform
 
 from aether.checkpoint import load_checkpoint, model_from_checkpoint
 from aether.inference import embed_raster
-from aether.retrieval import non_max_suppression, retrieve, slug
+from aether.retrieval import non_max_suppression, query_tile_px, retrieve, slug
 from aether.text import SentenceTransformerEncoder
 from fixtures import stored_values, unit_field, write_raster, write_untrained_checkpoint
 
@@ -62,6 +62,15 @@ def test_nms_geographic_uses_metres():
     scores = np.array([1.0, 0.9, 0.8])
     assert non_max_suppression(scores, lon, lat, k=3, radius_m=60, geographic=True).tolist() == [0, 2]
     assert non_max_suppression(scores, lon, lat, k=3, radius_m=50, geographic=True).tolist() == [0, 1, 2]
+
+
+def test_tile_shrinks_with_the_number_of_queries():
+    assert query_tile_px(512, 1) == 512 and query_tile_px(512, 3) == 512
+    assert query_tile_px(512, 100) == 400  # 100 x 400^2 x 4 B = 61 MiB <= 64 MiB
+    assert query_tile_px(512, 10_000) == 32 and query_tile_px(512, 10**7) == 16
+    for n in (64, 100, 1000):
+        t = query_tile_px(512, n)
+        assert t % 16 == 0 and n * t * t * 4 <= 64 * 2**20
 
 
 def test_slug():
