@@ -159,6 +159,14 @@ def _scratch(shape: tuple[int, ...], dtype) -> np.ndarray:
     return buf[:size].view(dtype).reshape(shape)
 
 
+def _scratch_scan(shape: tuple[int, int], dtype) -> np.ndarray:
+    """A per-thread (C, w) buffer for the channel-major row scan."""
+    buf = getattr(_local, "scan", None)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = _local.scan = np.empty(shape, dtype=dtype)
+    return buf
+
+
 def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed-area tables (h+1, w+1, C) of an (h, w, C) block's values and (h+1, w+1) of its valid pixels.
 
@@ -177,6 +185,7 @@ def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int
     table[0] = 0
     table[:, 0] = 0
     invalid = np.empty((h, w), dtype=bool)
+    scan = _scratch_scan((channels, w), dtype)
     for i in range(h):  # row by row: each row is a contiguous (w, C) slab that stays in cache
         row = table[i + 1, 1:]
         invalid[i] = invalid_pixels(pixels[i], info)
@@ -186,7 +195,11 @@ def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int
             row[...] = pixels[i]
         if invalid[i].any():
             row[invalid[i]] = 0
-        np.cumsum(row, axis=0, dtype=dtype, out=row)
+        # the running sum along the row, scanned channel-major: NumPy scans a contiguous axis
+        # about 3 x faster than a strided one, which pays for the two transposing copies
+        np.copyto(scan, row.T)
+        np.cumsum(scan, axis=1, out=scan)
+        np.copyto(row, scan.T)
         row += table[i, 1:]
     valid = np.zeros((h + 1, w + 1), dtype=np.int32)
     valid[1:, 1:] = ~invalid
