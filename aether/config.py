@@ -17,6 +17,7 @@ import yaml
 
 from aether.errors import AetherError, first_line
 from aether.poi import DEFAULT_TEMPLATE, template_fields
+from aether.raster import is_remote
 
 
 @dataclass
@@ -118,7 +119,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_files:
     if check_files:
         for key in ("ae_tif", "poi"):
             value = getattr(cfg.data, key)
-            if not Path(value).exists():
+            if not is_remote(value) and not Path(value).exists():
                 raise AetherError(f"config data.{key}: file {value} does not exist")
     return cfg
 
@@ -241,7 +242,7 @@ def _validate(cfg: Config) -> None:
 
 def _resolve_paths(cfg: Config, base: Path) -> None:
     def resolve(p: str) -> str:
-        return str(p if Path(p).is_absolute() else (base / p))
+        return str(p if Path(p).is_absolute() or is_remote(p) else (base / p))
 
     cfg.data.ae_tif = resolve(cfg.data.ae_tif)
     cfg.data.poi = resolve(cfg.data.poi)

@@ -7,6 +7,7 @@ or bottom-up rows, and VRT mosaics.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,11 +89,36 @@ def metres_per_degree(lat_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return meridian * math.pi / 180.0, normal * np.cos(phi) * math.pi / 180.0
 
 
+# Opening a remote file must not list its "folder" (a bucket can hold thousands of tiles).
+os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+_OBJECT_STORES = (("s3://", "/vsis3/"), ("gs://", "/vsigs/"))
+
+
+def is_remote(path: str) -> bool:
+    """A URL or a GDAL virtual file system path (/vsicurl/, /vsis3/, /vsigs/, ...)."""
+    return str(path).startswith(("/vsi", "http://", "https://", "s3://", "gs://"))
+
+
+def gdal_path(path: str) -> str:
+    """The name GDAL opens: http(s):// URLs become /vsicurl/ paths and s3:// and gs:// URLs /vsis3/
+    and /vsigs/ paths, which read only the byte ranges (COG blocks) that are needed; anything else
+    is unchanged."""
+    path = str(path)
+    if path.startswith(("http://", "https://")):
+        return "/vsicurl/" + path
+    for prefix, vsi in _OBJECT_STORES:
+        if path.startswith(prefix):
+            return vsi + path[len(prefix):]
+    return path
+
+
 def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
-    """Open and check an embedding raster; refuse what AETHER cannot read correctly.
+    """Open and check an embedding raster (a file, a VRT, or a URL: see `gdal_path`); refuse what
+    AETHER cannot read correctly.
 
     `n_bands=None` leaves the band count to the caller (who can name what it must match).
     """
+    path = gdal_path(path)
     try:
         with rasterio.open(path) as src:
             info = RasterInfo(
