@@ -6,49 +6,18 @@ position in training and the best score so far, so `train(..., resume=...)` cont
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
 
 import torch
 
 from aether.config import Config, config_from_dict
 from aether.errors import AetherError, first_line
+from aether.files import atomic_write
 from aether.model import AetherModel
 
 FORMAT = "aether-checkpoint"
 FORMAT_VERSION = 1
-
-
-def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
-    """A new temporary file in `path`'s folder (same file system, so a rename is atomic),
-    with the permissions an ordinary new file gets rather than mkstemp's 0600."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, Path(tmp)
-
-
-@contextmanager
-def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
-    """A binary file that replaces `path` (via a temporary file beside it and a rename) only when
-    the block ends without an error: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -117,11 +86,3 @@ def model_from_checkpoint(ckpt: dict) -> tuple[AetherModel, Config]:
     except RuntimeError as exc:
         raise AetherError(f"checkpoint weights do not match its config: {first_line(exc)}") from None
     return model.eval(), cfg
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

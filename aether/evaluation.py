@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,11 @@ import torch
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from aether.checkpoint import file_sha256, model_from_checkpoint, temp_file_beside
+from aether.checkpoint import model_from_checkpoint
 from aether.console import log
 from aether.dataset import build_dataset
 from aether.errors import AetherError, first_line
+from aether.files import atomic_write_text, file_sha256
 from aether.metrics import mean_reciprocal_rank, recall_at_k
 from aether.model import AetherModel
 from aether.poi import read_poi_frame, render_description, template_fields
@@ -513,8 +513,8 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
     }
     table = metrics_markdown(metrics)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(out_dir / "metrics.md", table)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "metrics.md", table)
     print(table)
     log(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}; {metrics['elapsed_s']:.1f} s")
     return metrics
@@ -649,14 +649,3 @@ def metrics_markdown(m: dict) -> str:
     if m["notes"]:
         lines += [""] + [f"- {note}" for note in m["notes"]]
     return "\n".join(lines) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = temp_file_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -7,8 +7,8 @@ and writing overlap in a three-stage pipeline, and memory is bounded by the tile
 """
 from __future__ import annotations
 
-import os
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +20,11 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize_torch
-from aether.checkpoint import file_sha256, load_checkpoint, model_from_checkpoint, temp_file_beside
-from aether.errors import AetherError, first_line
-from aether.pooling import pool_points, window_means
+from aether.checkpoint import load_checkpoint, model_from_checkpoint
 from aether.console import log
+from aether.errors import AetherError, first_line
+from aether.files import atomic_write_text, file_sha256, temp_file_beside
+from aether.pooling import pool_points, window_means
 from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
 from aether.streaming import run_pipeline
 from aether.text import TextEncoder, build_text_encoder
@@ -274,10 +275,7 @@ class _Journal:
         return set(int(i) for i in done)
 
     def save(self, done: set[int]) -> None:
-        fd, tmp = temp_file_beside(self.path)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"fingerprint": self.fingerprint, "done": sorted(done)}, f)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "done": sorted(done)}))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

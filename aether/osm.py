@@ -13,6 +13,7 @@ import geopandas as gpd
 import pandas as pd
 
 from aether.errors import AetherError, first_line
+from aether.files import atomic_write_text
 from aether.poi import DEFAULT_TEMPLATE, OSM_ATTRIBUTION, render_description, template_fields
 
 POI_KEYS = ("amenity", "shop", "tourism", "leisure", "office", "craft", "historic")
@@ -117,18 +118,6 @@ def write_poi_geojson(gdf: gpd.GeoDataFrame, path: str | os.PathLike) -> Path:
     header = {"type": "FeatureCollection", "attribution": OSM_ATTRIBUTION, "license": OSM_LICENSE}
     head = json.dumps(header, ensure_ascii=False).removesuffix("}")
     text = head + ', "features": [\n' + ",\n".join(features) + "\n]}\n"
-    _write_atomic(Path(path), text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
     return Path(path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write UTF-8 text to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

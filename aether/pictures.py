@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from rasterio.windows import Window
 
 from aether.alphaearth import dequantize
 from aether.errors import AetherError, first_line
+from aether.files import atomic_write
 from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
 
 MAX_PX = 1024  # longer side of a PCA picture, in pixels
@@ -194,7 +194,8 @@ def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = Non
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
     from PIL import Image  # Pillow comes with matplotlib
 
-    _write_atomically(out, lambda f: Image.fromarray(image).save(f, format="PNG", optimize=True))
+    with atomic_write(out) as f:
+        Image.fromarray(image).save(f, format="PNG", optimize=True)
     return out
 
 
@@ -287,7 +288,8 @@ def plot_training_curves(metrics: str | Path, out: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"training curves: {metrics}", fontsize=10)
-    _write_atomically(out, lambda f: fig.savefig(f, format="png"))
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png")
     return out
 
 
@@ -304,17 +306,3 @@ def _check_output(out: str | Path, suffix: str) -> Path:
     if not out.parent.is_dir():
         raise AetherError(f"output folder {out.parent} does not exist; create it first")
     return out
-
-
-def _write_atomically(out: Path, write) -> None:
-    """Call write(file) on a temporary file beside `out`, then rename it to `out`."""
-    from aether.checkpoint import temp_file_beside  # imports torch: only when a picture is written
-
-    fd, tmp = temp_file_beside(out, suffix=out.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -27,9 +27,9 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from aether.checkpoint import file_sha256, temp_file_beside
 from aether.console import log
 from aether.errors import AetherError
+from aether.files import atomic_write_text, file_sha256, temp_file_beside
 from aether.inference import TILE_PX, AetherEmbedder, PooledTileReader, Tile, tile_grid
 from aether.raster import RasterInfo, metres_per_degree, open_raster, read_vectors
 from aether.streaming import run_pipeline
@@ -371,7 +371,4 @@ def _write_index(out: Path, results: list[QueryResult], source: str, ckpt: str, 
     index = {"source": str(source), "checkpoint": str(ckpt), "top_k": top_k, "nms_radius_m": nms_m,
              "queries": [{"query": r.query, "tif": r.tif.name, "geojson": r.geojson.name, "png": r.png.name,
                           "best_score": r.hits[0]["score"] if r.hits else None} for r in results]}
-    fd, tmp = temp_file_beside(out / "queries.json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(index, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, out / "queries.json")
+    atomic_write_text(out / "queries.json", json.dumps(index, ensure_ascii=False, indent=1))

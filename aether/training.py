@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from aether.checkpoint import atomic_copy, atomic_torch_save, atomic_write, load_checkpoint, make_checkpoint
+from aether.checkpoint import atomic_copy, atomic_torch_save, load_checkpoint, make_checkpoint
 from aether.cli import Interrupted
 from aether.config import Config
 from aether.console import log
 from aether.dataset import PoiDataset, build_dataset
 from aether.errors import AetherError
+from aether.files import atomic_write
 from aether.loss import AetherLoss
 from aether.metrics import recall_at_k
 from aether.model import AetherModel
