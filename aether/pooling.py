@@ -149,22 +149,15 @@ def _window_area(members: np.ndarray, half) -> int:
 _local = threading.local()
 
 
-def _scratch(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A per-thread reusable array: allocating a fresh table for every chunk costs
-    as much in page faults as filling it."""
+def _scratch(shape: tuple[int, ...], dtype, name: str = "table") -> np.ndarray:
+    """A per-thread reusable array (one per `name`): allocating a fresh table for every chunk
+    costs as much in page faults as filling it."""
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = getattr(_local, "buf", None)
+    buf = getattr(_local, name, None)
     if buf is None or buf.size < size:
-        buf = _local.buf = np.empty(size, dtype=np.uint8)
+        buf = np.empty(size, dtype=np.uint8)
+        setattr(_local, name, buf)
     return buf[:size].view(dtype).reshape(shape)
-
-
-def _scratch_scan(shape: tuple[int, int], dtype) -> np.ndarray:
-    """A per-thread (C, w) buffer for the channel-major row scan."""
-    buf = getattr(_local, "scan", None)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = _local.scan = np.empty(shape, dtype=dtype)
-    return buf
 
 
 def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +178,7 @@ def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int
     table[0] = 0
     table[:, 0] = 0
     invalid = np.empty((h, w), dtype=bool)
-    scan = _scratch_scan((channels, w), dtype)
+    scan = _scratch((channels, w), dtype, "scan")
     for i in range(h):  # row by row: each row is a contiguous (w, C) slab that stays in cache
         row = table[i + 1, 1:]
         invalid[i] = invalid_pixels(pixels[i], info)
