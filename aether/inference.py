@@ -7,6 +7,7 @@ and writing overlap in a three-stage pipeline, and memory is bounded by the tile
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -95,6 +96,11 @@ class AetherEmbedder:
             else:
                 out[start:start + len(z)] = z
         return out
+
+    @functools.cached_property
+    def ckpt_sha256(self) -> str:
+        """The checkpoint file's SHA-256: the tag that ties an AETHER raster to the model that made it."""
+        return file_sha256(self.ckpt_path)
 
     @property
     def text_identity(self) -> dict:
@@ -369,7 +375,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
                    num_threads="ALL_CPUS")
     if dtype != "int8":
         profile["predictor"] = 3 if dtype == "float32" else 1  # floating-point predictor helps float32
-    ckpt_sha = file_sha256(ckpt)
+    ckpt_sha = embedder.ckpt_sha256
     tags = {
         "AETHER_CHECKPOINT_SHA256": ckpt_sha,
         "AETHER_CHECKPOINT": Path(ckpt).name,

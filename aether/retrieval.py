@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from aether.console import log
 from aether.errors import AetherError
-from aether.files import atomic_write_text, file_sha256, temp_file_beside
+from aether.files import atomic_write_text, temp_file_beside
 from aether.inference import TILE_PX, AetherEmbedder, PooledTileReader, Tile, tile_grid
 from aether.raster import RasterInfo, metres_per_degree, open_raster, read_vectors
 from aether.streaming import run_pipeline
@@ -222,7 +222,7 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
             dst = rasterio.open(tmp, "w", **profile)
             dsts.append(dst)
             dst.set_band_description(1, f"cosine similarity: {query}")
-            dst.update_tags(AETHER_QUERY=query, AETHER_CHECKPOINT_SHA256=file_sha256(ckpt),
+            dst.update_tags(AETHER_QUERY=query, AETHER_CHECKPOINT_SHA256=embedder.ckpt_sha256,
                             AETHER_SOURCE=Path(emb_tif or ae_tif).name)
 
         if emb_tif is not None:
@@ -291,7 +291,7 @@ def _check_aether_raster(path: str, ckpt: str, embedder: AetherEmbedder) -> None
     if made_with is None:
         log(f"note: {path} does not say which checkpoint made it; assuming {Path(ckpt).name}")
         return
-    if made_with != file_sha256(ckpt):
+    if made_with != embedder.ckpt_sha256:
         raise AetherError(f"AETHER raster {path} was made with another checkpoint ({tags.get('AETHER_CHECKPOINT', '?')}); "
                           f"query it with that checkpoint, or pass --ae_tif to embed the AlphaEarth raster with this one")
 
