@@ -338,11 +338,7 @@ def landuse_samples(layer, column: str, info: RasterInfo, per_class: int, min_pi
     layer = layer.assign(_area=layer.geometry.area).sort_values("_area", ascending=False, kind="stable")
     classes = np.array(sorted(set(layer[column].astype(str))))
     codes = np.searchsorted(classes, layer[column].astype(str).to_numpy()) + 1
-    transform, flip = info.transform, info.transform.e > 0
-    if flip:  # rasterize north-up, then put rows back in the file's order
-        from affine import Affine
-
-        transform = transform @ Affine.translation(0, info.height) @ Affine.scale(1, -1)
+    transform, flip = info.north_up_transform, info.bottom_up  # rasterize north-up, then back to file rows
     shapes = list(zip(layer.geometry, codes.tolist()))
     rng = np.random.default_rng(seed)
     # a uniform sample without replacement, in windows of rows so memory stays bounded: every

@@ -291,9 +291,9 @@ class _TileWriter:
     """Writes finished tiles into the partial output and, every `checkpoint_s`, makes them durable:
     close the file (GDAL writes its directory), record the tiles in the journal, reopen it."""
 
-    def __init__(self, path: Path, info: RasterInfo, bottom_up: bool, journal: _Journal, done: set[int],
+    def __init__(self, path: Path, info: RasterInfo, journal: _Journal, done: set[int],
                  bar, checkpoint_s: float = CHECKPOINT_S):
-        self.path, self.info, self.bottom_up = path, info, bottom_up
+        self.path, self.info = path, info
         self.journal, self.done, self.pending = journal, done, set()
         self.bar, self.checkpoint_s = bar, checkpoint_s
         try:
@@ -304,9 +304,9 @@ class _TileWriter:
         self.last = time.monotonic()
 
     def __call__(self, tile: Tile, block: np.ndarray) -> None:
-        row0 = self.info.height - tile.row0 - tile.height if self.bottom_up else tile.row0
-        if self.bottom_up:
+        if self.info.bottom_up:  # written north-up
             block = block[:, ::-1, :]
+        row0 = self.info.north_up_rows(tile.row0, tile.height)
         self.dst.write(block, window=Window(tile.col0, row0, tile.width, tile.height))
         self.pending.add(tile.index)
         self.bar.update(tile.width * tile.height)
@@ -360,17 +360,11 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     info = open_raster(ae_tif, n_bands=None)
     embedder.check_raster(info)
 
-    bottom_up = info.transform.e > 0
-    out_transform = info.transform
-    if bottom_up:  # written north-up, with the matching transform
-        from affine import Affine
-
-        out_transform = info.transform @ Affine.translation(0, info.height) @ Affine.scale(1, -1)
     nodata = NODATA_INT8 if dtype == "int8" else float("nan")
     # output blocks tile the tiles (of a north-up input), so each block is written once, whole
     block_px = output_block_px(tile_px)
     profile = dict(driver="GTiff", width=info.width, height=info.height, count=embedder.latent_dim, dtype=dtype,
-                   crs=info.crs, transform=out_transform, nodata=nodata, tiled=True, blockxsize=block_px,
+                   crs=info.crs, transform=info.north_up_transform, nodata=nodata, tiled=True, blockxsize=block_px,
                    blockysize=block_px, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer",
                    num_threads="ALL_CPUS")
     if dtype != "int8":
@@ -418,7 +412,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     try:
         # a small GDAL block cache: written blocks are flushed as they fill, not kept in RAM
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
-            writer = _TileWriter(partial, info, bottom_up, journal, done, bar, checkpoint_s)
+            writer = _TileWriter(partial, info, journal, done, bar, checkpoint_s)
             run_pipeline(lambda: reader.produce(todo),
                          lambda tile, data: _embed_tile(embedder, *reader.pooled(data), dtype),
                          writer)

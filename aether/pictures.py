@@ -108,7 +108,7 @@ def picture_chunks(info: RasterInfo, max_px: int = MAX_PX):
     """
     step, _, _ = picture_shape(info, max_px)
     rows, cols = _sampled(info.height, step), _sampled(info.width, step)
-    file_rows = rows if info.transform.e < 0 else info.height - 1 - rows  # bottom-up: first row is southernmost
+    file_rows = info.north_up_rows(rows, 1)  # bottom-up: the first file row is the southernmost
     file_cols = cols if info.transform.a > 0 else info.width - 1 - cols
     block_h, block_w = info.block_shape if all(info.block_shape) else (UNIT_PX, UNIT_PX)
     unit_w = min(block_w * max(1, -(-UNIT_PX // block_w)), info.width)

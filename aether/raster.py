@@ -46,6 +46,22 @@ class RasterInfo:
     def is_geographic(self) -> bool:
         return bool(self.crs.is_geographic)
 
+    @property
+    def bottom_up(self) -> bool:
+        """Rows stored south-first (positive y pixel size), as some mirrors store tiles."""
+        return self.transform.e > 0
+
+    @property
+    def north_up_transform(self) -> Affine:
+        """The transform of the same grid with rows stored north-first (outputs are written so)."""
+        if not self.bottom_up:
+            return self.transform
+        return self.transform @ Affine.translation(0, self.height) @ Affine.scale(1, -1)
+
+    def north_up_rows(self, row0: int, height: int) -> int:
+        """The first north-up row of the file rows row0 .. row0 + height - 1."""
+        return self.height - row0 - height if self.bottom_up else row0
+
     def pixel_size_m(self, lat_deg: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Pixel width and height on the ground in metres (at `lat_deg` for a geographic CRS)."""
         sx, sy = abs(self.transform.a), abs(self.transform.e)

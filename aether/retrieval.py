@@ -201,14 +201,8 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         keep = MAX_CANDIDATES
     candidates = [_TopCandidates(keep) for _ in queries]
     temps: list[Path] = []
-    bottom_up = info.transform.e > 0
-    out_transform = info.transform
-    if bottom_up:
-        from affine import Affine
-
-        out_transform = info.transform @ Affine.translation(0, info.height) @ Affine.scale(1, -1)
     profile = dict(driver="GTiff", width=info.width, height=info.height, count=1, dtype="float32", crs=info.crs,
-                   transform=out_transform, nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256,
+                   transform=info.north_up_transform, nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256,
                    compress="zstd", zstd_level=1, predictor=3, bigtiff="if_safer")
     tile_px = query_tile_px(tile_px, len(queries))
     tiles = tile_grid(info, tile_px)
@@ -247,10 +241,10 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         def consume(tile: Tile, sims: np.ndarray) -> None:
             rows = tile.row0 + np.repeat(np.arange(tile.height), tile.width)
             cols = tile.col0 + np.tile(np.arange(tile.width), tile.height)
-            row0 = info.height - tile.row0 - tile.height if bottom_up else tile.row0
+            window = Window(tile.col0, info.north_up_rows(tile.row0, tile.height), tile.width, tile.height)
             for i, dst in enumerate(dsts):
                 block = sims[i].reshape(tile.height, tile.width)
-                dst.write(block[::-1] if bottom_up else block, 1, window=Window(tile.col0, row0, tile.width, tile.height))
+                dst.write(block[::-1] if info.bottom_up else block, 1, window=window)
                 candidates[i].add(sims[i], rows, cols)
             bar.update(tile.width * tile.height)
 
@@ -262,7 +256,7 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
 
         results = []
         for i, (query, name) in enumerate(zip(queries, names)):
-            hits = _hits(info, candidates[i], top_k, nms_m, bottom_up)
+            hits = _hits(info, candidates[i], top_k, nms_m)
             geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
             png_tmp = _write_heatmap(temps[i], out / f"{name}.png", query, hits, temps)
             results.append(QueryResult(query, out / f"{name}.tif", out / f"{name}.geojson", out / f"{name}.png", hits))
@@ -301,7 +295,7 @@ def _unique_names(queries: list[str]) -> list[str]:
     return [f"q{i:0{width}d}_{slug(q)}" for i, q in enumerate(queries, start=1)]
 
 
-def _hits(info: RasterInfo, cands: _TopCandidates, top_k: int, nms_m: float, bottom_up: bool) -> list[dict]:
+def _hits(info: RasterInfo, cands: _TopCandidates, top_k: int, nms_m: float) -> list[dict]:
     scores, rows, cols = cands.final()
     x, y = info.xy(rows, cols)
     unit_m = 1.0 if info.is_geographic else float(info.crs.linear_units_factor[1])
@@ -312,7 +306,7 @@ def _hits(info: RasterInfo, cands: _TopCandidates, top_k: int, nms_m: float, bot
     lon, lat = warp_transform(info.crs, "EPSG:4326", x[chosen].tolist(), y[chosen].tolist())
     hits = []
     for rank, (i, lo, la) in enumerate(zip(chosen, lon, lat), start=1):
-        out_row = info.height - 1 - int(rows[i]) if bottom_up else int(rows[i])
+        out_row = info.north_up_rows(int(rows[i]), 1)
         hits.append({"rank": rank, "score": round(float(scores[i]), 6), "lon": lo, "lat": la,
                      "x": float(x[i]), "y": float(y[i]), "row": out_row, "col": int(cols[i])})
     return hits
