@@ -28,6 +28,16 @@ class PoiDataset:
         return len(self.pois)
 
 
+def spatial_blocks(lon: np.ndarray, lat: np.ndarray, block_m: float) -> tuple[int, np.ndarray]:
+    """The square blocks of side `block_m` (on a local metric grid: metres per degree at the mean
+    latitude) that hold the points: how many, and each point's block number."""
+    m_lat, m_lon = metres_per_degree(np.asarray(np.mean(lat)))
+    bx = np.floor(np.asarray(lon) * m_lon / block_m).astype(np.int64)
+    by = np.floor(np.asarray(lat) * m_lat / block_m).astype(np.int64)
+    blocks, block_of = np.unique(np.stack([bx, by], axis=1), axis=0, return_inverse=True)
+    return len(blocks), block_of.reshape(-1)
+
+
 def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction: float, seed: int) -> np.ndarray:
     """Validation mask made of whole square blocks of side `block_m`, so neighbours do not leak.
 
@@ -38,13 +48,9 @@ def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction
     n = len(lon)
     if n < 2:
         return np.zeros(n, dtype=bool)
-    m_lat, m_lon = metres_per_degree(np.asarray(np.mean(lat)))
-    bx = np.floor(lon * m_lon / block_m).astype(np.int64)
-    by = np.floor(lat * m_lat / block_m).astype(np.int64)
-    blocks, block_of = np.unique(np.stack([bx, by], axis=1), axis=0, return_inverse=True)
-    block_of = block_of.reshape(-1)
-    order = np.random.default_rng(seed).permutation(len(blocks))
-    sizes = np.bincount(block_of, minlength=len(blocks))
+    n_blocks, block_of = spatial_blocks(lon, lat, block_m)
+    order = np.random.default_rng(seed).permutation(n_blocks)
+    sizes = np.bincount(block_of, minlength=n_blocks)
     target = max(1, int(round(val_fraction * n)))
     chosen, total = [], 0
     for b in order:

@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 
 from aether.checkpoint import model_from_checkpoint
 from aether.console import log
-from aether.dataset import build_dataset
+from aether.dataset import build_dataset, spatial_blocks
 from aether.errors import AetherError, first_line
 from aether.files import atomic_write_text, file_sha256
 from aether.metrics import mean_reciprocal_rank, recall_at_k
 from aether.model import AetherModel
 from aether.poi import read_poi_frame, render_description, template_fields
 from aether.pooling import pool_points
-from aether.raster import RasterInfo, metres_per_degree, open_raster
+from aether.raster import RasterInfo, ground_distances_m, open_raster
 
 DEFAULT_CATEGORY_TEMPLATE = "A place of {value}, a type of {key}."
 CATEGORY_FIELDS = ("key", "value")  # POI columns a category is made of, as the POI files spell them
@@ -154,16 +154,12 @@ def spatial_folds(lon: np.ndarray, lat: np.ndarray, block_m: float, n_folds: int
     `seed`, then dealt largest first to the fold with the fewest points so folds are about
     equal. k is at most the number of blocks.
     """
-    m_lat, m_lon = metres_per_degree(np.asarray(np.mean(lat)))
-    bx = np.floor(np.asarray(lon) * m_lon / block_m).astype(np.int64)
-    by = np.floor(np.asarray(lat) * m_lat / block_m).astype(np.int64)
-    blocks, block_of = np.unique(np.stack([bx, by], axis=1), axis=0, return_inverse=True)
-    block_of = block_of.reshape(-1)
-    sizes = np.bincount(block_of, minlength=len(blocks))
-    shuffled = np.random.default_rng(seed).permutation(len(blocks))
+    n_blocks, block_of = spatial_blocks(lon, lat, block_m)
+    sizes = np.bincount(block_of, minlength=n_blocks)
+    shuffled = np.random.default_rng(seed).permutation(n_blocks)
     order = shuffled[np.argsort(-sizes[shuffled], kind="stable")]
-    k = min(n_folds, len(blocks))
-    fold_of_block = np.empty(len(blocks), dtype=np.int64)
+    k = min(n_folds, n_blocks)
+    fold_of_block = np.empty(n_blocks, dtype=np.int64)
     load = np.zeros(k, dtype=np.int64)
     for b in order:
         f = int(np.argmin(load))
@@ -211,15 +207,6 @@ def linear_probe(features: dict[str, np.ndarray], labels: np.ndarray, folds: np.
 
 # ----- localisation -----
 
-def _ground_offsets_m(info: RasterInfo, x0: float, y0: float, x: np.ndarray, y: np.ndarray,
-                      lat_deg: float) -> np.ndarray:
-    """Ground distance in metres from (x0, y0) to points (x, y), all in the raster's CRS."""
-    if info.is_geographic:
-        m_lat, m_lon = metres_per_degree(np.asarray(lat_deg))
-        return np.hypot((x - x0) * m_lon, (y - y0) * m_lat)
-    return np.hypot(x - x0, y - y0) * info.crs.linear_units_factor[1]
-
-
 def _disc_pixels(info: RasterInfo, x0: float, y0: float, lat_deg: float, radius_m: float):
     """Rows, columns and ground distances of the raster pixels whose centres lie within radius_m."""
     r0, c0 = info.rowcol(np.array([x0]), np.array([y0]))
@@ -230,7 +217,7 @@ def _disc_pixels(info: RasterInfo, x0: float, y0: float, lat_deg: float, radius_
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     rr, cc = rr.ravel(), cc.ravel()
     px, py = info.xy(rr, cc)
-    dist = _ground_offsets_m(info, x0, y0, px, py, lat_deg)
+    dist = ground_distances_m(x0, y0, px, py, info.is_geographic, info.unit_m, lat_deg)
     inside = dist <= radius_m
     return rr[inside], cc[inside], dist[inside]
 

@@ -47,6 +47,11 @@ class RasterInfo:
         return bool(self.crs.is_geographic)
 
     @property
+    def unit_m(self) -> float:
+        """Metres per map unit of a projected CRS (1 for a geographic CRS, whose units are degrees)."""
+        return 1.0 if self.is_geographic else float(self.crs.linear_units_factor[1])
+
+    @property
     def bottom_up(self) -> bool:
         """Rows stored south-first (positive y pixel size), as some mirrors store tiles."""
         return self.transform.e > 0
@@ -66,8 +71,7 @@ class RasterInfo:
         """Pixel width and height on the ground in metres (at `lat_deg` for a geographic CRS)."""
         sx, sy = abs(self.transform.a), abs(self.transform.e)
         if not self.is_geographic:
-            factor = self.crs.linear_units_factor[1]
-            return np.asarray(sx * factor, dtype=np.float64), np.asarray(sy * factor, dtype=np.float64)
+            return np.asarray(sx * self.unit_m, dtype=np.float64), np.asarray(sy * self.unit_m, dtype=np.float64)
         if lat_deg is None:
             raise ValueError("a geographic raster needs a latitude to convert degrees to metres")
         m_lat, m_lon = metres_per_degree(np.asarray(lat_deg, dtype=np.float64))
@@ -103,6 +107,16 @@ def metres_per_degree(lat_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     meridian = _WGS84_A * (1.0 - _WGS84_E2) / w**1.5
     normal = _WGS84_A / np.sqrt(w)
     return meridian * math.pi / 180.0, normal * np.cos(phi) * math.pi / 180.0
+
+
+def ground_distances_m(x0: float, y0: float, x: np.ndarray, y: np.ndarray, geographic: bool,
+                       unit_m: float = 1.0, lat_deg: float | None = None) -> np.ndarray:
+    """Ground distances in metres from (x0, y0) to points (x, y) in one CRS: `unit_m` is a projected
+    CRS's unit in metres; a geographic CRS is scaled at `lat_deg` (default: each pair's mid-latitude)."""
+    if not geographic:
+        return np.hypot(x - x0, y - y0) * unit_m
+    m_lat, m_lon = metres_per_degree(np.asarray((y + y0) / 2.0 if lat_deg is None else lat_deg))
+    return np.hypot((x - x0) * m_lon, (y - y0) * m_lat)
 
 
 # Opening a remote file must not list its "folder" (a bucket can hold thousands of tiles).

@@ -31,7 +31,7 @@ from aether.console import log
 from aether.errors import AetherError
 from aether.files import atomic_write_text, temp_file_beside
 from aether.inference import TILE_PX, AetherEmbedder, PooledTileReader, Tile, tile_grid
-from aether.raster import RasterInfo, metres_per_degree, open_raster, read_vectors
+from aether.raster import RasterInfo, ground_distances_m, open_raster, read_vectors
 from aether.streaming import run_pipeline
 from aether.text import build_text_encoder
 
@@ -89,15 +89,6 @@ def nms_radius_px(info: RasterInfo, radius_m: float) -> int:
     return int(math.ceil(radius_m / max(min(float(np.min(sx)), float(np.min(sy))), 1e-9)))
 
 
-def distances_m(x0: float, y0: float, x: np.ndarray, y: np.ndarray, geographic: bool,
-                unit_m: float = 1.0) -> np.ndarray:
-    """Ground distances from one point to many, in metres; `unit_m` is a projected CRS's unit in metres."""
-    if not geographic:
-        return np.hypot(x - x0, y - y0) * unit_m
-    m_lat, m_lon = metres_per_degree(np.asarray((y + y0) / 2.0))
-    return np.hypot((x - x0) * m_lon, (y - y0) * m_lat)
-
-
 def non_max_suppression(scores: np.ndarray, x: np.ndarray, y: np.ndarray, k: int, radius_m: float,
                         geographic: bool = False, unit_m: float = 1.0, tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Indices of up to k points chosen greedily by falling score, none within `radius_m` of a
@@ -113,7 +104,7 @@ def non_max_suppression(scores: np.ndarray, x: np.ndarray, y: np.ndarray, k: int
             continue
         chosen.append(int(i))
         if radius_m > 0:
-            alive &= distances_m(x[i], y[i], x, y, geographic, unit_m) >= radius_m
+            alive &= ground_distances_m(x[i], y[i], x, y, geographic, unit_m) >= radius_m
         alive[i] = False
     return np.asarray(chosen, dtype=np.int64)
 
@@ -298,8 +289,7 @@ def _unique_names(queries: list[str]) -> list[str]:
 def _hits(info: RasterInfo, cands: _TopCandidates, top_k: int, nms_m: float) -> list[dict]:
     scores, rows, cols = cands.final()
     x, y = info.xy(rows, cols)
-    unit_m = 1.0 if info.is_geographic else float(info.crs.linear_units_factor[1])
-    chosen = non_max_suppression(scores, x, y, top_k, nms_m, info.is_geographic, unit_m,
+    chosen = non_max_suppression(scores, x, y, top_k, nms_m, info.is_geographic, info.unit_m,
                                  tiebreak=rows * info.width + cols)  # ties: first in raster order
     if len(chosen) == 0:
         return []
