@@ -5,7 +5,6 @@ The PCA is checked against an SVD of the same pixels read independently; orienta
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from rasterio.transform import from_origin
 
 from aether import pictures
 from aether.errors import AetherError
-from fixtures import stored_values, unit_field, write_raster
+from fixtures import run_script_in_process, stored_values, unit_field, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 45, 33  # 45 rows divide by a decimation step of 3
@@ -187,16 +186,10 @@ def test_bad_metrics_are_refused(tmp_path, name, text, expected):
 
 def test_malformed_metrics_exit_2_through_the_script(tmp_path, monkeypatch, capsys):
     """In this interpreter (the band-count refusal above runs a real subprocess): plot.py's main under cli.run."""
-    from aether.cli import run
-
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"epoch": 1, "train_loss": 5.0}\nnot json\n', encoding="utf-8")
     out = tmp_path / "curves.png"
-    spec = importlib.util.spec_from_file_location("plot_script", ROOT / "plot.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    monkeypatch.setattr(sys, "argv", ["plot.py", "curves", "--metrics", str(metrics), "--out", str(out)])
-    with pytest.raises(SystemExit) as exit_info:
-        run(script.main)
-    assert_one_error_line(exit_info.value.code, capsys.readouterr().err, "line 2 is not JSON")
+    code, _, err = run_script_in_process("plot.py", ["curves", "--metrics", str(metrics), "--out", str(out)],
+                                         monkeypatch, capsys)
+    assert_one_error_line(code, err, "line 2 is not JSON")
     assert not out.exists() and not partials(tmp_path)

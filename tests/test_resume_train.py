@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import runpy
 import shlex
 import signal
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from aether.checkpoint import load_checkpoint
-from fixtures import poi_records, unit_field, write_config, write_csv, write_raster
+from fixtures import poi_records, run_script_in_process, unit_field, write_config, write_csv, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -179,13 +178,8 @@ def test_killed_or_stopped_runs_resume_to_the_same_weights(setup):
 
 def train_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """The real train.py run in this process (as test_bad_input does): exit code and stderr."""
-    monkeypatch.setattr(sys, "argv", args[1:])
-    try:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    return code, capsys.readouterr().err
+    code, _, err = run_script_in_process("train.py", args[2:], monkeypatch, capsys)
+    return code, err
 
 
 def test_bad_resume_targets_exit_2_with_one_line(setup, monkeypatch, capsys):
@@ -235,7 +229,7 @@ def test_resume_into_another_folder_for_more_epochs_then_nothing_to_do(setup, mo
     assert {p.name: p.read_bytes() for p in reference.iterdir()} == before
 
     args = command(cfg, longer, "--set", f"train.epochs={EPOCHS + 1}", "--resume", str(longer))
-    monkeypatch.setattr(sys, "argv", args[1:])
-    runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    assert "nothing to train" in capsys.readouterr().out
+    code, out, err = run_script_in_process("train.py", args[2:], monkeypatch, capsys)
+    assert code == 0, err
+    assert "nothing to train" in out
     assert epochs_in(longer) == list(range(1, EPOCHS + 2))
