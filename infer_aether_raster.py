@@ -1,6 +1,11 @@
 """Embed an AlphaEarth raster with a trained AETHER checkpoint:
 
     python infer_aether_raster.py --ae_tif IN.tif --ckpt ckpts/helsinki/best.pt --out OUT.tif
+
+Many tiles (a quoted glob or a .txt list) give one output per tile in a folder, plus mosaic.vrt;
+--workers N (a local Dask cluster) or --scheduler tcp://HOST:PORT runs the work as Dask tasks:
+
+    python infer_aether_raster.py --ae_tif "tiles/*.tif" --ckpt best.pt --out aether_tiles/ --workers 4
 """
 import argparse
 
@@ -9,9 +14,13 @@ from aether.cli import run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Turn an AlphaEarth raster into an AETHER raster.")
-    parser.add_argument("--ae_tif", required=True, help="AlphaEarth raster (GeoTIFF or VRT; int8 or float; any CRS)")
+    parser.add_argument("--ae_tif", required=True,
+                        help="AlphaEarth raster (GeoTIFF, VRT or URL; int8 or float; any CRS), or a set of tiles: "
+                             "a quoted glob or a .txt file with one path or URL per line")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
-    parser.add_argument("--out", required=True, help="output GeoTIFF, written atomically")
+    parser.add_argument("--out", required=True,
+                        help="output GeoTIFF, written atomically (for a set of tiles: a folder, one GeoTIFF per tile "
+                             "plus mosaic.vrt)")
     parser.add_argument("--pooling", choices=["window", "pixel"], default="window",
                         help="window: the training base-view mean around each pixel (default); pixel: single pixels")
     parser.add_argument("--dtype", choices=["int8", "float16", "float32"], default="int8",
@@ -25,15 +34,19 @@ def main() -> None:
                         help="continue an interrupted run of the same command from the tiles it had finished")
     parser.add_argument("--checkpoint-every", type=float, default=5.0, metavar="SECONDS",
                         help="how often finished tiles are made durable for --resume (default 5 s)")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="run as Dask tasks on a local cluster of N worker processes (tiles, or bands of one raster)")
+    cluster.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="run as Dask tasks on an existing Dask scheduler")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args()
 
-    from aether.inference import embed_raster
+    from aether.inference import embed_at_scale
 
-    out = embed_raster(args.ae_tif, args.ckpt, args.out, pooling=args.pooling, dtype=args.dtype,
-                       precision=args.precision, tile_px=args.tile, cog=args.cog, device=args.device,
-                       progress=not args.no_progress, resume=args.resume,
-                       checkpoint_s=args.checkpoint_every)
+    out = embed_at_scale(args.ae_tif, args.ckpt, args.out, workers=args.workers, scheduler=args.scheduler,
+                         progress=not args.no_progress, pooling=args.pooling, dtype=args.dtype,
+                         precision=args.precision, tile_px=args.tile, cog=args.cog, device=args.device,
+                         resume=args.resume, checkpoint_s=args.checkpoint_every)
     print(f"wrote {out}")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from affine import Affine
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
@@ -208,11 +209,22 @@ class Tile:
     width: int
 
 
-def tile_grid(info: RasterInfo, tile_px: int) -> list[Tile]:
-    """The raster cut into tiles of `tile_px` (smaller at the right and bottom edges), row by row."""
-    origins = [(r, c) for r in range(0, info.height, tile_px) for c in range(0, info.width, tile_px)]
-    return [Tile(i, r, c, min(tile_px, info.height - r), min(tile_px, info.width - c))
+def tile_grid(info: RasterInfo, tile_px: int, rows: tuple[int, int] | None = None) -> list[Tile]:
+    """The raster (or its rows rows[0]:rows[1], a multiple of `tile_px` apart from the raster's end)
+    cut into tiles of `tile_px`, smaller at the right and bottom edges, row by row. The tiles of a
+    band of rows are the raster's own tiles there, so a band computes exactly what a whole run does."""
+    r_start, r_stop = rows if rows is not None else (0, info.height)
+    origins = [(r, c) for r in range(r_start, r_stop, tile_px) for c in range(0, info.width, tile_px)]
+    return [Tile(i, r, c, min(tile_px, r_stop - r), min(tile_px, info.width - c))
             for i, (r, c) in enumerate(origins)]
+
+
+def row_bands(info: RasterInfo, tile_px: int, n_bands: int) -> list[tuple[int, int]]:
+    """About `n_bands` bands of whole tile rows that cover the raster, for splitting one large
+    raster into tasks."""
+    tile_rows = -(-info.height // tile_px)
+    per_band = max(1, -(-tile_rows // max(1, n_bands)))
+    return [(r * tile_px, min(info.height, (r + per_band) * tile_px)) for r in range(0, tile_rows, per_band)]
 
 
 class PooledTileReader:
@@ -289,11 +301,12 @@ class _Journal:
 
 class _TileWriter:
     """Writes finished tiles into the partial output and, every `checkpoint_s`, makes them durable:
-    close the file (GDAL writes its directory), record the tiles in the journal, reopen it."""
+    close the file (GDAL writes its directory), record the tiles in the journal, reopen it.
+    `first_row` is the north-up input row of the output's first row (0 unless it is a band)."""
 
     def __init__(self, path: Path, info: RasterInfo, journal: _Journal, done: set[int],
-                 bar, checkpoint_s: float = CHECKPOINT_S):
-        self.path, self.info = path, info
+                 bar, checkpoint_s: float = CHECKPOINT_S, first_row: int = 0):
+        self.path, self.info, self.first_row = path, info, first_row
         self.journal, self.done, self.pending = journal, done, set()
         self.bar, self.checkpoint_s = bar, checkpoint_s
         try:
@@ -306,7 +319,7 @@ class _TileWriter:
     def __call__(self, tile: Tile, block: np.ndarray) -> None:
         if self.info.bottom_up:  # written north-up
             block = block[:, ::-1, :]
-        row0 = self.info.north_up_rows(tile.row0, tile.height)
+        row0 = self.info.north_up_rows(tile.row0, tile.height) - self.first_row
         self.dst.write(block, window=Window(tile.col0, row0, tile.width, tile.height))
         self.pending.add(tile.index)
         self.bar.update(tile.width * tile.height)
@@ -335,13 +348,19 @@ def partial_paths(out: Path) -> tuple[Path, Path]:
 def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtype: str = "int8",
                  precision: str = "auto", tile_px: int = TILE_PX, cog: bool = False, device: str = "auto",
                  progress: bool = True, resume: bool = False,
-                 checkpoint_s: float = CHECKPOINT_S) -> Path:
+                 checkpoint_s: float = CHECKPOINT_S, rows: tuple[int, int] | None = None,
+                 skip_finished: bool = False) -> Path:
     """Write the AETHER raster of `ae_tif` to `out` (GeoTIFF), atomically.
 
     Until the run ends, the output grows in a partial file beside `out`, with a journal of
     finished tiles. An interrupted run (Ctrl-C, SIGTERM, SIGKILL, a crash) leaves `out`
     untouched; `resume=True` continues from the journal and gives the same output as an
     uninterrupted run. A run without `resume` discards any earlier partial output.
+
+    `rows` (input rows start:stop, start a multiple of `tile_px`) writes only that band of the
+    raster, georeferenced where it lies: the bands of a split raster mosaic into the whole
+    output. `skip_finished` returns at once when `out` was already written by the same run
+    (same input, checkpoint and options: its AETHER_RUN tag says so).
     """
     if pooling not in POOLINGS:
         raise AetherError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -359,12 +378,18 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
     info = open_raster(ae_tif, n_bands=None)
     embedder.check_raster(info)
+    if rows is not None and not (0 <= rows[0] < rows[1] <= info.height and rows[0] % tile_px == 0):
+        raise AetherError(f"rows {rows[0]}:{rows[1]} are not a band of whole tiles of {ae_tif} "
+                          f"({info.height} rows, tiles of {tile_px})")
+    r_start, r_stop = rows if rows is not None else (0, info.height)
+    first_row = info.north_up_rows(r_start, r_stop - r_start)
 
     nodata = NODATA_INT8 if dtype == "int8" else float("nan")
     # output blocks tile the tiles (of a north-up input), so each block is written once, whole
     block_px = output_block_px(tile_px)
-    profile = dict(driver="GTiff", width=info.width, height=info.height, count=embedder.latent_dim, dtype=dtype,
-                   crs=info.crs, transform=info.north_up_transform, nodata=nodata, tiled=True, blockxsize=block_px,
+    profile = dict(driver="GTiff", width=info.width, height=r_stop - r_start, count=embedder.latent_dim, dtype=dtype,
+                   crs=info.crs, transform=info.north_up_transform @ Affine.translation(0, first_row), nodata=nodata,
+                   tiled=True, blockxsize=block_px,
                    blockysize=block_px, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer",
                    num_threads="ALL_CPUS")
     if dtype != "int8":
@@ -381,14 +406,14 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
                             if dtype == "int8" else f"{dtype} unit vectors, nodata NaN"),
         "AETHER_TEXT_ENCODER": embedder.ckpt["text_encoder"]["model"],
     }
-    source = Path(ae_tif).stat() if Path(ae_tif).exists() else None
-    fingerprint = {"input": str(Path(ae_tif).resolve()) if source else ae_tif,
-                   "input size and time": [source.st_size, source.st_mtime_ns] if source else None,
-                   "checkpoint": ckpt_sha, "pooling": pooling, "dtype": dtype, "precision": embedder.precision,
-                   "device": embedder.device.type, "tile size": tile_px}
+    fingerprint = run_fingerprint(ae_tif, embedder, pooling, dtype, tile_px, (r_start, r_stop), cog)
+    tags["AETHER_RUN"] = json.dumps(fingerprint, sort_keys=True)
+    if skip_finished and finished_output(out, tags["AETHER_RUN"]):
+        log(f"{out.name} is already finished (same input, checkpoint and options); skipping it")
+        return out
     partial, journal_path = partial_paths(out)
     journal = _Journal(journal_path, fingerprint)
-    tiles = tile_grid(info, tile_px)
+    tiles = tile_grid(info, tile_px, rows)
     if resume:
         done = journal.load(partial)
     else:
@@ -405,14 +430,14 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     todo = [t for t in tiles if t.index not in done]
     if resume:
         log(f"resuming: {len(tiles) - len(todo)} of {len(tiles)} tiles were done")
-    bar = tqdm(total=info.width * info.height, desc="embedding", unit="px", unit_scale=True, disable=not progress,
+    bar = tqdm(total=info.width * (r_stop - r_start), desc="embedding", unit="px", unit_scale=True, disable=not progress,
                initial=sum(t.width * t.height for t in tiles if t.index in done))
     reader = PooledTileReader(info, embedder, pooling)
     writer = None
     try:
         # a small GDAL block cache: written blocks are flushed as they fill, not kept in RAM
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
-            writer = _TileWriter(partial, info, journal, done, bar, checkpoint_s)
+            writer = _TileWriter(partial, info, journal, done, bar, checkpoint_s, first_row)
             run_pipeline(lambda: reader.produce(todo),
                          lambda tile, data: _embed_tile(embedder, *reader.pooled(data), dtype),
                          writer)
@@ -435,6 +460,28 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     finally:
         bar.close()
     return out
+
+
+def run_fingerprint(ae_tif: str, embedder: AetherEmbedder, pooling: str, dtype: str, tile_px: int,
+                    rows: tuple[int, int], cog: bool) -> dict:
+    """What makes two runs write the same output: input (and its size and time), checkpoint,
+    options, and which rows."""
+    source = Path(ae_tif).stat() if Path(ae_tif).exists() else None
+    return {"input": str(Path(ae_tif).resolve()) if source else ae_tif,
+            "input size and time": [source.st_size, source.st_mtime_ns] if source else None,
+            "checkpoint": embedder.ckpt_sha256, "pooling": pooling, "dtype": dtype, "precision": embedder.precision,
+            "device": embedder.device.type, "tile size": tile_px, "rows": list(rows), "cog": cog}
+
+
+def finished_output(out: Path, run_tag: str) -> bool:
+    """Is `out` a finished output of the run that `run_tag` (its AETHER_RUN tag) describes?"""
+    if not out.is_file():
+        return False
+    try:
+        with rasterio.open(out) as src:
+            return src.tags().get("AETHER_RUN") == run_tag
+    except rasterio.errors.RasterioIOError:
+        return False
 
 
 def output_block_px(tile_px: int) -> int:
@@ -510,4 +557,132 @@ def _to_cog(path: Path) -> None:
         os.replace(cog_name, path)
     except BaseException:
         Path(cog_name).unlink(missing_ok=True)
+        raise
+
+
+BAND_PX = 1024  # rows per task when one raster is split across a cluster
+
+
+def embed_at_scale(ae_tif: str, ckpt: str, out: str, workers: int | None = None, scheduler: str | None = None,
+                   band_px: int = BAND_PX, progress: bool = True, **options) -> Path:
+    """Embed one raster or a set of tiles, as Dask tasks when a cluster is given (`workers` local
+    processes, or an existing `scheduler`); `options` are those of `embed_raster`.
+
+    A set of tiles (a glob or a list file: see aether.tiles) gives one output per tile in the
+    folder `out`, named after the tile, and `mosaic.vrt` over them. One raster on a cluster is
+    cut into bands of about `band_px` rows, one task each, assembled into `out` at the end;
+    one raster without a cluster is `embed_raster`. Each task writes its output atomically and
+    skips an output the same run already finished, so a rerun after a lost worker or an
+    interruption does only what is missing. The pixels equal those of a single-process run.
+    """
+    from aether.cluster import check_cluster_args, dask_client
+    from aether.tiles import is_tile_set
+
+    check_cluster_args(workers, scheduler)
+    tile_set = is_tile_set(ae_tif)
+    if not tile_set and workers is None and scheduler is None:
+        return embed_raster(ae_tif, ckpt, out, progress=progress, **options)
+    if options.get("resume"):
+        raise AetherError("--resume is for a single-process run of one raster; with a set of tiles or a cluster, "
+                          "run the same command again: finished outputs are skipped")
+    options.pop("resume", None)
+    tile_px = options.get("tile_px", TILE_PX)
+    if tile_px < 16 or tile_px % 16:
+        raise AetherError(f"tile size must be a multiple of 16 pixels (GeoTIFF blocks), got {tile_px}")
+    embedder = AetherEmbedder(ckpt, device="cpu")  # checks the checkpoint and every raster before any work
+    if tile_set:
+        return _embed_tile_set(ae_tif, ckpt, Path(out), embedder, workers, scheduler, progress, options)
+    out = Path(out)
+    check_output_file(out, ae_tif)
+    info = open_raster(ae_tif, n_bands=None)
+    embedder.check_raster(info)
+    whole = AetherEmbedder(ckpt, device=options.get("device", "auto"), precision=options.get("precision", "auto"))
+    run_tag = json.dumps(run_fingerprint(ae_tif, whole, options.get("pooling", "window"), options.get("dtype", "int8"),
+                                         tile_px, (0, info.height), options.get("cog", False)), sort_keys=True)
+    if finished_output(out, run_tag):
+        log(f"{out.name} is already finished (same input, checkpoint and options); skipping it")
+        return out
+    with dask_client(workers, scheduler) as client:
+        return _embed_in_bands(ae_tif, ckpt, out, info, client, band_px, progress, options, run_tag)
+
+
+def _embed_task(ae_tif: str, ckpt: str, out: str, options: dict) -> str:
+    """One Dask task: one tile, or one band of rows, into its own output."""
+    return str(embed_raster(ae_tif, ckpt, out, progress=False, skip_finished=True, **options))
+
+
+def _embed_tile_set(spec: str, ckpt: str, out_dir: Path, embedder: AetherEmbedder, workers, scheduler,
+                    progress: bool, options: dict) -> Path:
+    from aether.cluster import dask_client, run_tasks
+    from aether.tiles import expand_tiles, tile_stems, write_mosaic_vrt
+
+    paths = expand_tiles(spec, "AlphaEarth tile")
+    stems = tile_stems(paths)
+    if out_dir.suffix.lower() in (".tif", ".tiff", ".vrt"):
+        raise AetherError(f"a set of tiles gives one output per tile: --out must be a folder, got {out_dir}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AetherError(f"output {out_dir} is a file; give a folder")
+    if not out_dir.parent.is_dir():
+        raise AetherError(f"folder {out_dir.parent} (holding the output folder) does not exist")
+    infos = [open_raster(p, n_bands=None) for p in paths]
+    for info in infos:
+        embedder.check_raster(info)
+    out_dir.mkdir(exist_ok=True)
+    tasks = [(p, ckpt, str(out_dir / f"{stem}.tif"), options) for p, stem in zip(paths, stems)]
+    with dask_client(workers, scheduler) as client:
+        outputs = run_tasks(client, _embed_task, tasks, [i.width * i.height for i in infos],
+                            desc=f"embedding {len(paths)} tiles", unit="px", progress=progress)
+    mosaic = write_mosaic_vrt(outputs, out_dir / "mosaic.vrt")
+    log(f"{len(outputs)} tiles in {out_dir}; mosaic: {mosaic}")
+    return out_dir
+
+
+def _embed_in_bands(ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client, band_px: int, progress: bool,
+                    options: dict, run_tag: str) -> Path:
+    """One raster as bands of rows on a cluster, assembled into `out` (then COG if asked)."""
+    from aether.cluster import run_tasks
+    from aether.tiles import write_mosaic_vrt
+
+    tile_px = options.get("tile_px", TILE_PX)
+    cog = options.pop("cog", False)
+    bands = row_bands(info, tile_px, -(-info.height // max(tile_px, band_px // tile_px * tile_px)))
+    parts_dir = out.parent / f".{out.name}.parts"
+    parts_dir.mkdir(exist_ok=True)
+    tasks = [(ae_tif, ckpt, str(parts_dir / f"rows_{r0:06d}_{r1:06d}.tif"), options) for r0, r1 in bands]
+    parts = run_tasks(client, _embed_task, tasks, [info.width * (r1 - r0) for r0, r1 in bands],
+                      desc=f"embedding in {len(bands)} bands", unit="px", progress=progress)
+    vrt = write_mosaic_vrt(parts, parts_dir / "all.vrt")
+    _assemble(vrt, parts[0], out, run_tag, cog)
+    for path in [*parts, str(vrt)]:
+        Path(path).unlink()
+    parts_dir.rmdir()
+    return out
+
+
+def _assemble(vrt: Path, first_part: str, out: Path, run_tag: str, cog: bool) -> None:
+    """Copy the mosaic of the bands into one GeoTIFF laid out as `embed_raster` writes it, with the
+    tags of a single-process run, atomically."""
+    from rasterio.shutil import copy as rio_copy
+
+    with rasterio.open(first_part) as src:
+        tags, descriptions, profile = src.tags(), src.descriptions, src.profile
+    tags["AETHER_RUN"] = run_tag
+    fd, tmp = temp_file_beside(out, ".partial.tif")
+    os.close(fd)
+    try:
+        options = dict(tiled=True, blockxsize=profile["blockxsize"], blockysize=profile["blockysize"],
+                       compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
+        if profile["dtype"] != "int8":
+            options["predictor"] = 3 if profile["dtype"] == "float32" else 1
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
+            rio_copy(str(vrt), str(tmp), driver="GTiff", **options)
+        with rasterio.open(tmp, "r+") as dst:
+            dst.update_tags(**tags)
+            for i, name in enumerate(descriptions, start=1):
+                dst.set_band_description(i, name)
+        if cog:
+            _to_cog(Path(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
