@@ -17,6 +17,10 @@ def main() -> None:
                         help="override one config value, e.g. --set train.epochs=3 (repeatable)")
     parser.add_argument("--resume", metavar="RUN_DIR_OR_CKPT",
                         help="continue an interrupted run exactly: its run folder (meaning its last.pt) or a checkpoint")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="pool the POIs as Dask tasks on a local cluster of N worker processes")
+    cluster.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="pool the POIs on an existing Dask scheduler")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args()
 
@@ -25,7 +29,8 @@ def main() -> None:
 
     cfg = load_config(args.cfg, args.overrides)
     command = shlex.join(["python", sys.argv[0], "--cfg", args.cfg, *(f"--set={o}" for o in args.overrides)])
-    train(cfg, progress=not args.no_progress, resume=args.resume, command=command)
+    train(cfg, progress=not args.no_progress, resume=args.resume, command=command, workers=args.workers,
+          scheduler=args.scheduler)
 
 
 if __name__ == "__main__":

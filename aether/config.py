@@ -18,6 +18,7 @@ import yaml
 from aether.errors import AetherError, first_line
 from aether.poi import DEFAULT_TEMPLATE, template_fields
 from aether.raster import is_remote
+from aether.tiles import expand_tiles, is_tile_set
 
 
 @dataclass
@@ -119,7 +120,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_files:
     if check_files:
         for key in ("ae_tif", "poi"):
             value = getattr(cfg.data, key)
-            if not is_remote(value) and not Path(value).exists():
+            if key == "ae_tif" and is_tile_set(value):
+                expand_tiles(value, "config data.ae_tif: tile")  # refuses an empty or unreadable set
+            elif not is_remote(value) and not Path(value).exists():
                 raise AetherError(f"config data.{key}: file {value} does not exist")
     return cfg
 

@@ -9,8 +9,9 @@ from aether.config import Config
 from aether.console import log
 from aether.errors import AetherError
 from aether.poi import PoiTable, prepare_pois, read_poi_frame
-from aether.pooling import pool_points
+from aether.pooling import pool_at_scale
 from aether.raster import RasterInfo, metres_per_degree, open_raster
+from aether.tiles import expand_tiles
 from aether.text import EmbeddingCache, TextEncoder, build_text_encoder, encode_texts
 
 
@@ -63,22 +64,29 @@ def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction
     return np.isin(block_of, chosen)
 
 
-def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
-    """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why."""
+def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True,
+                  client=None) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
+    """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why.
+
+    data.ae_tif may name a set of tiles (aether.tiles); each POI is pooled from one of them, as
+    Dask tasks on `client` when given. The RasterInfo returned is the first tile's.
+    """
     if encoder is None:
         encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url,
                                      cfg.text.device, max_retries=cfg.text.max_retries,
                                      request_timeout_s=cfg.text.request_timeout_s)
     encoder.check()
-    info = open_raster(cfg.data.ae_tif, cfg.data.n_bands)
+    tiles = expand_tiles(cfg.data.ae_tif, "AlphaEarth tile")
+    infos = [open_raster(path, cfg.data.n_bands) for path in tiles]
+    info = infos[0]
     frame = read_poi_frame(cfg.data.poi, cfg.data.lon_column, cfg.data.lat_column, cfg.data.poi_crs)
     pois, dropped = prepare_pois(frame, info.crs, cfg.data.template, cfg.data.description_column,
                                  cfg.data.id_column, source=f"POI file {cfg.data.poi}")
-    pooled = pool_points(info, pois.x, pois.y, [cfg.data.base_radius_m, cfg.data.aug_radius_m],
-                         lat_deg=pois.lat, progress=progress)
+    pooled = pool_at_scale(infos, pois.lon, pois.lat, [cfg.data.base_radius_m, cfg.data.aug_radius_m], client,
+                           xy=(pois.x, pois.y), progress=progress)
     outside = ~pooled.inside
     if outside.any():
-        dropped["outside the raster"] = int(outside.sum())
+        dropped["outside the raster" if len(infos) == 1 else f"outside all {len(infos)} tiles"] = int(outside.sum())
     nodata = pooled.inside & ~pooled.valid
     if nodata.any():
         dropped["window all nodata"] = int(nodata.sum())

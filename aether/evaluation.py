@@ -36,6 +36,7 @@ from aether.metrics import mean_reciprocal_rank, recall_at_k
 from aether.model import AetherModel
 from aether.poi import read_poi_frame, render_description, template_fields
 from aether.pooling import pool_points
+from aether.tiles import is_tile_set
 from aether.raster import RasterInfo, ground_distances_m, open_raster
 
 DEFAULT_CATEGORY_TEMPLATE = "A place of {value}, a type of {key}."
@@ -421,6 +422,9 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
         if value is not None:
             setattr(cfg.data, key, str(Path(value).resolve()))
         path = getattr(cfg.data, key)
+        if key == "ae_tif" and is_tile_set(path):
+            raise AetherError(f"evaluate.py works on one raster, and {path} names a set of tiles; pass --ae_tif with "
+                              f"one tile (or a VRT of tiles in one UTM zone)")
         if not Path(path).exists():
             origin = "given" if value is not None else "named by the checkpoint's config; pass --" + key + " if it moved"
             raise AetherError(f"{key} file {path} does not exist ({origin})")

@@ -228,3 +228,56 @@ def window_means(pixels: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_r
     valid = (count > 0) & (norm > 0)
     means /= np.where(valid, norm, 1.0)[..., None]
     return means, valid
+
+
+POINTS_PER_TASK = 50_000  # points per Dask task when one raster's points are split
+
+
+def pool_at_scale(infos: list[RasterInfo], lon: np.ndarray, lat: np.ndarray, radii_m: list[float], client=None,
+                  xy: tuple[np.ndarray, np.ndarray] | None = None, chunk_px: int = CHUNK_PX,
+                  points_per_task: int = POINTS_PER_TASK, progress: bool = False) -> PooledViews:
+    """`pool_points` for points in lon/lat over one raster or a set of tiles (`infos`), as Dask
+    tasks on `client` (or here, one after another, when it is None). `xy` gives the points in
+    the raster's CRS when there is one raster (otherwise each tile's are computed from lon/lat).
+
+    Each point is pooled from the one tile that `aether.tiles.route_points` gives it. A task
+    holds whole chunks of one tile, so every chunk's summed-area table is the one a
+    single-process run builds, and the result is the same bit for bit.
+    """
+    from rasterio.warp import transform as warp_transform
+
+    from aether.cluster import run_tasks
+    from aether.tiles import route_points
+
+    lon = np.asarray(lon, dtype=np.float64)
+    lat = np.asarray(lat, dtype=np.float64)
+    n, channels = len(lon), infos[0].count
+    owner = route_points(infos, lon, lat) if len(infos) > 1 else np.zeros(n, dtype=np.int64)
+    tasks, points_of = [], []
+    for t, info in enumerate(infos):
+        members = np.flatnonzero(owner == t)
+        if not len(members):
+            continue
+        if xy is not None and len(infos) == 1:
+            x, y = np.asarray(xy[0], dtype=np.float64), np.asarray(xy[1], dtype=np.float64)
+        else:
+            x, y = map(np.asarray, warp_transform("EPSG:4326", info.crs, lon[members].tolist(), lat[members].tolist()))
+        rows, cols = info.rowcol(x, y)
+        inside = (rows >= 0) & (rows < info.height) & (cols >= 0) & (cols < info.width)
+        groups = _chunk_groups(rows, cols, inside, info.width, chunk_px)
+        while groups:
+            take = 1 + int(np.searchsorted(np.cumsum([len(g) for g in groups]), points_per_task))
+            select = np.concatenate(groups[:take])
+            groups = groups[take:]
+            tasks.append((info, x[select], y[select], radii_m, lat[members][select], chunk_px))
+            points_of.append(members[select])
+    results = run_tasks(client, pool_points, tasks, [len(p) for p in points_of], desc="pooling POIs", unit="POI",
+                        progress=progress)
+    views = [np.zeros((n, channels), dtype=np.float32) for _ in radii_m]
+    valid = np.zeros(n, dtype=bool)
+    inside = np.zeros(n, dtype=bool)
+    for points, pooled in zip(points_of, results):
+        for k in range(len(radii_m)):
+            views[k][points] = pooled.views[k]
+        valid[points], inside[points] = pooled.valid, True
+    return PooledViews(views=views, valid=valid, inside=inside)

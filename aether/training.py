@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from aether.checkpoint import atomic_copy, atomic_torch_save, load_checkpoint, make_checkpoint
 from aether.cli import Interrupted
+from aether.cluster import dask_client
 from aether.config import Config
 from aether.console import log
 from aether.dataset import PoiDataset, build_dataset
@@ -236,7 +237,8 @@ class StopOnSignal:
 
 
 def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
-          resume: str | Path | None = None, command: str | None = None) -> Path:
+          resume: str | Path | None = None, command: str | None = None,
+          workers: int | None = None, scheduler: str | None = None) -> Path:
     """Train on the data `cfg` names; return the path of the best checkpoint.
 
     `resume` (a run folder, meaning its last.pt, or a checkpoint file) continues that run where
@@ -244,6 +246,7 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     so on CPU the result is bit for bit that of an uninterrupted run. SIGINT or SIGTERM during
     training finishes the current step, saves last.pt there and raises `Interrupted`, whose
     message shows how to resume (`command`, the command line that started the run, plus --resume).
+    `workers` (a local Dask cluster) or `scheduler` (an existing one) pools the POIs as Dask tasks.
     """
     run_dir = Path(cfg.train.run_dir)
     check_writable_dir(run_dir, "config train.run_dir")
@@ -252,7 +255,8 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     seed_everything(cfg.train.seed)
     encoder = None
     if dataset is None:
-        dataset, _, encoder = build_dataset(cfg, progress=progress)
+        with dask_client(workers, scheduler) as client:
+            dataset, _, encoder = build_dataset(cfg, progress=progress, client=client)
     identity = encoder.identity if encoder is not None else {"backend": cfg.text.backend, "model": cfg.text.model,
                                                              "dimensions": cfg.text.dimensions}
     fingerprint = data_fingerprint(dataset)
