@@ -13,8 +13,10 @@ def main() -> None:
                     "a similarity GeoTIFF, the top-k places as GeoJSON and a PNG heatmap.")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--emb", help="AETHER raster written by infer_aether_raster.py with this checkpoint")
-    source.add_argument("--ae_tif", help="AlphaEarth raster, embedded on the fly through the checkpoint")
+    source.add_argument("--emb", help="AETHER raster written by infer_aether_raster.py with this checkpoint, or a set "
+                                      "of them (a quoted glob or a .txt list)")
+    source.add_argument("--ae_tif", help="AlphaEarth raster, embedded on the fly through the checkpoint, or a set of "
+                                         "tiles (a quoted glob or a .txt list)")
     queries = parser.add_mutually_exclusive_group(required=True)
     queries.add_argument("--query", action="append", help="query text (repeatable)")
     queries.add_argument("--queries", help="text file with one query per line (# starts a comment)")
@@ -27,15 +29,21 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--text-backend", help="text encoder backend (default and only accepted: the checkpoint's)")
     parser.add_argument("--text-model", help="text encoder model (default and only accepted: the checkpoint's)")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--workers", type=int, metavar="N",
+                         help="score a set of tiles as Dask tasks on a local cluster of N worker processes")
+    cluster.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="score a set of tiles on an existing Dask scheduler")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args()
 
-    from aether.retrieval import read_queries, retrieve
+    from aether.retrieval import read_queries, retrieve_at_scale
 
     texts = read_queries(args.queries) if args.queries else args.query
-    results = retrieve(texts, args.ckpt, args.out, emb_tif=args.emb, ae_tif=args.ae_tif, top_k=args.top_k,
-                       nms_m=args.nms_m, tile_px=args.tile, device=args.device, precision=args.precision,
-                       text_backend=args.text_backend, text_model=args.text_model, progress=not args.no_progress)
+    results = retrieve_at_scale(texts, args.ckpt, args.out, emb_tif=args.emb, ae_tif=args.ae_tif,
+                                workers=args.workers, scheduler=args.scheduler, top_k=args.top_k, nms_m=args.nms_m,
+                                tile_px=args.tile, device=args.device, precision=args.precision,
+                                text_backend=args.text_backend, text_model=args.text_model,
+                                progress=not args.no_progress)
     for r in results:
         best = f"best {r.hits[0]['score']:.3f} at ({r.hits[0]['lon']:.5f}, {r.hits[0]['lat']:.5f})" if r.hits else "no valid pixels"
         print(f"{r.query!r}: {r.tif.name}, {r.geojson.name}, {r.png.name}; {best}")

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from aether.console import log
 from aether.errors import AetherError
-from aether.files import atomic_write_text, temp_file_beside
+from aether.files import atomic_write, atomic_write_text, temp_file_beside
 from aether.inference import TILE_PX, AetherEmbedder, PooledTileReader, Tile, tile_grid
 from aether.raster import RasterInfo, ground_distances_m, open_raster, read_vectors
 from aether.streaming import run_pipeline
@@ -39,6 +39,7 @@ MAX_CANDIDATES = 5_000_000  # per query; a cap on k * (D + 1) for huge radii
 HEATMAP_MAX_PX = 1024  # longer side of the PNG heatmap's image
 SCORES_BUDGET_MB = 64  # one tile's similarity scores, all queries together
 GDAL_CACHE_MB = 64
+CANDIDATES = "candidates.npz"  # a tile's top candidates per query, for merging tiles
 
 
 @dataclass
@@ -46,7 +47,7 @@ class QueryResult:
     query: str
     tif: Path
     geojson: Path
-    png: Path
+    png: Path | None
     hits: list[dict]
 
 
@@ -143,9 +144,16 @@ class _TopCandidates:
 def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = None, ae_tif: str | None = None,
              top_k: int = 10, nms_m: float = 100.0, tile_px: int = TILE_PX, device: str = "auto",
              precision: str = "auto", text_backend: str | None = None, text_model: str | None = None,
-             progress: bool = True) -> list[QueryResult]:
+             progress: bool = True, save_candidates: bool = False,
+             query_vectors: np.ndarray | None = None, heatmaps: bool = True) -> list[QueryResult]:
     """Score every pixel of an AETHER raster (`emb_tif`) or of an AlphaEarth raster (`ae_tif`, embedded
-    on the fly) against each query; write each query's GeoTIFF, GeoJSON and PNG into `out_dir`."""
+    on the fly) against each query; write each query's GeoTIFF, GeoJSON and PNG into `out_dir`.
+
+    `save_candidates` also writes each query's best top_k * (D + 1) pixels, in lon/lat, to
+    `candidates.npz`: what merging the top-k of several tiles exactly needs. `query_vectors` are
+    the queries already in the latent space (`AetherEmbedder.embed_texts`), so tiles of one
+    search need not each load the text model. `heatmaps=False` skips the PNGs (QueryResult.png is
+    then None)."""
     queries = [q.strip() for q in queries]
     if not queries or any(not q for q in queries):
         raise AetherError("a query is empty; give the text to search for")
@@ -166,21 +174,11 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         raise AetherError(f"output folder {out} is not writable")
 
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
-    encoder = None
-    if text_backend is not None or text_model is not None:
-        ident = embedder.text_identity
-        encoder = build_text_encoder(text_backend or ident["backend"], text_model or ident["model"],
-                                     ident["dimensions"] if (text_backend or ident["backend"]) == ident["backend"] else None)
-    if emb_tif is not None:
-        info = open_raster(emb_tif, n_bands=None)
-        if info.count != embedder.latent_dim:
-            raise AetherError(f"AETHER raster {emb_tif} has {info.count} bands but checkpoint {ckpt} has a "
-                              f"{embedder.latent_dim}-dimensional latent space (an AlphaEarth raster? use --ae_tif)")
-        _check_aether_raster(emb_tif, ckpt, embedder)
-    else:
-        info = open_raster(ae_tif, n_bands=None)
-        embedder.check_raster(info)
-    q = torch.from_numpy(embedder.embed_texts(queries, encoder))  # (nq, latent), refuses another encoder
+    encoder = _requested_encoder(embedder, text_backend, text_model)
+    info = _open_source(emb_tif if emb_tif is not None else ae_tif, emb_tif is not None, embedder, ckpt)
+    if query_vectors is None:
+        query_vectors = embedder.embed_texts(queries, encoder)  # (nq, latent), refuses another encoder
+    q = torch.from_numpy(np.asarray(query_vectors, dtype=np.float32))
 
     created = not out.exists()
     out.mkdir(exist_ok=True)
@@ -249,12 +247,15 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         for i, (query, name) in enumerate(zip(queries, names)):
             hits = _hits(info, candidates[i], top_k, nms_m)
             geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
-            png_tmp = _write_heatmap(temps[i], out / f"{name}.png", query, hits, temps)
-            results.append(QueryResult(query, out / f"{name}.tif", out / f"{name}.geojson", out / f"{name}.png", hits))
-            for tmp, final in ((temps[i], results[-1].tif), (geojson_tmp, results[-1].geojson),
-                               (png_tmp, results[-1].png)):
-                os.replace(tmp, final)
+            png = out / f"{name}.png" if heatmaps else None
+            png_tmp = _write_heatmap(temps[i], png, query, hits, temps) if heatmaps else None
+            results.append(QueryResult(query, out / f"{name}.tif", out / f"{name}.geojson", png, hits))
+            for tmp, final in ((temps[i], results[-1].tif), (geojson_tmp, results[-1].geojson), (png_tmp, png)):
+                if tmp is not None:
+                    os.replace(tmp, final)
         _write_index(out, results, emb_tif or ae_tif, ckpt, top_k, nms_m)
+        if save_candidates:
+            _write_candidates(out / CANDIDATES, info, candidates)
         return results
     except BaseException:
         for dst in dsts:
@@ -266,6 +267,41 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         raise
     finally:
         bar.close()
+
+
+def _write_candidates(path: Path, info: RasterInfo, candidates: list[_TopCandidates]) -> None:
+    arrays = {}
+    for i, cands in enumerate(candidates):
+        scores, rows, cols = cands.final()
+        x, y = info.xy(rows, cols)
+        lon, lat = warp_transform(info.crs, "EPSG:4326", x.tolist(), y.tolist()) if len(x) else ([], [])
+        arrays.update({f"score_{i}": scores, f"lon_{i}": np.asarray(lon), f"lat_{i}": np.asarray(lat),
+                       f"order_{i}": rows * info.width + cols})
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
+
+
+def _requested_encoder(embedder: AetherEmbedder, backend: str | None, model: str | None):
+    """The text encoder the user named (None: the checkpoint's); embed_texts refuses any other."""
+    if backend is None and model is None:
+        return None
+    ident = embedder.text_identity
+    same_backend = (backend or ident["backend"]) == ident["backend"]
+    return build_text_encoder(backend or ident["backend"], model or ident["model"],
+                              ident["dimensions"] if same_backend else None)
+
+
+def _open_source(path: str, is_aether: bool, embedder: AetherEmbedder, ckpt: str) -> RasterInfo:
+    """Open a raster to score: an AETHER raster of this checkpoint, or an AlphaEarth raster it takes."""
+    info = open_raster(path, n_bands=None)
+    if not is_aether:
+        embedder.check_raster(info)
+        return info
+    if info.count != embedder.latent_dim:
+        raise AetherError(f"AETHER raster {path} has {info.count} bands but checkpoint {ckpt} has a "
+                          f"{embedder.latent_dim}-dimensional latent space (an AlphaEarth raster? use --ae_tif)")
+    _check_aether_raster(path, ckpt, embedder)
+    return info
 
 
 def _check_aether_raster(path: str, ckpt: str, embedder: AetherEmbedder) -> None:
@@ -353,6 +389,108 @@ def _write_heatmap(tif: Path, path: Path, query: str, hits: list[dict], temps: l
 
 def _write_index(out: Path, results: list[QueryResult], source: str, ckpt: str, top_k: int, nms_m: float) -> None:
     index = {"source": str(source), "checkpoint": str(ckpt), "top_k": top_k, "nms_radius_m": nms_m,
-             "queries": [{"query": r.query, "tif": r.tif.name, "geojson": r.geojson.name, "png": r.png.name,
-                          "best_score": r.hits[0]["score"] if r.hits else None} for r in results]}
+             "queries": [{"query": r.query, "tif": r.tif.name, "geojson": r.geojson.name,
+                          "png": r.png.name if r.png else None, "best_score": r.hits[0]["score"] if r.hits else None}
+                         for r in results]}
     atomic_write_text(out / "queries.json", json.dumps(index, ensure_ascii=False, indent=1))
+
+
+def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = None,
+                      ae_tif: str | None = None, workers: int | None = None, scheduler: str | None = None,
+                      top_k: int = 10, nms_m: float = 100.0, progress: bool = True, **options) -> list[QueryResult]:
+    """`retrieve` over one raster or a set of tiles (aether.tiles), as Dask tasks when a cluster is
+    given (`workers` local processes, or an existing `scheduler`).
+
+    Each tile is scored by one task into `out_dir/tiles/<tile>/` (skipped when a rerun finds it
+    finished). Per query, `out_dir` then gets a VRT mosaic of the tiles' similarity maps, the
+    top-k places over all tiles as GeoJSON and a PNG heatmap. The merged top-k is exact: greedy
+    suppression (ground metres, on lon/lat) over every tile's best top_k * (D + 1) pixels.
+    """
+    from aether.cluster import check_cluster_args, dask_client, run_tasks
+    from aether.tiles import expand_tiles, is_tile_set, tile_stems, write_mosaic_vrt
+
+    check_cluster_args(workers, scheduler)
+    source = emb_tif if emb_tif is not None else ae_tif
+    if source is None or not is_tile_set(source):
+        if workers is not None or scheduler is not None:
+            log("note: one raster is scored in this process; --workers and --scheduler split sets of tiles")
+        return retrieve(queries, ckpt, out_dir, emb_tif=emb_tif, ae_tif=ae_tif, top_k=top_k, nms_m=nms_m,
+                        progress=progress, **options)
+    paths = expand_tiles(source, "raster tile")
+    stems = tile_stems(paths)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AetherError(f"output {out} is a file; give a folder")
+    if not out.parent.is_dir():
+        raise AetherError(f"folder {out.parent} (holding the output folder) does not exist")
+    queries = [q.strip() for q in queries]
+    if not queries or any(not q for q in queries):
+        raise AetherError("a query is empty; give the text to search for")
+    key = "emb_tif" if emb_tif is not None else "ae_tif"
+    embedder = AetherEmbedder(ckpt, device="cpu")
+    sizes = []
+    for path in paths:  # every tile is checked before any work
+        info = _open_source(path, emb_tif is not None, embedder, ckpt)
+        sizes.append(info.width * info.height)
+    text_backend, text_model = options.pop("text_backend", None), options.pop("text_model", None)
+    encoder = _requested_encoder(embedder, text_backend, text_model)
+    vectors = embedder.embed_texts(queries, encoder)  # once, here: the tasks get the vectors
+    run = {"queries": queries, "top_k": top_k, "nms_m": nms_m, "checkpoint": embedder.ckpt_sha256,
+           **{k: options.get(k) for k in ("tile_px", "precision")}}
+    tasks = [(queries, ckpt, str(out / "tiles" / stem),
+              {key: path, "top_k": top_k, "nms_m": nms_m, "query_vectors": vectors, **options}, dict(run, source=path))
+             for path, stem in zip(paths, stems)]
+    (out / "tiles").mkdir(parents=True, exist_ok=True)
+    with dask_client(workers, scheduler) as client:
+        tile_dirs = run_tasks(client, _retrieve_task, tasks, sizes, desc=f"scoring {len(paths)} tiles", unit="px",
+                              progress=progress)
+    names = _unique_names(queries)
+    results = []
+    temps: list[Path] = []
+    try:
+        for i, (query, name) in enumerate(zip(queries, names)):
+            mosaic = write_mosaic_vrt([str(Path(d) / f"{name}.tif") for d in tile_dirs], out / f"{name}.vrt")
+            hits = _merged_hits([Path(d) / CANDIDATES for d in tile_dirs], stems, i, top_k, nms_m, mosaic)
+            geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
+            png_tmp = _write_heatmap(mosaic, out / f"{name}.png", query, hits, temps)
+            results.append(QueryResult(query, mosaic, out / f"{name}.geojson", out / f"{name}.png", hits))
+            os.replace(geojson_tmp, results[-1].geojson)
+            os.replace(png_tmp, results[-1].png)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    _write_index(out, results, source, ckpt, top_k, nms_m)
+    return results
+
+
+def _retrieve_task(queries: list[str], ckpt: str, tile_dir: str, options: dict, run: dict) -> str:
+    """One Dask task: score one tile into its own folder, unless a run with the same `run` finished it."""
+    done = Path(tile_dir) / "run.json"
+    if done.is_file() and (Path(tile_dir) / CANDIDATES).is_file() and json.loads(done.read_text()) == run:
+        return tile_dir
+    retrieve(queries, ckpt, tile_dir, progress=False, save_candidates=True, heatmaps=False, **options)
+    atomic_write_text(done, json.dumps(run))  # last: its presence means the folder is complete
+    return tile_dir
+
+
+def _merged_hits(paths: list[Path], stems: list[str], query: int, top_k: int, nms_m: float, mosaic: Path) -> list[dict]:
+    """The top-k places of one query over all tiles, from each tile's saved candidates."""
+    scores, lon, lat, tile, order = [], [], [], [], []
+    for t, path in enumerate(paths):
+        with np.load(path) as saved:
+            scores.append(saved[f"score_{query}"])
+            lon.append(saved[f"lon_{query}"])
+            lat.append(saved[f"lat_{query}"])
+            order.append(saved[f"order_{query}"])
+            tile.append(np.full(len(scores[-1]), t, dtype=np.int64))
+    scores, lon, lat, tile, order = map(np.concatenate, (scores, lon, lat, tile, order))
+    # ties: the tile listed first, then raster order
+    chosen = non_max_suppression(scores, lon, lat, top_k, nms_m, geographic=True,
+                                 tiebreak=tile * (int(order.max(initial=0)) + 1) + order)
+    with rasterio.open(mosaic) as src:
+        crs = src.crs
+    x, y = warp_transform("EPSG:4326", crs, lon[chosen].tolist(), lat[chosen].tolist()) if len(chosen) else ([], [])
+    return [{"rank": rank, "score": round(float(scores[i]), 6), "lon": float(lon[i]), "lat": float(lat[i]),
+             "x": float(xi), "y": float(yi), "tile": stems[int(tile[i])]}
+            for rank, (i, xi, yi) in enumerate(zip(chosen, x, y), start=1)]
