@@ -203,3 +203,19 @@ def run_script_in_process(script: str, args: list[str], monkeypatch, capsys) -> 
         return exc.code, captured.out, captured.err
     captured = capsys.readouterr()
     return 0, captured.out, captured.err
+
+
+def write_zone_tiles(folder: Path, size: int = 96, seed: int = 0, **kwargs) -> list[Path]:
+    """Two AlphaEarth-like tiles on either side of the UTM zone 34/35 seam (24 degrees east) near
+    Helsinki's latitude, each in its own zone as Google ships them, overlapping by about 20 pixels."""
+    from pyproj import Transformer
+
+    paths = []
+    for i, epsg in enumerate((32634, 32635)):
+        x, y = Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True).transform(24.0, 60.17)
+        # tile 0 ends 100 m east of the seam, tile 1 starts 100 m west of it: they overlap
+        left = round(x / 10) * 10 - (size * 10 - 100 if i == 0 else 100)
+        top = round(y / 10) * 10 + size * 5
+        paths.append(write_raster(folder / f"tile_{epsg}.tif", unit_field(size, size, seed=seed + i),
+                                  transform=from_origin(left, top, 10.0, 10.0), crs=f"EPSG:{epsg}", **kwargs))
+    return paths

@@ -297,6 +297,36 @@ def retrieve_output_parent_missing(tmp):
     return args
 
 
+def infer_workers_zero(tmp):
+    return _infer(tmp, None, None, None, "--workers", "0")
+
+
+def infer_scheduler_not_an_address(tmp):
+    return _infer(tmp, None, None, None, "--scheduler", "localhost")
+
+
+def infer_tile_set_into_a_file(tmp):
+    _raster(tmp, "tile_a.tif"), _raster(tmp, "tile_b.tif")
+    return _infer(tmp, tmp / "tile_*.tif", None, tmp / "out.tif")
+
+
+def infer_glob_matching_nothing(tmp):
+    return _infer(tmp, tmp / "tiles_*.tif", None, tmp / "out")
+
+
+def train_tile_list_with_a_three_band_tile(tmp):
+    listing = tmp / "tiles.txt"
+    listing.write_text(f"{_raster(tmp, 'tile_a.tif')}\n{_raster(tmp, 'tile_b.tif', bands=3)}\n")
+    return _args(tmp, ae_tif=listing)
+
+
+def retrieve_empty_tile_list(tmp):
+    (tmp / "tiles.txt").write_text("# no tiles yet\n")
+    args = _retrieve(tmp)
+    args[args.index("--emb") + 1] = str(tmp / "tiles.txt")
+    return args
+
+
 SUBPROCESS, IN_PROCESS = "subprocess", "in-process"
 
 CASES = [
@@ -347,6 +377,12 @@ CASES = [
     (retrieve_top_k_zero, "top-k must be at least 1", IN_PROCESS),
     (retrieve_negative_nms_radius, "suppression radius must be 0 or more metres", IN_PROCESS),
     (retrieve_output_parent_missing, "does not exist", IN_PROCESS),
+    (infer_workers_zero, "--workers must be 1 or more", IN_PROCESS),
+    (infer_scheduler_not_an_address, "must be a Dask scheduler address", IN_PROCESS),
+    (infer_tile_set_into_a_file, "--out must be a folder", IN_PROCESS),
+    (infer_glob_matching_nothing, "matches no files", IN_PROCESS),
+    (train_tile_list_with_a_three_band_tile, "has 3 bands, expected 64", IN_PROCESS),
+    (retrieve_empty_tile_list, "names no rasters", IN_PROCESS),
 ]
 
 
