@@ -11,7 +11,7 @@ from aether.errors import AetherError
 from aether.poi import PoiTable, prepare_pois, read_poi_frame
 from aether.pooling import pool_points
 from aether.raster import RasterInfo, metres_per_degree, open_raster
-from aether.text import EmbeddingCache, TextEncoder, build_text_encoder, encode_texts
+from aether.text import EmbeddingCache, TextEncoder, build_text_encoder
 
 
 @dataclass
@@ -92,7 +92,9 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
     pois = pois.subset(keep)
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
-        text, n_encoded = encode_texts(encoder, pois.texts, cache, cfg.text.batch_size, progress)
+        from aether.distributed import encode_texts_sharded  # torch: only for training and evaluation
+
+        text, n_encoded = encode_texts_sharded(encoder, pois.texts, cache, cfg.text.batch_size, progress)
     finally:
         cache.close()
     n_unique = len(set(pois.texts))
