@@ -92,7 +92,7 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
     pois = pois.subset(keep)
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
-        from aether.distributed import encode_texts_sharded  # torch: only for training and evaluation
+        from aether.distributed import encode_texts_sharded  # imports torch: here, not at the top
 
         text, n_encoded = encode_texts_sharded(encoder, pois.texts, cache, cfg.text.batch_size, progress)
     finally:

@@ -2,14 +2,17 @@
 
 torchrun starts N copies of train.py with RANK, LOCAL_RANK and WORLD_SIZE in their environment;
 `process_group` joins them (NCCL with one GPU per process on CUDA, gloo on CPU). Without torchrun
-there is no process group and every helper here is the identity: one process is the whole world.
+there is no process group and every helper here passes its input through or does nothing: one
+process is the whole world, and training is exactly what it was.
 
 train.batch_size is the global batch B. Every rank draws the same permutation, takes its share of
 each batch (`shard_sizes`: B/N rows, the first B mod N ranks one more) and projects it; `gather_rows`
 joins every rank's projections, keeping their gradients, so every rank computes the loss of the
 whole global batch. Backward through the gather hands each rank the sum over the N ranks of its
 rows' gradients, N times the one-process gradient, and DDP's average over the ranks brings it back:
-N processes take the steps that one process takes with the whole batch.
+N processes take the steps that one process takes with the whole batch (up to float rounding).
+That holds with model.dropout 0; with dropout each rank draws its own masks (`seed_own_stream`),
+which trains as well but not identically.
 """
 from __future__ import annotations
 
