@@ -1,9 +1,13 @@
 """Train AETHER: python train.py --cfg config.yaml [--set train.epochs=3 ...] [--resume RUN_DIR]
 
+On several GPUs (or CPU processes): torchrun --nproc_per_node N train.py --cfg config.yaml ...
+(train.batch_size stays the global batch; see aether/distributed.py).
+
 SIGINT (Ctrl-C) or SIGTERM stops training after the current step with a resumable last.pt,
 one message saying how to resume, and exit code 130 or 143.
 """
 import argparse
+import os
 import shlex
 import sys
 
@@ -28,7 +32,9 @@ def main() -> None:
     from aether.training import train
 
     cfg = load_config(args.cfg, args.overrides)
-    command = shlex.join(["python", sys.argv[0], "--cfg", args.cfg, *(f"--set={o}" for o in args.overrides)])
+    launcher = (["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if "LOCAL_WORLD_SIZE" in os.environ
+                else ["python"])
+    command = shlex.join([*launcher, sys.argv[0], "--cfg", args.cfg, *(f"--set={o}" for o in args.overrides)])
     train(cfg, progress=not args.no_progress, resume=args.resume, command=command, workers=args.workers,
           scheduler=args.scheduler)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from aether.console import is_main_process
 from aether.errors import AetherError
 
 
@@ -21,15 +22,20 @@ class Interrupted(Exception):
 
 def run(main: Callable[[], object]) -> None:
     """Run `main`; an AetherError becomes 'error: ...' on stderr and exit code 2, a clean stop
-    on a signal its message and 128 + the signal number."""
+    on a signal its message and 128 + the signal number. Under torchrun every process exits so,
+    rank 0 alone printing the line (the ranks meet the same errors, or share them first)."""
+    say = is_main_process()
     try:
         main()
     except AetherError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if say:
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as exc:
-        print(exc, file=sys.stderr)
+        if say:
+            print(exc, file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if say:
+            print("interrupted", file=sys.stderr)
         sys.exit(130)

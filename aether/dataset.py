@@ -11,8 +11,8 @@ from aether.errors import AetherError
 from aether.poi import PoiTable, prepare_pois, read_poi_frame
 from aether.pooling import pool_at_scale
 from aether.raster import RasterInfo, metres_per_degree, open_raster
+from aether.text import EmbeddingCache, TextEncoder, build_text_encoder
 from aether.tiles import expand_tiles
-from aether.text import EmbeddingCache, TextEncoder, build_text_encoder, encode_texts
 
 
 @dataclass
@@ -100,7 +100,9 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
     pois = pois.subset(keep)
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
-        text, n_encoded = encode_texts(encoder, pois.texts, cache, cfg.text.batch_size, progress)
+        from aether.distributed import encode_texts_sharded  # imports torch: here, not at the top
+
+        text, n_encoded = encode_texts_sharded(encoder, pois.texts, cache, cfg.text.batch_size, progress)
     finally:
         cache.close()
     n_unique = len(set(pois.texts))

@@ -35,3 +35,7 @@ class AetherModel(nn.Module):
         self.ae = Projector(n_bands, hidden_dim, latent_dim, dropout)
         self.text = Projector(text_dim, hidden_dim, latent_dim, dropout)
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature)
+
+    def forward(self, base: torch.Tensor, aug: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Latent vectors of a batch's base views, augmented views and texts (one call, as DDP wants)."""
+        return self.ae(base), self.ae(aug), self.text(text)

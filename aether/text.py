@@ -281,13 +281,19 @@ def build_text_encoder(backend: str, model: str, dimensions: int | None = None,
 
 
 class EmbeddingCache:
-    """Text embeddings on disk (SQLite), keyed by encoder identity and text."""
+    """Text embeddings on disk (SQLite), keyed by encoder identity and text.
+
+    Several processes may use one cache at once (the ranks of a torchrun launch): a writer that
+    finds the file locked waits up to `lock_timeout_s` for the other's transaction to end.
+    """
+
+    lock_timeout_s = 120.0
 
     def __init__(self, cache_dir: str | Path):
         cache_dir = Path(cache_dir)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(cache_dir / "text_embeddings.sqlite")
+            self._db = sqlite3.connect(cache_dir / "text_embeddings.sqlite", timeout=self.lock_timeout_s)
             self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
         except (OSError, sqlite3.Error) as exc:
             raise AetherError(f"cannot use text cache folder {cache_dir}: {exc}") from None

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from aether import distributed
 from aether.checkpoint import atomic_copy, atomic_torch_save, load_checkpoint, make_checkpoint
 from aether.cli import Interrupted
 from aether.cluster import dask_client
@@ -44,11 +45,17 @@ RESUME_MUST_MATCH = (
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU."""
+    """'auto' is CUDA when present, else CPU; under torchrun each process takes GPU LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise AetherError("device cuda was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
+    if name == "cuda" and distributed.launched():
+        n_local, n_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+        if n_gpus < n_local:
+            raise AetherError(f"torchrun started {n_local} processes on this machine but PyTorch sees {n_gpus} "
+                              f"CUDA GPUs (one each); use --nproc_per_node {n_gpus} or set train.device=cpu")
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -91,6 +98,15 @@ def evaluate_split(model: AetherModel, loss_fn: AetherLoss, base, aug, text) -> 
     for k, v in recall_at_k(b, t, KS).items():
         out[f"val_ae2t_r{k}"] = v
     return out
+
+
+def global_batch_loss(net: torch.nn.Module, loss_fn: AetherLoss, log_logit_scale: torch.Tensor,
+                      base: torch.Tensor, aug: torch.Tensor, text: torch.Tensor,
+                      shares: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of a global batch of which this process holds the rows `base`, `aug`, `text`
+    (rank r holds shares[r] rows): projected here, joined across processes with their gradients."""
+    b, a, t = (distributed.gather_rows(z, shares) for z in net(base, aug, text))
+    return loss_fn(b, a, t, log_logit_scale)
 
 
 def rng_states() -> dict:
@@ -247,10 +263,34 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     training finishes the current step, saves last.pt there and raises `Interrupted`, whose
     message shows how to resume (`command`, the command line that started the run, plus --resume).
     `workers` (a local Dask cluster) or `scheduler` (an existing one) pools the POIs as Dask tasks.
+
+    Under torchrun the N processes train together (see aether.distributed): train.batch_size is
+    the global batch, every process takes its share of it and the loss is that of the whole
+    batch, so with dropout 0 the weights are those of one process (up to float rounding). Only
+    rank 0 validates, prints and writes files; last.pt resumes with any number of processes.
     """
     run_dir = Path(cfg.train.run_dir)
     check_writable_dir(run_dir, "config train.run_dir")
     resume_path, resumed = resume_checkpoint(resume, cfg) if resume is not None else (None, None)
+    device = pick_device(cfg.train.device)
+    if cfg.train.batch_size < distributed.world_size():
+        raise AetherError(f"config train.batch_size is {cfg.train.batch_size} but torchrun started "
+                          f"{distributed.world_size()} processes, each needing rows of every batch; "
+                          f"use train.batch_size >= {distributed.world_size()} or fewer processes")
+    if distributed.world_size() > 1 and (workers is not None or scheduler is not None):
+        raise AetherError("--workers / --scheduler pool POIs in one training process; under torchrun every process "
+                          "pools its own copy, so run torchrun without them")
+    with distributed.process_group(device):
+        return _train(cfg, device, progress and distributed.is_main(), dataset, resume_path, resumed, command,
+                      workers, scheduler)
+
+
+def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDataset | None,
+           resume_path: Path | None, resumed: dict | None, command: str | None,
+           workers: int | None = None, scheduler: str | None = None) -> Path:
+    """`train` once the inputs are checked and the processes (if several) joined."""
+    run_dir = Path(cfg.train.run_dir)
+    main = distributed.is_main()
     start = time.time()
     seed_everything(cfg.train.seed)
     encoder = None
@@ -262,27 +302,32 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     fingerprint = data_fingerprint(dataset)
     if resumed is not None:
         check_resume_data(resume_path, resumed, dataset, fingerprint, encoder.identity if encoder else None)
-    device = pick_device(cfg.train.device)
     seed_everything(cfg.train.seed)
 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     train_rows = np.flatnonzero(~dataset.is_val)
     val_rows = np.flatnonzero(dataset.is_val)
     log(f"split: {len(train_rows)} train, {len(val_rows)} validation POIs (spatial blocks of {cfg.data.val_block_m:g} m)")
-    if len(train_rows) < 2:
-        raise AetherError(f"only {len(train_rows)} training POIs; contrastive training needs at least 2")
+    if len(train_rows) < max(2, distributed.world_size()):
+        raise AetherError(f"only {len(train_rows)} training POIs; contrastive training needs at least 2"
+                          + (f", and one for each of the {distributed.world_size()} processes"
+                             if distributed.world_size() > 2 else ""))
     base, aug, text = tensor(dataset.base), tensor(dataset.aug), tensor(dataset.text)
     text_dim = dataset.text.shape[1]
     model = AetherModel(dataset.base.shape[1], text_dim, cfg.model.latent_dim, cfg.model.hidden_dim,
                         cfg.model.dropout, cfg.loss.temperature, cfg.loss.learn_temperature).to(device)
+    net = distributed.wrap(model, device)
+    distributed.seed_own_stream(cfg.train.seed)
     loss_fn = AetherLoss(cfg.loss.lam, cfg.loss.min_temperature)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batch = min(cfg.train.batch_size, len(train_rows))
     steps_per_epoch = max(1, len(train_rows) // batch)  # full batches only: InfoNCE needs its negatives
+    shares, mine = distributed.shard_sizes(batch), distributed.my_rows(batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(cfg.train.epochs * steps_per_epoch, cfg.train.warmup_epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -290,18 +335,24 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     best_score, best_path, last_path = -math.inf, run_dir / "best.pt", run_dir / "last.pt"
     first_epoch, first_step, totals, record = 1, 0, None, {}
     if resumed is None:
-        metrics_path.write_text("")
+        if main:
+            metrics_path.write_text("")
     else:
         state = resumed["resume"]
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["epoch_generator"])
-        set_rng_states(state["rng"])
+        by_rank = state.get("rng_by_rank", [state["rng"]])
+        if len(by_rank) == distributed.world_size():
+            set_rng_states(by_rank[distributed.rank()])
+        elif main:  # another process count: rank 0 continues the saved stream, the others their own
+            set_rng_states(state["rng"])
         first_epoch, first_step, totals = state["epoch"], state["step"], state["totals"]
         best_score, record = state["best_score"], resumed["metrics"]
         start -= state["elapsed_s"]
-        carry_over_run_files(resume_path.parent, run_dir, first_epoch - 1)
+        if main:
+            carry_over_run_files(resume_path.parent, run_dir, first_epoch - 1)
         saved_epochs = resumed["config"]["train"]["epochs"]
         log(f"resuming {resume_path} at epoch {first_epoch}, step {first_step} of {steps_per_epoch}"
             + (f" (train.epochs is {cfg.train.epochs} here, {saved_epochs} in the checkpoint: the learning-rate "
@@ -311,11 +362,17 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
             return best_path
 
     def save_last(epoch: int, step: int, epoch_generator: torch.Tensor, totals: dict) -> None:
-        """last.pt with the state to continue at `step` of `epoch` (epoch's shuffle from `epoch_generator`)."""
+        """last.pt with the state to continue at `step` of `epoch` (epoch's shuffle from `epoch_generator`).
+        Every rank calls it (each one's random states go in), rank 0 writes it."""
+        rngs = distributed.gather_objects(rng_states())
+        if not main:
+            return
         state = {"epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch, "epoch_generator": epoch_generator,
                  "totals": dict(totals), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": rng_states(), "best_score": best_score, "elapsed_s": time.time() - start,
+                 "rng": rngs[0], "best_score": best_score, "elapsed_s": time.time() - start,
                  "data": fingerprint}
+        if len(rngs) > 1:
+            state["rng_by_rank"] = rngs
         atomic_torch_save(make_checkpoint(model, cfg, identity, text_dim, epoch - 1, record, resume=state), last_path)
 
     bar = tqdm(range(first_epoch, cfg.train.epochs + 1), initial=first_epoch - 1, total=cfg.train.epochs,
@@ -328,17 +385,18 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
             epoch_generator = generator.get_state()
             order = torch.from_numpy(train_rows)[torch.randperm(len(train_rows), generator=generator)]
             for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
-                if stop.signum is not None:
+                signum = distributed.max_over_ranks(stop.signum or 0)  # all ranks stop at the same step
+                if signum:
                     save_last(epoch, step, epoch_generator, totals)
                     bar.close()
                     how = (f"{command} --resume {shlex.quote(str(run_dir))}" if command
                            else f"train(cfg, resume={str(run_dir)!r})")
-                    raise Interrupted(f"interrupted by {signal.Signals(stop.signum).name} at epoch {epoch}, "
+                    raise Interrupted(f"interrupted by {signal.Signals(signum).name} at epoch {epoch}, "
                                       f"step {step} of {steps_per_epoch}; checkpoint saved to {last_path}; "
-                                      f"resume with: {how}", 128 + stop.signum)
-                idx = order[step * batch:(step + 1) * batch].to(device)
-                loss, parts = loss_fn(model.ae(base[idx]), model.ae(aug[idx]), model.text(text[idx]),
-                                      model.log_logit_scale)
+                                      f"resume with: {how}", 128 + signum)
+                idx = order[step * batch:(step + 1) * batch][mine].to(device)
+                loss, parts = global_batch_loss(net, loss_fn, model.log_logit_scale, base[idx], aug[idx], text[idx],
+                                                shares)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -348,16 +406,17 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
             record = {"epoch": epoch, **{f"train_{k}": v for k, v in totals.items()},
                       "lr": scheduler.get_last_lr()[0],
                       "temperature": 1.0 / float(loss_fn.logit_scale(model.log_logit_scale.detach()))}
-            if len(val_rows) >= 2:
-                vi = torch.from_numpy(val_rows).to(device)
-                record.update(evaluate_split(model, loss_fn, base[vi], aug[vi], text[vi]))
-            record["elapsed_s"] = round(time.time() - start, 2)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            score = record.get("val_t2ae_r10", -record["train_loss"])
-            if score > best_score:  # best.pt before last.pt: a kill between them replays this epoch
-                best_score = score
-                atomic_torch_save(make_checkpoint(model, cfg, identity, text_dim, epoch, record), best_path)
+            if main:  # validation, metrics.jsonl and best.pt are rank 0's
+                if len(val_rows) >= 2:
+                    vi = torch.from_numpy(val_rows).to(device)
+                    record.update(evaluate_split(model, loss_fn, base[vi], aug[vi], text[vi]))
+                record["elapsed_s"] = round(time.time() - start, 2)
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                score = record.get("val_t2ae_r10", -record["train_loss"])
+                if score > best_score:  # best.pt before last.pt: a kill between them replays this epoch
+                    best_score = score
+                    atomic_torch_save(make_checkpoint(model, cfg, identity, text_dim, epoch, record), best_path)
             save_last(epoch + 1, 0, generator.get_state(), {k: 0.0 for k in totals})
             bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                             **({"R@10": f"{record['val_t2ae_r10']:.3f}"} if "val_t2ae_r10" in record else {}))
