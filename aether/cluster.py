@@ -66,10 +66,12 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
 
 
 def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[float] | None = None,
-              desc: str = "tasks", unit: str = "task", progress: bool = True) -> list:
+              desc: str = "tasks", unit: str = "task", progress: bool = True,
+              on_result: Callable | None = None) -> list:
     """fn(*task) for every task, on the cluster's workers (or here when `client` is None); the
-    results in task order. The bar advances by each task's weight (e.g. its pixels) as it ends.
-    The first task to fail cancels the rest and its error is raised here."""
+    results in task order. As each task ends, `on_result(task_index, result)` runs here and the
+    bar advances by its weight (e.g. its pixels). The first task to fail cancels the rest and its
+    error is raised here."""
     weights = list(weights) if weights is not None else [1] * len(tasks)
     bar = tqdm(total=sum(weights), desc=desc, unit=unit, unit_scale=True, disable=not progress or not tasks)
     try:
@@ -77,17 +79,21 @@ def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[fl
             results = []
             for task, weight in zip(tasks, weights):
                 results.append(fn(*task))
+                if on_result is not None:
+                    on_result(len(results) - 1, results[-1])
                 bar.update(weight)
             return results
         from distributed import as_completed
 
         futures = [client.submit(fn, *task, pure=False) for task in tasks]
-        weight_of = {f.key: w for f, w in zip(futures, weights)}
+        index_of = {f.key: i for i, f in enumerate(futures)}
         try:
             for future in as_completed(futures):
-                if future.status == "error":
-                    future.result()  # raises the task's own error
-                bar.update(weight_of[future.key])
+                i = index_of[future.key]
+                result = future.result()  # raises the task's own error
+                if on_result is not None:
+                    on_result(i, result)
+                bar.update(weights[i])
             return client.gather(futures)
         finally:
             client.cancel([f for f in futures if not f.done()])

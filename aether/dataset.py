@@ -11,7 +11,7 @@ from aether.errors import AetherError
 from aether.poi import PoiTable, prepare_pois, read_poi_frame
 from aether.pooling import pool_at_scale
 from aether.raster import RasterInfo, metres_per_degree, open_raster
-from aether.text import EmbeddingCache, TextEncoder, build_text_encoder
+from aether.text import EmbeddingCache, TextEncoder, build_text_encoder, encode_texts_on_cluster
 from aether.tiles import expand_tiles
 
 
@@ -68,8 +68,9 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
                   client=None) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
     """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why.
 
-    data.ae_tif may name a set of tiles (aether.tiles); each POI is pooled from one of them, as
-    Dask tasks on `client` when given. The RasterInfo returned is the first tile's.
+    data.ae_tif may name a set of tiles (aether.tiles); each POI is pooled from one of them. With a
+    Dask `client`, pooling and the encoding of texts not yet cached run as tasks on its workers.
+    The RasterInfo returned is the first tile's.
     """
     if encoder is None:
         encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url,
@@ -100,9 +101,12 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
     pois = pois.subset(keep)
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
-        from aether.distributed import encode_texts_sharded  # imports torch: here, not at the top
+        if client is not None:
+            text, n_encoded = encode_texts_on_cluster(client, encoder, pois.texts, cache, cfg.text.batch_size, progress)
+        else:
+            from aether.distributed import encode_texts_sharded  # imports torch: here, not at the top
 
-        text, n_encoded = encode_texts_sharded(encoder, pois.texts, cache, cfg.text.batch_size, progress)
+            text, n_encoded = encode_texts_sharded(encoder, pois.texts, cache, cfg.text.batch_size, progress)
     finally:
         cache.close()
     n_unique = len(set(pois.texts))

@@ -43,6 +43,11 @@ class TextEncoder:
     def check(self) -> None:
         """Fail early, before heavy work, if the encoder cannot run (missing package, key or model)."""
 
+    def __getstate__(self) -> dict:
+        """A pickled encoder (sent to a Dask worker) leaves its loaded model or client behind and
+        loads its own on first use."""
+        return {k: (None if k in ("_st", "_client") else v) for k, v in self.__dict__.items()}
+
     def fit(self, text: str) -> str:
         """The text as the encoder will see it (the OpenAI backend truncates over-long texts)."""
         return text
@@ -319,6 +324,37 @@ class EmbeddingCache:
 
     def close(self) -> None:
         self._db.close()
+
+
+TEXTS_PER_TASK = 4096  # unique texts per Dask task when a cluster encodes
+
+
+def encode_texts_on_cluster(client, encoder: TextEncoder, texts: list[str], cache: EmbeddingCache,
+                            batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, int]:
+    """What `encode_texts` returns, with the texts not yet in the cache encoded as Dask tasks on
+    `client`'s workers (each loads the model once, on its GPU when it has one). This process is the
+    cache's only writer: each task's vectors go in as it ends, so a failure keeps what finished."""
+    from aether.cluster import run_tasks
+
+    unique = list(dict.fromkeys(texts))
+    keys = {t: EmbeddingCache.key(encoder.identity, t) for t in unique}
+    cached = cache.get(list(keys.values()))
+    todo = [t for t in unique if keys[t] not in cached]
+    chunks = [todo[i:i + TEXTS_PER_TASK] for i in range(0, len(todo), TEXTS_PER_TASK)]
+
+    def store(i: int, vectors: np.ndarray) -> None:
+        cache.put({keys[t]: v for t, v in zip(chunks[i], vectors)})
+
+    run_tasks(client, _encode_task, [(encoder, chunk, batch_size) for chunk in chunks], [len(c) for c in chunks],
+              desc="encoding texts", unit="text", progress=progress, on_result=store)
+    vectors, _ = encode_texts(encoder, texts, cache, batch_size, progress=False)  # all cached by now
+    return vectors, len(todo)
+
+
+def _encode_task(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.ndarray:
+    """One Dask task: embeddings of `texts`, in order."""
+    vectors, _ = encode_texts(encoder, texts, None, batch_size, progress=False)
+    return vectors
 
 
 def encode_texts(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache | None = None,

@@ -244,3 +244,31 @@ def test_infer_command_on_a_scheduler_embeds_a_list_of_tiles(tmp_path, zone_tile
         reference = embed_raster(str(path), str(ckpt), str(tmp_path / f"ref_{path.name}"), tile_px=32, progress=False)
         with rasterio.open(out / path.name) as a, rasterio.open(reference) as b:
             np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_text_encoding_on_two_workers_fills_one_cache(tmp_path, scheduler):
+    from distributed import Client
+
+    from aether.text import EmbeddingCache, build_text_encoder, encode_texts, encode_texts_on_cluster
+
+    texts = [f"A place of {v}, a type of amenity, named Place {i}." for i, v in enumerate(["cafe", "bar"] * 6)]
+    texts += texts[:3]  # repeats are encoded once
+    encoder = build_text_encoder("sentence-transformers", "all-MiniLM-L6-v2")
+    expected, _ = encode_texts(encoder, texts, None, progress=False)  # this process, no cache
+    cache = EmbeddingCache(tmp_path / "cache")
+    try:
+        with Client(scheduler) as client:
+            import aether.text
+
+            aether.text.TEXTS_PER_TASK, saved = 5, aether.text.TEXTS_PER_TASK  # 3 tasks for 12 unique texts
+            try:
+                vectors, n_encoded = encode_texts_on_cluster(client, encoder, texts, cache, progress=False)
+                again, n_again = encode_texts_on_cluster(client, encoder, texts, cache, progress=False)
+            finally:
+                aether.text.TEXTS_PER_TASK = saved
+        assert n_encoded == 12 and n_again == 0
+        assert len(cache.get([EmbeddingCache.key(encoder.identity, t) for t in set(texts)])) == 12
+    finally:
+        cache.close()
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    np.testing.assert_array_equal(again, vectors)
