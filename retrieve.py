@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--text-model", help="text encoder model (default and only accepted: the checkpoint's)")
     cluster = parser.add_mutually_exclusive_group()
     cluster.add_argument("--workers", type=int, metavar="N",
-                         help="score a set of tiles as Dask tasks on a local cluster of N worker processes")
-    cluster.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="score a set of tiles on an existing Dask scheduler")
+                         help="score as Dask tasks (tiles, or bands of one raster) on a local cluster of N processes")
+    cluster.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="score as Dask tasks on an existing Dask scheduler")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args()
 

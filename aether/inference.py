@@ -641,7 +641,7 @@ def _embed_in_bands(ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client,
                     options: dict, run_tag: str) -> Path:
     """One raster as bands of rows on a cluster, assembled into `out` (then COG if asked)."""
     from aether.cluster import run_tasks
-    from aether.tiles import write_mosaic_vrt
+    from aether.tiles import join_bands
 
     tile_px = options.get("tile_px", TILE_PX)
     cog = options.pop("cog", False)
@@ -651,38 +651,8 @@ def _embed_in_bands(ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client,
     tasks = [(ae_tif, ckpt, str(parts_dir / f"rows_{r0:06d}_{r1:06d}.tif"), options) for r0, r1 in bands]
     parts = run_tasks(client, _embed_task, tasks, [info.width * (r1 - r0) for r0, r1 in bands],
                       desc=f"embedding in {len(bands)} bands", unit="px", progress=progress)
-    vrt = write_mosaic_vrt(parts, parts_dir / "all.vrt")
-    _assemble(vrt, parts[0], out, run_tag, cog)
-    for path in [*parts, str(vrt)]:
+    join_bands(parts, out, {"AETHER_RUN": run_tag}, finish=_to_cog if cog else None)
+    for path in parts:
         Path(path).unlink()
     parts_dir.rmdir()
     return out
-
-
-def _assemble(vrt: Path, first_part: str, out: Path, run_tag: str, cog: bool) -> None:
-    """Copy the mosaic of the bands into one GeoTIFF laid out as `embed_raster` writes it, with the
-    tags of a single-process run, atomically."""
-    from rasterio.shutil import copy as rio_copy
-
-    with rasterio.open(first_part) as src:
-        tags, descriptions, profile = src.tags(), src.descriptions, src.profile
-    tags["AETHER_RUN"] = run_tag
-    fd, tmp = temp_file_beside(out, ".partial.tif")
-    os.close(fd)
-    try:
-        options = dict(tiled=True, blockxsize=profile["blockxsize"], blockysize=profile["blockysize"],
-                       compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
-        if profile["dtype"] != "int8":
-            options["predictor"] = 3 if profile["dtype"] == "float32" else 1
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
-            rio_copy(str(vrt), str(tmp), driver="GTiff", **options)
-        with rasterio.open(tmp, "r+") as dst:
-            dst.update_tags(**tags)
-            for i, name in enumerate(descriptions, start=1):
-                dst.set_band_description(i, name)
-        if cog:
-            _to_cog(Path(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

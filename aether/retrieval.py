@@ -17,12 +17,14 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import torch
+from affine import Affine
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from tqdm.auto import tqdm
@@ -30,9 +32,10 @@ from tqdm.auto import tqdm
 from aether.console import log
 from aether.errors import AetherError
 from aether.files import atomic_write, atomic_write_text, temp_file_beside
-from aether.inference import TILE_PX, AetherEmbedder, PooledTileReader, Tile, tile_grid
+from aether.inference import BAND_PX, TILE_PX, AetherEmbedder, PooledTileReader, Tile, row_bands, tile_grid
 from aether.raster import RasterInfo, ground_distances_m, open_raster, read_vectors
 from aether.streaming import run_pipeline
+from aether.tiles import join_bands, write_mosaic_vrt
 from aether.text import build_text_encoder
 
 MAX_CANDIDATES = 5_000_000  # per query; a cap on k * (D + 1) for huge radii
@@ -46,7 +49,7 @@ CANDIDATES = "candidates.npz"  # a tile's top candidates per query, for merging 
 class QueryResult:
     query: str
     tif: Path
-    geojson: Path
+    geojson: Path | None
     png: Path | None
     hits: list[dict]
 
@@ -88,6 +91,11 @@ def nms_radius_px(info: RasterInfo, radius_m: float) -> int:
         lat = info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]
     sx, sy = info.pixel_size_m(lat)
     return int(math.ceil(radius_m / max(min(float(np.min(sx)), float(np.min(sy))), 1e-9)))
+
+
+def _candidates_needed(info: RasterInfo, top_k: int, nms_m: float) -> int:
+    """How many best pixels per query make the top-k after suppression exact: k * (D + 1)."""
+    return top_k * ((2 * nms_radius_px(info, nms_m) + 1) ** 2 + 1)
 
 
 def non_max_suppression(scores: np.ndarray, x: np.ndarray, y: np.ndarray, k: int, radius_m: float,
@@ -145,7 +153,8 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
              top_k: int = 10, nms_m: float = 100.0, tile_px: int = TILE_PX, device: str = "auto",
              precision: str = "auto", text_backend: str | None = None, text_model: str | None = None,
              progress: bool = True, save_candidates: bool = False,
-             query_vectors: np.ndarray | None = None, heatmaps: bool = True) -> list[QueryResult]:
+             query_vectors: np.ndarray | None = None, heatmaps: bool = True,
+             rows: tuple[int, int] | None = None) -> list[QueryResult]:
     """Score every pixel of an AETHER raster (`emb_tif`) or of an AlphaEarth raster (`ae_tif`, embedded
     on the fly) against each query; write each query's GeoTIFF, GeoJSON and PNG into `out_dir`.
 
@@ -153,7 +162,9 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
     `candidates.npz`: what merging the top-k of several tiles exactly needs. `query_vectors` are
     the queries already in the latent space (`AetherEmbedder.embed_texts`), so tiles of one
     search need not each load the text model. `heatmaps=False` skips the PNGs (QueryResult.png is
-    then None)."""
+    then None). `rows` (input rows start:stop, start a multiple of the tile side that
+    `query_tile_px` gives) scores only that band of the raster, for `retrieve_at_scale`: the
+    GeoTIFFs cover the band where it lies, and only they and the candidates are written."""
     queries = [q.strip() for q in queries]
     if not queries or any(not q for q in queries):
         raise AetherError("a query is empty; give the text to search for")
@@ -183,7 +194,7 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
     created = not out.exists()
     out.mkdir(exist_ok=True)
     names = _unique_names(queries)
-    keep = top_k * ((2 * nms_radius_px(info, nms_m) + 1) ** 2 + 1)
+    keep = _candidates_needed(info, top_k, nms_m)
     if keep > MAX_CANDIDATES:
         log(f"note: top-{top_k} with {nms_m:g} m suppression would need {keep:,} candidates per query; keeping "
             f"{MAX_CANDIDATES:,}, so fewer than {top_k} places may be returned")
@@ -194,8 +205,13 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
                    transform=info.north_up_transform, nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256,
                    compress="zstd", zstd_level=1, predictor=3, bigtiff="if_safer")
     tile_px = query_tile_px(tile_px, len(queries))
-    tiles = tile_grid(info, tile_px)
-    bar = tqdm(total=info.width * info.height, desc="scoring", unit="px", unit_scale=True, disable=not progress)
+    if rows is not None and not (0 <= rows[0] < rows[1] <= info.height and rows[0] % tile_px == 0):
+        raise AetherError(f"rows {rows[0]}:{rows[1]} are not a band of whole tiles ({tile_px} px) of {info.path}")
+    r_start, r_stop = rows if rows is not None else (0, info.height)
+    first_row = info.north_up_rows(r_start, r_stop - r_start)
+    profile.update(height=r_stop - r_start, transform=info.north_up_transform @ Affine.translation(0, first_row))
+    tiles = tile_grid(info, tile_px, rows)
+    bar = tqdm(total=info.width * (r_stop - r_start), desc="scoring", unit="px", unit_scale=True, disable=not progress)
     dsts = []
     try:
         for query, name in zip(queries, names):
@@ -230,7 +246,7 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         def consume(tile: Tile, sims: np.ndarray) -> None:
             rows = tile.row0 + np.repeat(np.arange(tile.height), tile.width)
             cols = tile.col0 + np.tile(np.arange(tile.width), tile.height)
-            window = Window(tile.col0, info.north_up_rows(tile.row0, tile.height), tile.width, tile.height)
+            window = Window(tile.col0, info.north_up_rows(tile.row0, tile.height) - first_row, tile.width, tile.height)
             for i, dst in enumerate(dsts):
                 block = sims[i].reshape(tile.height, tile.width)
                 dst.write(block[::-1] if info.bottom_up else block, 1, window=window)
@@ -242,6 +258,11 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         for dst in dsts:
             dst.close()
         bar.close()
+        if rows is not None:  # a band: its maps and candidates, for retrieve_at_scale to join
+            for tmp, name in zip(temps, names):
+                os.replace(tmp, out / f"{name}.tif")
+            _write_candidates(out / CANDIDATES, info, candidates)
+            return [QueryResult(query, out / f"{name}.tif", None, None, []) for query, name in zip(queries, names)]
 
         results = []
         for i, (query, name) in enumerate(zip(queries, names)):
@@ -399,24 +420,27 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, emb_tif: str 
                       ae_tif: str | None = None, workers: int | None = None, scheduler: str | None = None,
                       top_k: int = 10, nms_m: float = 100.0, progress: bool = True, **options) -> list[QueryResult]:
     """`retrieve` over one raster or a set of tiles (aether.tiles), as Dask tasks when a cluster is
-    given (`workers` local processes, or an existing `scheduler`).
+    given (`workers` local processes, or an existing `scheduler`); `options` are `retrieve`'s.
 
     Each tile is scored by one task into `out_dir/tiles/<tile>/` (skipped when a rerun finds it
     finished). Per query, `out_dir` then gets a VRT mosaic of the tiles' similarity maps, the
     top-k places over all tiles as GeoJSON and a PNG heatmap. The merged top-k is exact: greedy
     suppression (ground metres, on lon/lat) over every tile's best top_k * (D + 1) pixels.
+    One raster on a cluster is scored in bands of rows, one task each, and joined into the files
+    a single-process `retrieve` writes, with the same pixels and places.
     """
     from aether.cluster import check_cluster_args, dask_client, run_tasks
-    from aether.tiles import expand_tiles, is_tile_set, tile_stems, write_mosaic_vrt
+    from aether.tiles import expand_tiles, is_tile_set, tile_stems
 
     check_cluster_args(workers, scheduler)
     source = emb_tif if emb_tif is not None else ae_tif
-    if source is None or not is_tile_set(source):
-        if workers is not None or scheduler is not None:
-            log("note: one raster is scored in this process; --workers and --scheduler split sets of tiles")
+    tile_set = source is not None and is_tile_set(source)
+    if not tile_set and workers is None and scheduler is None:
         return retrieve(queries, ckpt, out_dir, emb_tif=emb_tif, ae_tif=ae_tif, top_k=top_k, nms_m=nms_m,
                         progress=progress, **options)
-    paths = expand_tiles(source, "raster tile")
+    if (emb_tif is None) == (ae_tif is None):
+        raise AetherError("give exactly one raster: --emb (an AETHER raster) or --ae_tif (an AlphaEarth raster)")
+    paths = expand_tiles(source, "raster tile") if tile_set else [source]
     stems = tile_stems(paths)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -428,32 +452,42 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, emb_tif: str 
         raise AetherError("a query is empty; give the text to search for")
     key = "emb_tif" if emb_tif is not None else "ae_tif"
     embedder = AetherEmbedder(ckpt, device="cpu")
-    sizes = []
-    for path in paths:  # every tile is checked before any work
-        info = _open_source(path, emb_tif is not None, embedder, ckpt)
-        sizes.append(info.width * info.height)
+    infos = [_open_source(path, emb_tif is not None, embedder, ckpt) for path in paths]  # all, before any work
     text_backend, text_model = options.pop("text_backend", None), options.pop("text_model", None)
-    encoder = _requested_encoder(embedder, text_backend, text_model)
-    vectors = embedder.embed_texts(queries, encoder)  # once, here: the tasks get the vectors
+    vectors = embedder.embed_texts(queries, _requested_encoder(embedder, text_backend, text_model))  # once, here
     run = {"queries": queries, "top_k": top_k, "nms_m": nms_m, "checkpoint": embedder.ckpt_sha256,
            **{k: options.get(k) for k in ("tile_px", "precision")}}
-    tasks = [(queries, ckpt, str(out / "tiles" / stem),
-              {key: path, "top_k": top_k, "nms_m": nms_m, "query_vectors": vectors, **options}, dict(run, source=path))
-             for path, stem in zip(paths, stems)]
-    (out / "tiles").mkdir(parents=True, exist_ok=True)
+    common = {"top_k": top_k, "nms_m": nms_m, "query_vectors": vectors, **options}
+    if tile_set:
+        pieces = [(str(out / "tiles" / stem), {key: path}, dict(run, source=path)) for path, stem in zip(paths, stems)]
+        sizes = [info.width * info.height for info in infos]
+    else:
+        info = infos[0]
+        tile_px = query_tile_px(options.get("tile_px", TILE_PX), len(queries))
+        bands = row_bands(info, tile_px, -(-info.height // max(tile_px, BAND_PX // tile_px * tile_px)))
+        pieces = [(str(out / ".bands" / f"rows_{r0:06d}_{r1:06d}"), {key: source, "rows": (r0, r1)},
+                   dict(run, source=source, rows=[r0, r1])) for r0, r1 in bands]
+        sizes = [info.width * (r1 - r0) for r0, r1 in bands]
+    tasks = [(queries, ckpt, folder, {**common, **where}, tag) for folder, where, tag in pieces]
+    Path(pieces[0][0]).parent.mkdir(parents=True, exist_ok=True)
     with dask_client(workers, scheduler) as client:
-        tile_dirs = run_tasks(client, _retrieve_task, tasks, sizes, desc=f"scoring {len(paths)} tiles", unit="px",
-                              progress=progress)
+        folders = run_tasks(client, _retrieve_task, tasks, sizes, desc=f"scoring {len(tasks)} "
+                            f"{'tiles' if tile_set else 'bands'}", unit="px", progress=progress)
     names = _unique_names(queries)
     results = []
     temps: list[Path] = []
     try:
         for i, (query, name) in enumerate(zip(queries, names)):
-            mosaic = write_mosaic_vrt([str(Path(d) / f"{name}.tif") for d in tile_dirs], out / f"{name}.vrt")
-            hits = _merged_hits([Path(d) / CANDIDATES for d in tile_dirs], stems, i, top_k, nms_m, mosaic)
+            maps = [str(Path(d) / f"{name}.tif") for d in folders]
+            if tile_set:
+                tif = write_mosaic_vrt(maps, out / f"{name}.vrt")
+                hits = _merged_hits([Path(d) / CANDIDATES for d in folders], stems, i, top_k, nms_m, tif)
+            else:
+                tif = join_bands(maps, out / f"{name}.tif")
+                hits = _hits(info, _band_candidates(folders, i, info, top_k, nms_m), top_k, nms_m)
             geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
-            png_tmp = _write_heatmap(mosaic, out / f"{name}.png", query, hits, temps)
-            results.append(QueryResult(query, mosaic, out / f"{name}.geojson", out / f"{name}.png", hits))
+            png_tmp = _write_heatmap(tif, out / f"{name}.png", query, hits, temps)
+            results.append(QueryResult(query, tif, out / f"{name}.geojson", out / f"{name}.png", hits))
             os.replace(geojson_tmp, results[-1].geojson)
             os.replace(png_tmp, results[-1].png)
     except BaseException:
@@ -461,7 +495,19 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, emb_tif: str 
             tmp.unlink(missing_ok=True)
         raise
     _write_index(out, results, source, ckpt, top_k, nms_m)
+    if not tile_set:
+        shutil.rmtree(out / ".bands")
     return results
+
+
+def _band_candidates(folders: list[str], query: int, info: RasterInfo, top_k: int, nms_m: float) -> _TopCandidates:
+    """One query's candidates over all bands of one raster, as a single pass would have kept them."""
+    merged = _TopCandidates(min(MAX_CANDIDATES, _candidates_needed(info, top_k, nms_m)))
+    for folder in folders:
+        with np.load(Path(folder) / CANDIDATES) as saved:
+            order = saved[f"order_{query}"]
+            merged.add(saved[f"score_{query}"], order // info.width, order % info.width)
+    return merged
 
 
 def _retrieve_task(queries: list[str], ckpt: str, tile_dir: str, options: dict, run: dict) -> str:

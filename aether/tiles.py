@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from aether.errors import AetherError
-from aether.files import atomic_write_text
+from aether.files import atomic_write_text, temp_file_beside
 from aether.raster import RasterInfo, gdal_path, is_remote
 
 LIST_SUFFIXES = (".txt", ".lst")
@@ -209,3 +209,40 @@ def _relative_sources(written: Path, vrt: Path) -> None:
 
     text = re.sub(r'(<SourceDataset)[^>]*>([^<]*)<', relative, text)
     atomic_write_text(vrt, text)
+
+
+def join_bands(parts: list[str], out: Path, tags: dict | None = None, finish=None) -> Path:
+    """One GeoTIFF at `out` from GeoTIFF bands of rows of one raster (the outputs of tasks that
+    split it), atomically, laid out as the parts are (blocks, ZSTD, the float predictor) and with
+    the first part's tags (updated by `tags`) and band descriptions. Memory is GDAL's block cache:
+    the bands are copied through a VRT, block by block. `finish(path)` may rewrite the file in
+    place before the rename (e.g. into a COG)."""
+    import rasterio
+    from rasterio.shutil import copy as rio_copy
+
+    with rasterio.open(parts[0]) as src:
+        first_tags, descriptions, profile = src.tags(), src.descriptions, src.profile
+    vrt = write_mosaic_vrt(parts, Path(parts[0]).parent / f".{out.name}.bands.vrt")
+    fd, tmp = temp_file_beside(out, ".partial.tif")
+    os.close(fd)
+    try:
+        options = dict(tiled=True, blockxsize=profile["blockxsize"], blockysize=profile["blockysize"],
+                       compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
+        if profile["dtype"] != "int8":
+            options["predictor"] = 3 if profile["dtype"] == "float32" else 1
+        with rasterio.Env(GDAL_CACHEMAX=64 * 2**20):
+            rio_copy(str(vrt), str(tmp), driver="GTiff", **options)
+        with rasterio.open(tmp, "r+") as dst:
+            dst.update_tags(**{**first_tags, **(tags or {})})
+            for i, name in enumerate(descriptions, start=1):
+                if name:
+                    dst.set_band_description(i, name)
+        if finish is not None:
+            finish(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        vrt.unlink(missing_ok=True)
+    return out

@@ -272,3 +272,30 @@ def test_text_encoding_on_two_workers_fills_one_cache(tmp_path, scheduler):
         cache.close()
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
     np.testing.assert_array_equal(again, vectors)
+
+
+def test_retrieval_of_one_raster_in_bands_on_two_workers_equals_one_process(tmp_path, ckpt, scheduler):
+    from aether.retrieval import retrieve
+
+    values = unit_field(140, 100, seed=11)
+    values[:, 30:45, 20:60] = np.nan
+    src = write_raster(tmp_path / "ae.tif", values, bottom_up=True)
+    queries = ["a quiet cafe", "a park"]
+    one = retrieve(queries, str(ckpt), str(tmp_path / "one"), ae_tif=str(src), top_k=4, nms_m=50, tile_px=32,
+                   progress=False)
+    import aether.retrieval
+
+    aether.retrieval.BAND_PX, saved = 64, aether.retrieval.BAND_PX  # 3 bands of 64, 64 and 12 rows
+    try:
+        two = retrieve_at_scale(queries, str(ckpt), str(tmp_path / "two"), ae_tif=str(src), top_k=4, nms_m=50,
+                                tile_px=32, scheduler=scheduler, progress=False)
+    finally:
+        aether.retrieval.BAND_PX = saved
+    for a, b in zip(one, two):
+        assert a.hits == b.hits and len(a.hits) == 4
+        with rasterio.open(a.tif) as x, rasterio.open(b.tif) as y:
+            np.testing.assert_array_equal(x.read(), y.read())
+            assert {**x.profile, "nodata": 0} == {**y.profile, "nodata": 0} and np.isnan(x.nodata) and np.isnan(y.nodata)
+            assert x.tags() == y.tags() and x.descriptions == y.descriptions
+        assert json.loads(a.geojson.read_text()) == json.loads(b.geojson.read_text())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
