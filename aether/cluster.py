@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from aether.console import log
-from aether.errors import AetherError
+from aether.errors import AetherError, first_line
 
 
 def check_cluster_args(workers: int | None, scheduler: str | None) -> None:
@@ -99,7 +99,13 @@ def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[fl
         try:
             for future in as_completed(futures):
                 i = index_of[future.key]
-                result = future.result()  # raises the task's own error
+                try:
+                    result = future.result()  # raises the task's own error
+                except AetherError:
+                    raise
+                except Exception as exc:  # a lost worker, a worker without aether, a bug in a task
+                    raise AetherError(f"a Dask task failed ({type(exc).__name__}: {first_line(exc)}); "
+                                      f"run the same command again: finished outputs are skipped") from exc
                 if on_result is not None:
                     on_result(i, result)
                 bar.update(weights[i])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from aether.console import log
 from aether.errors import AetherError, first_line
 from aether.files import atomic_write_text, file_sha256, temp_file_beside
 from aether.pooling import pool_points, window_means
-from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
+from aether.raster import RasterInfo, invalid_pixels, local_absolute, open_raster, read_pixels
 from aether.streaming import run_pipeline
 from aether.text import TextEncoder, build_text_encoder
 
@@ -277,6 +278,14 @@ class _Journal:
     def __init__(self, path: Path, fingerprint: dict):
         self.path, self.fingerprint = path, fingerprint
 
+    def matches(self, partial: Path) -> bool:
+        """Is there an interrupted run of the same work to continue?"""
+        try:
+            self.load(partial)
+        except AetherError:
+            return False
+        return True
+
     def load(self, partial: Path) -> set[int]:
         if not self.path.is_file() or not partial.is_file():
             raise AetherError(f"nothing to resume: no interrupted run of this output ({partial.name} and "
@@ -360,7 +369,8 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     `rows` (input rows start:stop, start a multiple of `tile_px`) writes only that band of the
     raster, georeferenced where it lies: the bands of a split raster mosaic into the whole
     output. `skip_finished` returns at once when `out` was already written by the same run
-    (same input, checkpoint and options: its AETHER_RUN tag says so).
+    (same input, checkpoint and options: its AETHER_RUN tag says so), and continues an
+    interrupted run of the same work from its journal.
     """
     if pooling not in POOLINGS:
         raise AetherError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -414,6 +424,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     partial, journal_path = partial_paths(out)
     journal = _Journal(journal_path, fingerprint)
     tiles = tile_grid(info, tile_px, rows)
+    resume = resume or (skip_finished and journal.matches(partial))  # a rerun continues where it stopped
     if resume:
         done = journal.load(partial)
     else:
@@ -449,7 +460,8 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     except KeyboardInterrupt:
         if writer is not None:
             writer.close()
-        log(f"interrupted; finished tiles are kept in {partial}. Continue with --resume")
+        log(f"interrupted; finished tiles are kept in {partial}. "
+            + ("Run the same command again to continue" if skip_finished else "Continue with --resume"))
         raise
     except BaseException:
         if writer is not None:
@@ -582,6 +594,7 @@ def embed_at_scale(ae_tif: str, ckpt: str, out: str, workers: int | None = None,
     tile_set = is_tile_set(ae_tif)
     if not tile_set and workers is None and scheduler is None:
         return embed_raster(ae_tif, ckpt, out, progress=progress, **options)
+    ae_tif, ckpt, out = local_absolute(ae_tif), local_absolute(ckpt), local_absolute(out)  # workers have other cwds
     if options.get("resume"):
         raise AetherError("--resume is for a single-process run of one raster; with a set of tiles or a cluster, "
                           "run the same command again: finished outputs are skipped")
@@ -603,7 +616,7 @@ def embed_at_scale(ae_tif: str, ckpt: str, out: str, workers: int | None = None,
         log(f"{out.name} is already finished (same input, checkpoint and options); skipping it")
         return out
     with dask_client(workers, scheduler) as client:
-        return _embed_in_bands(ae_tif, ckpt, out, info, client, band_px, progress, options, run_tag)
+        return _embed_in_bands(ae_tif, ckpt, out, info, client, band_px, progress, options)
 
 
 def _embed_task(ae_tif: str, ckpt: str, out: str, options: dict) -> str:
@@ -638,7 +651,7 @@ def _embed_tile_set(spec: str, ckpt: str, out_dir: Path, embedder: AetherEmbedde
 
 
 def _embed_in_bands(ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client, band_px: int, progress: bool,
-                    options: dict, run_tag: str) -> Path:
+                    options: dict) -> Path:
     """One raster as bands of rows on a cluster, assembled into `out` (then COG if asked)."""
     from aether.cluster import run_tasks
     from aether.tiles import join_bands
@@ -651,8 +664,9 @@ def _embed_in_bands(ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client,
     tasks = [(ae_tif, ckpt, str(parts_dir / f"rows_{r0:06d}_{r1:06d}.tif"), options) for r0, r1 in bands]
     parts = run_tasks(client, _embed_task, tasks, [info.width * (r1 - r0) for r0, r1 in bands],
                       desc=f"embedding in {len(bands)} bands", unit="px", progress=progress)
-    join_bands(parts, out, {"AETHER_RUN": run_tag}, finish=_to_cog if cog else None)
-    for path in parts:
-        Path(path).unlink()
-    parts_dir.rmdir()
+    with rasterio.open(parts[0]) as src:  # the run as the workers did it (their device and precision)
+        run = json.loads(src.tags()["AETHER_RUN"])
+    run.update(rows=[0, info.height], cog=cog)
+    join_bands(parts, out, {"AETHER_RUN": json.dumps(run, sort_keys=True)}, finish=_to_cog if cog else None)
+    shutil.rmtree(parts_dir)  # with any parts an earlier run with other options left
     return out

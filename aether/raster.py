@@ -142,6 +142,12 @@ def gdal_path(path: str) -> str:
     return path
 
 
+def local_absolute(path: str) -> str:
+    """A local path made absolute (a Dask worker or a VRT elsewhere may have another working
+    folder); URLs and /vsi paths unchanged."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
+
+
 def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
     """Open and check an embedding raster (a file, a VRT, or a URL: see `gdal_path`); refuse what
     AETHER cannot read correctly.

@@ -33,7 +33,7 @@ from aether.console import log
 from aether.errors import AetherError
 from aether.files import atomic_write, atomic_write_text, temp_file_beside
 from aether.inference import BAND_PX, TILE_PX, AetherEmbedder, PooledTileReader, Tile, row_bands, tile_grid
-from aether.raster import RasterInfo, ground_distances_m, open_raster, read_vectors
+from aether.raster import RasterInfo, ground_distances_m, local_absolute, open_raster, read_vectors
 from aether.streaming import run_pipeline
 from aether.tiles import join_bands, write_mosaic_vrt
 from aether.text import build_text_encoder
@@ -440,6 +440,7 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, emb_tif: str 
                         progress=progress, **options)
     if (emb_tif is None) == (ae_tif is None):
         raise AetherError("give exactly one raster: --emb (an AETHER raster) or --ae_tif (an AlphaEarth raster)")
+    source, ckpt, out_dir = local_absolute(source), local_absolute(ckpt), local_absolute(out_dir)  # for workers
     paths = expand_tiles(source, "raster tile") if tile_set else [source]
     stems = tile_stems(paths)
     out = Path(out_dir)

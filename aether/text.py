@@ -351,8 +351,13 @@ def encode_texts_on_cluster(client, encoder: TextEncoder, texts: list[str], cach
     return vectors, len(todo)
 
 
+_WORKER_ENCODERS: dict[str, TextEncoder] = {}  # in a Dask worker: one loaded model per encoder, for all its tasks
+
+
 def _encode_task(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.ndarray:
-    """One Dask task: embeddings of `texts`, in order."""
+    """One Dask task: embeddings of `texts`, in order, by this process's copy of `encoder`."""
+    key = f"{type(encoder).__name__}{sorted(encoder.__getstate__().items())}"  # its settings, not its model
+    encoder = _WORKER_ENCODERS.setdefault(key, encoder)
     vectors, _ = encode_texts(encoder, texts, None, batch_size, progress=False)
     return vectors
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from aether.errors import AetherError
 from aether.files import atomic_write_text, temp_file_beside
-from aether.raster import RasterInfo, gdal_path, is_remote
+from aether.raster import RasterInfo, gdal_path, is_remote, local_absolute
 
 LIST_SUFFIXES = (".txt", ".lst")
 GLOB_CHARS = "*?["
@@ -54,7 +54,7 @@ def expand_tiles(spec: str, what: str = "raster") -> list[str]:
         if not paths:
             raise AetherError(f"{what} list {spec} names no rasters (one path or URL per line)")
     else:
-        paths = sorted(glob.glob(spec))
+        paths = sorted(os.path.abspath(p) for p in glob.glob(spec))
         if not paths:
             raise AetherError(f"{what} pattern {spec} matches no files")
     twice = [p for p, n in Counter(gdal_path(p) for p in paths).items() if n > 1]
@@ -179,7 +179,7 @@ def _warped_sources(tiles: list[str], crs, folder: Path) -> list[str]:
             defaults.append((vrt.bounds, min(vrt.res)))
     res = min(r for _, r in defaults)
     sources = []
-    for i, (path, (bounds, _)) in enumerate(zip(tiles, defaults)):
+    for i, (path, (bounds, _)) in enumerate(zip(map(local_absolute, tiles), defaults)):
         left, top = math.floor(bounds.left / res) * res, math.ceil(bounds.top / res) * res
         width = math.ceil((bounds.right - left) / res)
         height = math.ceil((top - bounds.bottom) / res)

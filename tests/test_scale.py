@@ -103,8 +103,10 @@ def test_points_go_to_the_tile_where_they_lie_farthest_from_the_edge(zone_tiles)
     assert set(twice[owner >= 0]) <= {0, -1} and (twice == 0).sum() == np.isfinite(distances[1]).sum()
 
 
-def test_the_mosaic_of_tiles_in_two_zones_reads_each_tile(tmp_path, zone_tiles):
-    mosaic = write_mosaic_vrt([str(p) for p in zone_tiles], tmp_path / "mosaic.vrt")
+def test_the_mosaic_of_tiles_in_two_zones_reads_each_tile(tmp_path, zone_tiles, monkeypatch):
+    monkeypatch.chdir(zone_tiles[0].parent)  # tiles and mosaic named relative to the working folder
+    rel = os.path.relpath(tmp_path, zone_tiles[0].parent)
+    mosaic = write_mosaic_vrt([p.name for p in zone_tiles], Path(rel) / "mosaic.vrt")
     with rasterio.open(mosaic) as src:
         assert src.crs.to_epsg() == 4326 and src.count == 64
         for path, cols in zip(zone_tiles, (np.array([20, 50, 45]), np.array([50, 70, 45]))):  # off the overlap
@@ -135,10 +137,16 @@ def test_inference_over_tiles_on_two_workers_equals_one_process(tmp_path, zone_t
     os.replace(serial, tmp_path / "moved")  # the mosaic names its sources relative to itself
     with rasterio.open(tmp_path / "moved" / "mosaic.vrt") as a, rasterio.open(dask / "mosaic.vrt") as b:
         np.testing.assert_array_equal(a.read(), b.read())
-    # a rerun skips the finished tiles: nothing is rewritten
+    # a rerun skips the finished tiles: nothing is rewritten, and a lost tile is the only one redone
     stamps = {p: p.stat().st_mtime_ns for p in dask.glob("*.tif")}
     embed_at_scale(spec, str(ckpt), str(dask), tile_px=32, scheduler=scheduler, progress=False)
     assert {p: p.stat().st_mtime_ns for p in dask.glob("*.tif")} == stamps
+    lost = dask / zone_tiles[1].name
+    lost.unlink()
+    embed_at_scale(spec, str(ckpt), str(dask), tile_px=32, scheduler=scheduler, progress=False)
+    assert (dask / zone_tiles[0].name).stat().st_mtime_ns == stamps[dask / zone_tiles[0].name]
+    with rasterio.open(lost) as a, rasterio.open(tmp_path / "moved" / lost.name) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
 
 
 def test_one_raster_in_bands_on_two_workers_equals_one_process(tmp_path, ckpt, scheduler):
