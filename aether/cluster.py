@@ -54,17 +54,8 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     env = {name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     env["GDAL_NUM_THREADS"] = threads
-    import dask
-
-    # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which pins glibc's mmap threshold at
-    # 128 KiB: every tile-sized array is then mapped and faulted in afresh (inference ran 1.6 x
-    # slower in a worker than here). Large thresholds, set before the worker starts, keep freed
-    # tile buffers for reuse.
-    malloc = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 128 * 2**20,
-              "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 32 * 2**20}
-    with dask.config.set(malloc):
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR, env=env)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR, env=env)
     client = Client(cluster)
     log(f"Dask: local cluster of {workers} worker processes, {threads} threads each")
     try:

@@ -22,6 +22,7 @@ from affine import Affine
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from aether.allocator import keep_tile_buffers
 from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize_torch
 from aether.checkpoint import load_checkpoint, model_from_checkpoint
 from aether.console import log
@@ -385,6 +386,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
         raise AetherError(f"checkpoint interval must be 0 or more seconds, got {checkpoint_s}")
     out = Path(out)
     check_output_file(out, ae_tif)
+    keep_tile_buffers()
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
     info = open_raster(ae_tif, n_bands=None)
     embedder.check_raster(info)

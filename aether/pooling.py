@@ -18,6 +18,7 @@ import numpy as np
 import rasterio
 from tqdm.auto import tqdm
 
+from aether.allocator import keep_tile_buffers
 from aether.alphaearth import NODATA_INT8
 from aether.raster import BlockCache, RasterInfo, invalid_pixels
 
@@ -56,6 +57,7 @@ def pool_points(
     `lat_deg` (the points' latitudes) matters only for a geographic CRS, where a
     window's size in degrees depends on latitude; it defaults to y there.
     """
+    keep_tile_buffers()
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n = len(x)

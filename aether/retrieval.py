@@ -29,6 +29,7 @@ from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from aether.allocator import keep_tile_buffers
 from aether.console import log
 from aether.errors import AetherError
 from aether.files import atomic_write, atomic_write_text, temp_file_beside
@@ -184,6 +185,7 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
     if not os.access(out if out.exists() else out.parent, os.W_OK):
         raise AetherError(f"output folder {out} is not writable")
 
+    keep_tile_buffers()
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
     encoder = _requested_encoder(embedder, text_backend, text_model)
     info = _open_source(emb_tif if emb_tif is not None else ae_tif, emb_tif is not None, embedder, ckpt)
