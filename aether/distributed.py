@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aether.errors import AetherError
-from aether.text import EmbeddingCache, SentenceTransformerEncoder, TextEncoder, encode_texts
+from aether.text import EmbeddingCache, SentenceTransformerEncoder, TextEncoder, encode_texts, uncached_texts
 
 
 def launched() -> bool:
@@ -186,10 +186,7 @@ def encode_texts_sharded(encoder: TextEncoder, texts: list[str], cache: Embeddin
     if (isinstance(encoder, SentenceTransformerEncoder) and encoder.device in ("auto", "cuda")
             and torch.cuda.device_count() > local_rank()):
         encoder.device = f"cuda:{local_rank()}"  # not the first GPU for every rank (takes effect before loading)
-    unique = list(dict.fromkeys(texts))
-    keys = [EmbeddingCache.key(encoder.identity, t) for t in unique]
-    cached = cache.get(keys)
-    todo = [t for t, k in zip(unique, keys) if k not in cached]
+    todo = uncached_texts(encoder, texts, cache)
     barrier()  # every rank has read the same cache before any rank writes to it
     error = None
     try:

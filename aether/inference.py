@@ -29,7 +29,7 @@ from aether.console import log
 from aether.errors import AetherError, first_line
 from aether.files import atomic_write_text, file_sha256, temp_file_beside
 from aether.pooling import pool_points, window_means
-from aether.raster import RasterInfo, invalid_pixels, local_absolute, open_raster, read_pixels
+from aether.raster import RasterInfo, geotiff_layout, invalid_pixels, local_absolute, open_raster, read_pixels
 from aether.streaming import run_pipeline
 from aether.text import TextEncoder, build_text_encoder
 
@@ -221,12 +221,11 @@ def tile_grid(info: RasterInfo, tile_px: int, rows: tuple[int, int] | None = Non
             for i, (r, c) in enumerate(origins)]
 
 
-def row_bands(info: RasterInfo, tile_px: int, n_bands: int) -> list[tuple[int, int]]:
-    """About `n_bands` bands of whole tile rows that cover the raster, for splitting one large
-    raster into tasks."""
-    tile_rows = -(-info.height // tile_px)
-    per_band = max(1, -(-tile_rows // max(1, n_bands)))
-    return [(r * tile_px, min(info.height, (r + per_band) * tile_px)) for r in range(0, tile_rows, per_band)]
+def row_bands(info: RasterInfo, tile_px: int, band_px: int) -> list[tuple[int, int]]:
+    """Bands of `band_px` rows (rounded down to whole tile rows, at least one) that cover the
+    raster, for splitting one large raster into tasks; the last band may be shorter."""
+    step = max(1, band_px // tile_px) * tile_px
+    return [(r, min(info.height, r + step)) for r in range(0, info.height, step)]
 
 
 class PooledTileReader:
@@ -373,17 +372,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     (same input, checkpoint and options: its AETHER_RUN tag says so), and continues an
     interrupted run of the same work from its journal.
     """
-    if pooling not in POOLINGS:
-        raise AetherError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    if dtype not in OUTPUT_DTYPES:
-        raise AetherError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    if dtype == "float16" and not rasterio.dtypes.check_dtype("float16"):
-        raise AetherError(f"--dtype float16 needs GDAL 3.11 or newer (this rasterio has GDAL "
-                          f"{rasterio.__gdal_version__}); use int8 or float32")
-    if tile_px < 16 or tile_px % 16:
-        raise AetherError(f"tile size must be a multiple of 16 pixels (GeoTIFF blocks), got {tile_px}")
-    if not checkpoint_s >= 0:
-        raise AetherError(f"checkpoint interval must be 0 or more seconds, got {checkpoint_s}")
+    check_embed_options(pooling, dtype, tile_px, checkpoint_s)
     out = Path(out)
     check_output_file(out, ae_tif)
     keep_tile_buffers()
@@ -401,11 +390,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     block_px = output_block_px(tile_px)
     profile = dict(driver="GTiff", width=info.width, height=r_stop - r_start, count=embedder.latent_dim, dtype=dtype,
                    crs=info.crs, transform=info.north_up_transform @ Affine.translation(0, first_row), nodata=nodata,
-                   tiled=True, blockxsize=block_px,
-                   blockysize=block_px, compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer",
-                   num_threads="ALL_CPUS")
-    if dtype != "int8":
-        profile["predictor"] = 3 if dtype == "float32" else 1  # floating-point predictor helps float32
+                   **geotiff_layout(dtype, block_px))
     ckpt_sha = embedder.ckpt_sha256
     tags = {
         "AETHER_CHECKPOINT_SHA256": ckpt_sha,
@@ -476,6 +461,22 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     return out
 
 
+def check_embed_options(pooling: str = "window", dtype: str = "int8", tile_px: int = TILE_PX,
+                        checkpoint_s: float = CHECKPOINT_S, **_) -> None:
+    """Refuse, before any work, options `embed_raster` cannot run with (other options pass)."""
+    if pooling not in POOLINGS:
+        raise AetherError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if dtype not in OUTPUT_DTYPES:
+        raise AetherError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and not rasterio.dtypes.check_dtype("float16"):
+        raise AetherError(f"--dtype float16 needs GDAL 3.11 or newer (this rasterio has GDAL "
+                          f"{rasterio.__gdal_version__}); use int8 or float32")
+    if tile_px < 16 or tile_px % 16:
+        raise AetherError(f"tile size must be a multiple of 16 pixels (GeoTIFF blocks), got {tile_px}")
+    if not checkpoint_s >= 0:
+        raise AetherError(f"checkpoint interval must be 0 or more seconds, got {checkpoint_s}")
+
+
 def run_fingerprint(ae_tif: str, embedder: AetherEmbedder, pooling: str, dtype: str, tile_px: int,
                     rows: tuple[int, int], cog: bool) -> dict:
     """What makes two runs write the same output: input (and its size and time), checkpoint,
@@ -515,6 +516,16 @@ def check_output_file(out: Path, source: str | None = None) -> None:
         raise AetherError(f"output folder {out.parent} is not writable")
     if source is not None and Path(source).exists() and out.resolve() == Path(source).resolve():
         raise AetherError(f"output {out} is the input raster; choose another file name")
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise AetherError(f"output {out} is a file; give a folder")
+    if not out.parent.is_dir():
+        raise AetherError(f"folder {out.parent} (holding the output folder) does not exist")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise AetherError(f"output folder {out} is not writable")
 
 
 def _read_with_halo(src, info: RasterInfo, tile: Tile, hx: int, hy: int) -> np.ndarray:
@@ -601,19 +612,18 @@ def embed_at_scale(ae_tif: str, ckpt: str, out: str, workers: int | None = None,
         raise AetherError("--resume is for a single-process run of one raster; with a set of tiles or a cluster, "
                           "run the same command again: finished outputs are skipped")
     options.pop("resume", None)
-    tile_px = options.get("tile_px", TILE_PX)
-    if tile_px < 16 or tile_px % 16:
-        raise AetherError(f"tile size must be a multiple of 16 pixels (GeoTIFF blocks), got {tile_px}")
-    embedder = AetherEmbedder(ckpt, device="cpu")  # checks the checkpoint and every raster before any work
+    check_embed_options(**options)  # the checkpoint, options and every raster are checked before any work
     if tile_set:
+        embedder = AetherEmbedder(ckpt, device="cpu")
         return _embed_tile_set(ae_tif, ckpt, Path(out), embedder, workers, scheduler, progress, options)
     out = Path(out)
     check_output_file(out, ae_tif)
+    embedder = AetherEmbedder(ckpt, device=options.get("device", "auto"), precision=options.get("precision", "auto"))
     info = open_raster(ae_tif, n_bands=None)
     embedder.check_raster(info)
-    whole = AetherEmbedder(ckpt, device=options.get("device", "auto"), precision=options.get("precision", "auto"))
-    run_tag = json.dumps(run_fingerprint(ae_tif, whole, options.get("pooling", "window"), options.get("dtype", "int8"),
-                                         tile_px, (0, info.height), options.get("cog", False)), sort_keys=True)
+    run_tag = json.dumps(run_fingerprint(ae_tif, embedder, options.get("pooling", "window"),
+                                         options.get("dtype", "int8"), options.get("tile_px", TILE_PX),
+                                         (0, info.height), options.get("cog", False)), sort_keys=True)
     if finished_output(out, run_tag):
         log(f"{out.name} is already finished (same input, checkpoint and options); skipping it")
         return out
@@ -635,10 +645,7 @@ def _embed_tile_set(spec: str, ckpt: str, out_dir: Path, embedder: AetherEmbedde
     stems = tile_stems(paths)
     if out_dir.suffix.lower() in (".tif", ".tiff", ".vrt"):
         raise AetherError(f"a set of tiles gives one output per tile: --out must be a folder, got {out_dir}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AetherError(f"output {out_dir} is a file; give a folder")
-    if not out_dir.parent.is_dir():
-        raise AetherError(f"folder {out_dir.parent} (holding the output folder) does not exist")
+    check_output_folder(out_dir)
     infos = [open_raster(p, n_bands=None) for p in paths]
     for info in infos:
         embedder.check_raster(info)
@@ -660,7 +667,7 @@ def _embed_in_bands(ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client,
 
     tile_px = options.get("tile_px", TILE_PX)
     cog = options.pop("cog", False)
-    bands = row_bands(info, tile_px, -(-info.height // max(tile_px, band_px // tile_px * tile_px)))
+    bands = row_bands(info, tile_px, band_px)
     parts_dir = out.parent / f".{out.name}.parts"
     parts_dir.mkdir(exist_ok=True)
     tasks = [(ae_tif, ckpt, str(parts_dir / f"rows_{r0:06d}_{r1:06d}.tif"), options) for r0, r1 in bands]

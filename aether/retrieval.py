@@ -33,7 +33,8 @@ from aether.allocator import keep_tile_buffers
 from aether.console import log
 from aether.errors import AetherError
 from aether.files import atomic_write, atomic_write_text, temp_file_beside
-from aether.inference import BAND_PX, TILE_PX, AetherEmbedder, PooledTileReader, Tile, row_bands, tile_grid
+from aether.inference import (BAND_PX, TILE_PX, AetherEmbedder, PooledTileReader, Tile, check_output_folder, row_bands,
+                              tile_grid)
 from aether.raster import RasterInfo, ground_distances_m, local_absolute, open_raster, read_vectors
 from aether.streaming import run_pipeline
 from aether.tiles import join_bands, write_mosaic_vrt
@@ -166,25 +167,8 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
     then None). `rows` (input rows start:stop, start a multiple of the tile side that
     `query_tile_px` gives) scores only that band of the raster, for `retrieve_at_scale`: the
     GeoTIFFs cover the band where it lies, and only they and the candidates are written."""
-    queries = [q.strip() for q in queries]
-    if not queries or any(not q for q in queries):
-        raise AetherError("a query is empty; give the text to search for")
-    if (emb_tif is None) == (ae_tif is None):
-        raise AetherError("give exactly one raster: --emb (an AETHER raster) or --ae_tif (an AlphaEarth raster)")
-    if top_k < 1:
-        raise AetherError(f"top-k must be at least 1, got {top_k}")
-    if not nms_m >= 0 or math.isinf(nms_m):
-        raise AetherError(f"suppression radius must be 0 or more metres, got {nms_m}")
-    if tile_px < 16:
-        raise AetherError(f"tile size must be at least 16 pixels, got {tile_px}")
+    queries = _check_request(queries, emb_tif, ae_tif, top_k, nms_m, tile_px, Path(out_dir))
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise AetherError(f"output {out} is a file; give a folder")
-    if not out.parent.is_dir():
-        raise AetherError(f"folder {out.parent} (holding the output folder) does not exist")
-    if not os.access(out if out.exists() else out.parent, os.W_OK):
-        raise AetherError(f"output folder {out} is not writable")
-
     keep_tile_buffers()
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
     encoder = _requested_encoder(embedder, text_backend, text_model)
@@ -290,6 +274,24 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
         raise
     finally:
         bar.close()
+
+
+def _check_request(queries: list[str], emb_tif: str | None, ae_tif: str | None, top_k: int, nms_m: float,
+                   tile_px: int, out: Path) -> list[str]:
+    """Refuse, before any work, what a search cannot run with; the queries, stripped."""
+    queries = [q.strip() for q in queries]
+    if not queries or any(not q for q in queries):
+        raise AetherError("a query is empty; give the text to search for")
+    if (emb_tif is None) == (ae_tif is None):
+        raise AetherError("give exactly one raster: --emb (an AETHER raster) or --ae_tif (an AlphaEarth raster)")
+    if top_k < 1:
+        raise AetherError(f"top-k must be at least 1, got {top_k}")
+    if not nms_m >= 0 or math.isinf(nms_m):
+        raise AetherError(f"suppression radius must be 0 or more metres, got {nms_m}")
+    if tile_px < 16:
+        raise AetherError(f"tile size must be at least 16 pixels, got {tile_px}")
+    check_output_folder(out)
+    return queries
 
 
 def _write_candidates(path: Path, info: RasterInfo, candidates: list[_TopCandidates]) -> None:
@@ -440,19 +442,11 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, emb_tif: str 
     if not tile_set and workers is None and scheduler is None:
         return retrieve(queries, ckpt, out_dir, emb_tif=emb_tif, ae_tif=ae_tif, top_k=top_k, nms_m=nms_m,
                         progress=progress, **options)
-    if (emb_tif is None) == (ae_tif is None):
-        raise AetherError("give exactly one raster: --emb (an AETHER raster) or --ae_tif (an AlphaEarth raster)")
+    queries = _check_request(queries, emb_tif, ae_tif, top_k, nms_m, options.get("tile_px", TILE_PX), Path(out_dir))
     source, ckpt, out_dir = local_absolute(source), local_absolute(ckpt), local_absolute(out_dir)  # for workers
     paths = expand_tiles(source, "raster tile") if tile_set else [source]
     stems = tile_stems(paths)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise AetherError(f"output {out} is a file; give a folder")
-    if not out.parent.is_dir():
-        raise AetherError(f"folder {out.parent} (holding the output folder) does not exist")
-    queries = [q.strip() for q in queries]
-    if not queries or any(not q for q in queries):
-        raise AetherError("a query is empty; give the text to search for")
     key = "emb_tif" if emb_tif is not None else "ae_tif"
     embedder = AetherEmbedder(ckpt, device="cpu")
     infos = [_open_source(path, emb_tif is not None, embedder, ckpt) for path in paths]  # all, before any work
@@ -467,7 +461,7 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, emb_tif: str 
     else:
         info = infos[0]
         tile_px = query_tile_px(options.get("tile_px", TILE_PX), len(queries))
-        bands = row_bands(info, tile_px, -(-info.height // max(tile_px, BAND_PX // tile_px * tile_px)))
+        bands = row_bands(info, tile_px, BAND_PX)
         pieces = [(str(out / ".bands" / f"rows_{r0:06d}_{r1:06d}"), {key: source, "rows": (r0, r1)},
                    dict(run, source=source, rows=[r0, r1])) for r0, r1 in bands]
         sizes = [info.width * (r1 - r0) for r0, r1 in bands]

@@ -329,6 +329,15 @@ class EmbeddingCache:
 TEXTS_PER_TASK = 4096  # unique texts per Dask task when a cluster encodes
 
 
+def uncached_texts(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache) -> list[str]:
+    """The unique texts of `texts` (first-seen order) that `cache` holds no embedding of for `encoder`:
+    the work that parallel encoding shares out."""
+    unique = list(dict.fromkeys(texts))
+    keys = [EmbeddingCache.key(encoder.identity, t) for t in unique]
+    cached = cache.get(keys)
+    return [t for t, k in zip(unique, keys) if k not in cached]
+
+
 def encode_texts_on_cluster(client, encoder: TextEncoder, texts: list[str], cache: EmbeddingCache,
                             batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, int]:
     """What `encode_texts` returns, with the texts not yet in the cache encoded as Dask tasks on
@@ -336,14 +345,11 @@ def encode_texts_on_cluster(client, encoder: TextEncoder, texts: list[str], cach
     cache's only writer: each task's vectors go in as it ends, so a failure keeps what finished."""
     from aether.cluster import run_tasks
 
-    unique = list(dict.fromkeys(texts))
-    keys = {t: EmbeddingCache.key(encoder.identity, t) for t in unique}
-    cached = cache.get(list(keys.values()))
-    todo = [t for t in unique if keys[t] not in cached]
+    todo = uncached_texts(encoder, texts, cache)
     chunks = [todo[i:i + TEXTS_PER_TASK] for i in range(0, len(todo), TEXTS_PER_TASK)]
 
     def store(i: int, vectors: np.ndarray) -> None:
-        cache.put({keys[t]: v for t, v in zip(chunks[i], vectors)})
+        cache.put({EmbeddingCache.key(encoder.identity, t): v for t, v in zip(chunks[i], vectors)})
 
     run_tasks(client, _encode_task, [(encoder, chunk, batch_size) for chunk in chunks], [len(c) for c in chunks],
               desc="encoding texts", unit="text", progress=progress, on_result=store)

@@ -21,9 +21,10 @@ import numpy as np
 
 from aether.errors import AetherError
 from aether.files import atomic_write_text, temp_file_beside
-from aether.raster import RasterInfo, gdal_path, is_remote, local_absolute
+from aether.raster import RasterInfo, gdal_path, geotiff_layout, is_remote, local_absolute
 
 LIST_SUFFIXES = (".txt", ".lst")
+GDAL_CACHE_MB = 64  # joining bands: blocks pass through, they are not kept
 GLOB_CHARS = "*?["
 
 
@@ -110,22 +111,19 @@ def write_mosaic_vrt(tiles: list[str], out: Path) -> Path:
     """
     import rasterio
 
+    def crs_and_box(path: str) -> tuple[str, tuple]:
+        with rasterio.open(path) as src:
+            return src.crs.to_string(), (src.bounds, src.res, src.width, src.height)
+
     with rasterio.open(tiles[0]) as src:
         count, dtype, nodata = src.count, src.dtypes[0], src.nodata
-        descriptions = src.descriptions
-        crs0 = src.crs
+        descriptions, crs0 = src.descriptions, src.crs
+    crss, boxes = zip(*map(crs_and_box, tiles))
     sources = list(tiles)
-    crss = set()
-    for path in tiles:
-        with rasterio.open(path) as src:
-            crss.add(src.crs.to_string())
-    if len(crss) > 1:
+    if len(set(crss)) > 1:
         crs0 = rasterio.crs.CRS.from_epsg(4326)
         sources = _warped_sources(tiles, crs0, out.parent / f"{out.stem}.warped")
-    boxes = []
-    for path in sources:
-        with rasterio.open(path) as src:
-            boxes.append((src.bounds, src.res, src.width, src.height))
+        boxes = [crs_and_box(path)[1] for path in sources]
     res_x = min(b[1][0] for b in boxes)
     res_y = min(b[1][1] for b in boxes)
     left, right = min(b[0].left for b in boxes), max(b[0].right for b in boxes)
@@ -226,12 +224,8 @@ def join_bands(parts: list[str], out: Path, tags: dict | None = None, finish=Non
     fd, tmp = temp_file_beside(out, ".partial.tif")
     os.close(fd)
     try:
-        options = dict(tiled=True, blockxsize=profile["blockxsize"], blockysize=profile["blockysize"],
-                       compress="zstd", zstd_level=1, interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
-        if profile["dtype"] != "int8":
-            options["predictor"] = 3 if profile["dtype"] == "float32" else 1
-        with rasterio.Env(GDAL_CACHEMAX=64 * 2**20):
-            rio_copy(str(vrt), str(tmp), driver="GTiff", **options)
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
+            rio_copy(str(vrt), str(tmp), driver="GTiff", **geotiff_layout(profile["dtype"], profile["blockxsize"]))
         with rasterio.open(tmp, "r+") as dst:
             dst.update_tags(**{**first_tags, **(tags or {})})
             for i, name in enumerate(descriptions, start=1):
