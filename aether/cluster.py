@@ -87,6 +87,7 @@ def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[fl
 
         futures = [client.submit(fn, *task, pure=False) for task in tasks]
         index_of = {f.key: i for i, f in enumerate(futures)}
+        results = [None] * len(tasks)
         try:
             for future in as_completed(futures):
                 i = index_of[future.key]
@@ -97,10 +98,11 @@ def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[fl
                 except Exception as exc:  # a lost worker, a worker without aether, a bug in a task
                     raise AetherError(f"a Dask task failed ({type(exc).__name__}: {first_line(exc)}); "
                                       f"run the same command again: finished outputs are skipped") from exc
+                results[i] = result
                 if on_result is not None:
                     on_result(i, result)
                 bar.update(weights[i])
-            return client.gather(futures)
+            return results
         finally:
             client.cancel([f for f in futures if not f.done()])
     finally:

@@ -36,8 +36,8 @@ from aether.metrics import mean_reciprocal_rank, recall_at_k
 from aether.model import AetherModel
 from aether.poi import read_poi_frame, render_description, template_fields
 from aether.pooling import pool_points
-from aether.tiles import is_tile_set
 from aether.raster import RasterInfo, ground_distances_m, open_raster
+from aether.tiles import is_tile_set
 
 DEFAULT_CATEGORY_TEMPLATE = "A place of {value}, a type of {key}."
 CATEGORY_FIELDS = ("key", "value")  # POI columns a category is made of, as the POI files spell them
