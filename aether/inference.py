@@ -29,7 +29,7 @@ from aether.console import log
 from aether.errors import AetherError, first_line
 from aether.files import atomic_write_text, file_sha256, temp_file_beside
 from aether.pooling import pool_points, window_means
-from aether.raster import RasterInfo, geotiff_layout, invalid_pixels, local_absolute, open_raster, read_pixels
+from aether.raster import RasterInfo, geotiff_layout, invalid_pixels, local_absolute, open_raster, read_bands
 from aether.streaming import run_pipeline
 from aether.text import TextEncoder, build_text_encoder
 
@@ -178,7 +178,7 @@ class AetherEmbedder:
             means, ok = np.nan_to_num(data), valid
         else:
             r = int(np.floor(self.base_radius_m / pixel_size_m + 1e-6))
-            padded = np.pad(data, ((r, r), (r, r), (0, 0)), constant_values=np.nan)
+            padded = np.pad(data.transpose(2, 0, 1), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
             rows = np.full(data.shape[0], r)
             means, ok = window_means(padded, info, rows, rows, r, r)
         out = np.full(data.shape[:2] + (self.latent_dim,), np.nan, dtype=np.float32)
@@ -255,9 +255,10 @@ class PooledTileReader:
 
     def pooled(self, data) -> tuple[np.ndarray, np.ndarray]:
         """(h, w, bands) unit vectors (zeros where invalid) and the (h, w) valid mask of one tile."""
-        pixels, rx_rows, ry_rows, hx, hy = data
+        bands, rx_rows, ry_rows, hx, hy = data
         if self.pooling == "window":
-            return window_means(pixels, self.info, rx_rows, ry_rows, hx, hy)
+            return window_means(bands, self.info, rx_rows, ry_rows, hx, hy)
+        pixels = bands.transpose(1, 2, 0)
         valid = ~invalid_pixels(pixels, self.info)
         means = dequantize(pixels) if self.info.is_int8 else np.nan_to_num(pixels.astype(np.float32))
         return means, valid
@@ -529,17 +530,18 @@ def check_output_folder(out: Path) -> None:
 
 
 def _read_with_halo(src, info: RasterInfo, tile: Tile, hx: int, hy: int) -> np.ndarray:
-    """The tile plus a halo, in the file's type; where the halo leaves the raster, nodata."""
+    """The tile plus a halo, band-major (C, h, w) in the file's type; where the halo leaves the
+    raster, nodata."""
     r0, r1 = tile.row0 - hy, tile.row0 + tile.height + hy
     c0, c1 = tile.col0 - hx, tile.col0 + tile.width + hx
     rr0, rr1, cc0, cc1 = max(r0, 0), min(r1, info.height), max(c0, 0), min(c1, info.width)
-    inner = read_pixels(src, Window(cc0, rr0, cc1 - cc0, rr1 - rr0), info)
+    inner = read_bands(src, Window(cc0, rr0, cc1 - cc0, rr1 - rr0), info)
     if (rr0, rr1, cc0, cc1) == (r0, r1, c0, c1):
         return inner
     fill = NODATA_INT8 if info.is_int8 else np.nan
-    pixels = np.full((r1 - r0, c1 - c0, info.count), fill, dtype=info.dtype)
-    pixels[rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = inner
-    return pixels
+    bands = np.full((info.count, r1 - r0, c1 - c0), fill, dtype=info.dtype)
+    bands[:, rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = inner
+    return bands
 
 
 def _latent_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray,

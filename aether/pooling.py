@@ -19,14 +19,8 @@ import rasterio
 from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
-from aether.alphaearth import NODATA_INT8
 from aether.raster import BlockCache, RasterInfo, invalid_pixels
 
-# sign(q) * q**2 for every int8 code q (indexed by q viewed as uint8), 0 for nodata:
-# AlphaEarth's de-quantization in exact integers, scaled by 127.5**2.
-_CODES = np.arange(256, dtype=np.int64).astype(np.uint8).view(np.int8).astype(np.int64)
-_INT8_SQUARES = _CODES * np.abs(_CODES)
-_INT8_SQUARES[_CODES == NODATA_INT8] = 0
 _INT8_MAX_SQUARE = 127 * 127
 
 CHUNK_PX = 1024  # chunk side; a multiple of common block sizes (256, 512)
@@ -72,8 +66,8 @@ def pool_points(
     views = [np.zeros((n, channels), dtype=np.float32) for _ in radii_m]
     valid = inside.copy()
 
-    def work(members: np.ndarray, pixels: np.ndarray, r0: int, c0: int) -> int:
-        values, counts = _summed_area_tables(pixels, info, _window_area(members, half))
+    def work(members: np.ndarray, grid: list[list[np.ndarray]], r0: int, c0: int) -> int:
+        values, counts = _summed_area_tables(grid, info, _window_area(members, half))
         flat = values.reshape(-1, channels)
         flat_counts = counts.reshape(-1)
         stride = values.shape[1]
@@ -118,8 +112,7 @@ def pool_points(
                 next_row_top = chunk_top + chunk_px - hy_max
                 blocks.evict(lambda br0, br1, bc0, bc1: br1 > chunk_top - hy_max
                              and (br1 > next_row_top or bc1 > chunk_left - hx_max))
-                pixels = blocks.read(r0, r1, c0, c1)
-                pending.append(pool.submit(work, members, pixels, r0, c0))
+                pending.append(pool.submit(work, members, blocks.read(r0, r1, c0, c1), r0, c0))
                 while len(pending) > max(1, threads):
                     bar.update(pending.popleft().result())
             while pending:
@@ -162,40 +155,56 @@ def _scratch(shape: tuple[int, ...], dtype, name: str = "table") -> np.ndarray:
     return buf[:size].view(dtype).reshape(shape)
 
 
-def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int) -> tuple[np.ndarray, np.ndarray]:
-    """Summed-area tables (h+1, w+1, C) of an (h, w, C) block's values and (h+1, w+1) of its valid pixels.
+def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
+                        max_window_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed-area tables (h+1, w+1, C) of a block's values and (h+1, w+1) of its valid pixels.
 
-    int8 blocks are integrated exactly, as the integers sign(q) * q**2. When every
-    window sum fits in int32 the table is int32 and may wrap around: a box sum taken
-    from it is exact modulo 2**32, hence exact. Float blocks use float64.
+    The block is a grid of band-major (C, h, w) pieces (`BlockCache.read`; one array is [[array]]).
+    The tables are pixel-major: a window's C sums are one contiguous read. int8 blocks are
+    integrated exactly, as the integers sign(q) * q**2. When every window sum fits in int32
+    the table is int32 and may wrap around: a box sum taken from it is exact modulo 2**32,
+    hence exact. Float blocks use float64.
     """
-    h, w, channels = pixels.shape
+    channels = grid[0][0].shape[0]
+    heights = [row[0].shape[1] for row in grid]
+    widths = [piece.shape[2] for piece in grid[0]]
+    h, w = sum(heights), sum(widths)
+    col_starts = np.cumsum([0] + widths)
     if info.is_int8:
         dtype = np.int32 if max_window_px * _INT8_MAX_SQUARE < 2**31 else np.int64
-        lut = _INT8_SQUARES.astype(dtype)
-        codes = pixels.view(np.uint8)
     else:
         dtype = np.float64
     table = _scratch((h + 1, w + 1, channels), dtype)
     table[0] = 0
     table[:, 0] = 0
     invalid = np.empty((h, w), dtype=bool)
+    # Row by row, so that each row's work stays in cache, band-major (each band's row is
+    # contiguous): a row's values are added to the column sums above it, the column sums are
+    # scanned along the row, and the scan is transposed into the pixel-major table.
+    line = _scratch((channels, w), grid[0][0].dtype, "line")  # one row of the block, contiguous
+    codes = _scratch((channels, w), np.int16, "codes")
+    values = _scratch((channels, w), dtype, "values")
+    column_sums = _scratch((channels, w), dtype, "column_sums")
+    column_sums[...] = 0
     scan = _scratch((channels, w), dtype, "scan")
-    for i in range(h):  # row by row: each row is a contiguous (w, C) slab that stays in cache
-        row = table[i + 1, 1:]
-        invalid[i] = invalid_pixels(pixels[i], info)
-        if info.is_int8:
-            np.take(lut, codes[i], out=row, mode="clip")
-        else:
-            row[...] = pixels[i]
-        if invalid[i].any():
-            row[invalid[i]] = 0
-        # the running sum along the row, scanned channel-major: NumPy scans a contiguous axis
-        # about 3 x faster than a strided one, which pays for the two transposing copies
-        np.copyto(scan, row.T)
-        np.cumsum(scan, axis=1, out=scan)
-        np.copyto(row, scan.T)
-        row += table[i, 1:]
+    i = 0
+    for row_of_pieces, piece_h in zip(grid, heights):
+        for piece, b0, b1 in zip(row_of_pieces, col_starts[:-1], col_starts[1:]):
+            invalid[i:i + piece_h, b0:b1] = invalid_pixels(piece, info, axis=0)
+        for k in range(piece_h):
+            for piece, b0, b1 in zip(row_of_pieces, col_starts[:-1], col_starts[1:]):
+                line[:, b0:b1] = piece[:, k]
+            if info.is_int8:  # sign(q) * q**2 (nodata pixels are zeroed below)
+                np.copyto(codes, line)
+                np.multiply(codes, np.abs(codes), out=values, dtype=dtype)
+            else:
+                values[...] = line
+            if invalid[i].any():
+                values[:, invalid[i]] = 0
+            column_sums += values
+            np.cumsum(column_sums, axis=1, dtype=dtype, out=scan)  # dtype: else NumPy sums int32 as int64
+            np.copyto(table[i + 1, 1:], scan.T)
+            i += 1
     valid = np.zeros((h + 1, w + 1), dtype=np.int32)
     valid[1:, 1:] = ~invalid
     np.cumsum(valid, axis=0, out=valid)
@@ -203,19 +212,19 @@ def _summed_area_tables(pixels: np.ndarray, info: RasterInfo, max_window_px: int
     return table, valid
 
 
-def window_means(pixels: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
+def window_means(bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
                  hx: int, hy: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense window pooling of a tile: the unit-length masked mean around every pixel.
 
-    `pixels` is the tile with a halo of `hy` rows and `hx` columns on each side (nodata
-    where the halo leaves the raster), in the file's type; `rx_rows`/`ry_rows` are each
+    `bands` is the band-major (C, h, w) tile with a halo of `hy` rows and `hx` columns on each
+    side (nodata where the halo leaves the raster), in the file's type; `rx_rows`/`ry_rows` are each
     tile row's half-widths (they vary with latitude on a geographic raster). Returns
     (th, tw, C) float32 means (zero where invalid) and the (th, tw) valid mask. Sums are
     exact for int8 rasters, so tiles of any size give identical results.
     """
-    th, tw = pixels.shape[0] - 2 * hy, pixels.shape[1] - 2 * hx
-    table, counts = _summed_area_tables(pixels, info, (2 * hx + 1) * (2 * hy + 1))
-    means = np.empty((th, tw, pixels.shape[2]), dtype=np.float32)
+    th, tw = bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
+    table, counts = _summed_area_tables([[bands]], info, (2 * hx + 1) * (2 * hy + 1))
+    means = np.empty((th, tw, bands.shape[0]), dtype=np.float32)
     count = np.empty((th, tw), dtype=np.int64)
     for i in range(th):
         rx, ry = int(rx_rows[i]), int(ry_rows[i])

