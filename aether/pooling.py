@@ -23,6 +23,7 @@ from aether.raster import BlockCache, RasterInfo, invalid_pixels
 
 _INT8_MAX_SQUARE = 127 * 127
 
+ROWS_AT_ONCE = 8  # tile rows of window means computed at once: a few hundred KiB, in cache
 CHUNK_PX = 1024  # chunk side; a multiple of common block sizes (256, 512)
 GDAL_CACHE_MB = 64
 
@@ -212,33 +213,54 @@ def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
     return table, valid
 
 
-def window_means(bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
-                 hx: int, hy: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dense window pooling of a tile: the unit-length masked mean around every pixel.
+class TileWindows:
+    """Dense window pooling of a tile: the unit-length masked mean around every pixel, taken
+    from the tile's summed-area tables a band of rows at a time.
 
     `bands` is the band-major (C, h, w) tile with a halo of `hy` rows and `hx` columns on each
-    side (nodata where the halo leaves the raster), in the file's type; `rx_rows`/`ry_rows` are each
-    tile row's half-widths (they vary with latitude on a geographic raster). Returns
-    (th, tw, C) float32 means (zero where invalid) and the (th, tw) valid mask. Sums are
+    side (nodata where the halo leaves the raster), in the file's type; `rx_rows`/`ry_rows` are
+    each tile row's half-widths (they vary with latitude on a geographic raster). Sums are
     exact for int8 rasters, so tiles of any size give identical results.
     """
-    th, tw = bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
-    table, counts = _summed_area_tables([[bands]], info, (2 * hx + 1) * (2 * hy + 1))
-    means = np.empty((th, tw, bands.shape[0]), dtype=np.float32)
-    count = np.empty((th, tw), dtype=np.int64)
-    for i in range(th):
-        rx, ry = int(rx_rows[i]), int(ry_rows[i])
-        top, bottom = hy + i - ry, hy + i + ry + 1
-        left, right = slice(hx - rx, hx - rx + tw), slice(hx + rx + 1, hx + rx + 1 + tw)
-        box = table[bottom, right] - table[top, right]
-        box -= table[bottom, left]
-        box += table[top, left]
-        means[i] = box
-        count[i] = counts[bottom, right] - counts[top, right] - counts[bottom, left] + counts[top, left]
-    norm = np.linalg.norm(means, axis=2)
-    valid = (count > 0) & (norm > 0)
-    means /= np.where(valid, norm, 1.0)[..., None]
-    return means, valid
+
+    def __init__(self, bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
+                 hx: int, hy: int):
+        self.height, self.width = bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
+        self.channels, self.rx_rows, self.ry_rows, self.hx, self.hy = bands.shape[0], rx_rows, ry_rows, hx, hy
+        self.table, self.counts = _summed_area_tables([[bands]], info, (2 * hx + 1) * (2 * hy + 1))
+
+    def means(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, tw, C) float32 means of tile rows start:stop (zero where invalid) and their
+        (rows, tw) valid mask."""
+        stop = self.height if stop is None else stop
+        table, counts, hx, hy, tw = self.table, self.counts, self.hx, self.hy, self.width
+        means = np.empty((stop - start, tw, self.channels), dtype=np.float32)
+        count = np.empty((stop - start, tw), dtype=np.int32)
+        i = start
+        while i < stop:  # runs of rows with the same half-widths (all rows, on a projected raster) at once
+            rx, ry = int(self.rx_rows[i]), int(self.ry_rows[i])
+            j = i + 1
+            while j < min(stop, i + ROWS_AT_ONCE) and self.rx_rows[j] == rx and self.ry_rows[j] == ry:
+                j += 1
+            top, bottom = slice(hy + i - ry, hy + j - ry), slice(hy + i + ry + 1, hy + j + ry + 1)
+            left, right = slice(hx - rx, hx - rx + tw), slice(hx + rx + 1, hx + rx + 1 + tw)
+            box = _scratch((j - i, tw, self.channels), table.dtype, "box")  # in the table's type: int32 may wrap
+            np.subtract(table[bottom, right], table[top, right], out=box)
+            box -= table[bottom, left]
+            box += table[top, left]
+            means[i - start:j - start] = box
+            count[i - start:j - start] = counts[bottom, right] - counts[top, right] - counts[bottom, left] + counts[top, left]
+            i = j
+        norm = np.linalg.norm(means, axis=2)
+        valid = (count > 0) & (norm > 0)
+        means /= np.where(valid, norm, 1.0)[..., None]
+        return means, valid
+
+
+def window_means(bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
+                 hx: int, hy: int) -> tuple[np.ndarray, np.ndarray]:
+    """`TileWindows` means of the whole tile: (th, tw, C) float32 and the (th, tw) valid mask."""
+    return TileWindows(bands, info, rx_rows, ry_rows, hx, hy).means()
 
 
 POINTS_PER_TASK = 50_000  # points per Dask task when one raster's points are split

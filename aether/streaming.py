@@ -1,4 +1,4 @@
-"""A three-stage pipeline: read (thread) -> compute (caller's thread) -> write (thread).
+"""A three-stage pipeline: read (thread) -> compute (the caller's thread, or a few) -> write (thread).
 
 Reading and writing GeoTIFF blocks spend most of their time in GDAL, which releases the
 GIL, so they overlap with the NumPy/PyTorch compute in between. Queues are short, so at
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
 QUEUE_SIZE = 2
@@ -16,9 +18,10 @@ QUEUE_SIZE = 2
 
 def run_pipeline(produce: Callable[[], Iterator[tuple[Any, Any]]],
                  compute: Callable[[Any, Any], Any],
-                 consume: Callable[[Any, Any], None]) -> None:
-    """Run `produce()` (yielding (task, data)) in a reader thread, `compute(task, data)` here,
-    and `consume(task, result)` in a writer thread, in task order."""
+                 consume: Callable[[Any, Any], None], workers: int = 1) -> None:
+    """Run `produce()` (yielding (task, data)) in a reader thread, `compute(task, data)` here
+    (or in `workers` threads, that many tasks at a time), and `consume(task, result)` in a
+    writer thread, in task order."""
     reads: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
     writes: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
     errors: list[BaseException] = []
@@ -65,16 +68,32 @@ def run_pipeline(produce: Callable[[], Iterator[tuple[Any, Any]]],
     threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
     for t in threads:
         t.start()
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    running: deque = deque()  # (task, future) in task order
     try:
         while (item := get(reads)) is not end:
             task, data = item
-            if not put(writes, (task, compute(task, data))):
-                break
+            if pool is None:
+                if not put(writes, (task, compute(task, data))):
+                    break
+                continue
+            running.append((task, pool.submit(compute, task, data)))
+            if len(running) >= workers:
+                task, future = running.popleft()
+                if not put(writes, (task, future.result())):
+                    break
+        while running and not stop.is_set():
+            task, future = running.popleft()
+            put(writes, (task, future.result()))
         put(writes, end)  # a no-op when stopping; else the writer drains the queue and ends
     except BaseException:
         stop.set()
         raise
     finally:
+        if pool is not None:
+            for _, future in running:
+                future.cancel()
+            pool.shutdown(wait=True)
         for t in threads:
             t.join()
     if errors:

@@ -310,6 +310,46 @@ def test_tiles_leave_no_seams(tmp_path, ckpt, in_kind, bottom_up):
     np.testing.assert_allclose(small[vs], whole[vw], atol=1e-6)
 
 
+@pytest.mark.parametrize("in_kind", ["int8", "float32"])
+def test_strips_and_parallel_tiles_change_no_byte(tmp_path, ckpt, monkeypatch, in_kind):
+    """Tiles pooled and projected in strips of odd sizes, and computed one or two at a time,
+    write the same bytes."""
+    import aether.inference
+
+    ae = ae_raster(tmp_path, in_kind)
+    outputs = []
+    for strip_px, workers in [(10**6, 1), (37, 2), (150, 2)]:
+        monkeypatch.setattr(aether.inference, "STRIP_PX", strip_px)
+        monkeypatch.setattr(aether.inference, "MAX_CPU_WORKERS", workers)
+        out = embed(ckpt, ae, tmp_path / f"out_{strip_px}_{workers}.tif", tile_px=32, dtype="int8")
+        with rasterio.open(out) as src:
+            outputs.append(src.read())
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(other, outputs[0])
+
+
+def test_fused_projector_matches_forward(embedder):
+    import torch
+
+    x = torch.from_numpy(unit_field(30, 40, seed=2).reshape(64, -1).T.copy())
+    hidden, out = torch.empty(len(x), HIDDEN_DIM), torch.empty(len(x), LATENT_DIM)
+    with torch.no_grad():
+        expected = embedder.projector(x)
+    np.testing.assert_allclose(embedder.projector.forward_into(x, hidden, out).numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_tile_workers_use_one_torch_thread_each_and_restore():
+    import torch
+
+    from aether.inference import MAX_CPU_WORKERS, tile_workers
+
+    before = torch.get_num_threads()
+    with tile_workers(torch.device("cpu")) as workers:
+        assert torch.get_num_threads() == 1
+        assert workers == max(1, min(before, MAX_CPU_WORKERS))
+    assert torch.get_num_threads() == before
+
+
 # ---- 6. arithmetic precision -------------------------------------------------------------------
 
 def test_bf16_agrees_with_fp32(tmp_path, ckpt):
@@ -441,7 +481,7 @@ def _fail_on_projection(nth: int):
 
 
 def _fail_in_writer(monkeypatch):
-    monkeypatch.setattr("aether.inference._embed_tile", lambda embedder, means, valid, dtype: None)  # dst.write(None) raises
+    monkeypatch.setattr("aether.inference.PooledTileReader.block", lambda self, data, dtype: None)  # dst.write(None) raises
 
 
 def _fail_in_writer_while_reading(monkeypatch):
