@@ -273,11 +273,12 @@ class PooledTileReader:
         bands, rx_rows, ry_rows, hx, hy = data
         height, width = bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
         step = height if strip_px is None else max(1, strip_px // width)
-        windows = TileWindows(bands, self.info, rx_rows, ry_rows, hx, hy) if self.pooling == "window" else None
         for start in range(0, height, step):
             stop = min(height, start + step)
-            if windows is not None:
-                yield (start, stop, *windows.means(start, stop))
+            if self.pooling == "window":  # the strip's own summed-area tables: a few MiB, not the tile's ~70
+                windows = TileWindows(bands[:, start:stop + 2 * hy], self.info, rx_rows[start:stop],
+                                      ry_rows[start:stop], hx, hy)
+                yield (start, stop, *windows.means())
                 continue
             pixels = bands[:, start:stop].transpose(1, 2, 0)
             valid = ~invalid_pixels(pixels, self.info)
