@@ -497,7 +497,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     return out
 
 
-MAX_CPU_WORKERS = 4  # tiles computed at once on a CPU; each holds about 120 MiB
+MAX_CPU_WORKERS = 4  # tiles computed at once on a CPU; each holds about 50 MiB (input, strip tables, output block)
 
 
 @contextlib.contextmanager
