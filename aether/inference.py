@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -497,7 +498,11 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     return out
 
 
-MAX_CPU_WORKERS = 4  # tiles computed at once on a CPU; each holds about 50 MiB (input, strip tables, output block)
+MAX_CPU_WORKERS = 4  # tiles computed at once on a CPU; each holds about 70 MiB with int8 output
+# (input with halo 17, strip tables 9, means 8, output block 32), about 3 x that with float32 output
+_threads_lock = threading.Lock()
+_threads_users = 0  # embed_raster runs inside tile_workers now, in any thread
+_threads_saved = 1
 
 
 @contextlib.contextmanager
@@ -505,16 +510,25 @@ def tile_workers(device: torch.device):
     """How many tiles to compute at once. On a CPU: one per PyTorch thread (at most
     MAX_CPU_WORKERS), each tile with one PyTorch thread, so the single-threaded NumPy pooling
     runs on every core too, and no OpenMP thread spins at a barrier while GDAL's threads hold
-    its core. On a GPU: one."""
+    its core. PyTorch's thread count is the process's: overlapping runs (threads of a Dask
+    worker) share one saved value, restored when the last ends. On a GPU: one."""
+    global _threads_users, _threads_saved
     if device.type != "cpu":
         yield 1
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+        threads = _threads_saved
     try:
         yield max(1, min(threads, MAX_CPU_WORKERS))
     finally:
-        torch.set_num_threads(threads)
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
 
 
 def check_embed_options(pooling: str = "window", dtype: str = "int8", tile_px: int = TILE_PX,

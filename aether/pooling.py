@@ -23,7 +23,7 @@ from aether.raster import BlockCache, RasterInfo, invalid_pixels
 
 _INT8_MAX_SQUARE = 127 * 127
 
-ROWS_AT_ONCE = 8  # tile rows of window means computed at once: a few hundred KiB, in cache
+ROWS_AT_ONCE = 8  # tile rows of window means computed at once: 1-2 MiB, in cache
 CHUNK_PX = 1024  # chunk side; a multiple of common block sizes (256, 512)
 GDAL_CACHE_MB = 64
 
@@ -156,6 +156,11 @@ def _scratch(shape: tuple[int, ...], dtype, name: str = "table") -> np.ndarray:
     return buf[:size].view(dtype).reshape(shape)
 
 
+def _tables_id() -> tuple[int, int]:
+    """Which summed-area tables this thread's table buffer holds now (thread, count built)."""
+    return threading.get_ident(), getattr(_local, "tables_built", 0)
+
+
 def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
                         max_window_px: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed-area tables (h+1, w+1, C) of a block's values and (h+1, w+1) of its valid pixels.
@@ -176,6 +181,7 @@ def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
     else:
         dtype = np.float64
     table = _scratch((h + 1, w + 1, channels), dtype)
+    _local.tables_built = getattr(_local, "tables_built", 0) + 1
     table[0] = 0
     table[:, 0] = 0
     invalid = np.empty((h, w), dtype=bool)
@@ -228,10 +234,18 @@ class TileWindows:
         self.height, self.width = bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
         self.channels, self.rx_rows, self.ry_rows, self.hx, self.hy = bands.shape[0], rx_rows, ry_rows, hx, hy
         self.table, self.counts = _summed_area_tables([[bands]], info, (2 * hx + 1) * (2 * hy + 1))
+        self._tables_id = _tables_id()
+
+    def _check_tables(self) -> None:
+        # the table is this thread's reusable buffer: the next tables built on it overwrite it
+        if self._tables_id != _tables_id():
+            raise RuntimeError("TileWindows tables were overwritten by later tables (or another thread); "
+                               "take the means before building the next TileWindows")
 
     def means(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(rows, tw, C) float32 means of tile rows start:stop (zero where invalid) and their
         (rows, tw) valid mask."""
+        self._check_tables()
         stop = self.height if stop is None else stop
         table, counts, hx, hy, tw = self.table, self.counts, self.hx, self.hy, self.width
         means = np.empty((stop - start, tw, self.channels), dtype=np.float32)

@@ -310,17 +310,33 @@ def test_tiles_leave_no_seams(tmp_path, ckpt, in_kind, bottom_up):
     np.testing.assert_allclose(small[vs], whole[vw], atol=1e-6)
 
 
-@pytest.mark.parametrize("in_kind", ["int8", "float32"])
+def geographic_with_varying_windows(tmp: Path) -> Path:
+    """EPSG:4326 at 60 N whose 45 m window is 9 px wide in the northern rows and 7 px in the southern
+    (the pixel width in metres crosses 45 / 4 m at the middle row)."""
+    height, width, lat_mid = 40, 50, 60.0
+    m_lat, m_lon = metres_per_degree(np.array(lat_mid))
+    dx, dy = BASE_RADIUS_M / (4 * float(m_lon)), 9.0 / float(m_lat)
+    transform = from_origin(24.9, lat_mid + height / 2 * dy, dx, dy)
+    return write_raster(tmp / "geo.tif", field(height, width), crs="EPSG:4326", transform=transform)
+
+
+@pytest.mark.parametrize("in_kind", ["int8", "float32", "geographic"])
 def test_strips_and_parallel_tiles_change_no_byte(tmp_path, ckpt, monkeypatch, in_kind):
     """Tiles pooled and projected in strips of odd sizes, and computed one or two at a time,
     write the same bytes."""
+    import contextlib
+
     import aether.inference
 
-    ae = ae_raster(tmp_path, in_kind)
+    ae = geographic_with_varying_windows(tmp_path) if in_kind == "geographic" else ae_raster(tmp_path, in_kind)
+    if in_kind == "geographic":
+        reader = aether.inference.PooledTileReader(aether.inference.open_raster(str(ae), n_bands=None),
+                                                   AetherEmbedder(ckpt), "window")
+        assert set(np.unique(reader.rx)) == {3, 4}, "the windows should change width between rows"
     outputs = []
     for strip_px, workers in [(10**6, 1), (37, 2), (150, 2)]:
         monkeypatch.setattr(aether.inference, "STRIP_PX", strip_px)
-        monkeypatch.setattr(aether.inference, "MAX_CPU_WORKERS", workers)
+        monkeypatch.setattr(aether.inference, "tile_workers", lambda device, n=workers: contextlib.nullcontext(n))
         out = embed(ckpt, ae, tmp_path / f"out_{strip_px}_{workers}.tif", tile_px=32, dtype="int8")
         with rasterio.open(out) as src:
             outputs.append(src.read())
@@ -339,14 +355,36 @@ def test_fused_projector_matches_forward(embedder):
 
 
 def test_tile_workers_use_one_torch_thread_each_and_restore():
+    """One PyTorch thread inside (in the caller and in threads it starts), and the count restored
+    after overlapping runs in two threads end in either order."""
     import torch
 
-    from aether.inference import MAX_CPU_WORKERS, tile_workers
+    from aether.inference import tile_workers
 
     before = torch.get_num_threads()
-    with tile_workers(torch.device("cpu")) as workers:
-        assert torch.get_num_threads() == 1
-        assert workers == max(1, min(before, MAX_CPU_WORKERS))
+    inside = []
+    with tile_workers(torch.device("cpu")):
+        inside.append(torch.get_num_threads())
+        worker = threading.Thread(target=lambda: inside.append(torch.get_num_threads()))
+        worker.start()
+        worker.join()
+    assert inside == [1, 1]
+    assert torch.get_num_threads() == before
+
+    entered, release = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
+
+    def run(k):
+        with tile_workers(torch.device("cpu")):
+            entered[k].set()
+            release[k].wait(5)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for k in range(2):
+        threads[k].start()
+        entered[k].wait(5)
+    for k in range(2):  # the first to enter ends first
+        release[k].set()
+        threads[k].join()
     assert torch.get_num_threads() == before
 
 
@@ -469,11 +507,11 @@ def _fail_on_projection(nth: int):
         original = AetherEmbedder.project_bands
         calls = []
 
-        def project(self, vectors, *args):
+        def project(self, vectors, *args, **kwargs):
             calls.append(len(vectors))
             if len(calls) >= nth:
                 raise RuntimeError("injected failure")
-            return original(self, vectors, *args)
+            return original(self, vectors, *args, **kwargs)
 
         monkeypatch.setattr("aether.inference.AetherEmbedder.project_bands", project)
 
