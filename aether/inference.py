@@ -31,7 +31,7 @@ from aether.checkpoint import load_checkpoint, model_from_checkpoint
 from aether.console import log
 from aether.errors import AetherError, first_line
 from aether.files import atomic_write_text, file_sha256, temp_file_beside
-from aether.pooling import TileWindows, pool_points, window_means
+from aether.pooling import pool_points, window_means
 from aether.raster import RasterInfo, geotiff_layout, invalid_pixels, local_absolute, open_raster, read_bands
 from aether.streaming import run_pipeline
 from aether.text import TextEncoder, build_text_encoder
@@ -277,9 +277,8 @@ class PooledTileReader:
         for start in range(0, height, step):
             stop = min(height, start + step)
             if self.pooling == "window":  # the strip's own summed-area tables: a few MiB, not the tile's ~70
-                windows = TileWindows(bands[:, start:stop + 2 * hy], self.info, rx_rows[start:stop],
-                                      ry_rows[start:stop], hx, hy)
-                yield (start, stop, *windows.means())
+                yield (start, stop, *window_means(bands[:, start:stop + 2 * hy], self.info, rx_rows[start:stop],
+                                                  ry_rows[start:stop], hx, hy))
                 continue
             pixels = bands[:, start:stop].transpose(1, 2, 0)
             valid = ~invalid_pixels(pixels, self.info)

@@ -156,11 +156,6 @@ def _scratch(shape: tuple[int, ...], dtype, name: str = "table") -> np.ndarray:
     return buf[:size].view(dtype).reshape(shape)
 
 
-def _tables_id() -> tuple[int, int]:
-    """Which summed-area tables this thread's table buffer holds now (thread, count built)."""
-    return threading.get_ident(), getattr(_local, "tables_built", 0)
-
-
 def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
                         max_window_px: int) -> tuple[np.ndarray, np.ndarray]:
     """Summed-area tables (h+1, w+1, C) of a block's values and (h+1, w+1) of its valid pixels.
@@ -181,7 +176,6 @@ def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
     else:
         dtype = np.float64
     table = _scratch((h + 1, w + 1, channels), dtype)
-    _local.tables_built = getattr(_local, "tables_built", 0) + 1
     table[0] = 0
     table[:, 0] = 0
     invalid = np.empty((h, w), dtype=bool)
@@ -219,62 +213,39 @@ def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
     return table, valid
 
 
-class TileWindows:
-    """Dense window pooling of a tile: the unit-length masked mean around every pixel, taken
-    from the tile's summed-area tables a band of rows at a time.
+def window_means(bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
+                 hx: int, hy: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense window pooling of a tile: the unit-length masked mean around every pixel.
 
     `bands` is the band-major (C, h, w) tile with a halo of `hy` rows and `hx` columns on each
     side (nodata where the halo leaves the raster), in the file's type; `rx_rows`/`ry_rows` are
-    each tile row's half-widths (they vary with latitude on a geographic raster). Sums are
-    exact for int8 rasters, so tiles of any size give identical results.
+    each tile row's half-widths (they vary with latitude on a geographic raster). Returns
+    (th, tw, C) float32 means (zero where invalid) and the (th, tw) valid mask. Sums are exact
+    for int8 rasters, so tiles (or strips of them) of any size give identical results.
     """
-
-    def __init__(self, bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
-                 hx: int, hy: int):
-        self.height, self.width = bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
-        self.channels, self.rx_rows, self.ry_rows, self.hx, self.hy = bands.shape[0], rx_rows, ry_rows, hx, hy
-        self.table, self.counts = _summed_area_tables([[bands]], info, (2 * hx + 1) * (2 * hy + 1))
-        self._tables_id = _tables_id()
-
-    def _check_tables(self) -> None:
-        # the table is this thread's reusable buffer: the next tables built on it overwrite it
-        if self._tables_id != _tables_id():
-            raise RuntimeError("TileWindows tables were overwritten by later tables (or another thread); "
-                               "take the means before building the next TileWindows")
-
-    def means(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, tw, C) float32 means of tile rows start:stop (zero where invalid) and their
-        (rows, tw) valid mask."""
-        self._check_tables()
-        stop = self.height if stop is None else stop
-        table, counts, hx, hy, tw = self.table, self.counts, self.hx, self.hy, self.width
-        means = np.empty((stop - start, tw, self.channels), dtype=np.float32)
-        count = np.empty((stop - start, tw), dtype=np.int32)
-        i = start
-        while i < stop:  # runs of rows with the same half-widths (all rows, on a projected raster) at once
-            rx, ry = int(self.rx_rows[i]), int(self.ry_rows[i])
-            j = i + 1
-            while j < min(stop, i + ROWS_AT_ONCE) and self.rx_rows[j] == rx and self.ry_rows[j] == ry:
-                j += 1
-            top, bottom = slice(hy + i - ry, hy + j - ry), slice(hy + i + ry + 1, hy + j + ry + 1)
-            left, right = slice(hx - rx, hx - rx + tw), slice(hx + rx + 1, hx + rx + 1 + tw)
-            box = _scratch((j - i, tw, self.channels), table.dtype, "box")  # in the table's type: int32 may wrap
-            np.subtract(table[bottom, right], table[top, right], out=box)
-            box -= table[bottom, left]
-            box += table[top, left]
-            means[i - start:j - start] = box
-            count[i - start:j - start] = counts[bottom, right] - counts[top, right] - counts[bottom, left] + counts[top, left]
-            i = j
-        norm = np.linalg.norm(means, axis=2)
-        valid = (count > 0) & (norm > 0)
-        means /= np.where(valid, norm, 1.0)[..., None]
-        return means, valid
-
-
-def window_means(bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
-                 hx: int, hy: int) -> tuple[np.ndarray, np.ndarray]:
-    """`TileWindows` means of the whole tile: (th, tw, C) float32 and the (th, tw) valid mask."""
-    return TileWindows(bands, info, rx_rows, ry_rows, hx, hy).means()
+    channels, th, tw = bands.shape[0], bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
+    table, counts = _summed_area_tables([[bands]], info, (2 * hx + 1) * (2 * hy + 1))
+    means = np.empty((th, tw, channels), dtype=np.float32)
+    count = np.empty((th, tw), dtype=np.int32)
+    i = 0
+    while i < th:  # runs of rows with the same half-widths (all rows, on a projected raster) at once
+        rx, ry = int(rx_rows[i]), int(ry_rows[i])
+        j = i + 1
+        while j < min(th, i + ROWS_AT_ONCE) and rx_rows[j] == rx and ry_rows[j] == ry:
+            j += 1
+        top, bottom = slice(hy + i - ry, hy + j - ry), slice(hy + i + ry + 1, hy + j + ry + 1)
+        left, right = slice(hx - rx, hx - rx + tw), slice(hx + rx + 1, hx + rx + 1 + tw)
+        box = _scratch((j - i, tw, channels), table.dtype, "box")  # in the table's type: int32 may wrap
+        np.subtract(table[bottom, right], table[top, right], out=box)
+        box -= table[bottom, left]
+        box += table[top, left]
+        means[i:j] = box
+        count[i:j] = counts[bottom, right] - counts[top, right] - counts[bottom, left] + counts[top, left]
+        i = j
+    norm = np.linalg.norm(means, axis=2)
+    valid = (count > 0) & (norm > 0)
+    means /= np.where(valid, norm, 1.0)[..., None]
+    return means, valid
 
 
 POINTS_PER_TASK = 50_000  # points per Dask task when one raster's points are split

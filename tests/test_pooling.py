@@ -122,12 +122,12 @@ def test_vrt_mosaic_pools_like_one_file(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float32"])
-def test_tile_windows_in_strips_match_brute_force(dtype):
+def test_window_means_in_strips_match_brute_force(dtype):
     """Dense tile pooling with half-widths that change from row to row (as on a geographic raster),
     each strip from its own tables over the strip and its halo (as inference does it), equals a
-    brute-force masked mean at every pixel, and equals strips taken from the whole tile's tables."""
+    brute-force masked mean at every pixel, and equals the whole tile pooled at once."""
     from aether.alphaearth import NODATA_INT8, dequantize, quantize
-    from aether.pooling import TileWindows
+    from aether.pooling import window_means
     from aether.raster import RasterInfo
 
     th, tw, hx, hy = 33, 19, 4, 3
@@ -144,9 +144,9 @@ def test_tile_windows_in_strips_match_brute_force(dtype):
     # a run of 12 equal rows (longer than ROWS_AT_ONCE), then widths changing every row or two
     rx_rows = np.array([4] * 12 + [3, 3, 2, 4, 4, 1, 3] * 3)[:th]
     ry_rows = np.array([3] * 12 + [3, 1, 2, 2, 3, 0] * 4)[:th]
-    whole = TileWindows(bands, info, rx_rows, ry_rows, hx, hy).means()
+    whole = window_means(bands, info, rx_rows, ry_rows, hx, hy)
     cuts = [(0, 1), (1, 14), (14, 15), (15, 33)]
-    strips = [TileWindows(bands[:, a:b + 2 * hy], info, rx_rows[a:b], ry_rows[a:b], hx, hy).means() for a, b in cuts]
+    strips = [window_means(bands[:, a:b + 2 * hy], info, rx_rows[a:b], ry_rows[a:b], hx, hy) for a, b in cuts]
     means, valid = np.concatenate([m for m, _ in strips]), np.concatenate([v for _, v in strips])
     np.testing.assert_array_equal(valid, whole[1])
     np.testing.assert_allclose(means, whole[0], atol=1e-7)
@@ -161,29 +161,16 @@ def test_tile_windows_in_strips_match_brute_force(dtype):
 def test_int32_tables_that_wrap_around_give_exact_means():
     """A 401 x 401 tile of the largest code sums past 2**31 in the int32 table; box sums taken
     modulo 2**32 are still exact."""
-    from aether.pooling import TileWindows
+    from aether.pooling import _summed_area_tables, window_means
     from aether.raster import RasterInfo
 
     bands = np.full((2, 401, 401), 127, dtype=np.int8)
     bands[1, 200:] = -127
     info = RasterInfo("<test>", 401, 401, 2, None, None, "int8", None, (16, 16))
+    table, _ = _summed_area_tables([[bands]], info, 81)
+    assert table.dtype == np.int32 and table[-1, -1, 0] < 0, "the table should wrap"
     half = np.full(393, 4)
-    windows = TileWindows(bands, info, half, half, 4, 4)
-    assert windows.table.dtype == np.int32 and windows.table[-1, -1, 0] < 0, "the table should wrap"
-    means, valid = windows.means()
+    means, valid = window_means(bands, info, half, half, 4, 4)
     assert valid.all()
     top = means[:187]  # rows whose windows lie wholly above row 200 of the tile
     np.testing.assert_allclose(top, np.sqrt(0.5), atol=1e-7)
-
-
-def test_tile_windows_refuse_means_after_their_tables_were_reused():
-    from aether.pooling import TileWindows
-    from aether.raster import RasterInfo
-
-    info = RasterInfo("<test>", 20, 20, 2, None, None, "int8", None, (16, 16))
-    half = np.full(12, 4)
-    first = TileWindows(np.ones((2, 20, 20), dtype=np.int8), info, half, half, 4, 4)
-    first.means()
-    TileWindows(np.full((2, 20, 20), 5, dtype=np.int8), info, half, half, 4, 4)
-    with pytest.raises(RuntimeError, match="overwritten"):
-        first.means()
