@@ -15,9 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from aether.console import log
 from aether.errors import AetherError, first_line
 from aether.poi import DEFAULT_TEMPLATE, template_fields
 from aether.raster import is_remote
+from aether.reference import is_reference_config, translate_config
 from aether.tiles import expand_tiles, is_tile_set
 
 
@@ -53,15 +55,18 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
+    arch: str = "aether"  # aether: the paper's projectors; mlp: a GELU MLP on both sides (aether.model)
     latent_dim: int = 128
     hidden_dim: int = 256
     dropout: float = 0.5
+    gate: bool = True  # aether: the AE shortcut is scaled by a learned sigmoid gate
 
 
 @dataclass
 class LossConfig:
     lam: float = 0.2
-    temperature: float = 0.07
+    temperature: float = 0.07  # of the AE-POI term (the reference's tau_xt)
+    ae_ae_temperature: float | None = None  # of the AE-AE term (tau_img); null: loss.temperature
     learn_temperature: bool = False
     min_temperature: float = 0.01
 
@@ -72,10 +77,13 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's
     warmup_epochs: int = 1
+    min_lr_ratio: float = 0.0  # the cosine schedule ends at this x lr (the reference's eta_min_ratio)
     seed: int = 0
     device: str = "auto"
     run_dir: str = "ckpts/helsinki"
+    init_from: str | None = None  # a checkpoint (either format) whose projectors training starts from
 
 
 @dataclass
@@ -90,6 +98,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+ARCHS = ("aether", "mlp")  # the architectures aether.model builds
 _BACKENDS = ("sentence-transformers", "openai")
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -111,6 +120,9 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_files:
             raise AetherError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
         if not isinstance(raw, dict):
             raise AetherError(f"config file {path} must hold a mapping of sections (data, text, model, loss, train)")
+        if is_reference_config(raw):
+            log(f"config {path} is in the reference code's schema (inwind0212/AETHER); it reads as:")
+            raw = translate_config(raw, say=lambda line: log(f"  {line}"))
         base = path.resolve().parent
     for item in overrides:
         _apply_override(raw, item)
@@ -124,6 +136,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_files:
                 expand_tiles(value, "config data.ae_tif: tile")  # refuses an empty or unreadable set
             elif not is_remote(value) and not Path(value).exists():
                 raise AetherError(f"config data.{key}: file {value} does not exist")
+        if cfg.train.init_from is not None and not Path(cfg.train.init_from).is_file():
+            raise AetherError(f"config train.init_from: checkpoint {cfg.train.init_from} does not exist")
     return cfg
 
 
@@ -181,6 +195,13 @@ def _build(cls, raw, prefix: str):
 
 
 def _coerce(value, typ, key: str):
+    if typing.get_origin(typ) is list:
+        if isinstance(value, _OverrideText):
+            value = value.parsed
+        if not isinstance(value, (list, tuple)):
+            raise AetherError(f"config {key}: expected a list, got {value!r}")
+        item = typing.get_args(typ)[0]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     allowed = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else (typ,)
     if isinstance(value, _OverrideText):
         value = str(value) if str in allowed and value.parsed is not None else value.parsed
@@ -213,7 +234,8 @@ def _validate(cfg: Config) -> None:
     _check(d.base_radius_m >= 0, "data.base_radius_m", f"must be >= 0 metres, got {d.base_radius_m}")
     _check(d.aug_radius_m >= d.base_radius_m, "data.aug_radius_m",
            f"must be >= data.base_radius_m ({d.base_radius_m}), got {d.aug_radius_m}")
-    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction",
+           f"must be in [0, 1) (0: no validation), got {d.val_fraction}")
     _check(d.val_block_m > 0, "data.val_block_m", f"must be > 0 metres, got {d.val_block_m}")
     try:
         list(string.Formatter().parse(d.template))  # malformed braces raise ValueError here
@@ -228,17 +250,24 @@ def _validate(cfg: Config) -> None:
     _check(t.max_retries >= 0, "text.max_retries", f"must be >= 0, got {t.max_retries}")
     _check(t.request_timeout_s > 0, "text.request_timeout_s", f"must be > 0 seconds, got {t.request_timeout_s}")
     _check(t.device in _DEVICES, "text.device", f"must be one of {', '.join(_DEVICES)}, got {t.device!r}")
+    _check(m.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {m.arch!r}")
     _check(m.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {m.latent_dim}")
     _check(m.hidden_dim >= 1, "model.hidden_dim", f"must be >= 1, got {m.hidden_dim}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(0.0 <= lo.lam <= 1.0, "loss.lam", f"lambda must be in [0, 1], got {lo.lam}")
     _check(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
-    _check(0 < lo.min_temperature <= lo.temperature, "loss.min_temperature",
-           f"must be in (0, loss.temperature], got {lo.min_temperature}")
+    _check(lo.ae_ae_temperature is None or lo.ae_ae_temperature > 0, "loss.ae_ae_temperature",
+           f"must be > 0 or null (null: loss.temperature), got {lo.ae_ae_temperature}")
+    lowest = min(lo.temperature, lo.ae_ae_temperature or lo.temperature)
+    _check(0 < lo.min_temperature <= lowest, "loss.min_temperature",
+           f"must be in (0, {lowest:g}] (the lowest temperature), got {lo.min_temperature}")
     _check(tr.epochs >= 1, "train.epochs", f"must be >= 1, got {tr.epochs}")
     _check(tr.batch_size >= 2, "train.batch_size", f"must be >= 2 (a contrastive batch needs negatives), got {tr.batch_size}")
     _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
     _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
+    _check(len(tr.betas) == 2 and all(0.0 <= b < 1.0 for b in tr.betas), "train.betas",
+           f"must be two numbers in [0, 1), got {tr.betas}")
+    _check(0.0 <= tr.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}")
     _check(tr.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {tr.warmup_epochs}")
     _check(tr.device in _DEVICES, "train.device", f"must be one of {', '.join(_DEVICES)}, got {tr.device!r}")
 
@@ -251,6 +280,8 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.data.poi = resolve(cfg.data.poi)
     cfg.text.cache_dir = resolve(cfg.text.cache_dir)
     cfg.train.run_dir = resolve(cfg.train.run_dir)
+    if cfg.train.init_from is not None:
+        cfg.train.init_from = resolve(cfg.train.init_from)
     # A text model given as a local folder is resolved too; a hub name is left alone.
     if (base / cfg.text.model).exists():
         cfg.text.model = resolve(cfg.text.model)

@@ -44,10 +44,10 @@ def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction
 
     Blocks are laid on a local metric grid (metres per degree at the mean latitude),
     shuffled with `seed`, and taken until at least `val_fraction` of the points are in
-    validation. The same inputs always give the same split.
+    validation (none when it is 0). The same inputs always give the same split.
     """
     n = len(lon)
-    if n < 2:
+    if n < 2 or val_fraction <= 0:
         return np.zeros(n, dtype=bool)
     n_blocks, block_of = spatial_blocks(lon, lat, block_m)
     order = np.random.default_rng(seed).permutation(n_blocks)

@@ -78,8 +78,7 @@ def untrained_model(n_bands: int, text_dim: int, cfg, seed: int) -> AetherModel:
     """A projector pair of the checkpoint's shape, initialised as `train` initialises it."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AetherModel(n_bands, text_dim, cfg.model.latent_dim, cfg.model.hidden_dim, cfg.model.dropout,
-                            cfg.loss.temperature, cfg.loss.learn_temperature)
+        model = AetherModel.from_config(cfg, n_bands, text_dim)
     return model.eval()
 
 
@@ -437,11 +436,16 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
     if dataset.text.shape[1] != embedder.ckpt["text_encoder"]["dim"]:
         raise AetherError(f"text embeddings have {dataset.text.shape[1]} dimensions; the checkpoint expects "
                           f"{embedder.ckpt['text_encoder']['dim']}")
-    val = np.flatnonzero(dataset.is_val)
+    if cfg.data.val_fraction == 0:  # trained without validation (as the reference's models were)
+        val = np.arange(len(dataset))
+        log(f"the checkpoint was trained without a validation split (data.val_fraction = 0): evaluating on all "
+            f"{len(val)} POIs of {cfg.data.poi}; on the POIs it was trained on, these are training figures")
+    else:
+        val = np.flatnonzero(dataset.is_val)
+        log(f"evaluating on {len(val)} held-out POIs (of {len(dataset)}; spatial blocks of {cfg.data.val_block_m:g} m, "
+            f"seed {cfg.train.seed})")
     if len(val) < 2:
         raise AetherError(f"the checkpoint's split holds {len(val)} held-out POIs; evaluation needs at least 2")
-    log(f"evaluating on {len(val)} held-out POIs (of {len(dataset)}; spatial blocks of {cfg.data.val_block_m:g} m, "
-        f"seed {cfg.train.seed})")
     pairs = {"trained": ProjectorPair("trained", model_from_checkpoint(embedder.ckpt)[0]),
              "untrained": ProjectorPair("untrained", untrained_model(embedder.n_bands, dataset.text.shape[1], cfg,
                                                                     cfg.train.seed))}

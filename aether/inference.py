@@ -66,10 +66,10 @@ class AetherEmbedder:
         self.n_bands = int(self.ckpt["input"]["n_bands"])
         self.base_radius_m = float(self.ckpt["input"]["base_radius_m"])
         self.latent_dim = self.projector.out_dim
-        width = self.cfg.model.hidden_dim + self.latent_dim + self.n_bands
+        width = sum(w.shape[1] for w in self.projector.workspace(1, torch.device("cpu"))) + self.latent_dim + self.n_bands
         # CPU: a batch's activations within ~2 MiB of cache, a power of two (1,024 pixels for the
-        # default model: with one PyTorch thread per tile, 10-30% faster than 4,096, and MKL is
-        # slower at sizes such as 4,681); GPU: large batches, ~256 MiB of activations.
+        # mlp model, 512 for aether's wider one: with one PyTorch thread per tile, 10-30% faster
+        # than 4,096, and MKL is slower at sizes such as 4,681); GPU: ~256 MiB of activations.
         budget = (256 << 20) if self.device.type == "cuda" else (2 << 20)
         self.batch_px = 1 << int(np.log2(max(256, budget // (4 * width))))
 
@@ -96,15 +96,15 @@ class AetherEmbedder:
         autocast = _AUTOCAST.get(self.precision)
         if autocast is None:  # fp32: the fused projector, into buffers reused batch after batch
             batch = min(self.batch_px, n)
-            hidden = torch.empty((batch, self.cfg.model.hidden_dim), device=self.device)
+            workspace = self.projector.workspace(batch, self.device)
             latent = torch.empty((batch, self.latent_dim), device=self.device)
         for start in range(0, n, self.batch_px):
             x = torch.from_numpy(vectors[start:start + self.batch_px]).to(self.device, non_blocking=True)
             if autocast is None:
-                z = self.projector.forward_into(x, hidden[:len(x)], latent[:len(x)])
+                z = self.projector.forward_into(x, workspace, latent[:len(x)])
             else:
                 with torch.autocast(self.device.type, dtype=autocast):
-                    z = self.projector.net(x)
+                    z = self.projector.head(x)
                 z = F.normalize(z.float(), dim=1)
             z = quantize_torch(z) if dtype == "int8" else z.to(out.dtype)
             z = z.cpu()
@@ -189,7 +189,7 @@ class AetherEmbedder:
         data = np.where(valid[..., None], pixels, np.nan).astype(np.float32)
         info = RasterInfo("<array>", data.shape[1], data.shape[0], data.shape[2], None, None, "float32", None, (0, 0))
         if pooling == "pixel":
-            means, ok = np.nan_to_num(data), valid
+            means, ok = unit_rows(np.nan_to_num(data)), valid
         else:
             r = int(np.floor(self.base_radius_m / pixel_size_m + 1e-6))
             padded = np.pad(data.transpose(2, 0, 1), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
@@ -198,6 +198,14 @@ class AetherEmbedder:
         out = np.full(data.shape[:2] + (self.latent_dim,), np.nan, dtype=np.float32)
         out[ok] = self.project(means[ok])
         return out
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """(..., bands) vectors scaled to unit length in place (zero vectors stay zero): single pixels
+    as the projector saw windows in training, renormalised."""
+    norm = np.sqrt(np.einsum("...i,...i->...", vectors, vectors, dtype=np.float32))[..., None]
+    np.divide(vectors, norm, out=vectors, where=norm > 0)
+    return vectors
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -283,7 +291,7 @@ class PooledTileReader:
             pixels = bands[:, start:stop].transpose(1, 2, 0)
             valid = ~invalid_pixels(pixels, self.info)
             means = dequantize(pixels) if self.info.is_int8 else np.nan_to_num(pixels.astype(np.float32))
-            yield start, stop, means, valid
+            yield start, stop, unit_rows(means), valid
 
     def latent(self, data) -> tuple[torch.Tensor, np.ndarray]:
         """(latent, h * w) AETHER vectors (zeros where invalid) and the flat valid mask of one tile."""

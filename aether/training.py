@@ -29,6 +29,7 @@ from aether.files import atomic_write
 from aether.loss import AetherLoss
 from aether.metrics import recall_at_k
 from aether.model import AetherModel
+from aether.text import build_text_encoder
 
 KS = (1, 5, 10)
 
@@ -38,10 +39,13 @@ KS = (1, 5, 10)
 RESUME_MUST_MATCH = (
     "data.n_bands", "data.base_radius_m", "data.aug_radius_m", "data.val_fraction", "data.val_block_m",
     "text.backend", "text.model", "text.dimensions",
-    "model.latent_dim", "model.hidden_dim", "model.dropout",
-    "loss.lam", "loss.temperature", "loss.learn_temperature", "loss.min_temperature",
-    "train.batch_size", "train.lr", "train.weight_decay", "train.warmup_epochs", "train.seed",
+    "model.arch", "model.latent_dim", "model.hidden_dim", "model.dropout", "model.gate",
+    "loss.lam", "loss.temperature", "loss.ae_ae_temperature", "loss.learn_temperature", "loss.min_temperature",
+    "train.batch_size", "train.lr", "train.weight_decay", "train.betas", "train.warmup_epochs", "train.min_lr_ratio",
+    "train.seed",
 )
+# Config keys that shape the projectors: a checkpoint that training starts from (train.init_from) must have the same.
+INIT_MUST_MATCH = ("model.arch", "model.latent_dim", "model.hidden_dim", "model.gate")
 
 
 def pick_device(name: str) -> torch.device:
@@ -76,12 +80,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    """The learning-rate factor at each step: linear warmup, then a cosine from 1 down to
+    `min_ratio` (with no warmup, the reference's CosineAnnealingLR with eta_min = min_ratio x lr)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
 
@@ -91,7 +97,7 @@ def evaluate_split(model: AetherModel, loss_fn: AetherLoss, base, aug, text) -> 
     """Both loss terms and text-to-AE / AE-to-text Recall@k on one split (all rows at once)."""
     model.eval()
     b, a, t = model.ae(base), model.ae(aug), model.text(text)
-    _, parts = loss_fn(b, a, t, model.log_logit_scale)
+    _, parts = loss_fn(b, a, t, *temperature_scales(model))
     out = {f"val_{k}": v for k, v in parts.items()}
     for k, v in recall_at_k(t, b, KS).items():
         out[f"val_t2ae_r{k}"] = v
@@ -100,13 +106,19 @@ def evaluate_split(model: AetherModel, loss_fn: AetherLoss, base, aug, text) -> 
     return out
 
 
-def global_batch_loss(net: torch.nn.Module, loss_fn: AetherLoss, log_logit_scale: torch.Tensor,
+def temperature_scales(model: AetherModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's log logit scales in the order AetherLoss takes them: AE-POI, AE-AE."""
+    return model.log_logit_scale, model.log_logit_scale_ae_ae
+
+
+def global_batch_loss(net: torch.nn.Module, loss_fn: AetherLoss, scales: tuple[torch.Tensor, torch.Tensor],
                       base: torch.Tensor, aug: torch.Tensor, text: torch.Tensor,
                       shares: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a global batch of which this process holds the rows `base`, `aug`, `text`
-    (rank r holds shares[r] rows): projected here, joined across processes with their gradients."""
+    (rank r holds shares[r] rows): projected here, joined across processes with their gradients.
+    `scales`: the log logit scales of the AE-POI and AE-AE terms."""
     b, a, t = (distributed.gather_rows(z, shares) for z in net(base, aug, text))
-    return loss_fn(b, a, t, log_logit_scale)
+    return loss_fn(b, a, t, *scales)
 
 
 def rng_states() -> dict:
@@ -175,6 +187,9 @@ def resume_checkpoint(target: str | Path, cfg: Config) -> tuple[Path, dict]:
     if "resume" not in ckpt:
         raise AetherError(f"cannot resume from {path}: it holds weights but no training state "
                           f"(best.pt never does); resume from the run folder or its last.pt")
+    if ckpt.get("upgraded_from") == 1 and cfg.loss.learn_temperature:
+        raise AetherError(f"cannot resume from {path}: it was written by an AETHER with one learned temperature, "
+                          f"this one learns two; start a new run (train.init_from={path} keeps its weights)")
     saved, current = _flatten(ckpt["config"]), _flatten(cfg.to_dict())
     for key in RESUME_MUST_MATCH:
         if saved.get(key) != current[key]:
@@ -182,6 +197,45 @@ def resume_checkpoint(target: str | Path, cfg: Config) -> tuple[Path, dict]:
                               f"{saved.get(key)!r} in the checkpoint; resume with the config (and --set overrides) "
                               f"the run started with, or start a new run in another train.run_dir")
     return path, ckpt
+
+
+def init_checkpoint(cfg: Config) -> dict | None:
+    """The checkpoint train.init_from names (either format), checked against `cfg` before any
+    heavy work: same projector shapes and the same text encoder (its text projector only
+    understands that encoder's embeddings)."""
+    if cfg.train.init_from is None:
+        return None
+    path = cfg.train.init_from
+    ckpt = load_checkpoint(path)
+    saved, current = _flatten(ckpt["config"]), _flatten(cfg.to_dict())
+    for key in INIT_MUST_MATCH:
+        if saved.get(key) != current[key]:
+            raise AetherError(f"config train.init_from: checkpoint {path} has {key} {saved.get(key)!r}, this config "
+                              f"{current[key]!r}; set {key}={saved.get(key)} to start from its weights")
+    if ckpt["input"]["n_bands"] != cfg.data.n_bands:
+        raise AetherError(f"config train.init_from: checkpoint {path} takes {ckpt['input']['n_bands']} AlphaEarth "
+                          f"bands, this config data.n_bands = {cfg.data.n_bands}")
+    identity = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url).identity
+    theirs = {k: ckpt["text_encoder"].get(k) for k in identity}
+    if theirs != identity:
+        raise AetherError(f"config train.init_from: checkpoint {path} was trained with text encoder "
+                          f"{theirs['backend']}/{theirs['model']} (dimensions {theirs['dimensions']}), this config uses "
+                          f"{identity['backend']}/{identity['model']} (dimensions {identity['dimensions']}); its text "
+                          f"projector only fits its own encoder: set text.backend, text.model and text.dimensions "
+                          f"to match")
+    return ckpt
+
+
+def start_from(model: AetherModel, ckpt: dict, text_dim: int) -> None:
+    """Load the projectors of an init_from checkpoint (the temperatures stay the config's)."""
+    if ckpt["text_encoder"]["dim"] != text_dim:
+        raise AetherError(f"config train.init_from: its text projector takes {ckpt['text_encoder']['dim']}-dimensional "
+                          f"embeddings, the text encoder gives {text_dim}")
+    weights = {k: v for k, v in ckpt["model"].items() if not k.startswith("log_logit_scale")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    wrong = [k for k in missing if not k.startswith("log_logit_scale")] + list(unexpected)
+    if wrong:
+        raise AetherError(f"config train.init_from: its weights do not fit this model ({wrong[0]})")
 
 
 def check_resume_data(path: Path, ckpt: dict, dataset: PoiDataset, fingerprint: dict[str, str],
@@ -272,6 +326,7 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     run_dir = Path(cfg.train.run_dir)
     check_writable_dir(run_dir, "config train.run_dir")
     resume_path, resumed = resume_checkpoint(resume, cfg) if resume is not None else (None, None)
+    init = init_checkpoint(cfg) if resumed is None else None  # a resumed run has its own weights
     device = pick_device(cfg.train.device)
     if cfg.train.batch_size < distributed.world_size():
         raise AetherError(f"config train.batch_size is {cfg.train.batch_size} but torchrun started "
@@ -282,12 +337,12 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
                           "pools its own copy, so run torchrun without them")
     with distributed.process_group(device):
         return _train(cfg, device, progress and distributed.is_main(), dataset, resume_path, resumed, command,
-                      workers, scheduler)
+                      workers, scheduler, init)
 
 
 def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDataset | None,
            resume_path: Path | None, resumed: dict | None, command: str | None,
-           workers: int | None = None, scheduler: str | None = None) -> Path:
+           workers: int | None = None, scheduler: str | None = None, init: dict | None = None) -> Path:
     """`train` once the inputs are checked and the processes (if several) joined."""
     run_dir = Path(cfg.train.run_dir)
     main = distributed.is_main()
@@ -318,21 +373,26 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                              if distributed.world_size() > 2 else ""))
     base, aug, text = tensor(dataset.base), tensor(dataset.aug), tensor(dataset.text)
     text_dim = dataset.text.shape[1]
-    model = AetherModel(dataset.base.shape[1], text_dim, cfg.model.latent_dim, cfg.model.hidden_dim,
-                        cfg.model.dropout, cfg.loss.temperature, cfg.loss.learn_temperature).to(device)
+    model = AetherModel.from_config(cfg, dataset.base.shape[1], text_dim)
+    if init is not None:
+        start_from(model, init, text_dim)
+        log(f"starting from the projectors of {cfg.train.init_from}")
+    model = model.to(device)
     net = distributed.wrap(model, device)
     distributed.seed_own_stream(cfg.train.seed)
     loss_fn = AetherLoss(cfg.loss.lam, cfg.loss.min_temperature)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                  betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
     batch = min(cfg.train.batch_size, len(train_rows))
     steps_per_epoch = max(1, len(train_rows) // batch)  # full batches only: InfoNCE needs its negatives
     shares, mine = distributed.shard_sizes(batch), distributed.my_rows(batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(cfg.train.epochs * steps_per_epoch, cfg.train.warmup_epochs * steps_per_epoch))
+        optimizer, cosine_with_warmup(cfg.train.epochs * steps_per_epoch, cfg.train.warmup_epochs * steps_per_epoch,
+                                      cfg.train.min_lr_ratio))
     generator = torch.Generator().manual_seed(cfg.train.seed)
     metrics_path = run_dir / "metrics.jsonl"
     best_score, best_path, last_path = -math.inf, run_dir / "best.pt", run_dir / "last.pt"
+    keep_best = cfg.data.val_fraction > 0  # without validation, "best" would mean nothing
     first_epoch, first_step, totals, record = 1, 0, None, {}
     if resumed is None:
         if main:
@@ -359,7 +419,7 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                f"schedule follows {cfg.train.epochs})" if saved_epochs != cfg.train.epochs else ""))
         if first_epoch > cfg.train.epochs:
             log(f"nothing to train: the checkpoint is past train.epochs = {cfg.train.epochs}")
-            return best_path
+            return best_path if keep_best else last_path
 
     def save_last(epoch: int, step: int, epoch_generator: torch.Tensor, totals: dict) -> None:
         """last.pt with the state to continue at `step` of `epoch` (epoch's shuffle from `epoch_generator`).
@@ -395,8 +455,8 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                                       f"step {step} of {steps_per_epoch}; checkpoint saved to {last_path}; "
                                       f"resume with: {how}", 128 + signum)
                 idx = order[step * batch:(step + 1) * batch][mine].to(device)
-                loss, parts = global_batch_loss(net, loss_fn, model.log_logit_scale, base[idx], aug[idx], text[idx],
-                                                shares)
+                loss, parts = global_batch_loss(net, loss_fn, temperature_scales(model), base[idx], aug[idx],
+                                                text[idx], shares)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -405,7 +465,8 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                     totals[k] += parts[k] / steps_per_epoch
             record = {"epoch": epoch, **{f"train_{k}": v for k, v in totals.items()},
                       "lr": scheduler.get_last_lr()[0],
-                      "temperature": 1.0 / float(loss_fn.logit_scale(model.log_logit_scale.detach()))}
+                      "temperature": 1.0 / float(loss_fn.logit_scale(model.log_logit_scale.detach())),
+                      "temperature_ae_ae": 1.0 / float(loss_fn.logit_scale(model.log_logit_scale_ae_ae.detach()))}
             if main:  # validation, metrics.jsonl and best.pt are rank 0's
                 if len(val_rows) >= 2:
                     vi = torch.from_numpy(val_rows).to(device)
@@ -414,7 +475,7 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 score = record.get("val_t2ae_r10", -record["train_loss"])
-                if score > best_score:  # best.pt before last.pt: a kill between them replays this epoch
+                if keep_best and score > best_score:  # best.pt before last.pt: a kill between them replays this epoch
                     best_score = score
                     atomic_torch_save(make_checkpoint(model, cfg, identity, text_dim, epoch, record), best_path)
             save_last(epoch + 1, 0, generator.get_state(), {k: 0.0 for k in totals})
@@ -422,11 +483,14 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                             **({"R@10": f"{record['val_t2ae_r10']:.3f}"} if "val_t2ae_r10" in record else {}))
     bar.close()
     final = record
+    if not keep_best:
+        log("no validation split (data.val_fraction = 0): no best.pt is written; last.pt holds the weights after "
+            "the last epoch")
     if "val_t2ae_r10" in final:
         chance = min(1.0, 10 / len(val_rows))
         log(f"validation ({len(val_rows)} POIs): text-to-AE R@1/5/10 = {final['val_t2ae_r1']:.3f} / "
             f"{final['val_t2ae_r5']:.3f} / {final['val_t2ae_r10']:.3f} (chance R@10 = {chance:.3f}); "
             f"best R@10 = {best_score:.3f}")
-    log(f"checkpoints: {best_path} (best), {last_path} (last); metrics: {metrics_path}; "
+    log(f"checkpoints: {f'{best_path} (best), ' if keep_best else ''}{last_path} (last); metrics: {metrics_path}; "
         f"{time.time() - start:.1f} s")
-    return best_path
+    return best_path if keep_best else last_path

@@ -166,8 +166,9 @@ def brute_force(values: np.ndarray, invalid: np.ndarray, row: int, col: int, ry:
 
 
 def write_untrained_checkpoint(path: Path, latent_dim: int = 16, hidden_dim: int = 32, text_dim: int = 384,
-                               seed: int = 0, n_bands: int = N_BANDS) -> Path:
-    """A checkpoint of a randomly initialised model whose text side is the packaged MiniLM (384-d)."""
+                               seed: int = 0, n_bands: int = N_BANDS, arch: str = "aether") -> Path:
+    """A checkpoint of a randomly initialised model (architecture `arch`) whose text side is the
+    packaged MiniLM (384-d)."""
     import torch
 
     from aether.checkpoint import make_checkpoint
@@ -176,8 +177,8 @@ def write_untrained_checkpoint(path: Path, latent_dim: int = 16, hidden_dim: int
 
     torch.manual_seed(seed)
     cfg = Config()
-    cfg.model.latent_dim, cfg.model.hidden_dim, cfg.data.n_bands = latent_dim, hidden_dim, n_bands
-    model = AetherModel(n_bands, text_dim, latent_dim, hidden_dim)
+    cfg.model.latent_dim, cfg.model.hidden_dim, cfg.data.n_bands, cfg.model.arch = latent_dim, hidden_dim, n_bands, arch
+    model = AetherModel.from_config(cfg, n_bands, text_dim)
     text = {"backend": "sentence-transformers", "model": "sentence-transformers/all-MiniLM-L6-v2", "dimensions": None}
     torch.save(make_checkpoint(model, cfg, text, text_dim, epoch=1, metrics={}), path)
     return path

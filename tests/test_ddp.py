@@ -58,9 +58,10 @@ def _with_torchrun_env(rank: int, worker, world: int, port: int, *args) -> None:
         worker(rank, world, *args)
 
 
-def one_step(batch: int) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
-    """Loss, its parts and the gradients of one step on a fixed global batch of `batch` rows, in
-    this process's share when in a process group (through DDP), else the whole batch."""
+def one_step(batch: int, arch: str) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
+    """Loss, its parts and the gradients of one step of architecture `arch` on a fixed global batch
+    of `batch` rows, in this process's share when in a process group (through DDP), else the whole
+    batch."""
     from aether import distributed
     from aether.loss import AetherLoss
     from aether.model import AetherModel
@@ -69,16 +70,19 @@ def one_step(batch: int) -> tuple[torch.Tensor, dict, dict[str, torch.Tensor]]:
     data = torch.Generator().manual_seed(batch)
     base, aug, text = (torch.randn(batch, n, generator=data) for n in (64, 64, 384))
     torch.manual_seed(0)
-    model = AetherModel(64, 384, latent_dim=16, hidden_dim=32, dropout=0.0, learn_temperature=True)
+    model = AetherModel(64, 384, latent_dim=16, hidden_dim=32, dropout=0.0, learn_temperature=True, arch=arch,
+                        ae_ae_temperature=0.1)
     net = distributed.wrap(model, torch.device("cpu"))
     rows = distributed.my_rows(batch)
-    loss, parts = global_batch_loss(net, AetherLoss(0.2), model.log_logit_scale, base[rows], aug[rows], text[rows],
+    scales = (model.log_logit_scale, model.log_logit_scale_ae_ae)
+    loss, parts = global_batch_loss(net, AetherLoss(0.2), scales, base[rows], aug[rows], text[rows],
                                     distributed.shard_sizes(batch))
     loss.backward()  # DDP averages the gradients over the ranks here
     return loss.detach(), parts, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
 BATCHES = (8, 7)  # even and uneven shares (4 + 4, 4 + 3)
+ARCHS = ("aether", "mlp")
 
 
 class CountingEncoder(TextEncoder):
@@ -103,7 +107,7 @@ def _worker(rank: int, world: int, out: Path) -> None:
     """One step on each of BATCHES, then sharded encoding of TEXTS into the cache in `out`."""
     from aether.distributed import encode_texts_sharded
 
-    steps = {batch: one_step(batch) for batch in BATCHES}
+    steps = {(arch, batch): one_step(batch, arch) for arch in ARCHS for batch in BATCHES}
     encoder, cache = CountingEncoder(), EmbeddingCache(out / "cache")
     vectors, n_encoded = encode_texts_sharded(encoder, TEXTS, cache, batch_size=1, progress=False)
     cache.close()
@@ -124,17 +128,26 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
 def test_one_step_on_two_processes_matches_one_process(two_ranks):
     """Same loss (of the global batch) on every rank, same gradients after DDP's averaging."""
-    for batch in BATCHES:
-        loss, parts, grads = one_step(batch)
-        assert set(grads) == {"ae.net.0.weight", "ae.net.0.bias", "ae.net.3.weight", "ae.net.3.bias",
-                              "text.net.0.weight", "text.net.0.bias", "text.net.3.weight", "text.net.3.bias",
-                              "log_logit_scale"}
-        for rank in two_ranks:
-            got_loss, got_parts, got_grads = rank["steps"][batch]
-            torch.testing.assert_close(got_loss, loss, rtol=0, atol=ATOL)
-            assert got_parts == pytest.approx(parts, rel=0, abs=ATOL)
-            for key, grad in grads.items():
-                torch.testing.assert_close(got_grads[key], grad, rtol=0, atol=ATOL, msg=f"{batch}: {key}")
+    names = {"mlp": {"ae.net.0.weight", "ae.net.0.bias", "ae.net.3.weight", "ae.net.3.bias", "text.net.0.weight",
+                     "text.net.0.bias", "text.net.3.weight", "text.net.3.bias"},
+             "aether": {"ae.proj.0.weight", "ae.proj.0.bias", "ae.proj.2.weight", "ae.proj.2.bias", "ae.shortcut.weight",
+                        "ae.shortcut.bias", "ae.gate", "ae.post_mlp.0.weight", "ae.post_mlp.0.bias",
+                        "ae.post_mlp.3.weight", "ae.post_mlp.3.bias", "text.proj.weight", "text.proj.bias"}}
+    for arch in ARCHS:
+        for batch in BATCHES:
+            _check_step(two_ranks, arch, batch, names[arch] | {"log_logit_scale", "log_logit_scale_ae_ae"})
+
+
+def _check_step(two_ranks, arch: str, batch: int, names: set[str]) -> None:
+    """Every rank's loss, parts and gradients of one step equal one process's."""
+    loss, parts, grads = one_step(batch, arch)
+    assert set(grads) == names
+    for rank in two_ranks:
+        got_loss, got_parts, got_grads = rank["steps"][(arch, batch)]
+        torch.testing.assert_close(got_loss, loss, rtol=0, atol=ATOL)
+        assert got_parts == pytest.approx(parts, rel=0, abs=ATOL)
+        for key, grad in grads.items():
+            torch.testing.assert_close(got_grads[key], grad, rtol=0, atol=ATOL, msg=f"{arch} {batch}: {key}")
 
 
 def test_sharded_text_encoding_encodes_each_text_once_into_one_cache(two_ranks):

@@ -271,7 +271,9 @@ def test_pixel_pooling_maps_nodata_pixel_to_pixel(tmp_path, ckpt, embedder, in_k
     z, valid = read_output(out)
     values, invalid = stored_values(ae)
     np.testing.assert_array_equal(valid, ~invalid)
-    np.testing.assert_allclose(z[valid], embedder.project(values.transpose(1, 2, 0)[valid]), atol=FLOAT_ATOL)
+    pixels = values.transpose(1, 2, 0)[valid]
+    pixels /= np.linalg.norm(pixels, axis=1, keepdims=True)  # each pixel renormalised, as windows are
+    np.testing.assert_allclose(z[valid], embedder.project(pixels), atol=FLOAT_ATOL)
     with rasterio.open(out) as src:
         assert src.tags()["AETHER_POOLING"] == "pixel"
 
@@ -344,14 +346,19 @@ def test_strips_and_parallel_tiles_change_no_byte(tmp_path, ckpt, monkeypatch, i
         np.testing.assert_array_equal(other, outputs[0])
 
 
-def test_fused_projector_matches_forward(embedder):
+@pytest.mark.parametrize("arch", ["aether", "mlp"])
+def test_fused_projector_matches_forward(arch, tmp_path):
     import torch
 
+    embedder = AetherEmbedder(write_untrained_checkpoint(tmp_path / "c.pt", LATENT_DIM, HIDDEN_DIM, arch=arch),
+                              precision="fp32")
     x = torch.from_numpy(unit_field(30, 40, seed=2).reshape(64, -1).T.copy())
-    hidden, out = torch.empty(len(x), HIDDEN_DIM), torch.empty(len(x), LATENT_DIM)
+    workspace, out = embedder.projector.workspace(len(x), torch.device("cpu")), torch.empty(len(x), LATENT_DIM)
     with torch.no_grad():
         expected = embedder.projector(x)
-    np.testing.assert_allclose(embedder.projector.forward_into(x, hidden, out).numpy(), expected.numpy(), atol=1e-6)
+    got = embedder.projector.forward_into(x, workspace, out).numpy()
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+    np.testing.assert_allclose(embedder.project(x.numpy()), expected.numpy(), atol=1e-6)  # in batches
 
 
 def test_tile_workers_use_one_torch_thread_each_and_restore():
