@@ -214,6 +214,7 @@ def _from_reference(raw: dict, path: Path) -> dict:
         if isinstance(temps.get(key), (int, float)):
             loss[target] = float(temps[key])
     cfg = config_from_dict(config)
+    cfg.text.cache_dir = str(path.resolve().parent / "cache")  # its own, on the machine it was trained on, is not here
     if cfg.text.backend == "openai" and cfg.text.dimensions is None:
         cfg.text.dimensions = text_dim  # the reference asks OpenAI for emb_dim, which the text projector takes
     weights = {f"ae.{k}": v for k, v in raw["ae_state_dict"].items()}

