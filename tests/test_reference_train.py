@@ -451,3 +451,29 @@ def test_reference_temperatures_are_clipped_as_the_reference_clips_them():
     assert sum("clipped to [0.01, 1]" in line for line in said) == 2
     cfg = config_from_dict(translate_config({"model": {"tau_xt": 0.05}}))
     assert cfg.loss.temperature == 0.05 and cfg.loss.ae_ae_temperature is None
+
+
+def test_retrieve_with_an_openai_reference_checkpoint(tmp_path, data, elsewhere, monkeypatch, capsys):
+    """Their released models' encoder: OpenAI text-embedding-3-large asked for 384 dimensions, here an
+    OpenAI-compatible server on 127.0.0.1 (OPENAI_BASE_URL) whose vectors the test can recompute."""
+    from openai_server import OpenAIServer, fake_embedding
+
+    query = "a quiet cafe"
+    with OpenAIServer() as server:
+        monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        code, _, err = run_script_in_process(
+            "retrieve.py", ["--ckpt", str(data["openai"]), "--ae_tif", str(data["raster"]), "--query", query,
+                            "--out", str(tmp_path / "maps"), "--device", "cpu", "--precision", "fp32",
+                            "--no-progress"], monkeypatch, capsys)
+        assert code == 0, err
+        assert server.batches == [[query]]
+    index = json.loads((tmp_path / "maps" / "queries.json").read_text())
+    with rasterio.open(tmp_path / "maps" / index["queries"][0]["tif"]) as dst:
+        sim = dst.read(1).astype(np.float64)
+    ae_state, txt_state = state_of(data["openai"])
+    qv = text_formula(txt_state, fake_embedding("text-embedding-3-large", query, 384)[None].astype(np.float64))[0]
+    values, invalid = stored_values(data["raster"])
+    for r, c in [(0, 0), (17, 23), (HEIGHT_PX - 1, WIDTH_PX - 1)]:
+        x = brute_force(values, invalid, r, c, 4, 4)
+        assert sim[r, c] == pytest.approx(float(ae_formula(ae_state, x[None])[0] @ qv), abs=1e-5), (r, c)
