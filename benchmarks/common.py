@@ -61,7 +61,15 @@ def generated_raster(size_px: int, seed: int = 0) -> Path:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far: VmHWM, which a new program starts afresh
+    (getrusage's ru_maxrss keeps the parent's peak across fork and exec, so a child started by a
+    benchmark that had just generated a large raster would report the parent's memory)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
