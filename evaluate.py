@@ -10,7 +10,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description="Evaluate an AETHER checkpoint on the held-out POIs of its own spatial split: retrieval, "
                     "category retrieval, localisation and linear probes, against an untrained pair and chance.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (e.g. ckpts/helsinki/best.pt)")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (e.g. ckpts/helsinki/best.pt), or one of the reference code's (.pth)")
     parser.add_argument("--out", default=None, help="output folder for metrics.json and metrics.md "
                                                     "(default: eval/ beside the checkpoint)")
     parser.add_argument("--landuse", default=None, help="land-use polygons (GeoJSON, GeoPackage, ...) for the "

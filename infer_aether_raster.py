@@ -13,18 +13,22 @@ from aether.cli import run
 
 
 def main() -> None:
+    from aether.raster import output_dtypes
+
     parser = argparse.ArgumentParser(description="Turn an AlphaEarth raster into an AETHER raster.")
     parser.add_argument("--ae_tif", required=True,
                         help="AlphaEarth raster (GeoTIFF, VRT or URL; int8 or float; any CRS), or a set of tiles: "
                              "a quoted glob or a .txt file with one path or URL per line")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or last.pt)")
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint written by train.py (best.pt or last.pt), or one of the reference code's (.pth)")
     parser.add_argument("--out", required=True,
                         help="output GeoTIFF, written atomically (for a set of tiles: a folder, one GeoTIFF per tile "
                              "plus mosaic.vrt)")
     parser.add_argument("--pooling", choices=["window", "pixel"], default="window",
                         help="window: the training base-view mean around each pixel (default); pixel: single pixels")
-    parser.add_argument("--dtype", choices=["int8", "float16", "float32"], default="int8",
-                        help="output type; int8 uses AlphaEarth's quantization (default)")
+    parser.add_argument("--dtype", choices=output_dtypes(), default="int8",
+                        help="output type; int8 uses AlphaEarth's quantization (default); float16 needs GDAL 3.11 "
+                             "or newer, so it is offered only where rasterio's GDAL has it")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                         help="projector arithmetic (autocast); auto: bf16 on CUDA or a CPU with native bf16, else fp32")
     parser.add_argument("--tile", type=int, default=512, help="tile side in pixels (default 512)")

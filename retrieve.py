@@ -11,7 +11,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description="Score every pixel of an AETHER (or AlphaEarth) raster against text queries; per query write "
                     "a similarity GeoTIFF, the top-k places as GeoJSON and a PNG heatmap.")
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py, or one of the reference code's (.pth)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--emb", help="AETHER raster written by infer_aether_raster.py with this checkpoint, or a set "
                                       "of them (a quoted glob or a .txt list)")

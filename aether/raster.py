@@ -298,3 +298,9 @@ class BlockCache:
         for src in self._handles:
             src.close()
         self.units.clear()
+
+
+def output_dtypes() -> list[str]:
+    """The AETHER output types this rasterio's GDAL can write: int8 and float32 always, float16
+    from GDAL 3.11."""
+    return ["int8", *(["float16"] if rasterio.dtypes.check_dtype("float16") else []), "float32"]

@@ -631,3 +631,10 @@ def test_float16_refused_in_one_line_where_gdal_cannot_write_it(tmp_path, ckpt):
     with pytest.raises(AetherError, match="float16 needs GDAL 3.11"):
         embed(ckpt, ae_raster(tmp_path, "int8"), tmp_path / "f16.tif", dtype="float16")
     assert list(tmp_path.glob("*f16*")) == []
+
+
+def test_cli_offers_float16_only_where_gdal_writes_it(monkeypatch, capsys):
+    """`--dtype` lists what this GDAL can write; an unlisted type is argparse's one-line refusal."""
+    code, out, _ = run_script_in_process("infer_aether_raster.py", ["--help"], monkeypatch, capsys)
+    assert code == 0
+    assert ("{int8,float16,float32}" if FLOAT16_WRITABLE else "{int8,float32}") in out
