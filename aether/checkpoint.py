@@ -12,6 +12,7 @@ Either is checked (keys, types, tensor shapes, finite weights) before anything u
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 import shutil
@@ -108,6 +109,28 @@ def model_from_checkpoint(ckpt: dict) -> tuple[AetherModel, Config]:
         raise AetherError(f"checkpoint weights do not match its config (model.arch {cfg.model.arch}): "
                           f"{first_line(exc)}") from None
     return model.eval(), cfg
+
+
+def model_identity(ckpt: dict) -> dict[str, str]:
+    """What determines the AETHER vectors a checkpoint makes and the queries it answers, part by
+    part: digests of the AE and text projectors' weights (with the architecture), the base window
+    and the text encoder. Retraining the same config gives the same identity, whatever the file's
+    bytes (which hold the date, metrics and training state)."""
+    arch = ckpt["config"].get("model", {}).get("arch", "mlp")
+
+    def digest(prefix: str) -> str:
+        h = hashlib.sha256(f"{arch}\0{prefix}".encode())
+        for key in sorted(k for k in ckpt["model"] if k.startswith(prefix)):
+            tensor = ckpt["model"][key].detach().cpu().contiguous()
+            h.update(f"{key}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+            h.update(tensor.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    enc = ckpt["text_encoder"]
+    return {"AE projector": digest("ae."), "text projector": digest("text."),
+            "base window": f"radius {float(ckpt['input']['base_radius_m']):g} m",
+            "text encoder": f"{enc['backend']} {enc['model']}" + (f" at {enc['dimensions']} dimensions"
+                                                                   if enc.get("dimensions") else "")}
 
 
 def describe_window(ckpt: dict) -> str | None:

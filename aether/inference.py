@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
 from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize_torch
-from aether.checkpoint import load_checkpoint, model_from_checkpoint
+from aether.checkpoint import load_checkpoint, model_from_checkpoint, model_identity
 from aether.console import log
 from aether.errors import AetherError, first_line
 from aether.files import atomic_write_text, file_sha256, temp_file_beside
@@ -118,6 +118,12 @@ class AetherEmbedder:
     def ckpt_sha256(self) -> str:
         """The checkpoint file's SHA-256: the tag that ties an AETHER raster to the model that made it."""
         return file_sha256(self.ckpt_path)
+
+    @functools.cached_property
+    def model_identity(self) -> dict[str, str]:
+        """What determines this checkpoint's AETHER vectors, part by part (aether.checkpoint.model_identity):
+        the AETHER_MODEL tag that ties an AETHER raster to the model that made it."""
+        return model_identity(self.ckpt)
 
     @property
     def text_identity(self) -> dict:
@@ -446,6 +452,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
         "AETHER_ENCODING": ("AlphaEarth int8: value = sign(q) * (q / 127.5)**2, nodata -128, unit vectors"
                             if dtype == "int8" else f"{dtype} unit vectors, nodata NaN"),
         "AETHER_TEXT_ENCODER": embedder.ckpt["text_encoder"]["model"],
+        "AETHER_MODEL": json.dumps(embedder.model_identity, sort_keys=True),
     }
     fingerprint = run_fingerprint(ae_tif, embedder, pooling, dtype, tile_px, (r_start, r_stop), cog)
     tags["AETHER_RUN"] = json.dumps(fingerprint, sort_keys=True)

@@ -333,6 +333,21 @@ def _check_aether_raster(path: str, ckpt: str, embedder: AetherEmbedder) -> None
     """An AETHER raster made by another checkpoint (or text encoder) lives in another latent space."""
     with rasterio.open(path) as src:
         tags = src.tags()
+    if "AETHER_MODEL" in tags:  # the parts that determine the vectors: a retrained identical model matches
+        try:
+            made_by = json.loads(tags["AETHER_MODEL"])
+        except ValueError:
+            made_by = {}
+        ours = embedder.model_identity
+        differ = [part for part in ours if made_by.get(part) != ours[part]]
+        if differ:
+            detail = "; ".join(f"{part}: {made_by.get(part, '?')} there, {ours[part]} here" if part in
+                               ("base window", "text encoder") else f"{part} weights differ" for part in differ)
+            raise AetherError(f"AETHER raster {path} was made with another model than checkpoint {Path(ckpt).name} "
+                              f"({detail}); query it with the checkpoint that made it "
+                              f"({tags.get('AETHER_CHECKPOINT', '?')}), or pass --ae_tif to embed the AlphaEarth "
+                              f"raster with this one")
+        return
     made_with = tags.get("AETHER_CHECKPOINT_SHA256")
     if made_with is None:
         log(f"note: {path} does not say which checkpoint made it; assuming {Path(ckpt).name}")

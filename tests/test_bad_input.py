@@ -367,7 +367,7 @@ CASES = [
     (infer_tile_too_small, "tile size must be a multiple of 16 pixels", IN_PROCESS),
     (infer_resume_without_interrupted_run, "nothing to resume", IN_PROCESS),
     (infer_bottom_up_float_raster_without_crs, "has no CRS", IN_PROCESS),
-    (retrieve_raster_from_other_checkpoint, "was made with another checkpoint", IN_PROCESS),
+    (retrieve_raster_from_other_checkpoint, "was made with another model than checkpoint", IN_PROCESS),
     (retrieve_other_text_encoder, "differs from the checkpoint's", IN_PROCESS),
     (retrieve_empty_query, "a query is empty", IN_PROCESS),
     (retrieve_query_file_without_queries, "has no queries", IN_PROCESS),

@@ -102,3 +102,36 @@ def test_cli_refuses_a_nan_checkpoint_without_writing(tmp_path, good, monkeypatc
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "NaN" in lines[0], err
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["ae.tif", "nan.pt"]
+
+
+def test_an_aether_raster_is_tied_to_the_model_not_the_file(tmp_path, monkeypatch, capsys):
+    """Retraining the same config gives the same weights in a file of other bytes (date, metrics):
+    its AETHER rasters are accepted. Other weights or another base window are refused, naming the
+    part that differs."""
+    from aether.inference import embed_raster
+
+    first = write_untrained_checkpoint(tmp_path / "first.pt", seed=0)
+    raw = torch.load(first, weights_only=True)
+    raw["metrics"], raw["epoch"] = {"train_loss": 1.0}, 7
+    same = tmp_path / "same_weights.pt"
+    torch.save(raw, same)
+    assert same.read_bytes() != first.read_bytes()
+    other_window = copy.deepcopy(raw)
+    other_window["input"]["base_radius_m"] = 95.0
+    torch.save(other_window, tmp_path / "window.pt")
+    write_untrained_checkpoint(tmp_path / "other.pt", seed=1)
+    ae = write_raster(tmp_path / "ae.tif", unit_field(20, 20))
+    emb = embed_raster(str(ae), str(first), str(tmp_path / "aether.tif"), progress=False)
+
+    def retrieve(ckpt: str) -> tuple[int, str]:
+        code, _, err = run_script_in_process("retrieve.py", ["--ckpt", str(tmp_path / ckpt), "--emb", str(emb),
+                                                             "--query", "a cafe", "--out", str(tmp_path / ckpt[:-3]),
+                                                             "--no-progress"], monkeypatch, capsys)
+        return code, err
+
+    assert retrieve("same_weights.pt")[0] == 0
+    code, err = retrieve("other.pt")
+    assert code == 2 and "AE projector weights differ; text projector weights differ" in err, err
+    code, err = retrieve("window.pt")
+    assert code == 2 and "base window: radius 45 m there, radius 95 m here" in err, err
+    assert "weights differ" not in err
