@@ -3,7 +3,7 @@
 # train, embed the raster, three retrieval queries, evaluation, PCA pictures and training curves
 # (model.arch aether, the default), then the same training and evaluation with model.arch mlp and
 # how close per-pixel inference is to window inference.
-# About 3 minutes on 2 CPU cores.   Usage: bash scripts/example_tour.sh
+# About 75 s on 2 CPU cores.   Usage: bash scripts/example_tour.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=ckpts/helsinki
