@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 N_BANDS = 64
 NODATA_INT8 = -128
 QUANT_SCALE = 127.5
+MAX_ABS_VALUE = 1e3  # a unit vector's components lie in [-1, 1]: a float pixel beyond this (or inf) is no embedding
 ATTRIBUTION = "AlphaEarth Foundations Satellite Embedding dataset, Google / Google DeepMind (CC-BY 4.0)"
 
 

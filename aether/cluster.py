@@ -22,8 +22,20 @@ def check_cluster_args(workers: int | None, scheduler: str | None) -> None:
         raise AetherError("give --workers (a local Dask cluster) or --scheduler (an existing one), not both")
     if workers is not None and workers < 1:
         raise AetherError(f"--workers must be 1 or more, got {workers}")
+    if workers is not None and workers > usable_cores():
+        raise AetherError(f"--workers {workers} is more worker processes than the {usable_cores()} cores this process "
+                          f"may use; give at most {usable_cores()} (more machines: --scheduler with a Dask cluster)")
     if scheduler is not None and "://" not in scheduler:
         raise AetherError(f"--scheduler must be a Dask scheduler address such as tcp://HOST:8786, got {scheduler!r}")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), which
+    bounds --workers: local worker processes beyond it only add memory and contention."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 @contextmanager
@@ -51,7 +63,7 @@ def dask_client(workers: int | None = None, scheduler: str | None = None) -> Ite
         finally:
             client.close()
         return
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    threads = str(max(1, usable_cores() // workers))
     env = {name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     env["GDAL_NUM_THREADS"] = threads
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import string
 import types
 import typing
@@ -16,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from aether.console import log
-from aether.errors import AetherError, first_line
+from aether.errors import AetherError, first_line, shown
 from aether.poi import DEFAULT_TEMPLATE, template_fields
 from aether.raster import is_remote
 from aether.reference import is_reference_config, translate_config
@@ -116,7 +117,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), check_files:
             raise AetherError(f"config file {path} does not exist")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of > 4,300 digits
             raise AetherError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
         if not isinstance(raw, dict):
             raise AetherError(f"config file {path} must hold a mapping of sections (data, text, model, loss, train)")
@@ -158,15 +159,15 @@ class _OverrideText(str):
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or "." not in key:
-        raise AetherError(f"override {item!r} must look like section.key=value, e.g. train.epochs=3")
+        raise AetherError(f"override {shown(item)} must look like section.key=value, e.g. train.epochs=3")
     section, _, name = key.strip().partition(".")
     parsed = _OverrideText(value.strip())
     try:
         parsed.parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):
         parsed.parsed = value.strip()
     if not isinstance(raw.setdefault(section, {}), dict):
-        raise AetherError(f"config section {section!r} must be a mapping")
+        raise AetherError(f"config section {shown(section)} must be a mapping")
     raw[section][name] = parsed
 
 
@@ -179,9 +180,11 @@ def _build(cls, raw, prefix: str):
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            name = key if isinstance(key, str) else shown(key)
+            name = name if len(name) <= 80 else name[:80] + "..."
+            close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
-            raise AetherError(f"config: unknown key {prefix}{key}{hint}")
+            raise AetherError(f"config: unknown key {prefix}{name}{hint}")
     values = {}
     for name, f in fields.items():
         if name not in raw:
@@ -199,7 +202,7 @@ def _coerce(value, typ, key: str):
         if isinstance(value, _OverrideText):
             value = value.parsed
         if not isinstance(value, (list, tuple)):
-            raise AetherError(f"config {key}: expected a list, got {value!r}")
+            raise AetherError(f"config {key}: expected a list, got {shown(value)}")
         item = typing.get_args(typ)[0]
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     allowed = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else (typ,)
@@ -209,18 +212,27 @@ def _coerce(value, typ, key: str):
         return None
     for t in allowed:
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), key)
         if t is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no decimal point) as text
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _finite(number, key)
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t in (str, bool) and isinstance(value, t):
             return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise AetherError(f"config {key}: expected {names}, got {value!r}")
+    raise AetherError(f"config {key}: expected {names}, got {shown(value)}")
+
+
+def _finite(value: float, key: str) -> float:
+    """A float setting, refused when it is not finite (inf or nan: no setting means that)."""
+    if not math.isfinite(value):
+        raise AetherError(f"config {key}: must be a finite number, got {value}")
+    return value
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -239,18 +251,21 @@ def _validate(cfg: Config) -> None:
     _check(d.val_block_m > 0, "data.val_block_m", f"must be > 0 metres, got {d.val_block_m}")
     try:
         list(string.Formatter().parse(d.template))  # malformed braces raise ValueError here
-        d.template.format(**{k: "x" for k in template_fields(d.template)})
+        fields = template_fields(d.template)  # refuses widths that would fill memory, before format() tries them
+        d.template.format(**{k: "x" for k in fields})
     except (ValueError, KeyError, IndexError) as exc:
         raise AetherError(f"config data.template: not a valid template ({exc})") from None
-    _check(t.backend in _BACKENDS, "text.backend", f"must be one of {', '.join(_BACKENDS)}, got {t.backend!r}")
+    except AetherError as exc:
+        raise AetherError(f"config data.template: {exc}") from None
+    _check(t.backend in _BACKENDS, "text.backend", f"must be one of {', '.join(_BACKENDS)}, got {shown(t.backend)}")
     _check(t.dimensions is None or t.dimensions > 0, "text.dimensions", f"must be > 0 or null, got {t.dimensions}")
     _check(t.dimensions is None or t.backend == "openai", "text.dimensions",
            "applies to the openai backend only; set it to null")
     _check(t.batch_size >= 1, "text.batch_size", f"must be >= 1, got {t.batch_size}")
     _check(t.max_retries >= 0, "text.max_retries", f"must be >= 0, got {t.max_retries}")
     _check(t.request_timeout_s > 0, "text.request_timeout_s", f"must be > 0 seconds, got {t.request_timeout_s}")
-    _check(t.device in _DEVICES, "text.device", f"must be one of {', '.join(_DEVICES)}, got {t.device!r}")
-    _check(m.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {m.arch!r}")
+    _check(t.device in _DEVICES, "text.device", f"must be one of {', '.join(_DEVICES)}, got {shown(t.device)}")
+    _check(m.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {shown(m.arch)}")
     _check(m.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {m.latent_dim}")
     _check(m.hidden_dim >= 1, "model.hidden_dim", f"must be >= 1, got {m.hidden_dim}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
@@ -266,10 +281,10 @@ def _validate(cfg: Config) -> None:
     _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
     _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
     _check(len(tr.betas) == 2 and all(0.0 <= b < 1.0 for b in tr.betas), "train.betas",
-           f"must be two numbers in [0, 1), got {tr.betas}")
+           f"must be two numbers in [0, 1), got {shown(tr.betas)}")
     _check(0.0 <= tr.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}")
     _check(tr.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {tr.warmup_epochs}")
-    _check(tr.device in _DEVICES, "train.device", f"must be one of {', '.join(_DEVICES)}, got {tr.device!r}")
+    _check(tr.device in _DEVICES, "train.device", f"must be one of {', '.join(_DEVICES)}, got {shown(tr.device)}")
 
 
 def _resolve_paths(cfg: Config, base: Path) -> None:

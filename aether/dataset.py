@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aether.alphaearth import MAX_ABS_VALUE
 from aether.config import Config
 from aether.console import log
 from aether.errors import AetherError
@@ -65,12 +66,13 @@ def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction
 
 
 def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True,
-                  client=None) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
+                  client=None, min_train_pois: int = 0) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
     """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why.
 
     data.ae_tif may name a set of tiles (aether.tiles); each POI is pooled from one of them. With a
     Dask `client`, pooling and the encoding of texts not yet cached run as tasks on its workers.
-    The RasterInfo returned is the first tile's.
+    The RasterInfo returned is the first tile's. Fewer than `min_train_pois` POIs on the training
+    side of the split is refused before any text is encoded (so nothing is cached in vain).
     """
     if encoder is None:
         encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url,
@@ -79,12 +81,17 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
     encoder.check()
     tiles = expand_tiles(cfg.data.ae_tif, "AlphaEarth tile")
     infos = [open_raster(path, cfg.data.n_bands) for path in tiles]
+    for tile in infos:  # before any pooling or text encoding: the views' windows must fit in memory
+        tile.check_window(cfg.data.aug_radius_m, fix="set a smaller data.aug_radius_m (and data.base_radius_m)")
     info = infos[0]
     frame = read_poi_frame(cfg.data.poi, cfg.data.lon_column, cfg.data.lat_column, cfg.data.poi_crs)
     pois, dropped = prepare_pois(frame, info.crs, cfg.data.template, cfg.data.description_column,
                                  cfg.data.id_column, source=f"POI file {cfg.data.poi}")
     pooled = pool_at_scale(infos, pois.lon, pois.lat, [cfg.data.base_radius_m, cfg.data.aug_radius_m], client,
                            xy=(pois.x, pois.y), progress=progress)
+    if pooled.implausible:
+        log(f"raster {cfg.data.ae_tif}: {pooled.implausible:,} pixels read hold values no AlphaEarth vector has "
+            f"(beyond +-{MAX_ABS_VALUE:g}, or infinite); they count as nodata")
     outside = ~pooled.inside
     if outside.any():
         dropped["outside the raster" if len(infos) == 1 else f"outside all {len(infos)} tiles"] = int(outside.sum())
@@ -99,6 +106,11 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
         raise AetherError(f"no usable POIs: none of {len(frame)} in {cfg.data.poi} has text and a valid window "
                           f"on raster {cfg.data.ae_tif} (do they overlap? check both CRSs)")
     pois = pois.subset(keep)
+    is_val = spatial_split(pois.lon, pois.lat, cfg.data.val_block_m, cfg.data.val_fraction, cfg.train.seed)
+    n_train = int((~is_val).sum())
+    if n_train < min_train_pois:
+        raise AetherError(f"only {n_train} training POIs; contrastive training needs at least {min_train_pois}"
+                          + (f" (one for each process)" if min_train_pois > 2 else ""))
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
         if client is not None:
@@ -114,6 +126,5 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
         log(f"text: all {n_unique} unique descriptions came from the cache ({cfg.text.cache_dir}); nothing encoded")
     else:
         log(f"text: encoded {n_encoded} of {n_unique} unique descriptions with {encoder.identity['model']}")
-    is_val = spatial_split(pois.lon, pois.lat, cfg.data.val_block_m, cfg.data.val_fraction, cfg.train.seed)
     dataset = PoiDataset(pois, pooled.views[0][keep], pooled.views[1][keep], text, is_val)
     return dataset, info, encoder

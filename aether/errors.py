@@ -1,4 +1,21 @@
 """The one error type users see: a message that names the problem and the fix."""
+import reprlib
+
+SHOWN_CHARS = 80  # the most of a user's value an error message quotes
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxtuple, _repr.maxdict, _repr.maxset = 2, 4, 4, 4, 4
+_repr.maxstring = _repr.maxother = _repr.maxlong = SHOWN_CHARS
+
+
+def shown(value: object) -> str:
+    """A user's value as an error message quotes it: repr, cut to about SHOWN_CHARS characters and two
+    levels of nesting, so a huge or self-multiplying value (a YAML 'billion laughs') prints short."""
+    try:
+        text = _repr.repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        return "a number of more than 4,300 digits"
+    return text if len(text) <= SHOWN_CHARS + 10 else text[:SHOWN_CHARS] + "..."
 
 
 def first_line(exc: BaseException) -> str:

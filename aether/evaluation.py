@@ -430,6 +430,7 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
     layer = read_landuse(landuse, landuse_column) if landuse is not None else None
     info = open_raster(cfg.data.ae_tif, embedder.n_bands)
     embedder.check_raster(info)
+    info.check_window(search_radius_m, fix="use a smaller --search-radius-m")  # the localisation disc
 
     encoder = embedder.text_encoder()
     dataset, info, encoder = build_dataset(cfg, encoder=encoder, progress=progress)

@@ -1,13 +1,18 @@
-"""Writing files so that readers never see half of one: a temporary file beside the target,
-renamed over it at the end. No heavy imports, so any module (and any picture) can use it."""
+"""Writing files safely: so that readers never see half of one (a temporary file beside the target,
+renamed over it at the end), so that two runs never write the same one (an exclusive lock held for
+the whole run), and never over a file the run reads. No heavy imports, so any module (and any
+picture) can use it."""
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterable, Iterator
+
+from aether.errors import AetherError
 
 
 def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
@@ -49,3 +54,123 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class RunLock:
+    """An exclusive lock (flock) on the file `path`, held while a run writes what it guards.
+
+    A second run that asks while the first holds it is refused with one line naming `what`, the
+    holder's pid and `fix`. The kernel releases the lock when its holder dies, SIGKILL included,
+    so a lock file left by a dead run blocks nothing: the next run takes it over. The holder
+    removes the file when it lets go; a run that opened the file just before is not fooled, as it
+    checks, once locked, that the path still names the file it locked.
+    """
+
+    def __init__(self, path: str | Path, what: str, fix: str):
+        self.path, self.what, self.fix = Path(path), what, fix
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 256).decode("utf-8", "replace").split()
+                os.close(fd)
+                raise AetherError(f"{self.what} is being written by another run ({_holder(holder)}); wait for it "
+                                  f"or {self.fix}") from None
+            except OSError as exc:  # a file system without locks (some network mounts): go on, and say so
+                from aether.console import log
+
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                log(f"note: cannot lock {self.path} ({exc.strerror}); make sure no other run writes {self.what}")
+                return self
+            try:
+                here, locked = os.stat(self.path), os.fstat(fd)
+                current = (here.st_dev, here.st_ino) == (locked.st_dev, locked.st_ino)
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)  # its holder removed it between our open and our lock: try the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked, so no one locks the old file meanwhile
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(words: list[str]) -> str:
+    if not words:
+        return "pid unknown"
+    if len(words) > 1 and words[1] != socket.gethostname():
+        return f"pid {words[0]} on {words[1]}"
+    return f"pid {words[0]}"
+
+
+def output_lock(out: str | Path, fix: str = "choose another --out") -> RunLock:
+    """The lock a run holds while it writes the file `out`: `.OUT.lock` beside it."""
+    out = Path(out)
+    return RunLock(out.parent / f".{out.name}.lock", str(out), fix)
+
+
+@contextmanager
+def folder_lock(folder: str | Path, name: str, what: str, fix: str) -> Iterator[Path]:
+    """Hold the lock file `name` inside `folder` for the block (`what` names the folder in a
+    refusal). The folder (and any missing parents) is created if missing, and removed again at
+    the end if the block left it empty: a run that failed leaves nothing behind."""
+    folder = Path(folder)
+    created = []  # the folders made here, deepest first
+    missing = folder
+    while not missing.exists():
+        created.append(missing)
+        missing = missing.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with RunLock(folder / name, what, fix):
+            yield folder
+    finally:
+        for made in created:
+            if any(made.iterdir()):
+                break
+            made.rmdir()
+
+
+def check_inputs_kept(outputs: Iterable[str | Path], inputs: dict[str, str], fix: str) -> None:
+    """Refuse, before any work, to write any of `outputs` over one of the files a run reads:
+    `inputs` maps each such file to what it is ('the input raster', ...). Paths are compared
+    resolved (symbolic links, `..`), and existing files also by identity (hard links)."""
+    by_path = {os.path.realpath(p): what for p, what in inputs.items()}
+    by_file = {}
+    for p, what in inputs.items():
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        by_file.setdefault((st.st_dev, st.st_ino), what)
+    for out in outputs:
+        what = by_path.get(os.path.realpath(out))
+        if what is None:
+            try:
+                st = os.stat(out)
+                what = by_file.get((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+        if what is not None:
+            raise AetherError(f"output {out} is {what}; {fix}")

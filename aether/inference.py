@@ -26,13 +26,14 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
-from aether.alphaearth import NODATA_INT8, band_names, dequantize, quantize_torch
+from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, band_names, dequantize, quantize_torch
 from aether.checkpoint import load_checkpoint, model_from_checkpoint, model_identity
 from aether.console import log
 from aether.errors import AetherError, first_line
-from aether.files import atomic_write_text, file_sha256, temp_file_beside
+from aether.files import atomic_write_text, check_inputs_kept, file_sha256, output_lock, temp_file_beside
 from aether.pooling import pool_points, window_means
-from aether.raster import RasterInfo, geotiff_layout, invalid_pixels, local_absolute, open_raster, read_bands
+from aether.raster import (RasterInfo, check_window_px, geotiff_layout, implausible_pixels, invalid_pixels,
+                           local_absolute, open_raster, raster_files, read_bands)
 from aether.streaming import run_pipeline
 from aether.text import TextEncoder, build_text_encoder
 
@@ -40,6 +41,7 @@ OUTPUT_DTYPES = ("int8", "float16", "float32")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 POOLINGS = ("window", "pixel")
 TILE_PX = 512
+MAX_TILE_PX = 4096  # largest --tile: a 4,096-pixel int8 tile is 1 GiB in and 2 GiB out, and several are in flight
 STRIP_PX = 32768  # pixels of a tile pooled and projected at a time (8 MiB of float32 means)
 OUTPUT_BLOCK_PX = 256
 GDAL_CACHE_MB = 64
@@ -164,8 +166,9 @@ class AetherEmbedder:
         z = self.text_projector(torch.from_numpy(emb).to(self.device)).float().cpu()
         return z.numpy()
 
-    def check_raster(self, info: RasterInfo) -> None:
-        """Refuse a raster whose bands or grid do not fit this checkpoint."""
+    def check_raster(self, info: RasterInfo, pooling: str = "window") -> None:
+        """Refuse a raster whose bands or grid do not fit this checkpoint (for window pooling, also one
+        whose pixels are so small that the base window would be too many pixels across)."""
         if info.count != self.n_bands:
             raise AetherError(f"raster {info.path} has {info.count} bands but checkpoint {self.ckpt_path} "
                               f"was trained on {self.n_bands}")
@@ -176,6 +179,9 @@ class AetherEmbedder:
         if np.max(sx) > 2 * self.base_radius_m + 1e-6 or np.max(sy) > 2 * self.base_radius_m + 1e-6:
             raise AetherError(f"raster {info.path} has pixels of {float(np.max(sx)):.0f} m, coarser than the "
                               f"checkpoint's base window ({2 * self.base_radius_m:g} m across)")
+        if pooling == "window":
+            info.check_window(self.base_radius_m, lat, fix="use --pooling pixel (the checkpoint's base radius is "
+                                                           f"{self.base_radius_m:g} m)")
 
     def embed_points(self, ae_tif: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """AETHER vectors at points (raster CRS), pooled exactly as in training; and their valid mask."""
@@ -197,6 +203,7 @@ class AetherEmbedder:
         if pooling == "pixel":
             means, ok = unit_rows(np.nan_to_num(data)), valid
         else:
+            check_window_px("the array", self.base_radius_m, pixel_size_m, pixel_size_m, fix="use pooling='pixel'")
             r = int(np.floor(self.base_radius_m / pixel_size_m + 1e-6))
             padded = np.pad(data.transpose(2, 0, 1), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
             rows = np.full(data.shape[0], r)
@@ -267,11 +274,13 @@ class PooledTileReader:
             lat = None
             if info.is_geographic:
                 lat = info.xy(np.arange(info.height), np.zeros(info.height, dtype=np.int64))[1]
+            info.check_window(embedder.base_radius_m, lat, fix="use --pooling pixel")
             rx, ry = info.radius_px(embedder.base_radius_m, lat)
             self.rx = np.broadcast_to(rx, (info.height,))
             self.ry = np.broadcast_to(ry, (info.height,))
         else:
             self.rx = self.ry = np.zeros(info.height, dtype=np.int64)
+        self.implausible = 0  # pixels of the tiles read holding values no embedding has (`implausible_pixels`)
 
     def produce(self, tiles: list[Tile]):
         """(tile, data) for each tile, read in this (the reader) thread."""
@@ -279,7 +288,16 @@ class PooledTileReader:
             for tile in tiles:
                 rows = slice(tile.row0, tile.row0 + tile.height)
                 hx, hy = int(self.rx[rows].max()), int(self.ry[rows].max())
-                yield tile, (_read_with_halo(src, self.info, tile, hx, hy), self.rx[rows], self.ry[rows], hx, hy)
+                bands = _read_with_halo(src, self.info, tile, hx, hy)
+                self.implausible += implausible_pixels(bands[:, hy:hy + tile.height, hx:hx + tile.width], self.info,
+                                                       axis=0)  # the tile itself: each pixel counted once
+                yield tile, (bands, self.rx[rows], self.ry[rows], hx, hy)
+
+    def report_implausible(self) -> None:
+        """One line saying how many pixels read held values no embedding has, if any did."""
+        if self.implausible:
+            log(f"raster {self.info.path}: {self.implausible:,} pixels hold values no AlphaEarth vector has "
+                f"(beyond +-{MAX_ABS_VALUE:g}, or infinite); they count as nodata")
 
     def pooled(self, data, strip_px: int | None = None):
         """(start, stop, means, valid) for the rows start:stop of one tile, `strip_px` pixels at a
@@ -296,7 +314,8 @@ class PooledTileReader:
                 continue
             pixels = bands[:, start:stop].transpose(1, 2, 0)
             valid = ~invalid_pixels(pixels, self.info)
-            means = dequantize(pixels) if self.info.is_int8 else np.nan_to_num(pixels.astype(np.float32))
+            means = (dequantize(pixels) if self.info.is_int8
+                     else np.where(valid[..., None], pixels, 0).astype(np.float32))
             yield start, stop, unit_rows(means), valid
 
     def latent(self, data) -> tuple[torch.Tensor, np.ndarray]:
@@ -414,7 +433,9 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     Until the run ends, the output grows in a partial file beside `out`, with a journal of
     finished tiles. An interrupted run (Ctrl-C, SIGTERM, SIGKILL, a crash) leaves `out`
     untouched; `resume=True` continues from the journal and gives the same output as an
-    uninterrupted run. A run without `resume` discards any earlier partial output.
+    uninterrupted run. A run without `resume` discards any earlier partial output. While it runs
+    it holds `.OUT.lock` beside `out` (see `aether.files.RunLock`): a second run of the same `out`
+    is refused, and `out` may be none of the files the run reads.
 
     `rows` (input rows start:stop, start a multiple of `tile_px`) writes only that band of the
     raster, georeferenced where it lies: the bands of a split raster mosaic into the whole
@@ -424,11 +445,20 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
     """
     check_embed_options(pooling, dtype, tile_px, checkpoint_s)
     out = Path(out)
-    check_output_file(out, ae_tif)
+    check_output_file(out, ae_tif, ckpt)
+    with output_lock(out):  # a second run into `out` is refused while this one lives
+        return _embed_raster(ae_tif, ckpt, out, pooling, dtype, precision, tile_px, cog, device, progress, resume,
+                             checkpoint_s, rows, skip_finished)
+
+
+def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, precision: str, tile_px: int,
+                  cog: bool, device: str, progress: bool, resume: bool, checkpoint_s: float,
+                  rows: tuple[int, int] | None, skip_finished: bool) -> Path:
+    """`embed_raster` once the options and paths are checked and `out` is locked."""
     keep_tile_buffers()
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
     info = open_raster(ae_tif, n_bands=None)
-    embedder.check_raster(info)
+    embedder.check_raster(info, pooling)
     if rows is not None and not (0 <= rows[0] < rows[1] <= info.height and rows[0] % tile_px == 0):
         raise AetherError(f"rows {rows[0]}:{rows[1]} are not a band of whole tiles of {ae_tif} "
                           f"({info.height} rows, tiles of {tile_px})")
@@ -491,6 +521,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtyp
                 run_pipeline(lambda: reader.produce(todo), lambda tile, data: reader.block(data, dtype), writer,
                              workers=workers)
             writer.checkpoint(reopen=False)
+        reader.report_implausible()
         if cog:
             _to_cog(partial)
         os.replace(partial, out)
@@ -545,6 +576,14 @@ def tile_workers(device: torch.device):
                 torch.set_num_threads(_threads_saved)
 
 
+def check_tile_px(tile_px: int) -> None:
+    """Refuse a tile side over MAX_TILE_PX (memory is bounded by the tile, so the tile must be bounded)."""
+    if tile_px > MAX_TILE_PX:
+        raise AetherError(f"--tile {tile_px} is over the largest tile, {MAX_TILE_PX:,} pixels (several tiles are in "
+                          f"memory at once, each {tile_px}^2 x the bands); the tile is only the unit of work, the "
+                          f"output is the same: use {TILE_PX} (the default) or at most {MAX_TILE_PX:,}")
+
+
 def check_embed_options(pooling: str = "window", dtype: str = "int8", tile_px: int = TILE_PX,
                         checkpoint_s: float = CHECKPOINT_S, **_) -> None:
     """Refuse, before any work, options `embed_raster` cannot run with (other options pass)."""
@@ -557,6 +596,7 @@ def check_embed_options(pooling: str = "window", dtype: str = "int8", tile_px: i
                           f"{rasterio.__gdal_version__}); use int8 or float32")
     if tile_px < 16 or tile_px % 16:
         raise AetherError(f"tile size must be a multiple of 16 pixels (GeoTIFF blocks), got {tile_px}")
+    check_tile_px(tile_px)
     if not checkpoint_s >= 0:
         raise AetherError(f"checkpoint interval must be 0 or more seconds, got {checkpoint_s}")
 
@@ -590,16 +630,37 @@ def output_block_px(tile_px: int) -> int:
     return next(b for b in range(min(tile_px, 512), 15, -16) if tile_px % b == 0)
 
 
-def check_output_file(out: Path, source: str | None = None) -> None:
-    """Refuse, before any work, an output path that cannot be written or would overwrite the input."""
+def check_output_file(out: Path, source: str | None = None, ckpt: str | None = None) -> None:
+    """Refuse, before any work, an output path that cannot be written or would overwrite a file
+    the run reads (the input raster, a file behind it, the checkpoint)."""
     if out.exists() and out.is_dir():
         raise AetherError(f"output {out} is a folder; give a file name such as {out / 'aether.tif'}")
     if not out.parent.is_dir():
         raise AetherError(f"output folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise AetherError(f"output folder {out.parent} is not writable")
-    if source is not None and Path(source).exists() and out.resolve() == Path(source).resolve():
-        raise AetherError(f"output {out} is the input raster; choose another file name")
+    check_inputs_kept([out], input_files([source] if source is not None else [], ckpt), "choose another file name")
+
+
+def input_files(rasters: list[str], ckpt: str | None = None, tile_set: str | None = None) -> dict[str, str]:
+    """Every local file a run reads, and what it is (for a refusal): each raster and the files
+    behind it (`raster_files`: VRT sources, through VRTs of VRTs), the list naming the set of tiles
+    `tile_set` (the rasters are then its tiles), and the checkpoint."""
+    from aether.tiles import LIST_SUFFIXES
+
+    files = {}
+    if ckpt is not None:
+        files[ckpt] = "the checkpoint"
+    if tile_set is not None and Path(tile_set).suffix.lower() in LIST_SUFFIXES:
+        files[tile_set] = "the list of input tiles"
+    for raster in rasters:
+        found = raster_files(raster)
+        if not found:  # a URL: no local file
+            continue
+        files.setdefault(found[0], "the input raster" if tile_set is None else f"an input tile (of {tile_set})")
+        for path in found[1:]:
+            files.setdefault(path, f"read through the input raster {raster} (a VRT source)")
+    return files
 
 
 def check_output_folder(out: Path) -> None:
@@ -694,17 +755,17 @@ def embed_at_scale(ae_tif: str, ckpt: str, out: str, workers: int | None = None,
         embedder = AetherEmbedder(ckpt, device="cpu")
         return _embed_tile_set(ae_tif, ckpt, Path(out), embedder, workers, scheduler, progress, options)
     out = Path(out)
-    check_output_file(out, ae_tif)
+    check_output_file(out, ae_tif, ckpt)
     embedder = AetherEmbedder(ckpt, device=options.get("device", "auto"), precision=options.get("precision", "auto"))
     info = open_raster(ae_tif, n_bands=None)
-    embedder.check_raster(info)
+    embedder.check_raster(info, options.get("pooling", "window"))
     run_tag = json.dumps(run_fingerprint(ae_tif, embedder, options.get("pooling", "window"),
                                          options.get("dtype", "int8"), options.get("tile_px", TILE_PX),
                                          (0, info.height), options.get("cog", False)), sort_keys=True)
     if finished_output(out, run_tag):
         log(f"{out.name} is already finished (same input, checkpoint and options); skipping it")
         return out
-    with dask_client(workers, scheduler) as client:
+    with output_lock(out), dask_client(workers, scheduler) as client:  # here `out` is joined; a task locks its band
         return _embed_in_bands(ae_tif, ckpt, out, info, client, band_px, progress, options)
 
 
@@ -723,15 +784,18 @@ def _embed_tile_set(spec: str, ckpt: str, out_dir: Path, embedder: AetherEmbedde
     if out_dir.suffix.lower() in (".tif", ".tiff", ".vrt"):
         raise AetherError(f"a set of tiles gives one output per tile: --out must be a folder, got {out_dir}")
     check_output_folder(out_dir)
+    outputs = [out_dir / f"{stem}.tif" for stem in stems]
+    check_inputs_kept([*outputs, out_dir / "mosaic.vrt"], input_files(paths, ckpt, spec), "choose another --out folder")
     infos = [open_raster(p, n_bands=None) for p in paths]
     for info in infos:
-        embedder.check_raster(info)
+        embedder.check_raster(info, options.get("pooling", "window"))
     out_dir.mkdir(exist_ok=True)
-    tasks = [(p, ckpt, str(out_dir / f"{stem}.tif"), options) for p, stem in zip(paths, stems)]
-    with dask_client(workers, scheduler) as client:
-        outputs = run_tasks(client, _embed_task, tasks, [i.width * i.height for i in infos],
-                            desc=f"embedding {len(paths)} tiles", unit="px", progress=progress)
-    mosaic = write_mosaic_vrt(outputs, out_dir / "mosaic.vrt")
+    tasks = [(p, ckpt, str(out), options) for p, out in zip(paths, outputs)]  # each task locks its own output
+    with output_lock(out_dir / "mosaic.vrt", "choose another --out folder"):
+        with dask_client(workers, scheduler) as client:
+            outputs = run_tasks(client, _embed_task, tasks, [i.width * i.height for i in infos],
+                                desc=f"embedding {len(paths)} tiles", unit="px", progress=progress)
+        mosaic = write_mosaic_vrt(outputs, out_dir / "mosaic.vrt")
     log(f"{len(outputs)} tiles in {out_dir}; mosaic: {mosaic}")
     return out_dir
 

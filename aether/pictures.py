@@ -29,6 +29,7 @@ from aether.files import atomic_write
 from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
 
 MAX_PX = 1024  # longer side of a PCA picture, in pixels
+MAX_PICTURE_PX = 8192  # longer side of any picture written, --scale included: 256 MiB of RGBA
 FIT_SAMPLE_PX = 50_000  # valid pixels a PCA is fitted on, at most
 STRETCH_PERCENTILES = (2.0, 98.0)
 STRIP_BYTES = 32 << 20  # raster pixels read at a time
@@ -76,7 +77,19 @@ def picture_shape(info: RasterInfo, max_px: int = MAX_PX) -> tuple[int, int, int
     if max_px < 1:
         raise AetherError(f"--max-px must be at least 1, got {max_px}")
     step = max(1, math.ceil(max(info.height, info.width) / max_px))
-    return step, math.ceil(info.height / step), math.ceil(info.width / step)
+    height, width = math.ceil(info.height / step), math.ceil(info.width / step)
+    check_picture_px(height, width)
+    return step, height, width
+
+
+def check_picture_px(height: int, width: int, scale: int = 1) -> None:
+    """Refuse, before any reading, a picture of height x width pixels, each shown scale x scale, whose
+    longer side would be over MAX_PICTURE_PX."""
+    side = max(height, width) * scale
+    if side > MAX_PICTURE_PX:
+        shown_as = f" (--scale {scale} of a {width} x {height} picture)" if scale > 1 else ""
+        raise AetherError(f"the picture would be {width * scale:,} x {height * scale:,} pixels{shown_as}, over the "
+                          f"{MAX_PICTURE_PX:,} allowed on its longer side; lower --scale or --max-px")
 
 
 def _sampled(size: int, step: int) -> np.ndarray:
@@ -123,7 +136,8 @@ def picture_chunks(info: RasterInfo, max_px: int = MAX_PX):
                 window = Window(int(c.min()), int(r.min()), int(c.max() - c.min() + 1), int(r.max() - r.min() + 1))
                 pixels = read_pixels(src, window, info)[np.ix_(r - r.min(), c - c.min())]
                 invalid = invalid_pixels(pixels, info)
-                vectors = dequantize(pixels) if info.is_int8 else pixels.astype(np.float32)
+                vectors = (dequantize(pixels) if info.is_int8
+                           else np.where(invalid[..., None], 0, pixels).astype(np.float32))
                 yield row_run, col_run, vectors, ~invalid
 
 
@@ -185,6 +199,7 @@ def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = Non
     out = _check_output(out, ".png")
     if scale < 1:
         raise AetherError(f"--scale must be at least 1, got {scale}")
+    check_picture_px(*picture_shape(open_embedding(tif), max_px)[1:], scale)
     fit = None
     if fit_on is not None:
         _check_same_bands(tif, open_embedding(tif).count, fit_on, open_embedding(fit_on).count)

@@ -1,6 +1,7 @@
 """Points of interest: reading POI files, building their text descriptions."""
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aether.errors import AetherError, first_line
+from aether.errors import AetherError, first_line, shown
 
 if TYPE_CHECKING:
     import geopandas
@@ -18,13 +19,31 @@ DEFAULT_TEMPLATE = "A place of {value}, a type of {key}, named {name}."
 OSM_ATTRIBUTION = "© OpenStreetMap contributors, ODbL 1.0"
 
 
+MAX_TEMPLATE_WIDTH = 1000  # the widest field (width or precision, in characters) a template may ask for
+
+
 def template_fields(template: str) -> list[str]:
-    """The field names a description template uses, e.g. ['value', 'key', 'name']."""
+    """The field names a description template uses, e.g. ['value', 'key', 'name'].
+
+    A format spec may not hold a field of its own (`{name:{key}}` would let the data choose a
+    width), nor a width or precision over MAX_TEMPLATE_WIDTH (`{name:>3000000000}` asks for 3 GB)."""
     try:
-        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise AetherError(f"description template {template!r} is malformed ({exc}); "
+        raise AetherError(f"description template {shown(template)} is malformed ({exc}); "
                           "write fields as {name}, {key}, {value}") from None
+    for _, name, spec, _ in parsed:
+        if not spec:
+            continue
+        if "{" in spec or "}" in spec:
+            raise AetherError(f"description template {shown(template)}: the format of field {{{name}}} holds "
+                              f"another field; give widths as numbers, e.g. {{{name}:>20}}")
+        for number in re.findall(r"\d+", spec):
+            digits = number.lstrip("0")
+            if len(digits) > len(str(MAX_TEMPLATE_WIDTH)) or int(digits or 0) > MAX_TEMPLATE_WIDTH:
+                raise AetherError(f"description template {shown(template)}: field {{{name}:{shown(spec)[1:-1]}}} asks "
+                                  f"for a width or precision over {MAX_TEMPLATE_WIDTH:,} characters; use a smaller one")
+    return [f for _, f, _, _ in parsed if f]
 
 
 def render_description(template: str, fields: dict) -> str | None:

@@ -35,6 +35,7 @@ class PooledViews:
     views: list[np.ndarray]  # one (N, C) float32 array per radius; zeros where that window is empty
     valid: np.ndarray  # (N,) bool: on the raster, and every view has a valid pixel
     inside: np.ndarray  # (N,) bool: the point's pixel is on the raster
+    implausible: int = 0  # pixels read holding values no embedding has (treated as nodata; `implausible_pixels`)
 
 
 def pool_points(
@@ -59,6 +60,7 @@ def pool_points(
     rows, cols = info.rowcol(x, y)
     inside = (rows >= 0) & (rows < info.height) & (cols >= 0) & (cols < info.width)
     lat = (y if lat_deg is None else np.asarray(lat_deg, dtype=np.float64)) if info.is_geographic else None
+    info.check_window(max(radii_m, default=0.0), None if lat is None else lat[inside])
     half = []
     for radius_m in radii_m:
         rx, ry = info.radius_px(radius_m, lat)
@@ -122,7 +124,7 @@ def pool_points(
         blocks.close()
         bar.close()
 
-    return PooledViews(views=views, valid=valid, inside=inside)
+    return PooledViews(views=views, valid=valid, inside=inside, implausible=blocks.implausible)
 
 
 def _chunk_groups(rows, cols, inside, width: int, chunk_px: int) -> list[np.ndarray]:
@@ -298,4 +300,6 @@ def pool_at_scale(infos: list[RasterInfo], lon: np.ndarray, lat: np.ndarray, rad
         for k in range(len(radii_m)):
             views[k][points] = pooled.views[k]
         valid[points], inside[points] = pooled.valid, True
-    return PooledViews(views=views, valid=valid, inside=inside)
+    # a block two tasks of one tile share counts twice: exact when one task reads each tile
+    implausible = sum(pooled.implausible for pooled in results)
+    return PooledViews(views=views, valid=valid, inside=inside, implausible=implausible)

@@ -16,8 +16,10 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from aether.alphaearth import NODATA_INT8, N_BANDS, dequantize
+from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, N_BANDS, dequantize
 from aether.errors import AetherError, first_line
+
+MAX_WINDOW_HALF_PX = 1024  # a window made from metres spans at most this many pixels each way (2,049 across)
 
 # WGS84 ellipsoid, for metres per degree at a latitude.
 _WGS84_A = 6378137.0
@@ -80,12 +82,38 @@ class RasterInfo:
     def radius_px(self, radius_m: float, lat_deg: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Half-widths (columns, rows) in whole pixels of a window of ground radius `radius_m`.
 
-        45 m at 10 m pixels gives 4, i.e. a 9 x 9 window.
+        45 m at 10 m pixels gives 4, i.e. a 9 x 9 window. `check_window` bounds them first.
         """
         sx_m, sy_m = self.pixel_size_m(lat_deg)
-        rx = np.floor(radius_m / sx_m + 1e-6).astype(np.int64)
-        ry = np.floor(radius_m / sy_m + 1e-6).astype(np.int64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fx, fy = radius_m / sx_m, radius_m / sy_m
+        # at or beyond a pole there is no pixel size: clipped so the cast stays quiet (check_window refuses it)
+        rx, ry = (np.floor(np.clip(np.nan_to_num(f, nan=2.0**40), 0, 2.0**40) + 1e-6).astype(np.int64) for f in (fx, fy))
         return rx, ry
+
+    def latitude_range(self) -> np.ndarray | None:
+        """Latitudes of the first and last rows' pixel centres of a geographic raster (the pixels are
+        narrowest on the ground at the one nearer a pole); None for a projected raster."""
+        if not self.is_geographic:
+            return None
+        return self.xy(np.array([0, self.height - 1]), np.array([0, 0]))[1]
+
+    def check_window(self, radius_m: float, lat_deg: np.ndarray | float | None = None,
+                     fix: str = "use a smaller radius") -> None:
+        """Refuse a window of ground radius `radius_m` more than MAX_WINDOW_HALF_PX pixels each way from its
+        centre (at the latitudes `lat_deg` of a geographic raster; default: all its rows), before any
+        memory is asked for it: 1 mm pixels would make a 45 m window 90,001 pixels across, and so would
+        longitude degrees near a pole. `fix` says what the caller's user can change besides the raster."""
+        if self.is_geographic and lat_deg is None:
+            lat_deg = self.latitude_range()
+        lat = None if lat_deg is None else np.atleast_1d(np.asarray(lat_deg, dtype=np.float64))
+        if lat is not None and not len(lat):
+            return
+        if lat is not None and not (np.abs(lat) <= 90).all():
+            raise AetherError(f"raster {self.path} has pixel centres at latitude {float(np.max(np.abs(lat))):.6g}, "
+                              f"beyond a pole; fix its georeferencing (gdal_edit.py -a_ullr) and retry")
+        sx_m, sy_m = self.pixel_size_m(lat)
+        check_window_px(f"raster {self.path}", radius_m, sx_m, sy_m, lat, fix)
 
     def rowcol(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Array row and column of map coordinates (either row orientation)."""
@@ -98,6 +126,25 @@ class RasterInfo:
     def xy(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Map coordinates of pixel centres."""
         return self.transform @ (np.asarray(cols, dtype=np.float64) + 0.5, np.asarray(rows, dtype=np.float64) + 0.5)
+
+
+def check_window_px(source: str, radius_m: float, sx_m, sy_m, lat_deg=None, fix: str = "use a smaller radius") -> None:
+    """Refuse a window of ground radius `radius_m` on pixels of sx_m x sy_m metres (arrays: one per
+    latitude in `lat_deg`) that would reach more than MAX_WINDOW_HALF_PX pixels from its centre."""
+    sx_m, sy_m = np.atleast_1d(np.asarray(sx_m, dtype=np.float64)), np.atleast_1d(np.asarray(sy_m, dtype=np.float64))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        hx, hy = radius_m / sx_m, radius_m / sy_m
+    # no positive pixel size (at or beyond a pole): no window fits
+    half = np.maximum(*(np.where(np.isnan(h) | (h < 0), np.inf, h) for h in (hx, hy)))
+    worst = int(np.argmax(half))
+    if half[worst] < MAX_WINDOW_HALF_PX + 1 - 1e-6:
+        return
+    where = f" at latitude {float(np.atleast_1d(lat_deg)[worst]):.6g}" if lat_deg is not None else ""
+    across = f"{2 * int(half[worst]) + 1:,} pixels" if math.isfinite(half[worst]) else "unboundedly many pixels"
+    raise AetherError(f"{source} has pixels of {float(sx_m[worst]):.3g} x {float(sy_m[worst]):.3g} m{where}: a window "
+                      f"of radius {radius_m:g} m would be {across} across, more than the {2 * MAX_WINDOW_HALF_PX + 1:,} "
+                      f"AETHER allows; resample the raster to coarser pixels (gdalwarp -tr; near a pole, into a polar "
+                      f"CRS such as EPSG:3413 or EPSG:3976) or {fix}")
 
 
 def metres_per_degree(lat_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,12 +168,30 @@ def ground_distances_m(x0: float, y0: float, x: np.ndarray, y: np.ndarray, geogr
 
 # Opening a remote file must not list its "folder" (a bucket can hold thousands of tiles).
 os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
+# A server that accepts a connection and never answers must not hang a run: each HTTP request gives
+# up after these seconds and is retried a few times, then the read fails with one line. The
+# environment overrides them (e.g. GDAL_HTTP_TIMEOUT=120 for a slow link).
+HTTP_DEFAULTS = {"GDAL_HTTP_CONNECTTIMEOUT": "30", "GDAL_HTTP_TIMEOUT": "30", "GDAL_HTTP_MAX_RETRY": "3",
+                 "GDAL_HTTP_RETRY_DELAY": "1"}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 _OBJECT_STORES = (("s3://", "/vsis3/"), ("gs://", "/vsigs/"))
+_NETWORK_MARKERS = ("http://", "https://", "s3://", "gs://", "/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls",
+                    "/vsioss", "/vsiswift", "/vsiwebhdfs")
 
 
 def is_remote(path: str) -> bool:
     """A URL or a GDAL virtual file system path (/vsicurl/, /vsis3/, /vsigs/, ...)."""
     return str(path).startswith(("/vsi", "http://", "https://", "s3://", "gs://"))
+
+
+def remote_hint(path: str) -> str:
+    """For a remote raster, what an error message adds: how long GDAL waited, and how to wait longer."""
+    if not any(marker in str(path) for marker in _NETWORK_MARKERS):
+        return ""
+    return (f" (each request waits up to GDAL_HTTP_TIMEOUT = {os.environ.get('GDAL_HTTP_TIMEOUT')} s and is retried "
+            f"GDAL_HTTP_MAX_RETRY = {os.environ.get('GDAL_HTTP_MAX_RETRY')} times; set them in the environment for a "
+            f"slow server)")
 
 
 def gdal_path(path: str) -> str:
@@ -160,13 +225,41 @@ def local_absolute(path: str) -> str:
     return str(path) if is_remote(path) else os.path.abspath(path)
 
 
+def raster_files(path: str) -> list[str]:
+    """The local files that reading the raster `path` reads, resolved (real paths), the raster's
+    own first: for a VRT also its sources, followed through VRTs of VRTs (GDAL lists one level).
+    URLs and /vsi paths read no local file; a file that cannot be opened adds only itself."""
+    found: dict[str, None] = {}
+    todo = [str(path)]
+    while todo:
+        name = todo.pop(0)
+        if is_remote(name):
+            continue
+        real = os.path.realpath(name)
+        if real in found:
+            continue
+        found[real] = None
+        try:
+            with open(real, "rb") as f:
+                is_vrt = f.read(1024).lstrip().startswith(b"<VRTDataset")
+        except OSError:
+            continue
+        if is_vrt:
+            try:
+                with rasterio.open(real) as src:
+                    todo += src.files  # the VRT itself, then its sources (relative ones resolved)
+            except rasterio.errors.RasterioIOError:
+                continue
+    return list(found)
+
+
 def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
     """Open and check an embedding raster (a file, a VRT, or a URL: see `gdal_path`); refuse what
     AETHER cannot read correctly.
 
     `n_bands=None` leaves the band count to the caller (who can name what it must match).
     """
-    path = gdal_path(path)
+    given, path = str(path), gdal_path(path)
     try:
         with rasterio.open(path) as src:
             info = RasterInfo(
@@ -182,7 +275,7 @@ def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
             )
             dtypes = set(src.dtypes)
     except rasterio.errors.RasterioIOError as exc:
-        raise AetherError(f"cannot open raster {path}: {first_line(exc)}") from None
+        raise AetherError(f"cannot open raster {given}: {first_line(exc)}{remote_hint(given)}") from None
     if info.crs is None:
         raise AetherError(f"raster {path} has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32635) and retry")
     if n_bands is not None and info.count != n_bands:
@@ -199,13 +292,27 @@ def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
 
 
 def invalid_pixels(pixels: np.ndarray, info: RasterInfo, axis: int = -1) -> np.ndarray:
-    """Pixels where any band is nodata, of an (h, w, C) block (or a (C, h, w) one, with axis=0)."""
+    """Pixels where any band is nodata, of an (h, w, C) block (or a (C, h, w) one, with axis=0). In a
+    float raster that is NaN, the declared nodata, and any value no embedding has (see
+    `implausible_pixels`), so that no sum of them overflows."""
     if info.is_int8:
         return (pixels == NODATA_INT8).any(axis=axis)
-    bad = ~np.isfinite(pixels)
+    bad = ~(np.abs(pixels) <= MAX_ABS_VALUE)  # NaN, inf and impossible magnitudes in one test
     if info.nodata is not None and not math.isnan(info.nodata):
         bad |= pixels == info.nodata
     return bad.any(axis=axis)
+
+
+def implausible_pixels(pixels: np.ndarray, info: RasterInfo, axis: int = -1) -> int:
+    """How many pixels of a block (as `invalid_pixels` takes it) hold a value no AlphaEarth or AETHER
+    vector has (unit vectors: components in [-1, 1]): beyond +-MAX_ABS_VALUE or infinite, other than
+    the declared nodata. They are invalid pixels; this counts them, to be reported once."""
+    if info.is_int8:
+        return 0  # every int8 code de-quantizes into [-1, 1]
+    odd = np.abs(pixels) > MAX_ABS_VALUE  # NaN compares False: it is nodata, not odd
+    if info.nodata is not None and not math.isnan(info.nodata) and abs(info.nodata) > MAX_ABS_VALUE:
+        odd &= pixels != info.nodata
+    return int(np.count_nonzero(odd.any(axis=axis)))
 
 
 def read_pixels(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo) -> np.ndarray:
@@ -216,7 +323,8 @@ def read_pixels(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo
     try:
         src.read(window=window, out=pixels.transpose(2, 0, 1))
     except rasterio.errors.RasterioIOError as exc:
-        raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}") from None
+        raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}"
+                          f"{remote_hint(info.path)}") from None
     return pixels
 
 
@@ -227,14 +335,15 @@ def read_bands(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo)
     try:
         return src.read(window=window)
     except rasterio.errors.RasterioIOError as exc:
-        raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}") from None
+        raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}"
+                          f"{remote_hint(info.path)}") from None
 
 
 def read_vectors(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
     """Read a block as float32 vectors (h, w, C), invalid pixels zeroed, and the valid mask (h, w)."""
     pixels = read_pixels(src, window, info)
     invalid = invalid_pixels(pixels, info)
-    values = dequantize(pixels) if info.is_int8 else pixels.astype(np.float32)
+    values = dequantize(pixels) if info.is_int8 else np.where(invalid[..., None], 0, pixels).astype(np.float32)
     values[invalid] = 0.0
     return values, ~invalid
 
@@ -256,6 +365,7 @@ class BlockCache:
         self.unit_h = bh * max(1, -(-self.UNIT_PX // bh))
         self.unit_w = min(bw * max(1, -(-self.UNIT_PX // bw)), info.width)
         self.units: dict[tuple[int, int], np.ndarray] = {}
+        self.implausible = 0  # pixels read that hold values no embedding has (`implausible_pixels`)
         self._local = __import__("threading").local()
         self._handles: list = []
         from concurrent.futures import ThreadPoolExecutor
@@ -279,6 +389,7 @@ class BlockCache:
         missing = [(i, j) for i in rows for j in cols if (i, j) not in self.units]
         for key, unit in zip(missing, self._pool.map(self._read_unit, missing)):
             self.units[key] = unit
+            self.implausible += implausible_pixels(unit, self.info, axis=0)
         grid = []
         for i in rows:
             ur0 = i * self.unit_h

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from aether.errors import AetherError
+from aether.errors import AetherError, shown
 
 NATIVE_PIXEL_M = 10.0  # AlphaEarth's pixel: the reference's pixel radii are counted in these
 REFERENCE_ETA_MIN_RATIO = 0.01  # the reference's default when train.eta_min_ratio is absent
@@ -77,7 +77,7 @@ class _Translation:
         section, name = key.split(".")
         self.out[section][name] = value
         if self.say is not None and source is not None:
-            self.say(f"config {source} -> {key}: {value!r}" + (f" ({why})" if why else ""))
+            self.say(f"config {source} -> {key}: {shown(value)}" + (f" ({why})" if why else ""))
 
     def drop(self, source: str, why: str) -> None:
         if self.say is not None:
@@ -93,7 +93,8 @@ class _Translation:
                 raise ValueError
             return kind(value) if kind is float else _whole(value)
         except (TypeError, ValueError):
-            self.refuse(f"{section}.{key}", f"expected a {'number' if kind is float else 'whole number'}, got {value!r}")
+            self.refuse(f"{section}.{key}",
+                        f"expected a {'number' if kind is float else 'whole number'}, got {shown(value)}")
 
 
 def _whole(value) -> int:
@@ -111,10 +112,10 @@ def translate_config(raw: dict, say: Callable[[str], None] | None = None) -> dic
     """
     for section, values in raw.items():
         if section not in ("data", "text", "model", "train", "eval", "logging"):
-            raise AetherError(f"reference config: unknown section {section!r} (the reference has data, text, model, "
+            raise AetherError(f"reference config: unknown section {shown(section)} (the reference has data, text, model, "
                               f"train, eval, logging)")
         if not isinstance(values, dict):
-            raise AetherError(f"reference config {section}: must be a mapping, got {values!r}")
+            raise AetherError(f"reference config {section}: must be a mapping, got {shown(values)}")
     tr = _Translation(raw, say)
     _data(tr)
     _text(tr)
@@ -139,7 +140,7 @@ def _data(tr: _Translation) -> None:
         tr.drop(f"data.crs: {tr.get('data', 'crs')}", "POIs are reprojected from their file's own CRS to the raster's")
     mode = tr.get("data", "feat_mode", "pixel")
     if mode != "pixel":
-        tr.refuse("data.feat_mode", f"{mode!r} is not a mode of the reference code; its only mode is 'pixel' "
+        tr.refuse("data.feat_mode", f"{shown(mode)} is not a mode of the reference code; its only mode is 'pixel' "
                                     f"(a window mean of pixels)")
     for key, target in (("pix_radius", "data.base_radius_m"), ("aug_pix_radius", "data.aug_radius_m")):
         if tr.has("data", key):
@@ -185,7 +186,7 @@ def _text(tr: _Translation) -> None:
             tr.drop(f"text.emb_dim: {tr.get('text', 'emb_dim')}", "the hf model's own dimension is used")
         tr.get("text", "openai_model")
     else:
-        tr.refuse("text.backend", f"must be hf or openai, got {backend!r}")
+        tr.refuse("text.backend", f"must be hf or openai, got {shown(backend)}")
     if tr.has("text", "batch_size"):
         tr.put("text.batch_size", tr.number("text", "batch_size", int), "text.batch_size")
 
@@ -193,9 +194,9 @@ def _text(tr: _Translation) -> None:
 def _model(tr: _Translation) -> None:
     ae_type, text_type = tr.get("model", "ae_type", "AEProj"), tr.get("model", "text_type", "TextProj")
     if ae_type != "AEProj":
-        tr.refuse("model.ae_type", f"{ae_type!r} is not the reference's AE projector (AEProj)")
+        tr.refuse("model.ae_type", f"{shown(ae_type)} is not the reference's AE projector (AEProj)")
     if text_type != "TextProj":
-        tr.refuse("model.text_type", f"{text_type!r} is not the reference's text projector (TextProj)")
+        tr.refuse("model.text_type", f"{shown(text_type)} is not the reference's text projector (TextProj)")
     tr.put("model.arch", "aether", "model.ae_type/text_type: AEProj/TextProj", "the paper's projectors")
     tr.put("model.dropout", 0.0)  # the reference builds AEProj with its default p_drop = 0
     if tr.has("model", "suffix"):
@@ -217,7 +218,7 @@ def _model(tr: _Translation) -> None:
     if tr.has("model", "betas"):
         betas = tr.get("model", "betas")
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
-            tr.refuse("model.betas", f"expected two numbers, got {betas!r}")
+            tr.refuse("model.betas", f"expected two numbers, got {shown(betas)}")
         tr.put("train.betas", [float(b) for b in betas], "model.betas")
 
 

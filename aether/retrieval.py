@@ -13,6 +13,7 @@ are always among the best k * (D + 1) pixels, which is all a tile-by-tile pass k
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,9 +33,9 @@ from tqdm.auto import tqdm
 from aether.allocator import keep_tile_buffers
 from aether.console import log
 from aether.errors import AetherError
-from aether.files import atomic_write, atomic_write_text, temp_file_beside
-from aether.inference import (BAND_PX, TILE_PX, AetherEmbedder, PooledTileReader, Tile, check_output_folder, row_bands,
-                              tile_grid)
+from aether.files import atomic_write, atomic_write_text, check_inputs_kept, folder_lock, temp_file_beside
+from aether.inference import (BAND_PX, TILE_PX, AetherEmbedder, PooledTileReader, Tile, check_output_folder,
+                              check_tile_px, input_files, row_bands, tile_grid)
 from aether.raster import RasterInfo, ground_distances_m, local_absolute, open_raster, read_vectors
 from aether.streaming import run_pipeline
 from aether.tiles import join_bands, write_mosaic_vrt
@@ -45,6 +46,7 @@ HEATMAP_MAX_PX = 1024  # longer side of the PNG heatmap's image
 SCORES_BUDGET_MB = 64  # one tile's similarity scores, all queries together
 GDAL_CACHE_MB = 64
 CANDIDATES = "candidates.npz"  # a tile's top candidates per query, for merging tiles
+LOCK = ".retrieve.lock"  # held in the output folder while a search writes there
 
 
 @dataclass
@@ -166,114 +168,249 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, emb_tif: str | None = 
     search need not each load the text model. `heatmaps=False` skips the PNGs (QueryResult.png is
     then None). `rows` (input rows start:stop, start a multiple of the tile side that
     `query_tile_px` gives) scores only that band of the raster, for `retrieve_at_scale`: the
-    GeoTIFFs cover the band where it lies, and only they and the candidates are written."""
+    GeoTIFFs cover the band where it lies, and only they and the candidates are written.
+
+    While it runs it holds `.retrieve.lock` in `out_dir`: a second search into the same folder is
+    refused, and no file it writes may be one it reads."""
     queries = _check_request(queries, emb_tif, ae_tif, top_k, nms_m, tile_px, Path(out_dir))
     out = Path(out_dir)
+    check_inputs_kept(_outputs(out, _unique_names(queries)), input_files([emb_tif or ae_tif], ckpt),
+                      "choose another --out folder")
+    with _output_folder(out):
+        return _retrieve(queries, ckpt, out, emb_tif, ae_tif, top_k, nms_m, tile_px, device, precision, text_backend,
+                         text_model, progress, save_candidates, query_vectors, heatmaps, rows)
+
+
+def _retrieve(queries: list[str], ckpt: str, out: Path, emb_tif: str | None, ae_tif: str | None, top_k: int,
+              nms_m: float, tile_px: int, device: str, precision: str, text_backend: str | None,
+              text_model: str | None, progress: bool, save_candidates: bool, query_vectors: np.ndarray | None,
+              heatmaps: bool, rows: tuple[int, int] | None) -> list[QueryResult]:
+    """`retrieve` once the request is checked and `out` is locked (and exists). Queries are scored in
+    passes over the raster of at most `queries_per_pass` each, so open files and memory stay bounded
+    however many there are; each pass's files are finished before the next begins."""
     keep_tile_buffers()
     embedder = AetherEmbedder(ckpt, device=device, precision=precision)
     encoder = _requested_encoder(embedder, text_backend, text_model)
     info = _open_source(emb_tif if emb_tif is not None else ae_tif, emb_tif is not None, embedder, ckpt)
     if query_vectors is None:
         query_vectors = embedder.embed_texts(queries, encoder)  # (nq, latent), refuses another encoder
-    q = torch.from_numpy(np.asarray(query_vectors, dtype=np.float32))
+    query_vectors = np.asarray(query_vectors, dtype=np.float32)
 
-    created = not out.exists()
-    out.mkdir(exist_ok=True)
     names = _unique_names(queries)
-    keep = _candidates_needed(info, top_k, nms_m)
-    if keep > MAX_CANDIDATES:
-        log(f"note: top-{top_k} with {nms_m:g} m suppression would need {keep:,} candidates per query; keeping "
-            f"{MAX_CANDIDATES:,}, so fewer than {top_k} places may be returned")
-        keep = MAX_CANDIDATES
-    candidates = [_TopCandidates(keep) for _ in queries]
-    temps: list[Path] = []
-    profile = dict(driver="GTiff", width=info.width, height=info.height, count=1, dtype="float32", crs=info.crs,
-                   transform=info.north_up_transform, nodata=float("nan"), tiled=True, blockxsize=256, blockysize=256,
-                   compress="zstd", zstd_level=1, predictor=3, bigtiff="if_safer")
-    tile_px = query_tile_px(tile_px, len(queries))
+    keep = _candidates_kept(info, top_k, nms_m, say=True)
+    per_pass = queries_per_pass(keep)
+    tile_px = pass_tile_px(info, tile_px, len(queries), top_k, nms_m)
     if rows is not None and not (0 <= rows[0] < rows[1] <= info.height and rows[0] % tile_px == 0):
         raise AetherError(f"rows {rows[0]}:{rows[1]} are not a band of whole tiles ({tile_px} px) of {info.path}")
     r_start, r_stop = rows if rows is not None else (0, info.height)
     first_row = info.north_up_rows(r_start, r_stop - r_start)
-    profile.update(height=r_stop - r_start, transform=info.north_up_transform @ Affine.translation(0, first_row))
+    profile = dict(driver="GTiff", width=info.width, height=r_stop - r_start, count=1, dtype="float32", crs=info.crs,
+                   transform=info.north_up_transform @ Affine.translation(0, first_row), nodata=float("nan"),
+                   tiled=True, blockxsize=256, blockysize=256, compress="zstd", zstd_level=1, predictor=3,
+                   bigtiff="if_safer")
     tiles = tile_grid(info, tile_px, rows)
-    bar = tqdm(total=info.width * (r_stop - r_start), desc="scoring", unit="px", unit_scale=True, disable=not progress)
-    dsts = []
+    _remove_stale_partials(out)
+    starts = range(0, len(queries), per_pass)
+    if len(starts) > 1:
+        log(f"{len(queries):,} queries: {len(starts)} passes over the raster of at most {per_pass} queries each"
+            + ("" if emb_tif is not None else " (each embeds the raster again: for many queries, embed it once "
+               "with infer_aether_raster.py and search it with --emb)"))
+    scoring = _Scoring(out, info, embedder, emb_tif, ae_tif, tiles, profile, first_row)
+    bar = tqdm(total=info.width * (r_stop - r_start) * len(starts), desc="scoring", unit="px", unit_scale=True,
+               disable=not progress)
+    results = []
     try:
-        for query, name in zip(queries, names):
-            fd, tmp = temp_file_beside(out / f"{name}.tif", ".partial.tif")
-            os.close(fd)
-            temps.append(tmp)
-            dst = rasterio.open(tmp, "w", **profile)
-            dsts.append(dst)
-            dst.set_band_description(1, f"cosine similarity: {query}")
-            dst.update_tags(AETHER_QUERY=query, AETHER_CHECKPOINT_SHA256=embedder.ckpt_sha256,
-                            AETHER_SOURCE=Path(emb_tif or ae_tif).name)
-
-        if emb_tif is not None:
-            def produce():
-                with rasterio.open(info.path, NUM_THREADS="ALL_CPUS") as src:
-                    for tile in tiles:
-                        yield tile, read_vectors(src, Window(tile.col0, tile.row0, tile.width, tile.height), info)
-
-            def latent(data):
-                vectors, valid = data
-                return torch.from_numpy(vectors.reshape(-1, info.count)).T, valid.reshape(-1)
-        else:
-            reader = PooledTileReader(info, embedder, "window")
-            produce, latent = (lambda: reader.produce(tiles)), reader.latent
-
-        def compute(tile: Tile, data) -> np.ndarray:
-            z, valid = latent(data)
-            sims = (q @ z).numpy()  # (nq, h * w)
-            sims[:, ~valid] = np.nan
-            return sims
-
-        def consume(tile: Tile, sims: np.ndarray) -> None:
-            rows = tile.row0 + np.repeat(np.arange(tile.height), tile.width)
-            cols = tile.col0 + np.tile(np.arange(tile.width), tile.height)
-            window = Window(tile.col0, info.north_up_rows(tile.row0, tile.height) - first_row, tile.width, tile.height)
-            for i, dst in enumerate(dsts):
-                block = sims[i].reshape(tile.height, tile.width)
-                dst.write(block[::-1] if info.bottom_up else block, 1, window=window)
-                candidates[i].add(sims[i], rows, cols)
-            bar.update(tile.width * tile.height)
-
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):  # written blocks are flushed, not hoarded
-            run_pipeline(produce, compute, consume)
-        for dst in dsts:
-            dst.close()
-        bar.close()
-        if rows is not None:  # a band: its maps and candidates, for retrieve_at_scale to join
-            for tmp, name in zip(temps, names):
-                os.replace(tmp, out / f"{name}.tif")
-            _write_candidates(out / CANDIDATES, info, candidates)
-            return [QueryResult(query, out / f"{name}.tif", None, None, []) for query, name in zip(queries, names)]
-
-        results = []
-        for i, (query, name) in enumerate(zip(queries, names)):
-            hits = _hits(info, candidates[i], top_k, nms_m)
-            geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
-            png = out / f"{name}.png" if heatmaps else None
-            png_tmp = _write_heatmap(temps[i], png, query, hits, temps) if heatmaps else None
-            results.append(QueryResult(query, out / f"{name}.tif", out / f"{name}.geojson", png, hits))
-            for tmp, final in ((temps[i], results[-1].tif), (geojson_tmp, results[-1].geojson), (png_tmp, png)):
-                if tmp is not None:
-                    os.replace(tmp, final)
-        _write_index(out, results, emb_tif or ae_tif, ckpt, top_k, nms_m)
-        if save_candidates:
-            _write_candidates(out / CANDIDATES, info, candidates)
+        with contextlib.ExitStack() as stack:
+            saved = (stack.enter_context(_CandidateFile(out / CANDIDATES, info))
+                     if save_candidates or rows is not None else None)
+            for start in starts:
+                group = slice(start, start + per_pass)
+                maps, candidates = scoring.run(queries[group], names[group], query_vectors[group], keep, bar)
+                if saved is not None:
+                    saved.add(start, candidates)
+                results += _finish_pass(out, info, queries[group], names[group], maps, candidates, top_k, nms_m,
+                                        heatmaps, band=rows is not None)
+        if rows is None:
+            _write_index(out, results, emb_tif or ae_tif, ckpt, top_k, nms_m)
+        scoring.report_implausible()
         return results
-    except BaseException:
-        for dst in dsts:
-            dst.close()
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
     finally:
         bar.close()
+
+
+class _Scoring:
+    """One raster's pixels (AETHER vectors read, or AlphaEarth vectors embedded on the fly) scored
+    against a group of queries in one pass: a similarity GeoTIFF per query, and its best pixels."""
+
+    def __init__(self, out: Path, info: RasterInfo, embedder: AetherEmbedder, emb_tif: str | None,
+                 ae_tif: str | None, tiles: list[Tile], profile: dict, first_row: int):
+        self.out, self.info, self.embedder, self.tiles, self.profile = out, info, embedder, tiles, profile
+        self.first_row = first_row
+        self.emb_tif, self.source = emb_tif, Path(emb_tif or ae_tif).name
+        self.reader = None if emb_tif is not None else PooledTileReader(info, embedder, "window")
+
+    def _produce_and_latent(self):
+        info = self.info
+        if self.reader is not None:
+            self.reader.implausible = 0  # each pass reads every tile: report one pass's count
+            return (lambda: self.reader.produce(self.tiles)), self.reader.latent
+
+        def produce():
+            with rasterio.open(info.path, NUM_THREADS="ALL_CPUS") as src:
+                for tile in self.tiles:
+                    yield tile, read_vectors(src, Window(tile.col0, tile.row0, tile.width, tile.height), info)
+
+        def latent(data):
+            vectors, valid = data
+            return torch.from_numpy(vectors.reshape(-1, info.count)).T, valid.reshape(-1)
+
+        return produce, latent
+
+    def run(self, queries: list[str], names: list[str], vectors: np.ndarray, keep: int,
+            bar) -> tuple[list[Path], list[_TopCandidates]]:
+        """Score the queries: their finished similarity maps, as partial GeoTIFFs beside their final
+        names (removed if the pass fails), and their candidates."""
+        info, first_row = self.info, self.first_row
+        q = torch.from_numpy(vectors)
+        candidates = [_TopCandidates(keep) for _ in queries]
+        temps: list[Path] = []
+        dsts = []
+        try:
+            for query, name in zip(queries, names):
+                fd, tmp = temp_file_beside(self.out / f"{name}.tif", ".partial.tif")
+                os.close(fd)
+                temps.append(tmp)
+                dst = rasterio.open(tmp, "w", **self.profile)
+                dsts.append(dst)
+                dst.set_band_description(1, f"cosine similarity: {query}")
+                dst.update_tags(AETHER_QUERY=query, AETHER_CHECKPOINT_SHA256=self.embedder.ckpt_sha256,
+                                AETHER_SOURCE=self.source)
+            produce, latent = self._produce_and_latent()
+
+            def compute(tile: Tile, data) -> np.ndarray:
+                z, valid = latent(data)
+                sims = (q @ z).numpy()  # (nq, h * w)
+                sims[:, ~valid] = np.nan
+                return sims
+
+            def consume(tile: Tile, sims: np.ndarray) -> None:
+                rows = tile.row0 + np.repeat(np.arange(tile.height), tile.width)
+                cols = tile.col0 + np.tile(np.arange(tile.width), tile.height)
+                window = Window(tile.col0, info.north_up_rows(tile.row0, tile.height) - first_row, tile.width,
+                                tile.height)
+                for i, dst in enumerate(dsts):
+                    block = sims[i].reshape(tile.height, tile.width)
+                    dst.write(block[::-1] if info.bottom_up else block, 1, window=window)
+                    candidates[i].add(sims[i], rows, cols)
+                bar.update(tile.width * tile.height)
+
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):  # written blocks are flushed, not hoarded
+                run_pipeline(produce, compute, consume)
+            for dst in dsts:
+                dst.close()
+        except BaseException:
+            for dst in dsts:
+                dst.close()
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+            raise
+        return temps, candidates
+
+    def report_implausible(self) -> None:
+        if self.reader is not None:
+            self.reader.report_implausible()
+
+
+def _finish_pass(out: Path, info: RasterInfo, queries: list[str], names: list[str], maps: list[Path],
+                 candidates: list[_TopCandidates], top_k: int, nms_m: float, heatmaps: bool,
+                 band: bool) -> list[QueryResult]:
+    """Give one pass's queries their final files: each map renamed into place with, unless this is a
+    band of a raster (whose maps and candidates `retrieve_at_scale` joins), its places and heatmap."""
+    temps = list(maps)
+    try:
+        results = []
+        for query, name, tmp, cands in zip(queries, names, maps, candidates):
+            if band:
+                os.replace(tmp, out / f"{name}.tif")
+                results.append(QueryResult(query, out / f"{name}.tif", None, None, []))
+                continue
+            hits = _hits(info, cands, top_k, nms_m)
+            geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
+            png = out / f"{name}.png" if heatmaps else None
+            png_tmp = _write_heatmap(tmp, png, query, hits, temps) if heatmaps else None
+            results.append(QueryResult(query, out / f"{name}.tif", out / f"{name}.geojson", png, hits))
+            for done, final in ((tmp, results[-1].tif), (geojson_tmp, results[-1].geojson), (png_tmp, png)):
+                if done is not None:
+                    os.replace(done, final)
+        return results
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+QUERIES_PER_PASS = 64  # queries scored in one pass over the raster: at most this many GeoTIFFs open at once
+CANDIDATES_PER_PASS = 8_000_000  # best pixels kept in one pass, all its queries together (20 B each, ~3 x held)
+
+
+def queries_per_pass(keep: int) -> int:
+    """How many queries one pass over the raster scores, each keeping `keep` candidates: at most
+    QUERIES_PER_PASS, and no more than CANDIDATES_PER_PASS candidates in all (at least one query)."""
+    return max(1, min(QUERIES_PER_PASS, CANDIDATES_PER_PASS // keep))
+
+
+def _candidates_kept(info: RasterInfo, top_k: int, nms_m: float, say: bool = False) -> int:
+    """The candidates each query keeps: k * (D + 1), at most MAX_CANDIDATES (`say`: note the cap)."""
+    keep = _candidates_needed(info, top_k, nms_m)
+    if keep > MAX_CANDIDATES and say:
+        log(f"note: top-{top_k} with {nms_m:g} m suppression would need {keep:,} candidates per query; keeping "
+            f"{MAX_CANDIDATES:,}, so fewer than {top_k} places may be returned")
+    return min(keep, MAX_CANDIDATES)
+
+
+def pass_tile_px(info: RasterInfo, tile_px: int, n_queries: int, top_k: int, nms_m: float) -> int:
+    """The tile side of a search of `n_queries` on `info`: `query_tile_px` for one pass's queries."""
+    return query_tile_px(tile_px, min(n_queries, queries_per_pass(_candidates_kept(info, top_k, nms_m))))
+
+
+_PARTIAL = re.compile(r"\.(q\d+_[a-z0-9-]*\.(tif|geojson|png)\.\w{8}\.partial\.(tif|geojson|png)"
+                      r"|(q\d+_[a-z0-9-]*\.vrt|queries\.json|candidates\.npz|run\.json)\.\w{8}\.tmp)")
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove the partial files an earlier search into `out` left when it was killed (this run holds
+    the folder's lock, so no live search owns them)."""
+    stale = [p for p in out.iterdir() if _PARTIAL.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log(f"removed {len(stale)} partial files of an earlier interrupted search in {out}")
+
+
+class _CandidateFile:
+    """`candidates.npz` written a pass at a time (each query's best pixels in lon/lat, as
+    `_candidate_arrays` lays them out), so no more than one pass's candidates are held; it
+    appears, whole, when the block ends without an error."""
+
+    def __init__(self, path: Path, info: RasterInfo):
+        self.path, self.info = path, info
+
+    def __enter__(self) -> "_CandidateFile":
+        import zipfile
+
+        self._file = atomic_write(self.path)
+        self._zip = zipfile.ZipFile(self._file.__enter__(), "w", allowZip64=True)  # np.savez's layout
+        return self
+
+    def add(self, first: int, candidates: list[_TopCandidates]) -> None:
+        for i, arrays in enumerate(_candidate_arrays(self.info, candidates), start=first):
+            for key, array in arrays.items():
+                with self._zip.open(f"{key}_{i}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+    def __exit__(self, *exc) -> None:
+        self._zip.close()
+        self._file.__exit__(*exc)
 
 
 def _check_request(queries: list[str], emb_tif: str | None, ae_tif: str | None, top_k: int, nms_m: float,
@@ -290,20 +427,31 @@ def _check_request(queries: list[str], emb_tif: str | None, ae_tif: str | None, 
         raise AetherError(f"suppression radius must be 0 or more metres, got {nms_m}")
     if tile_px < 16:
         raise AetherError(f"tile size must be at least 16 pixels, got {tile_px}")
+    check_tile_px(tile_px)
     check_output_folder(out)
     return queries
 
 
-def _write_candidates(path: Path, info: RasterInfo, candidates: list[_TopCandidates]) -> None:
-    arrays = {}
-    for i, cands in enumerate(candidates):
+def _outputs(out: Path, names: list[str]) -> list[Path]:
+    """Every file a search of the queries `names` may write into `out` (which are written depends
+    on the kind of search): per query its map, mosaic, places and heatmap; the index; a task's
+    candidates and run record."""
+    files = [out / "queries.json", out / CANDIDATES, out / "run.json"]
+    return files + [out / f"{name}{ext}" for name in names for ext in (".tif", ".vrt", ".geojson", ".png")]
+
+
+def _output_folder(out: Path):
+    """The lock a search holds in its output folder (created if missing, removed if left empty)."""
+    return folder_lock(out, LOCK, f"output folder {out}", "choose another --out folder")
+
+
+def _candidate_arrays(info: RasterInfo, candidates: list[_TopCandidates]):
+    """Per query, its best pixels as candidates.npz holds them: score, lon, lat, order (row * width + col)."""
+    for cands in candidates:
         scores, rows, cols = cands.final()
         x, y = info.xy(rows, cols)
         lon, lat = warp_transform(info.crs, "EPSG:4326", x.tolist(), y.tolist()) if len(x) else ([], [])
-        arrays.update({f"score_{i}": scores, f"lon_{i}": np.asarray(lon), f"lat_{i}": np.asarray(lat),
-                       f"order_{i}": rows * info.width + cols})
-    with atomic_write(path) as f:
-        np.savez(f, **arrays)
+        yield {"score": scores, "lon": np.asarray(lon), "lat": np.asarray(lat), "order": rows * info.width + cols}
 
 
 def _requested_encoder(embedder: AetherEmbedder, backend: str | None, model: str | None):
@@ -462,54 +610,60 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, emb_tif: str 
     paths = expand_tiles(source, "raster tile") if tile_set else [source]
     stems = tile_stems(paths)
     out = Path(out_dir)
-    key = "emb_tif" if emb_tif is not None else "ae_tif"
-    embedder = AetherEmbedder(ckpt, device="cpu")
-    infos = [_open_source(path, emb_tif is not None, embedder, ckpt) for path in paths]  # all, before any work
-    text_backend, text_model = options.pop("text_backend", None), options.pop("text_model", None)
-    vectors = embedder.embed_texts(queries, _requested_encoder(embedder, text_backend, text_model))  # once, here
-    run = {"queries": queries, "top_k": top_k, "nms_m": nms_m, "checkpoint": embedder.ckpt_sha256,
-           **{k: options.get(k) for k in ("tile_px", "precision")}}
-    common = {"top_k": top_k, "nms_m": nms_m, "query_vectors": vectors, **options}
-    if tile_set:
-        pieces = [(str(out / "tiles" / stem), {key: path}, dict(run, source=path)) for path, stem in zip(paths, stems)]
-        sizes = [info.width * info.height for info in infos]
-    else:
-        info = infos[0]
-        tile_px = query_tile_px(options.get("tile_px", TILE_PX), len(queries))
-        bands = row_bands(info, tile_px, BAND_PX)
-        pieces = [(str(out / ".bands" / f"rows_{r0:06d}_{r1:06d}"), {key: source, "rows": (r0, r1)},
-                   dict(run, source=source, rows=[r0, r1])) for r0, r1 in bands]
-        sizes = [info.width * (r1 - r0) for r0, r1 in bands]
-    tasks = [(queries, ckpt, folder, {**common, **where}, tag) for folder, where, tag in pieces]
-    Path(pieces[0][0]).parent.mkdir(parents=True, exist_ok=True)
-    with dask_client(workers, scheduler) as client:
-        folders = run_tasks(client, _retrieve_task, tasks, sizes, desc=f"scoring {len(tasks)} "
-                            f"{'tiles' if tile_set else 'bands'}", unit="px", progress=progress)
-    names = _unique_names(queries)
-    results = []
-    temps: list[Path] = []
-    try:
-        for i, (query, name) in enumerate(zip(queries, names)):
-            maps = [str(Path(d) / f"{name}.tif") for d in folders]
-            if tile_set:
-                tif = write_mosaic_vrt(maps, out / f"{name}.vrt")
-                hits = _merged_hits([Path(d) / CANDIDATES for d in folders], stems, i, top_k, nms_m, tif)
-            else:
-                tif = join_bands(maps, out / f"{name}.tif")
-                hits = _hits(info, _band_candidates(folders, i, info, top_k, nms_m), top_k, nms_m)
-            geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
-            png_tmp = _write_heatmap(tif, out / f"{name}.png", query, hits, temps)
-            results.append(QueryResult(query, tif, out / f"{name}.geojson", out / f"{name}.png", hits))
-            os.replace(geojson_tmp, results[-1].geojson)
-            os.replace(png_tmp, results[-1].png)
-    except BaseException:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        raise
-    _write_index(out, results, source, ckpt, top_k, nms_m)
-    if not tile_set:
-        shutil.rmtree(out / ".bands")
-    return results
+    written = [f for folder in [out, *(out / "tiles" / stem for stem in stems)]
+               for f in _outputs(folder, _unique_names(queries))]
+    check_inputs_kept(written, input_files(paths, ckpt, source if tile_set else None), "choose another --out folder")
+    with _output_folder(out):  # each task locks its own folder too
+        _remove_stale_partials(out)
+        key = "emb_tif" if emb_tif is not None else "ae_tif"
+        embedder = AetherEmbedder(ckpt, device="cpu")
+        infos = [_open_source(path, emb_tif is not None, embedder, ckpt) for path in paths]  # all, before any work
+        text_backend, text_model = options.pop("text_backend", None), options.pop("text_model", None)
+        vectors = embedder.embed_texts(queries, _requested_encoder(embedder, text_backend, text_model))  # once, here
+        run = {"queries": queries, "top_k": top_k, "nms_m": nms_m, "checkpoint": embedder.ckpt_sha256,
+               **{k: options.get(k) for k in ("tile_px", "precision")}}
+        common = {"top_k": top_k, "nms_m": nms_m, "query_vectors": vectors, **options}
+        if tile_set:
+            pieces = [(str(out / "tiles" / stem), {key: path}, dict(run, source=path))
+                      for path, stem in zip(paths, stems)]
+            sizes = [info.width * info.height for info in infos]
+        else:
+            info = infos[0]
+            tile_px = pass_tile_px(info, options.get("tile_px", TILE_PX), len(queries), top_k, nms_m)
+            bands = row_bands(info, tile_px, BAND_PX)
+            pieces = [(str(out / ".bands" / f"rows_{r0:06d}_{r1:06d}"), {key: source, "rows": (r0, r1)},
+                       dict(run, source=source, rows=[r0, r1])) for r0, r1 in bands]
+            sizes = [info.width * (r1 - r0) for r0, r1 in bands]
+        tasks = [(queries, ckpt, folder, {**common, **where}, tag) for folder, where, tag in pieces]
+        Path(pieces[0][0]).parent.mkdir(parents=True, exist_ok=True)
+        with dask_client(workers, scheduler) as client:
+            folders = run_tasks(client, _retrieve_task, tasks, sizes, desc=f"scoring {len(tasks)} "
+                                f"{'tiles' if tile_set else 'bands'}", unit="px", progress=progress)
+        names = _unique_names(queries)
+        results = []
+        temps: list[Path] = []
+        try:
+            for i, (query, name) in enumerate(zip(queries, names)):
+                maps = [str(Path(d) / f"{name}.tif") for d in folders]
+                if tile_set:
+                    tif = write_mosaic_vrt(maps, out / f"{name}.vrt")
+                    hits = _merged_hits([Path(d) / CANDIDATES for d in folders], stems, i, top_k, nms_m, tif)
+                else:
+                    tif = join_bands(maps, out / f"{name}.tif")
+                    hits = _hits(info, _band_candidates(folders, i, info, top_k, nms_m), top_k, nms_m)
+                geojson_tmp = _write_geojson(out / f"{name}.geojson", query, hits, temps)
+                png_tmp = _write_heatmap(tif, out / f"{name}.png", query, hits, temps)
+                results.append(QueryResult(query, tif, out / f"{name}.geojson", out / f"{name}.png", hits))
+                os.replace(geojson_tmp, results[-1].geojson)
+                os.replace(png_tmp, results[-1].png)
+        except BaseException:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
+            raise
+        _write_index(out, results, source, ckpt, top_k, nms_m)
+        if not tile_set:
+            shutil.rmtree(out / ".bands")
+        return results
 
 
 def _band_candidates(folders: list[str], query: int, info: RasterInfo, top_k: int, nms_m: float) -> _TopCandidates:

@@ -320,13 +320,23 @@ class EmbeddingCache:
     lock_timeout_s = 120.0
 
     def __init__(self, cache_dir: str | Path):
-        cache_dir = Path(cache_dir)
+        self.cache_dir = Path(cache_dir)
+        self._db = None
+        existing = self.cache_dir / "text_embeddings.sqlite"
+        if existing.exists():
+            self._connect()
+        elif self.cache_dir.exists() and not os.access(self.cache_dir, os.W_OK):
+            raise AetherError(f"cannot use text cache folder {self.cache_dir}: it is not writable")
+
+    def _connect(self) -> None:
+        """Open (creating it, and its folder, on the first write) the cache file: a run that stops
+        before encoding anything leaves no cache behind."""
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(cache_dir / "text_embeddings.sqlite", timeout=self.lock_timeout_s)
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.cache_dir / "text_embeddings.sqlite", timeout=self.lock_timeout_s)
             self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
         except (OSError, sqlite3.Error) as exc:
-            raise AetherError(f"cannot use text cache folder {cache_dir}: {exc}") from None
+            raise AetherError(f"cannot use text cache folder {self.cache_dir}: {exc}") from None
 
     @staticmethod
     def key(identity: dict, text: str) -> str:
@@ -334,6 +344,10 @@ class EmbeddingCache:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def get(self, keys: list[str]) -> dict[str, np.ndarray]:
+        if self._db is None:
+            if not (self.cache_dir / "text_embeddings.sqlite").exists():  # another process may have made it
+                return {}
+            self._connect()
         found = {}
         for start in range(0, len(keys), 500):
             part = keys[start:start + 500]
@@ -343,12 +357,15 @@ class EmbeddingCache:
         return found
 
     def put(self, items: dict[str, np.ndarray]) -> None:
+        if self._db is None:
+            self._connect()
         with self._db:  # one transaction: a batch is either all in the cache or not at all
             self._db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
                                  [(k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in items.items()])
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
 
 TEXTS_PER_TASK = 4096  # unique texts per Dask task when a cluster encodes

@@ -2,6 +2,7 @@
 exact resume, and a clean stop on SIGINT / SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -11,6 +12,7 @@ import shlex
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +27,14 @@ from aether.config import Config
 from aether.console import log
 from aether.dataset import PoiDataset, build_dataset
 from aether.errors import AetherError
-from aether.files import atomic_write
+from aether.files import atomic_write, folder_lock
 from aether.loss import AetherLoss
 from aether.metrics import recall_at_k
 from aether.model import AetherModel
 from aether.text import build_text_encoder
 
 KS = (1, 5, 10)
+RUN_LOCK = ".train.lock"  # held in train.run_dir while a training run writes there
 
 # Config keys that shape the model or the training trajectory: a resumed run must have the same.
 # train.epochs may change (the schedule then follows the new count); file paths may move, the
@@ -72,6 +75,24 @@ def check_writable_dir(path: Path, what: str) -> None:
         raise AetherError(f"{what}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise AetherError(f"{what}: cannot write to {existing} (permission denied)")
+
+
+@contextlib.contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir/.train.lock` for the block, so a second training into the same folder is
+    refused in one line while this one lives (a dead run's lock blocks nothing: see
+    `aether.files.RunLock`). Under torchrun rank 0 takes it and every rank learns whether it could.
+    The folder is created here; a run that fails leaving it empty removes it again."""
+    with contextlib.ExitStack() as stack:
+        error = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(folder_lock(run_dir, RUN_LOCK, f"run folder {run_dir}",
+                                                "set another train.run_dir"))
+            except AetherError as exc:
+                error = str(exc)
+        distributed.raise_if_any_failed(error)
+        yield
 
 
 def seed_everything(seed: int) -> None:
@@ -323,6 +344,7 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     the global batch, every process takes its share of it and the loss is that of the whole
     batch, so with dropout 0 the weights are those of one process (up to float rounding). Only
     rank 0 validates, prints and writes files; last.pt resumes with any number of processes.
+    A second training into the same train.run_dir is refused while this one runs (`hold_run_dir`).
     """
     run_dir = Path(cfg.train.run_dir)
     check_writable_dir(run_dir, "config train.run_dir")
@@ -336,9 +358,23 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     if distributed.world_size() > 1 and (workers is not None or scheduler is not None):
         raise AetherError("--workers / --scheduler pool POIs in one training process; under torchrun every process "
                           "pools its own copy, so run torchrun without them")
-    with distributed.process_group(device):
+    with distributed.process_group(device), hold_run_dir(run_dir):  # before any heavy work (text encoding)
         return _train(cfg, device, progress and distributed.is_main(), dataset, resume_path, resumed, command,
                       workers, scheduler, init)
+
+
+def _diverged(epoch: int, step: int, steps_per_epoch: int, what: str, last_path: Path, first_epoch: int,
+              resumed: bool, lr: float) -> str:
+    """The one line that stops a run whose loss or weights stopped being finite, saying what
+    `last_path` still holds (nothing of this run is saved after the divergence)."""
+    if epoch > first_epoch:
+        kept = f"{last_path} holds epoch {epoch - 1}, the last finished epoch"
+    elif resumed:
+        kept = f"{last_path} is unchanged since this run resumed"
+    else:
+        kept = "no checkpoint was written"
+    return (f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {what}; {kept}; "
+            f"lower train.lr (now {lr:g}) or check the inputs")
 
 
 def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDataset | None,
@@ -352,7 +388,8 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
     encoder = None
     if dataset is None:
         with dask_client(workers, scheduler) as client:
-            dataset, _, encoder = build_dataset(cfg, progress=progress, client=client)
+            dataset, _, encoder = build_dataset(cfg, progress=progress, client=client,
+                                                min_train_pois=max(2, distributed.world_size()))
     identity = encoder.identity if encoder is not None else {"backend": cfg.text.backend, "model": cfg.text.model,
                                                              "dimensions": cfg.text.dimensions}
     fingerprint = data_fingerprint(dataset)
@@ -363,8 +400,6 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     train_rows = np.flatnonzero(~dataset.is_val)
     val_rows = np.flatnonzero(dataset.is_val)
     log(f"split: {len(train_rows)} train, {len(val_rows)} validation POIs "
@@ -373,6 +408,8 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
         raise AetherError(f"only {len(train_rows)} training POIs; contrastive training needs at least 2"
                           + (f", and one for each of the {distributed.world_size()} processes"
                              if distributed.world_size() > 2 else ""))
+    if main:  # only now: a refusal above leaves no empty run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
     base, aug, text = tensor(dataset.base), tensor(dataset.aug), tensor(dataset.text)
     text_dim = dataset.text.shape[1]
     model = AetherModel.from_config(cfg, dataset.base.shape[1], text_dim)
@@ -459,12 +496,20 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                 idx = order[step * batch:(step + 1) * batch][mine].to(device)
                 loss, parts = global_batch_loss(net, loss_fn, temperature_scales(model), base[idx], aug[idx],
                                                 text[idx], shares)
+                if not math.isfinite(parts["loss"]):  # the same global loss on every rank: all stop here
+                    bar.close()
+                    raise AetherError(_diverged(epoch, step + 1, steps_per_epoch, f"the loss is {parts['loss']}",
+                                                last_path, first_epoch, resumed is not None, cfg.train.lr))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 for k in totals:
                     totals[k] += parts[k] / steps_per_epoch
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last step's update
+                bar.close()
+                raise AetherError(_diverged(epoch, steps_per_epoch, steps_per_epoch, "the weights are not finite",
+                                            last_path, first_epoch, resumed is not None, cfg.train.lr))
             record = {"epoch": epoch, **{f"train_{k}": v for k, v in totals.items()},
                       "lr": scheduler.get_last_lr()[0],
                       "temperature": 1.0 / float(loss_fn.logit_scale(model.log_logit_scale.detach())),
