@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args()
 
-    from aether.inference import embed_at_scale
+    from aether.inference_at_scale import embed_at_scale
 
     out = embed_at_scale(args.ae_tif, args.ckpt, args.out, workers=args.workers, scheduler=args.scheduler,
                          progress=not args.no_progress, pooling=args.pooling, dtype=args.dtype,

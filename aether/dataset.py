@@ -110,7 +110,7 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
     n_train = int((~is_val).sum())
     if n_train < min_train_pois:
         raise AetherError(f"only {n_train} training POIs; contrastive training needs at least {min_train_pois}"
-                          + (f" (one for each process)" if min_train_pois > 2 else ""))
+                          + (" (one for each process)" if min_train_pois > 2 else ""))
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
         if client is not None:

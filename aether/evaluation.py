@@ -407,7 +407,7 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
              poi: str | None = None, progress: bool = True) -> dict:
     """Evaluate `ckpt` on its own held-out POIs; write metrics.json and metrics.md into `out_dir`
     (default: `eval` beside the checkpoint) and return the metrics."""
-    from aether.inference import AetherEmbedder
+    from aether.embedder import AetherEmbedder
     from aether.training import check_writable_dir
 
     started = time.time()

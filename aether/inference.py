@@ -4,14 +4,14 @@ By default every output pixel sees what the projector saw in training: the
 nodata-masked, renormalised mean over the base-view window (ground radius from the
 checkpoint), computed per tile with a halo so seams cannot appear. Reading, computing
 and writing overlap in a three-stage pipeline, and memory is bounded by the tile.
+The projector is aether.embedder's, the resume journal aether.journal's, and the Dask
+fan-out over tiles or bands of rows lives in aether.inference_at_scale.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -20,25 +20,23 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-import torch.nn.functional as F
 from affine import Affine
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
-from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, band_names, dequantize, quantize_torch
-from aether.checkpoint import load_checkpoint, model_from_checkpoint, model_identity
+from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, band_names, dequantize
 from aether.console import log
+from aether.embedder import AetherEmbedder, unit_rows
 from aether.errors import AetherError, first_line
-from aether.files import atomic_write_text, check_inputs_kept, file_sha256, output_lock, temp_file_beside
-from aether.pooling import pool_points, window_means
-from aether.raster import (RasterInfo, check_window_px, geotiff_layout, implausible_pixels, invalid_pixels,
-                           local_absolute, open_raster, raster_files, read_bands)
+from aether.files import check_inputs_kept, output_lock, temp_file_beside
+from aether.journal import Journal, partial_paths
+from aether.pooling import window_means
+from aether.raster import (RasterInfo, geotiff_layout, implausible_pixels, invalid_pixels, open_raster, raster_files,
+                           read_bands)
 from aether.streaming import run_pipeline
-from aether.text import TextEncoder, build_text_encoder
 
 OUTPUT_DTYPES = ("int8", "float16", "float32")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 POOLINGS = ("window", "pixel")
 TILE_PX = 512
 MAX_TILE_PX = 4096  # largest --tile: a 4,096-pixel int8 tile is 1 GiB in and 2 GiB out, and several are in flight
@@ -46,195 +44,6 @@ STRIP_PX = 32768  # pixels of a tile pooled and projected at a time (8 MiB of fl
 OUTPUT_BLOCK_PX = 256
 GDAL_CACHE_MB = 64
 CHECKPOINT_S = 5.0  # how often finished tiles are made durable for --resume
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class AetherEmbedder:
-    """The trained AE projector with its input facts, ready to embed vectors, points or arrays."""
-
-    def __init__(self, ckpt_path: str | Path, device: str = "auto", precision: str = "auto"):
-        if precision not in PRECISIONS:
-            raise AetherError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.ckpt_path = str(ckpt_path)
-        self.ckpt = load_checkpoint(ckpt_path)
-        model, self.cfg = model_from_checkpoint(self.ckpt)
-        from aether.training import pick_device
-
-        self.device = pick_device(device)
-        self.projector = model.ae.to(self.device).eval()
-        self.text_projector = model.text.to(self.device).eval()
-        self._text_encoder = None
-        self.precision = resolve_precision(precision, self.device)
-        self.n_bands = int(self.ckpt["input"]["n_bands"])
-        self.base_radius_m = float(self.ckpt["input"]["base_radius_m"])
-        self.latent_dim = self.projector.out_dim
-        width = sum(w.shape[1] for w in self.projector.workspace(1, torch.device("cpu"))) + self.latent_dim + self.n_bands
-        # CPU: a batch's activations within ~2 MiB of cache, a power of two (1,024 pixels for the
-        # mlp model, 512 for aether's wider one: with one PyTorch thread per tile, 10-30% faster
-        # than 4,096, and MKL is slower at sizes such as 4,681); GPU: ~256 MiB of activations.
-        budget = (256 << 20) if self.device.type == "cuda" else (2 << 20)
-        self.batch_px = 1 << int(np.log2(max(256, budget // (4 * width))))
-
-    def project(self, vectors: np.ndarray) -> np.ndarray:
-        """(N, bands) unit vectors -> (N, latent) unit vectors, float32."""
-        return self._project(vectors, band_major=False).numpy()
-
-    def project_bands(self, vectors: np.ndarray, dtype: str = "float32", out: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, bands) unit vectors -> (latent, N) unit vectors on the CPU (into `out` if given): the
-        layout a GeoTIFF band write wants, transposed (and for dtype int8, quantized) batch by
-        batch while each batch is in cache, so no float32 copy of the whole output is ever held."""
-        return self._project(vectors, band_major=True, dtype=dtype, out=out)
-
-    @torch.no_grad()
-    def _project(self, vectors: np.ndarray, band_major: bool, dtype: str = "float32",
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.n_bands:
-            raise AetherError(f"expected vectors of shape (N, {self.n_bands}), got {vectors.shape}")
-        n = len(vectors)
-        if out is None:
-            out = torch.empty((self.latent_dim, n) if band_major else (n, self.latent_dim),
-                              dtype=getattr(torch, dtype))
-        autocast = _AUTOCAST.get(self.precision)
-        if autocast is None:  # fp32: the fused projector, into buffers reused batch after batch
-            batch = min(self.batch_px, n)
-            workspace = self.projector.workspace(batch, self.device)
-            latent = torch.empty((batch, self.latent_dim), device=self.device)
-        for start in range(0, n, self.batch_px):
-            x = torch.from_numpy(vectors[start:start + self.batch_px]).to(self.device, non_blocking=True)
-            if autocast is None:
-                z = self.projector.forward_into(x, workspace, latent[:len(x)])
-            else:
-                with torch.autocast(self.device.type, dtype=autocast):
-                    z = self.projector.head(x)
-                z = F.normalize(z.float(), dim=1)
-            z = quantize_torch(z) if dtype == "int8" else z.to(out.dtype)
-            z = z.cpu()
-            if band_major:
-                out[:, start:start + len(z)] = z.T
-            else:
-                out[start:start + len(z)] = z
-        return out
-
-    @functools.cached_property
-    def ckpt_sha256(self) -> str:
-        """The checkpoint file's SHA-256: the tag that ties an AETHER raster to the model that made it."""
-        return file_sha256(self.ckpt_path)
-
-    @functools.cached_property
-    def model_identity(self) -> dict[str, str]:
-        """What determines this checkpoint's AETHER vectors, part by part (aether.checkpoint.model_identity):
-        the AETHER_MODEL tag that ties an AETHER raster to the model that made it."""
-        return model_identity(self.ckpt)
-
-    @property
-    def text_identity(self) -> dict:
-        """The text encoder the checkpoint was trained with (backend, model, dimensions)."""
-        enc = self.ckpt["text_encoder"]
-        return {"backend": enc["backend"], "model": enc["model"], "dimensions": enc.get("dimensions")}
-
-    def text_encoder(self) -> TextEncoder:
-        """The checkpoint's own text encoder (built once, checked before use)."""
-        if self._text_encoder is None:
-            enc = build_text_encoder(self.text_identity["backend"], self.text_identity["model"],
-                                     self.text_identity["dimensions"], self.cfg.text.base_url,
-                                     max_retries=self.cfg.text.max_retries,
-                                     request_timeout_s=self.cfg.text.request_timeout_s)
-            enc.check()
-            self._text_encoder = enc
-        return self._text_encoder
-
-    @torch.no_grad()
-    def embed_texts(self, texts: list[str], encoder: TextEncoder | None = None) -> np.ndarray:
-        """(N, latent) unit vectors for free texts, in the space the AE projector maps into.
-
-        `encoder` defaults to the checkpoint's; any other encoder is refused, because the text
-        projector only understands the embeddings it was trained on.
-        """
-        if encoder is None:
-            encoder = self.text_encoder()
-        elif encoder.identity != self.text_identity:
-            raise AetherError(f"text encoder {encoder.identity['backend']}/{encoder.identity['model']} differs "
-                              f"from the checkpoint's ({self.text_identity['backend']}/"
-                              f"{self.text_identity['model']}); queries must use the encoder it was trained with")
-        if not texts:
-            return np.zeros((0, self.latent_dim), dtype=np.float32)
-        emb = np.asarray(encoder.encode_batch(list(texts)), dtype=np.float32)
-        if emb.shape[1] != self.ckpt["text_encoder"]["dim"]:
-            raise AetherError(f"text encoder gave {emb.shape[1]}-dimensional embeddings; the checkpoint expects "
-                              f"{self.ckpt['text_encoder']['dim']}")
-        z = self.text_projector(torch.from_numpy(emb).to(self.device)).float().cpu()
-        return z.numpy()
-
-    def check_raster(self, info: RasterInfo, pooling: str = "window") -> None:
-        """Refuse a raster whose bands or grid do not fit this checkpoint (for window pooling, also one
-        whose pixels are so small that the base window would be too many pixels across)."""
-        if info.count != self.n_bands:
-            raise AetherError(f"raster {info.path} has {info.count} bands but checkpoint {self.ckpt_path} "
-                              f"was trained on {self.n_bands}")
-        lat = None
-        if info.is_geographic:
-            lat = info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]
-        sx, sy = info.pixel_size_m(lat)
-        if np.max(sx) > 2 * self.base_radius_m + 1e-6 or np.max(sy) > 2 * self.base_radius_m + 1e-6:
-            raise AetherError(f"raster {info.path} has pixels of {float(np.max(sx)):.0f} m, coarser than the "
-                              f"checkpoint's base window ({2 * self.base_radius_m:g} m across)")
-        if pooling == "window":
-            info.check_window(self.base_radius_m, lat, fix="use --pooling pixel (the checkpoint's base radius is "
-                                                           f"{self.base_radius_m:g} m)")
-
-    def embed_points(self, ae_tif: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """AETHER vectors at points (raster CRS), pooled exactly as in training; and their valid mask."""
-        info = open_raster(ae_tif, n_bands=None)
-        self.check_raster(info)
-        pooled = pool_points(info, x, y, [self.base_radius_m])
-        z = self.project(pooled.views[0])
-        z[~pooled.valid] = np.nan
-        return z, pooled.valid
-
-    def embed_array(self, pixels: np.ndarray, valid: np.ndarray | None = None, pixel_size_m: float = 10.0,
-                    pooling: str = "window") -> np.ndarray:
-        """Embed an in-memory (h, w, bands) float array; invalid pixels (or all-nodata windows) are NaN."""
-        pixels = np.asarray(pixels, dtype=np.float32)
-        if valid is None:
-            valid = np.isfinite(pixels).all(axis=-1)
-        data = np.where(valid[..., None], pixels, np.nan).astype(np.float32)
-        info = RasterInfo("<array>", data.shape[1], data.shape[0], data.shape[2], None, None, "float32", None, (0, 0))
-        if pooling == "pixel":
-            means, ok = unit_rows(np.nan_to_num(data)), valid
-        else:
-            check_window_px("the array", self.base_radius_m, pixel_size_m, pixel_size_m, fix="use pooling='pixel'")
-            r = int(np.floor(self.base_radius_m / pixel_size_m + 1e-6))
-            padded = np.pad(data.transpose(2, 0, 1), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
-            rows = np.full(data.shape[0], r)
-            means, ok = window_means(padded, info, rows, rows, r, r)
-        out = np.full(data.shape[:2] + (self.latent_dim,), np.nan, dtype=np.float32)
-        out[ok] = self.project(means[ok])
-        return out
-
-
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """(..., bands) vectors scaled to unit length in place (zero vectors stay zero): single pixels
-    as the projector saw windows in training, renormalised."""
-    norm = np.sqrt(np.einsum("...i,...i->...", vectors, vectors, dtype=np.float32))[..., None]
-    np.divide(vectors, norm, out=vectors, where=norm > 0)
-    return vectors
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 where it is fast (CUDA, or a CPU with AMX/AVX512-BF16), else fp32.
-
-    On CPUs without native bf16, autocast to bf16 is several times slower than fp32.
-    """
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"
 
 
 @dataclass(frozen=True)
@@ -254,13 +63,6 @@ def tile_grid(info: RasterInfo, tile_px: int, rows: tuple[int, int] | None = Non
     origins = [(r, c) for r in range(r_start, r_stop, tile_px) for c in range(0, info.width, tile_px)]
     return [Tile(i, r, c, min(tile_px, r_stop - r), min(tile_px, info.width - c))
             for i, (r, c) in enumerate(origins)]
-
-
-def row_bands(info: RasterInfo, tile_px: int, band_px: int) -> list[tuple[int, int]]:
-    """Bands of `band_px` rows (rounded down to whole tile rows, at least one) that cover the
-    raster, for splitting one large raster into tasks; the last band may be shorter."""
-    step = max(1, band_px // tile_px) * tile_px
-    return [(r, min(info.height, r + step)) for r in range(0, info.height, step)]
 
 
 class PooledTileReader:
@@ -337,52 +139,12 @@ class PooledTileReader:
         return block.numpy().reshape(-1, height, width)
 
 
-class _Journal:
-    """What an interrupted run had finished: a small JSON file beside its partial output.
-
-    The partial GeoTIFF is closed (so its directory is on disk) before tiles are recorded
-    here, so every tile the journal names is really in the file.
-    """
-
-    def __init__(self, path: Path, fingerprint: dict):
-        self.path, self.fingerprint = path, fingerprint
-
-    def matches(self, partial: Path) -> bool:
-        """Is there an interrupted run of the same work to continue?"""
-        try:
-            self.load(partial)
-        except AetherError:
-            return False
-        return True
-
-    def load(self, partial: Path) -> set[int]:
-        if not self.path.is_file() or not partial.is_file():
-            raise AetherError(f"nothing to resume: no interrupted run of this output ({partial.name} and "
-                              f"{self.path.name} beside it); run without --resume")
-        try:
-            saved = json.loads(self.path.read_text())
-            old, done = saved["fingerprint"], saved["done"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise AetherError(f"resume journal {self.path} is damaged; run without --resume to start over") from None
-        changed = sorted(k for k in self.fingerprint if old.get(k) != self.fingerprint[k])
-        if changed:
-            raise AetherError(f"cannot resume: the interrupted run had other {', '.join(changed)}; "
-                              f"run without --resume to start over")
-        return set(int(i) for i in done)
-
-    def save(self, done: set[int]) -> None:
-        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "done": sorted(done)}))
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
 class _TileWriter:
     """Writes finished tiles into the partial output and, every `checkpoint_s`, makes them durable:
     close the file (GDAL writes its directory), record the tiles in the journal, reopen it.
     `first_row` is the north-up input row of the output's first row (0 unless it is a band)."""
 
-    def __init__(self, path: Path, info: RasterInfo, journal: _Journal, done: set[int],
+    def __init__(self, path: Path, info: RasterInfo, journal: Journal, done: set[int],
                  bar, checkpoint_s: float = CHECKPOINT_S, first_row: int = 0):
         self.path, self.info, self.first_row = path, info, first_row
         self.journal, self.done, self.pending = journal, done, set()
@@ -416,11 +178,6 @@ class _TileWriter:
     def close(self) -> None:
         if not self.dst.closed:
             self.dst.close()
-
-
-def partial_paths(out: Path) -> tuple[Path, Path]:
-    """The partial output and its journal that a run of `out` keeps beside it until it ends."""
-    return out.parent / f".{out.name}.partial.tif", out.parent / f".{out.name}.partial.json"
 
 
 def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtype: str = "int8",
@@ -490,7 +247,7 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
         log(f"{out.name} is already finished (same input, checkpoint and options); skipping it")
         return out
     partial, journal_path = partial_paths(out)
-    journal = _Journal(journal_path, fingerprint)
+    journal = Journal(journal_path, fingerprint)
     tiles = tile_grid(info, tile_px, rows)
     resume = resume or (skip_finished and journal.matches(partial))  # a rerun continues where it stopped
     if resume:
@@ -721,102 +478,3 @@ def _to_cog(path: Path) -> None:
     except BaseException:
         Path(cog_name).unlink(missing_ok=True)
         raise
-
-
-BAND_PX = 1024  # rows per task when one raster is split across a cluster
-
-
-def embed_at_scale(ae_tif: str, ckpt: str, out: str, workers: int | None = None, scheduler: str | None = None,
-                   band_px: int = BAND_PX, progress: bool = True, **options) -> Path:
-    """Embed one raster or a set of tiles, as Dask tasks when a cluster is given (`workers` local
-    processes, or an existing `scheduler`); `options` are those of `embed_raster`.
-
-    A set of tiles (a glob or a list file: see aether.tiles) gives one output per tile in the
-    folder `out`, named after the tile, and `mosaic.vrt` over them. One raster on a cluster is
-    cut into bands of about `band_px` rows, one task each, assembled into `out` at the end;
-    one raster without a cluster is `embed_raster`. Each task writes its output atomically and
-    skips an output the same run already finished, so a rerun after a lost worker or an
-    interruption does only what is missing. The pixels equal those of a single-process run.
-    """
-    from aether.cluster import check_cluster_args, dask_client
-    from aether.tiles import is_tile_set
-
-    check_cluster_args(workers, scheduler)
-    tile_set = is_tile_set(ae_tif)
-    if not tile_set and workers is None and scheduler is None:
-        return embed_raster(ae_tif, ckpt, out, progress=progress, **options)
-    ae_tif, ckpt, out = local_absolute(ae_tif), local_absolute(ckpt), local_absolute(out)  # workers have other cwds
-    if options.get("resume"):
-        raise AetherError("--resume is for a single-process run of one raster; with a set of tiles or a cluster, "
-                          "run the same command again: finished outputs are skipped")
-    options.pop("resume", None)
-    check_embed_options(**options)  # the checkpoint, options and every raster are checked before any work
-    if tile_set:
-        embedder = AetherEmbedder(ckpt, device="cpu")
-        return _embed_tile_set(ae_tif, ckpt, Path(out), embedder, workers, scheduler, progress, options)
-    out = Path(out)
-    check_output_file(out, ae_tif, ckpt)
-    embedder = AetherEmbedder(ckpt, device=options.get("device", "auto"), precision=options.get("precision", "auto"))
-    info = open_raster(ae_tif, n_bands=None)
-    embedder.check_raster(info, options.get("pooling", "window"))
-    run_tag = json.dumps(run_fingerprint(ae_tif, embedder, options.get("pooling", "window"),
-                                         options.get("dtype", "int8"), options.get("tile_px", TILE_PX),
-                                         (0, info.height), options.get("cog", False)), sort_keys=True)
-    if finished_output(out, run_tag):
-        log(f"{out.name} is already finished (same input, checkpoint and options); skipping it")
-        return out
-    with output_lock(out), dask_client(workers, scheduler) as client:  # here `out` is joined; a task locks its band
-        return _embed_in_bands(ae_tif, ckpt, out, info, client, band_px, progress, options)
-
-
-def _embed_task(ae_tif: str, ckpt: str, out: str, options: dict) -> str:
-    """One Dask task: one tile, or one band of rows, into its own output."""
-    return str(embed_raster(ae_tif, ckpt, out, progress=False, skip_finished=True, **options))
-
-
-def _embed_tile_set(spec: str, ckpt: str, out_dir: Path, embedder: AetherEmbedder, workers, scheduler,
-                    progress: bool, options: dict) -> Path:
-    from aether.cluster import dask_client, run_tasks
-    from aether.tiles import expand_tiles, tile_stems, write_mosaic_vrt
-
-    paths = expand_tiles(spec, "AlphaEarth tile")
-    stems = tile_stems(paths)
-    if out_dir.suffix.lower() in (".tif", ".tiff", ".vrt"):
-        raise AetherError(f"a set of tiles gives one output per tile: --out must be a folder, got {out_dir}")
-    check_output_folder(out_dir)
-    outputs = [out_dir / f"{stem}.tif" for stem in stems]
-    check_inputs_kept([*outputs, out_dir / "mosaic.vrt"], input_files(paths, ckpt, spec), "choose another --out folder")
-    infos = [open_raster(p, n_bands=None) for p in paths]
-    for info in infos:
-        embedder.check_raster(info, options.get("pooling", "window"))
-    out_dir.mkdir(exist_ok=True)
-    tasks = [(p, ckpt, str(out), options) for p, out in zip(paths, outputs)]  # each task locks its own output
-    with output_lock(out_dir / "mosaic.vrt", "choose another --out folder"):
-        with dask_client(workers, scheduler) as client:
-            outputs = run_tasks(client, _embed_task, tasks, [i.width * i.height for i in infos],
-                                desc=f"embedding {len(paths)} tiles", unit="px", progress=progress)
-        mosaic = write_mosaic_vrt(outputs, out_dir / "mosaic.vrt")
-    log(f"{len(outputs)} tiles in {out_dir}; mosaic: {mosaic}")
-    return out_dir
-
-
-def _embed_in_bands(ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client, band_px: int, progress: bool,
-                    options: dict) -> Path:
-    """One raster as bands of rows on a cluster, assembled into `out` (then COG if asked)."""
-    from aether.cluster import run_tasks
-    from aether.tiles import join_bands
-
-    tile_px = options.get("tile_px", TILE_PX)
-    cog = options.pop("cog", False)
-    bands = row_bands(info, tile_px, band_px)
-    parts_dir = out.parent / f".{out.name}.parts"
-    parts_dir.mkdir(exist_ok=True)
-    tasks = [(ae_tif, ckpt, str(parts_dir / f"rows_{r0:06d}_{r1:06d}.tif"), options) for r0, r1 in bands]
-    parts = run_tasks(client, _embed_task, tasks, [info.width * (r1 - r0) for r0, r1 in bands],
-                      desc=f"embedding in {len(bands)} bands", unit="px", progress=progress)
-    with rasterio.open(parts[0]) as src:  # the run as the workers did it (their device and precision)
-        run = json.loads(src.tags()["AETHER_RUN"])
-    run.update(rows=[0, info.height], cog=cog)
-    join_bands(parts, out, {"AETHER_RUN": json.dumps(run, sort_keys=True)}, finish=_to_cog if cog else None)
-    shutil.rmtree(parts_dir)  # with any parts an earlier run with other options left
-    return out

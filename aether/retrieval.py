@@ -34,8 +34,9 @@ from aether.allocator import keep_tile_buffers
 from aether.console import log
 from aether.errors import AetherError
 from aether.files import atomic_write, atomic_write_text, check_inputs_kept, folder_lock, temp_file_beside
-from aether.inference import (BAND_PX, TILE_PX, AetherEmbedder, PooledTileReader, Tile, check_output_folder,
-                              check_tile_px, input_files, row_bands, tile_grid)
+from aether.embedder import AetherEmbedder
+from aether.inference import TILE_PX, PooledTileReader, Tile, check_output_folder, check_tile_px, input_files, tile_grid
+from aether.inference_at_scale import BAND_PX, row_bands
 from aether.raster import RasterInfo, ground_distances_m, local_absolute, open_raster, read_vectors
 from aether.streaming import run_pipeline
 from aether.tiles import join_bands, write_mosaic_vrt

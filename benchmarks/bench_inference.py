@@ -69,7 +69,8 @@ def compute_floor(arch: str, precision: str = "auto", n_px: int = 2048 * 2048) -
     and one call with all of PyTorch's threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from aether.inference import AetherEmbedder, tile_workers
+    from aether.embedder import AetherEmbedder
+    from aether.inference import tile_workers
 
     embedder = AetherEmbedder(checkpoint(arch), precision=precision)
     x = np.random.default_rng(0).standard_normal((n_px, 64)).astype(np.float32)
@@ -130,7 +131,7 @@ def main() -> None:
             runs[size, arch] = r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"end-to-end {size} x {size}, {arch}: {r['seconds']:.2f} s, {r['px_per_s']:,.0f} px/s, "
                   f"peak memory {r['peak_mib']:.0f} MiB", flush=True)
-    from aether.inference import resolve_precision
+    from aether.embedder import resolve_precision
     import torch
 
     default = resolve_precision("auto", torch.device("cpu"))

@@ -28,7 +28,8 @@ def main() -> None:
 
     import rasterio
 
-    from aether.inference import AetherEmbedder, embed_raster
+    from aether.embedder import AetherEmbedder
+    from aether.inference import embed_raster
 
     maps = {}
     with tempfile.TemporaryDirectory() as tmp:

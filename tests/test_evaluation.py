@@ -186,7 +186,8 @@ def test_evaluate_end_to_end(trained):
 
 def test_localisation_scores_the_inference_output(trained):
     """The best pixel found by `localisation` is the best pixel of the raster that inference writes."""
-    from aether.inference import AetherEmbedder, embed_raster
+    from aether.embedder import AetherEmbedder
+    from aether.inference import embed_raster
     from aether.raster import open_raster
 
     ckpt = trained / "run" / "best.pt"

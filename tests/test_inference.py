@@ -26,7 +26,8 @@ from rasterio.transform import from_origin
 
 from aether.alphaearth import NODATA_INT8, dequantize
 from aether.errors import AetherError
-from aether.inference import AetherEmbedder, embed_raster
+from aether.embedder import AetherEmbedder
+from aether.inference import embed_raster
 from aether.raster import metres_per_degree
 from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster, write_untrained_checkpoint, run_script_in_process
 
@@ -520,7 +521,7 @@ def _fail_on_projection(nth: int):
                 raise RuntimeError("injected failure")
             return original(self, vectors, *args, **kwargs)
 
-        monkeypatch.setattr("aether.inference.AetherEmbedder.project_bands", project)
+        monkeypatch.setattr("aether.embedder.AetherEmbedder.project_bands", project)
 
     return inject
 

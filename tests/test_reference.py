@@ -33,7 +33,7 @@ from scipy.special import erf
 
 from aether.checkpoint import load_checkpoint, model_from_checkpoint
 from aether.errors import AetherError
-from aether.inference import AetherEmbedder
+from aether.embedder import AetherEmbedder
 from aether.text import TextEncoder
 from fixtures import ORIGIN, brute_force, run_script_in_process, stored_values, unit_field, write_raster
 

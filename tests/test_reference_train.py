@@ -25,7 +25,7 @@ from scipy.special import erf, logsumexp
 from aether.checkpoint import load_checkpoint, model_from_checkpoint
 from aether.config import config_from_dict, load_config
 from aether.dataset import build_dataset
-from aether.inference import AetherEmbedder
+from aether.embedder import AetherEmbedder
 from fixtures import (brute_force, poi_records, run_script_in_process, stored_values, unit_field,
                       write_config, write_geojson, write_raster)
 from test_reference import ae_formula, text_formula, write_reference_checkpoint

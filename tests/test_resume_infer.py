@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from aether.inference import embed_raster, partial_paths
+from aether.inference import embed_raster
+from aether.journal import partial_paths
 from fixtures import unit_field, write_raster, write_untrained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

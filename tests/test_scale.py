@@ -15,7 +15,8 @@ import rasterio
 from pyproj import Transformer
 
 from aether.errors import AetherError
-from aether.inference import embed_at_scale, embed_raster
+from aether.inference import embed_raster
+from aether.inference_at_scale import embed_at_scale
 from aether.pooling import pool_at_scale, pool_points
 from aether.raster import open_raster
 from aether.retrieval import non_max_suppression, retrieve_at_scale
