@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 N_BANDS = 64
 NODATA_INT8 = -128
 QUANT_SCALE = 127.5
+INT16_SCALE = 32767.0  # AETHER's own int16 output (not an AlphaEarth format): value = q / 32767
+NODATA_INT16 = -32768
 MAX_ABS_VALUE = 1e3  # a unit vector's components lie in [-1, 1]: a float pixel beyond this (or inf) is no embedding
 ATTRIBUTION = "AlphaEarth Foundations Satellite Embedding dataset, Google / Google DeepMind (CC-BY 4.0)"
 
@@ -55,3 +57,16 @@ def dequantize(q: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Decode AlphaEarth int8 to floats: sign(q) * (q / 127.5) ** 2 (nodata not masked)."""
     f = np.asarray(q).astype(dtype) / dtype(QUANT_SCALE)
     return np.sign(f) * f * f
+
+
+def quantize_int16_torch(x: torch.Tensor) -> torch.Tensor:
+    """AETHER's int16 encoding of values in [-1, 1]: q = round(32767 x), at most 1.5e-5 off per
+    component (int8's companding is up to 1/127.5 off, which reorders close retrieval scores)."""
+    import torch
+
+    return x.mul(INT16_SCALE).round_().clamp_(-INT16_SCALE, INT16_SCALE).to(torch.int16)
+
+
+def dequantize_int16(q: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Decode AETHER int16 to floats: q / 32767 (nodata not masked)."""
+    return np.asarray(q).astype(dtype) / dtype(INT16_SCALE)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aether.alphaearth import quantize_torch
+from aether.alphaearth import quantize_int16_torch, quantize_torch
 from aether.checkpoint import load_checkpoint, model_from_checkpoint, model_identity
 from aether.errors import AetherError
 from aether.files import file_sha256
@@ -20,6 +20,7 @@ from aether.text import TextEncoder, build_text_encoder
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_ENCODE = {"int8": quantize_torch, "int16": quantize_int16_torch}  # stored integer codes of unit vectors
 
 
 class AetherEmbedder:
@@ -81,7 +82,7 @@ class AetherEmbedder:
                 with torch.autocast(self.device.type, dtype=autocast):
                     z = self.projector.head(x)
                 z = F.normalize(z.float(), dim=1)
-            z = quantize_torch(z) if dtype == "int8" else z.to(out.dtype)
+            z = _ENCODE.get(dtype, lambda v: v.to(out.dtype))(z)
             z = z.cpu()
             if band_major:
                 out[:, start:start + len(z)] = z.T

@@ -25,18 +25,21 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
-from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, band_names, dequantize
+from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, band_names
 from aether.console import log
 from aether.embedder import AetherEmbedder, unit_rows
 from aether.errors import AetherError, first_line
 from aether.files import check_inputs_kept, output_lock, temp_file_beside
 from aether.journal import Journal, partial_paths
 from aether.pooling import window_means
-from aether.raster import (RasterInfo, geotiff_layout, implausible_pixels, invalid_pixels, open_raster, raster_files,
-                           read_bands)
+from aether.raster import (RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels, open_raster,
+                           raster_files, read_bands)
 from aether.streaming import run_pipeline
 
-OUTPUT_DTYPES = ("int8", "float16", "float32")
+OUTPUT_DTYPES = ("int8", "int16", "float16", "float32")
+NODATA = {"int8": NODATA_INT8, "int16": NODATA_INT16, "float16": float("nan"), "float32": float("nan")}
+ENCODINGS = {"int8": "AlphaEarth int8: value = sign(q) * (q / 127.5)**2, nodata -128, unit vectors",
+             "int16": "AETHER int16: value = q / 32767, nodata -32768, unit vectors"}
 POOLINGS = ("window", "pixel")
 TILE_PX = 512
 MAX_TILE_PX = 4096  # largest --tile: a 4,096-pixel int8 tile is 1 GiB in and 2 GiB out, and several are in flight
@@ -116,9 +119,7 @@ class PooledTileReader:
                 continue
             pixels = bands[:, start:stop].transpose(1, 2, 0)
             valid = ~invalid_pixels(pixels, self.info)
-            means = (dequantize(pixels) if self.info.is_int8
-                     else np.where(valid[..., None], pixels, 0).astype(np.float32))
-            yield start, stop, unit_rows(means), valid
+            yield start, stop, unit_rows(decode_pixels(pixels, ~valid, self.info)), valid
 
     def latent(self, data) -> tuple[torch.Tensor, np.ndarray]:
         """(latent, h * w) AETHER vectors (zeros where invalid) and the flat valid mask of one tile."""
@@ -135,7 +136,7 @@ class PooledTileReader:
             _latent_tile(self.embedder, means, valid, dtype, out=block[:, start * width:stop * width])
             invalid = torch.from_numpy(~valid.reshape(-1))
             if invalid.any():
-                block[:, start * width:stop * width][:, invalid] = NODATA_INT8 if dtype == "int8" else float("nan")
+                block[:, start * width:stop * width][:, invalid] = NODATA[dtype]
         return block.numpy().reshape(-1, height, width)
 
 
@@ -222,7 +223,7 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
     r_start, r_stop = rows if rows is not None else (0, info.height)
     first_row = info.north_up_rows(r_start, r_stop - r_start)
 
-    nodata = NODATA_INT8 if dtype == "int8" else float("nan")
+    nodata = NODATA[dtype]
     # output blocks tile the tiles (of a north-up input), so each block is written once, whole
     block_px = output_block_px(tile_px)
     profile = dict(driver="GTiff", width=info.width, height=r_stop - r_start, count=embedder.latent_dim, dtype=dtype,
@@ -236,8 +237,7 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
         "AETHER_POOLING": pooling if pooling == "pixel" else f"window, base radius {embedder.base_radius_m:g} m",
         "AETHER_DTYPE": dtype,
         "AETHER_PRECISION": embedder.precision,
-        "AETHER_ENCODING": ("AlphaEarth int8: value = sign(q) * (q / 127.5)**2, nodata -128, unit vectors"
-                            if dtype == "int8" else f"{dtype} unit vectors, nodata NaN"),
+        "AETHER_ENCODING": ENCODINGS.get(dtype, f"{dtype} unit vectors, nodata NaN"),
         "AETHER_TEXT_ENCODER": embedder.ckpt["text_encoder"]["model"],
         "AETHER_MODEL": json.dumps(embedder.model_identity, sort_keys=True),
     }

@@ -23,10 +23,9 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from aether.alphaearth import dequantize
 from aether.errors import AetherError, first_line
 from aether.files import atomic_write
-from aether.raster import RasterInfo, invalid_pixels, open_raster, read_pixels
+from aether.raster import RasterInfo, decode_pixels, invalid_pixels, open_raster, read_pixels
 
 MAX_PX = 1024  # longer side of a PCA picture, in pixels
 MAX_PICTURE_PX = 8192  # longer side of any picture written, --scale included: 256 MiB of RGBA
@@ -136,9 +135,7 @@ def picture_chunks(info: RasterInfo, max_px: int = MAX_PX):
                 window = Window(int(c.min()), int(r.min()), int(c.max() - c.min() + 1), int(r.max() - r.min() + 1))
                 pixels = read_pixels(src, window, info)[np.ix_(r - r.min(), c - c.min())]
                 invalid = invalid_pixels(pixels, info)
-                vectors = (dequantize(pixels) if info.is_int8
-                           else np.where(invalid[..., None], 0, pixels).astype(np.float32))
-                yield row_run, col_run, vectors, ~invalid
+                yield row_run, col_run, decode_pixels(pixels, invalid, info), ~invalid
 
 
 def fit_pca(tif: str | Path, max_px: int = MAX_PX, sample_px: int = FIT_SAMPLE_PX) -> PcaFit:

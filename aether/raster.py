@@ -16,7 +16,7 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, N_BANDS, dequantize
+from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, N_BANDS, dequantize, dequantize_int16
 from aether.errors import AetherError, first_line
 
 MAX_WINDOW_HALF_PX = 1024  # a window made from metres spans at most this many pixels each way (2,049 across)
@@ -43,6 +43,11 @@ class RasterInfo:
     @property
     def is_int8(self) -> bool:
         return self.dtype == "int8"
+
+    @property
+    def is_int16(self) -> bool:
+        """AETHER's int16 encoding (value = q / 32767, nodata -32768)."""
+        return self.dtype == "int16"
 
     @property
     def is_geographic(self) -> bool:
@@ -210,12 +215,13 @@ def gdal_path(path: str) -> str:
 def geotiff_layout(dtype: str, block_px: int) -> dict:
     """How AETHER lays out the GeoTIFFs it writes (rasterio creation options): square tiled blocks,
     ZSTD level 1 (several times faster than DEFLATE for the same size on embedding data, which
-    barely compresses), pixel-interleaved, BigTIFF when needed, and for floats a predictor (the
-    floating-point one helps float32)."""
+    barely compresses), pixel-interleaved, BigTIFF when needed, and a predictor where it pays:
+    the floating-point one for float32, horizontal differencing for int16 (whose low bits follow
+    the smooth window means)."""
     layout = dict(tiled=True, blockxsize=block_px, blockysize=block_px, compress="zstd", zstd_level=1,
                   interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
     if dtype != "int8":
-        layout["predictor"] = 3 if dtype == "float32" else 1
+        layout["predictor"] = {"float32": 3, "int16": 2}.get(dtype, 1)
     return layout
 
 
@@ -282,12 +288,15 @@ def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
         raise AetherError(f"raster {path} has {info.count} bands, expected {n_bands} (set data.n_bands if this is intended)")
     if len(dtypes) != 1:
         raise AetherError(f"raster {path} mixes band types {sorted(dtypes)}; expected one type for all bands")
-    if info.dtype not in ("int8", "float32", "float64"):
-        raise AetherError(f"raster {path} has type {info.dtype}; expected int8 (AlphaEarth Cloud Storage) or float32/float64")
+    if info.dtype not in ("int8", "int16", "float16", "float32", "float64"):
+        raise AetherError(f"raster {path} has type {info.dtype}; expected int8 (AlphaEarth Cloud Storage), int16 "
+                          f"(AETHER's int16 output) or float16/float32/float64")
     if info.transform.b != 0 or info.transform.d != 0:
         raise AetherError(f"raster {path} is rotated or sheared; warp it to a north-up grid first (gdalwarp)")
     if info.is_int8 and info.nodata is not None and info.nodata != NODATA_INT8:
         raise AetherError(f"raster {path} is int8 with nodata {info.nodata}; the AlphaEarth encoding uses {NODATA_INT8}")
+    if info.is_int16 and info.nodata is not None and info.nodata != NODATA_INT16:
+        raise AetherError(f"raster {path} is int16 with nodata {info.nodata}; AETHER's int16 encoding uses {NODATA_INT16}")
     return info
 
 
@@ -297,6 +306,8 @@ def invalid_pixels(pixels: np.ndarray, info: RasterInfo, axis: int = -1) -> np.n
     `implausible_pixels`), so that no sum of them overflows."""
     if info.is_int8:
         return (pixels == NODATA_INT8).any(axis=axis)
+    if info.is_int16:
+        return (pixels == NODATA_INT16).any(axis=axis)
     bad = ~(np.abs(pixels) <= MAX_ABS_VALUE)  # NaN, inf and impossible magnitudes in one test
     if info.nodata is not None and not math.isnan(info.nodata):
         bad |= pixels == info.nodata
@@ -307,8 +318,8 @@ def implausible_pixels(pixels: np.ndarray, info: RasterInfo, axis: int = -1) -> 
     """How many pixels of a block (as `invalid_pixels` takes it) hold a value no AlphaEarth or AETHER
     vector has (unit vectors: components in [-1, 1]): beyond +-MAX_ABS_VALUE or infinite, other than
     the declared nodata. They are invalid pixels; this counts them, to be reported once."""
-    if info.is_int8:
-        return 0  # every int8 code de-quantizes into [-1, 1]
+    if info.is_int8 or info.is_int16:
+        return 0  # every int8 and int16 code decodes into [-1, 1]
     odd = np.abs(pixels) > MAX_ABS_VALUE  # NaN compares False: it is nodata, not odd
     if info.nodata is not None and not math.isnan(info.nodata) and abs(info.nodata) > MAX_ABS_VALUE:
         odd &= pixels != info.nodata
@@ -343,9 +354,20 @@ def read_vectors(src: rasterio.io.DatasetReader, window: Window, info: RasterInf
     """Read a block as float32 vectors (h, w, C), invalid pixels zeroed, and the valid mask (h, w)."""
     pixels = read_pixels(src, window, info)
     invalid = invalid_pixels(pixels, info)
-    values = dequantize(pixels) if info.is_int8 else np.where(invalid[..., None], 0, pixels).astype(np.float32)
+    return decode_pixels(pixels, invalid, info), ~invalid
+
+
+def decode_pixels(pixels: np.ndarray, invalid: np.ndarray, info: RasterInfo) -> np.ndarray:
+    """(h, w, C) pixels in the file's type as float32 values (AlphaEarth int8 de-quantized, AETHER
+    int16 scaled), invalid pixels (h, w) zeroed first, so no cast overflows."""
+    if info.is_int8:
+        values = dequantize(pixels)
+    elif info.is_int16:
+        values = dequantize_int16(pixels)
+    else:
+        values = np.where(invalid[..., None], 0, pixels).astype(np.float32)
     values[invalid] = 0.0
-    return values, ~invalid
+    return values
 
 
 class BlockCache:
@@ -412,6 +434,6 @@ class BlockCache:
 
 
 def output_dtypes() -> list[str]:
-    """The AETHER output types this rasterio's GDAL can write: int8 and float32 always, float16
-    from GDAL 3.11."""
-    return ["int8", *(["float16"] if rasterio.dtypes.check_dtype("float16") else []), "float32"]
+    """The AETHER output types this rasterio's GDAL can write: int8, int16 and float32 always,
+    float16 from GDAL 3.11."""
+    return ["int8", "int16", *(["float16"] if rasterio.dtypes.check_dtype("float16") else []), "float32"]

@@ -475,6 +475,9 @@ def _open_source(path: str, is_aether: bool, embedder: AetherEmbedder, ckpt: str
         raise AetherError(f"AETHER raster {path} has {info.count} bands but checkpoint {ckpt} has a "
                           f"{embedder.latent_dim}-dimensional latent space (an AlphaEarth raster? use --ae_tif)")
     _check_aether_raster(path, ckpt, embedder)
+    if info.is_int8:
+        log(f"note: {Path(path).name} is int8: its scores are up to about 0.007 off, enough to reorder close "
+            f"places; for the ranks of --ae_tif, embed with infer_aether_raster.py --dtype int16 (within 1e-4)")
     return info
 
 

@@ -130,7 +130,7 @@ def write_mosaic_vrt(tiles: list[str], out: Path) -> Path:
     bottom, top = min(b[0].bottom for b in boxes), max(b[0].top for b in boxes)
     width, height = int(round((right - left) / res_x)), int(round((top - bottom) / res_y))
     nodata_xml = "" if nodata is None else f"    <NoDataValue>{nodata!r}</NoDataValue>\n"
-    vrt_type = {"int8": "Int8", "float32": "Float32", "float64": "Float64", "float16": "Float16",
+    vrt_type = {"int8": "Int8", "int16": "Int16", "float32": "Float32", "float64": "Float64", "float16": "Float16",
                 "uint8": "Byte"}.get(dtype, dtype)
     bands = []
     for b in range(1, count + 1):

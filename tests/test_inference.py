@@ -103,6 +103,9 @@ def read_output(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if raw.dtype == np.int8:
         nodata = raw == NODATA_INT8
         values = dequantize(raw).astype(np.float64)
+    elif raw.dtype == np.int16:  # AETHER int16: q / 32767, nodata -32768
+        nodata = raw == -32768
+        values = raw.astype(np.float64) / 32767
     else:
         nodata = np.isnan(raw)
         values = raw.astype(np.float64)
@@ -286,6 +289,7 @@ FLOAT16_WRITABLE = bool(rasterio.dtypes.check_dtype("float16"))
 
 @pytest.mark.parametrize("dtype", [
     "int8",
+    "int16",
     pytest.param("float16", marks=pytest.mark.skipif(not FLOAT16_WRITABLE, reason="GDAL < 3.11 cannot write float16")),
 ])
 def test_output_dtypes_agree_with_float32(tmp_path, ckpt, dtype):
@@ -297,6 +301,11 @@ def test_output_dtypes_agree_with_float32(tmp_path, ckpt, dtype):
     print(f"\nmax cosine error of {dtype} vs float32: {error:.2e}")
     if dtype == "int8":
         assert np.abs(z[v] - z32[v]).max() <= INT8_BOUND
+    elif dtype == "int16":  # q = round(32767 x): half a code step off at most
+        assert np.abs(z[v] - z32[v]).max() <= 0.5 / 32767 + 1e-7
+        with rasterio.open(tmp_path / "int16.tif") as src:
+            assert src.nodata == -32768 and "q / 32767" in src.tags()["AETHER_ENCODING"]
+        assert (~v).any()  # the raster's nodata patch, -32768 in every band (read_output checks)
     else:
         assert error < 1e-3
 
@@ -638,4 +647,4 @@ def test_cli_offers_float16_only_where_gdal_writes_it(monkeypatch, capsys):
     """`--dtype` lists what this GDAL can write; an unlisted type is argparse's one-line refusal."""
     code, out, _ = run_script_in_process("infer_aether_raster.py", ["--help"], monkeypatch, capsys)
     assert code == 0
-    assert ("{int8,float16,float32}" if FLOAT16_WRITABLE else "{int8,float32}") in out
+    assert ("{int8,int16,float16,float32}" if FLOAT16_WRITABLE else "{int8,int16,float32}") in out

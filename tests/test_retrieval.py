@@ -149,6 +149,26 @@ def test_retrieve_cli_three_queries_one_pass(tmp_path, setup):
         assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 100
 
 
+def test_an_int16_aether_raster_ranks_as_on_the_fly(tmp_path, setup):
+    """AETHER int16 (q / 32767) keeps scores within 1e-4 of on-the-fly retrieval and the same top
+    places; the int8 raster's scores are up to its quantization off."""
+    from aether.inference import embed_raster
+
+    ae, ckpt, _ = setup
+    emb16 = embed_raster(str(ae), str(ckpt), str(tmp_path / "aether16.tif"), dtype="int16", precision="fp32",
+                         device="cpu", progress=False)
+    kw = dict(top_k=5, progress=False, precision="fp32", device="cpu", heatmaps=False)
+    stored = retrieve(QUERIES, str(ckpt), str(tmp_path / "stored"), emb_tif=str(emb16), **kw)
+    fly = retrieve(QUERIES, str(ckpt), str(tmp_path / "fly"), ae_tif=str(ae), **kw)
+    for a, b in zip(stored, fly):
+        with rasterio.open(a.tif) as sa, rasterio.open(b.tif) as sb:
+            x, y = sa.read(1), sb.read(1)
+        ok = ~np.isnan(y)
+        np.testing.assert_array_equal(np.isnan(x), ~ok)
+        assert np.abs(x[ok] - y[ok]).max() <= 1e-4
+        assert [(h["row"], h["col"]) for h in a.hits] == [(h["row"], h["col"]) for h in b.hits]
+
+
 def test_from_alphaearth_matches_from_aether_raster(tmp_path, setup):
     """--ae_tif embeds on the fly; the maps agree with the int8 AETHER raster's up to its quantization."""
     ae, ckpt, emb = setup
