@@ -1,6 +1,8 @@
 """Command-line plumbing shared by the entry points: one line and exit code 2 for user errors."""
 from __future__ import annotations
 
+import errno
+import logging
 import sys
 from typing import Callable
 
@@ -25,11 +27,22 @@ def run(main: Callable[[], object]) -> None:
     on a signal its message and 128 + the signal number. Under torchrun every process exits so,
     rank 0 alone printing the line (the ranks meet the same errors, or share them first)."""
     say = is_main_process()
+    # GDAL's messages reach Python's logging through rasterio; its failures that matter come back as
+    # exceptions, which become the one line below, so its log lines would only be noise before it
+    logging.getLogger("rasterio").addHandler(logging.NullHandler())
+    logging.getLogger("rasterio").propagate = False
     try:
         main()
     except AetherError as exc:
         if say:
             print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        if say:  # a write the code did not expect to fail (the writers that know their file say so)
+            print(f"error: no space left on device{f' writing {exc.filename}' if exc.filename else ''}; free some "
+                  f"space or write elsewhere", file=sys.stderr)
         sys.exit(2)
     except Interrupted as exc:
         if say:

@@ -4,8 +4,10 @@ the whole run), and never over a file the run reads. No heavy imports, so any mo
 picture) can use it."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -30,16 +32,40 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file that replaces `path` (via a temporary file beside it and a rename) only when
     the block ends without an error: readers never see half a file."""
     path = Path(path)
-    fd, tmp = temp_file_beside(path)
+    try:
+        fd, tmp = temp_file_beside(path)
+    except OSError as exc:
+        raise_if_disk_full(exc, path)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(exc, path)
         raise
+
+
+DISK_FULL_BYTES = 1 << 20  # a write that failed with less than this free is taken as "no space left"
+
+
+def raise_if_disk_full(exc: BaseException, path: str | Path) -> None:
+    """Turn a failed write of `path` into one line when its file system is full: ENOSPC, or any
+    error (torch's zip writer reports a short write as a RuntimeError) while under
+    DISK_FULL_BYTES are free there. Anything else is left to the caller to raise."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, AetherError)):
+        return
+    folder = Path(path).parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < DISK_FULL_BYTES):
+        raise AetherError(f"cannot write {path}: no space left on device ({free if free is not None else '?'} bytes "
+                          f"free in {folder}); free some space or write elsewhere") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

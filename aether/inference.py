@@ -29,7 +29,7 @@ from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, band_nam
 from aether.console import log
 from aether.embedder import AetherEmbedder, unit_rows
 from aether.errors import AetherError, first_line
-from aether.files import check_inputs_kept, output_lock, temp_file_beside
+from aether.files import check_inputs_kept, output_lock, raise_if_disk_full, temp_file_beside
 from aether.journal import Journal, partial_paths
 from aether.pooling import window_means
 from aether.raster import (RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels, open_raster,
@@ -289,11 +289,12 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
         log(f"interrupted; finished tiles are kept in {partial}. "
             + ("Run the same command again to continue" if skip_finished else "Continue with --resume"))
         raise
-    except BaseException:
+    except BaseException as exc:
         if writer is not None:
             writer.close()
         partial.unlink(missing_ok=True)
         journal.remove()
+        raise_if_disk_full(exc, out)
         raise
     finally:
         bar.close()
@@ -475,6 +476,7 @@ def _to_cog(path: Path) -> None:
                 options["predictor"] = "YES"
         rio_copy(str(path), cog_name, driver="COG", **options)
         os.replace(cog_name, path)
-    except BaseException:
+    except BaseException as exc:
         Path(cog_name).unlink(missing_ok=True)
+        raise_if_disk_full(exc, path)
         raise

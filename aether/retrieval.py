@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from aether.allocator import keep_tile_buffers
 from aether.console import log
 from aether.errors import AetherError
-from aether.files import atomic_write, atomic_write_text, check_inputs_kept, folder_lock, temp_file_beside
+from aether.files import (atomic_write, atomic_write_text, check_inputs_kept, folder_lock, raise_if_disk_full,
+                          temp_file_beside)
 from aether.embedder import AetherEmbedder
 from aether.inference import TILE_PX, PooledTileReader, Tile, check_output_folder, check_tile_px, input_files, tile_grid
 from aether.inference_at_scale import BAND_PX, row_bands
@@ -309,11 +310,12 @@ class _Scoring:
                 run_pipeline(produce, compute, consume)
             for dst in dsts:
                 dst.close()
-        except BaseException:
+        except BaseException as exc:
             for dst in dsts:
                 dst.close()
             for tmp in temps:
                 tmp.unlink(missing_ok=True)
+            raise_if_disk_full(exc, temps[0] if temps else self.out / "queries.json")
             raise
         return temps, candidates
 
@@ -344,9 +346,10 @@ def _finish_pass(out: Path, info: RasterInfo, queries: list[str], names: list[st
                 if done is not None:
                     os.replace(done, final)
         return results
-    except BaseException:
+    except BaseException as exc:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+        raise_if_disk_full(exc, temps[0] if temps else out / "queries.json")
         raise
 
 

@@ -1,0 +1,76 @@
+"""A full disk while writing: one line naming the file and "no space left", exit code 2, no partial
+file left, and what was there before (an earlier run's last.pt) intact. Runs on a small tmpfs,
+which the test mounts (CI runs as root); where mounting is not allowed the test is skipped."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fixtures import (poi_records, run_script_in_process, unit_field, write_config, write_csv, write_raster,
+                      write_untrained_checkpoint)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                                                        str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def one_line(code: int, err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "no space left" in lines[0] and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_inference_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
+    ae = write_raster(tmp_path / "ae.tif", unit_field(160, 160))
+    ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
+    code, _, err = run_script_in_process("infer_aether_raster.py", ["--ae_tif", str(ae), "--ckpt", str(ckpt), "--out",
+                                                                   str(small_disk / "out.tif"), "--dtype", "float32",
+                                                                   "--no-progress"], monkeypatch, capsys)
+    assert "out.tif" in one_line(code, err)
+    assert list(small_disk.iterdir()) == []  # no output, no partial file, no journal, no lock
+
+
+def test_training_on_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, small_disk, monkeypatch, capsys):
+    raster = write_raster(tmp_path / "ae.tif", unit_field(30, 30))
+    pois = write_csv(tmp_path / "pois.csv", poi_records(40, 30, 30))
+    cfg = write_config(tmp_path / "cfg.yaml", raster, pois, train={"epochs": 1, "batch_size": 8,
+                                                                   "run_dir": str(small_disk / "run")})
+    code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress"], monkeypatch, capsys)
+    assert code == 0, err  # a small model fits: 1 epoch, best.pt and last.pt
+    good = hashlib.sha256((small_disk / "run" / "last.pt").read_bytes()).hexdigest()
+    (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - (small_disk / "run" / "last.pt").stat().st_size
+                                               - 8192 - sum(p.stat().st_size for p in small_disk.rglob("*")
+                                                            if p.is_file())))
+    code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress", "--set", "train.epochs=2",
+                                                      "--resume", str(small_disk / "run")], monkeypatch, capsys)
+    assert ".pt" in one_line(code, err)
+    assert hashlib.sha256((small_disk / "run" / "last.pt").read_bytes()).hexdigest() == good
+    leftovers = [p.name for p in (small_disk / "run").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers  # no temporary checkpoint, no lock
+
+
+def test_retrieval_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
+    from aether.inference import embed_raster
+
+    ae = write_raster(tmp_path / "ae.tif", unit_field(480, 480))
+    ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
+    emb = embed_raster(str(ae), str(ckpt), str(tmp_path / "aether.tif"), progress=False)
+    code, _, err = run_script_in_process("retrieve.py", ["--ckpt", str(ckpt), "--emb", str(emb), "--query", "a cafe",
+                                                         "--out", str(small_disk / "r"), "--no-progress"],
+                                         monkeypatch, capsys)
+    one_line(code, err)
+    assert not any(p.name.startswith(".") or "partial" in p.name for p in small_disk.rglob("*")), \
+        list(small_disk.rglob("*"))
