@@ -100,6 +100,7 @@ class Config:
 
 
 ARCHS = ("aether", "mlp")  # the architectures aether.model builds
+MAX_WIDTH = 16384  # model.latent_dim and hidden_dim: a 16,384-wide layer is already 1 GiB of fp32 weights
 _BACKENDS = ("sentence-transformers", "openai")
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -266,8 +267,8 @@ def _validate(cfg: Config) -> None:
     _check(t.request_timeout_s > 0, "text.request_timeout_s", f"must be > 0 seconds, got {t.request_timeout_s}")
     _check(t.device in _DEVICES, "text.device", f"must be one of {', '.join(_DEVICES)}, got {shown(t.device)}")
     _check(m.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {shown(m.arch)}")
-    _check(m.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {m.latent_dim}")
-    _check(m.hidden_dim >= 1, "model.hidden_dim", f"must be >= 1, got {m.hidden_dim}")
+    _check(1 <= m.latent_dim <= MAX_WIDTH, "model.latent_dim", f"must be in [1, {MAX_WIDTH:,}], got {shown(m.latent_dim)}")
+    _check(1 <= m.hidden_dim <= MAX_WIDTH, "model.hidden_dim", f"must be in [1, {MAX_WIDTH:,}], got {shown(m.hidden_dim)}")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _check(0.0 <= lo.lam <= 1.0, "loss.lam", f"lambda must be in [0, 1], got {lo.lam}")
     _check(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
@@ -277,6 +278,7 @@ def _validate(cfg: Config) -> None:
     _check(0 < lo.min_temperature <= lowest, "loss.min_temperature",
            f"must be in (0, {lowest:g}] (the lowest temperature), got {lo.min_temperature}")
     _check(tr.epochs >= 1, "train.epochs", f"must be >= 1, got {tr.epochs}")
+    _check(0 <= tr.seed <= 2**32 - 1, "train.seed", f"must be in [0, 2**32 - 1] (NumPy's seeds), got {shown(tr.seed)}")
     _check(tr.batch_size >= 2, "train.batch_size", f"must be >= 2 (a contrastive batch needs negatives), got {tr.batch_size}")
     _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
     _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")

@@ -397,7 +397,25 @@ def check_output_file(out: Path, source: str | None = None, ckpt: str | None = N
         raise AetherError(f"output folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise AetherError(f"output folder {out.parent} is not writable")
+    check_name_length(out)
     check_inputs_kept([out], input_files([source] if source is not None else [], ckpt), "choose another file name")
+
+
+PARTIAL_NAME_EXTRA = len(".") + len(".partial.json")  # what the partial files and journal add to a name
+
+
+def check_name_length(out: Path) -> None:
+    """Refuse, before any work, an output name its file system cannot hold with the partial file's
+    additions (`.NAME.partial.json`)."""
+    try:
+        limit = os.pathconf(out.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    length = len(os.fsencode(out.name))
+    if length + PARTIAL_NAME_EXTRA > limit:
+        raise AetherError(f"output name {out.name[:40]}... is {length} bytes long; this file system allows "
+                          f"{limit}, and the run's partial files add {PARTIAL_NAME_EXTRA}: choose a name of at most "
+                          f"{limit - PARTIAL_NAME_EXTRA} bytes")
 
 
 def input_files(rasters: list[str], ckpt: str | None = None, tile_set: str | None = None) -> dict[str, str]:

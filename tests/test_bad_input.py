@@ -227,6 +227,10 @@ def infer_output_folder_missing(tmp):
     return _infer(tmp, out=tmp / "no" / "out.tif")
 
 
+def infer_output_name_too_long(tmp):
+    return _infer(tmp, out=tmp / ("a" * 250 + ".tif"))
+
+
 def infer_output_is_input(tmp):
     ae_tif = _raster(tmp)
     return _infer(tmp, ae_tif=ae_tif, out=ae_tif)
@@ -364,6 +368,7 @@ CASES = [
     (infer_raster_given_as_checkpoint, "cannot be read (truncated or not a checkpoint)", IN_PROCESS),
     (infer_output_folder_missing, "does not exist", IN_PROCESS),
     (infer_output_is_input, "is the input raster", IN_PROCESS),
+    (infer_output_name_too_long, "bytes long; this file system allows", IN_PROCESS),
     (infer_tile_too_small, "tile size must be a multiple of 16 pixels", IN_PROCESS),
     (infer_resume_without_interrupted_run, "nothing to resume", IN_PROCESS),
     (infer_bottom_up_float_raster_without_crs, "has no CRS", IN_PROCESS),
