@@ -26,11 +26,16 @@ from aether.console import log
 from aether.errors import AetherError, first_line
 from aether.files import atomic_write
 from aether.model import AE_INNER_DIM, AetherModel
-from aether.reference import radius_m, translate_config, window_text
+from aether.reference import clipped_temperature, radius_m, translate_config, window_text
 
 FORMAT = "aether-checkpoint"
 FORMAT_VERSION = 2
 _REFERENCE_KEYS = ("ae_state_dict", "txt_state_dict", "hyper_parameters")
+# The reference AEProj's tensors by size name (its shortcut is the identity, with no tensors, when bands == d).
+AE_SHAPES = {"proj.0.weight": ("256", "bands"), "proj.0.bias": ("256",), "proj.2.weight": ("d", "256"),
+             "proj.2.bias": ("d",), "shortcut.weight": ("d", "bands"), "shortcut.bias": ("d",),
+             "post_mlp.0.weight": ("hidden", "d"), "post_mlp.0.bias": ("hidden",), "post_mlp.3.weight": ("d", "hidden"),
+             "post_mlp.3.bias": ("d",)}
 _announced: set[str] = set()  # reference checkpoints whose window was already reported
 
 
@@ -183,23 +188,14 @@ def _reference_shapes(path: Path, ae: dict, txt: dict) -> tuple[int, int, int, i
     d = tensor("ae_state_dict", ae, "proj.2.weight", 2).shape[0]
     hidden = tensor("ae_state_dict", ae, "post_mlp.0.weight", 2).shape[0]
     text_dim = tensor("txt_state_dict", txt, "proj.weight", 2).shape[1]
-    expected = {
-        "proj.0.weight": (AE_INNER_DIM, n_bands), "proj.0.bias": (AE_INNER_DIM,),
-        "proj.2.weight": (d, AE_INNER_DIM), "proj.2.bias": (d,),
-        "post_mlp.0.weight": (hidden, d), "post_mlp.0.bias": (hidden,),
-        "post_mlp.3.weight": (d, hidden), "post_mlp.3.bias": (d,),
-    }
-    if n_bands != d:  # the reference's shortcut is the identity when in and out sizes are equal
-        expected.update({"shortcut.weight": (d, n_bands), "shortcut.bias": (d,)})
-    names = {"proj.0.weight": "(256, bands)", "proj.0.bias": "(256,)", "proj.2.weight": "(d, 256)",
-             "proj.2.bias": "(d,)", "post_mlp.0.weight": "(hidden, d)", "post_mlp.0.bias": "(hidden,)",
-             "post_mlp.3.weight": "(d, hidden)", "post_mlp.3.bias": "(d,)", "shortcut.weight": "(d, bands)",
-             "shortcut.bias": "(d,)"}
+    sizes = {"256": AE_INNER_DIM, "bands": n_bands, "d": d, "hidden": hidden}
+    symbolic = dict(AE_SHAPES if n_bands != d else {k: v for k, v in AE_SHAPES.items() if not k.startswith("shortcut")})
+    expected = {key: tuple(sizes[n] for n in names) for key, names in symbolic.items()}
     for key, shape in expected.items():
         got = tensor("ae_state_dict", ae, key, len(shape)).shape
         if tuple(got) != shape:
-            raise _shape_error(path, "ae_state_dict", key, got, f"{names[key]} = {shape} with bands = {n_bands}, "
-                                                                f"d = {d}, hidden = {hidden}")
+            raise _shape_error(path, "ae_state_dict", key, got, f"({', '.join(symbolic[key])}) = {shape} with "
+                                                                f"bands = {n_bands}, d = {d}, hidden = {hidden}")
     has_gate = "gate" in ae
     if has_gate and tuple(ae["gate"].shape) != (1,):
         raise _shape_error(path, "ae_state_dict", "gate", ae["gate"].shape, "(1,)")
@@ -226,7 +222,7 @@ def _from_reference(raw: dict, path: Path) -> dict:
                           f"it names the text encoder and the window")
     n_bands, d, hidden, text_dim, has_gate = _reference_shapes(path, raw["ae_state_dict"], raw["txt_state_dict"])
     try:
-        config = translate_config(hp)
+        config = translate_config(hp, lenient=True)  # how it was trained: read to use it, not to train again
     except AetherError as exc:
         raise AetherError(f"checkpoint {path} hyper_parameters: {exc}") from None
     config.setdefault("model", {}).update(latent_dim=d, hidden_dim=hidden, gate=has_gate)
@@ -234,8 +230,8 @@ def _from_reference(raw: dict, path: Path) -> dict:
     temps = raw.get("temps") if isinstance(raw.get("temps"), dict) else {}
     loss = config.setdefault("loss", {})
     for key, target in (("tau_xt", "temperature"), ("tau_ii", "ae_ae_temperature")):
-        if isinstance(temps.get(key), (int, float)):
-            loss[target] = float(temps[key])
+        if isinstance(temps.get(key), (int, float)) and not isinstance(temps[key], bool) and math.isfinite(temps[key]):
+            loss[target] = clipped_temperature(float(temps[key]))
     cfg = config_from_dict(config)
     cfg.text.cache_dir = str(path.resolve().parent / "cache")  # its own, on the machine it was trained on, is not here
     if cfg.text.backend == "openai" and cfg.text.dimensions is None:
@@ -245,7 +241,7 @@ def _from_reference(raw: dict, path: Path) -> dict:
     tau_ae = cfg.loss.ae_ae_temperature or cfg.loss.temperature
     weights["log_logit_scale"] = torch.tensor(math.log(1.0 / cfg.loss.temperature))
     weights["log_logit_scale_ae_ae"] = torch.tensor(math.log(1.0 / tau_ae))
-    pix_radius = int(round(cfg.data.base_radius_m / 10.0 - 0.5))
+    pix_radius = int(hp["data"]["pix_radius"])  # translate_config has checked it
     ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

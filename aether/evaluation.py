@@ -437,10 +437,13 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, landuse: str |
     if dataset.text.shape[1] != embedder.ckpt["text_encoder"]["dim"]:
         raise AetherError(f"text embeddings have {dataset.text.shape[1]} dimensions; the checkpoint expects "
                           f"{embedder.ckpt['text_encoder']['dim']}")
-    if cfg.data.val_fraction == 0:  # trained without validation (as the reference's models were)
+    if cfg.data.val_fraction == 0 or embedder.ckpt.get("origin") == "reference":
+        # trained without validation, or with the reference code's own random split, which is not rebuilt here
         val = np.arange(len(dataset))
-        log(f"the checkpoint was trained without a validation split (data.val_fraction = 0): evaluating on all "
-            f"{len(val)} POIs of {cfg.data.poi}; on the POIs it was trained on, these are training figures")
+        why = ("the checkpoint was trained without a validation split (data.val_fraction = 0)"
+               if cfg.data.val_fraction == 0 else "the reference code's random validation split is not rebuilt here")
+        log(f"{why}: evaluating on all {len(val)} POIs of {cfg.data.poi}; on the POIs it was trained on, these are "
+            f"training figures")
     else:
         val = np.flatnonzero(dataset.is_val)
         log(f"evaluating on {len(val)} held-out POIs (of {len(dataset)}; spatial blocks of {cfg.data.val_block_m:g} m, "

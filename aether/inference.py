@@ -458,7 +458,7 @@ def _read_with_halo(src, info: RasterInfo, tile: Tile, hx: int, hy: int) -> np.n
     inner = read_bands(src, Window(cc0, rr0, cc1 - cc0, rr1 - rr0), info)
     if (rr0, rr1, cc0, cc1) == (r0, r1, c0, c1):
         return inner
-    fill = NODATA_INT8 if info.is_int8 else np.nan
+    fill = NODATA_INT8 if info.is_int8 else NODATA_INT16 if info.is_int16 else np.nan
     bands = np.full((info.count, r1 - r0, c1 - c0), fill, dtype=info.dtype)
     bands[:, rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = inner
     return bands

@@ -247,7 +247,7 @@ def raster_files(path: str) -> list[str]:
         found[real] = None
         try:
             with open(real, "rb") as f:
-                is_vrt = f.read(1024).lstrip().startswith(b"<VRTDataset")
+                is_vrt = b"<VRTDataset" in f.read(4096)  # after an XML declaration or a comment too
         except OSError:
             continue
         if is_vrt:

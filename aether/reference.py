@@ -14,6 +14,9 @@ from aether.errors import AetherError, shown
 
 NATIVE_PIXEL_M = 10.0  # AlphaEarth's pixel: the reference's pixel radii are counted in these
 REFERENCE_ETA_MIN_RATIO = 0.01  # the reference's default when train.eta_min_ratio is absent
+# What the reference's train.py uses for a key its config leaves out (its getattr defaults).
+REFERENCE_DEFAULTS = {"aug_pix_radius": 2, "hidden_dim": 256, "out_dim": 128, "lambda": 0.0, "lr": 5e-4,
+                      "weight_decay": 1e-4, "tau_xt": 0.07, "tau_img": 0.07, "betas": [0.9, 0.999]}
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0  # the reference clips its logit scales 1 / tau to [1, 100]
 
 # Keys only the reference's schema has: one of them marks a config as the reference's.
@@ -35,6 +38,11 @@ def is_reference_config(raw: dict) -> bool:
     return False
 
 
+def clipped_temperature(tau: float) -> float:
+    """The temperature the reference trains with for a configured `tau`: it clips 1 / tau to [1, 100]."""
+    return min(max(tau, MIN_TEMPERATURE), MAX_TEMPERATURE)
+
+
 def radius_m(pix_radius: int) -> float:
     """Ground radius of the reference's (2r+1) x (2r+1) window of 10 m pixels: r = 4 is 45 m."""
     return (pix_radius + 0.5) * NATIVE_PIXEL_M
@@ -46,29 +54,42 @@ def window_text(pix_radius: int) -> str:
 
 
 def run_folder_name(raw: dict) -> str:
-    """The output folder the reference's train.py names after a config (outputs/<this>)."""
+    """The output folder the reference's train.py names after a config (outputs/<this>), with its
+    defaults for keys left out (a value that is no number is written as it is)."""
     d, m, t = raw.get("data", {}), raw.get("model", {}), raw.get("train", {})
+
+    def num(section: dict, key: str, default, spec: str) -> str:
+        value = section.get(key, default)
+        try:
+            return format(float(value) if "f" in spec or "e" in spec else int(value), spec)
+        except (TypeError, ValueError):
+            return str(value)
+
     name = (f"tri2_{str(m.get('ae_type') or 'AE').strip()}-{str(m.get('text_type') or 'Text').strip()}_"
             f"{str(m.get('suffix') or 'nosuf').strip().replace(' ', '')}_"
-            f"pix{int(d.get('pix_radius', 0))}-aug{int(d.get('aug_pix_radius', 2))}_"
-            f"tau{float(m.get('tau_img', 0.07)):.2f}-{float(m.get('tau_xt', 0.07)):.2f}_"
-            f"lam{float(m.get('lambda', 0.0)):.2f}_"
-            f"h{int(m.get('hidden_dim', 0))}_l{int(m.get('layers', 1))}_d{int(m.get('out_dim', 128))}_"
-            f"bs{int(t.get('batch_size', 0))}_lr{float(m.get('lr', 0.0)):.0e}_epo{int(t.get('epochs', 0))}")
+            f"pix{num(d, 'pix_radius', 0, 'd')}-aug{num(d, 'aug_pix_radius', 2, 'd')}_"
+            f"tau{num(m, 'tau_img', 0.07, '.2f')}-{num(m, 'tau_xt', 0.07, '.2f')}_"
+            f"lam{num(m, 'lambda', 0.0, '.2f')}_"
+            f"h{num(m, 'hidden_dim', 0, 'd')}_l{num(m, 'layers', 1, 'd')}_d{num(m, 'out_dim', 128, 'd')}_"
+            f"bs{num(t, 'batch_size', 0, 'd')}_lr{num(m, 'lr', 0.0, '.0e')}_epo{num(t, 'epochs', 0, 'd')}")
     return name.replace(os.sep, "_")
 
 
 class _Translation:
     """Builds this project's raw config from the reference's, one key at a time."""
 
-    def __init__(self, raw: dict, say: Callable[[str], None] | None):
-        self.raw, self.say = raw, say
+    def __init__(self, raw: dict, say: Callable[[str], None] | None, lenient: bool = False):
+        self.raw, self.say, self.lenient = raw, say, lenient
         self.out: dict[str, dict] = {s: {} for s in ("data", "text", "model", "loss", "train")}
         self.seen: set[tuple[str, str]] = set()
 
     def get(self, section: str, key: str, default=None):
         self.seen.add((section, key))
         return self.raw.get(section, {}).get(key, default)
+
+    def ignore(self, section: str, key: str) -> None:
+        """Mark a key as read that this translation has no use for here."""
+        self.seen.add((section, key))
 
     def has(self, section: str, key: str) -> bool:
         return key in self.raw.get(section, {})
@@ -83,18 +104,25 @@ class _Translation:
         if self.say is not None:
             self.say(f"config {source}: not used ({why})")
 
-    def refuse(self, source: str, why: str) -> None:
-        raise AetherError(f"reference config {source}: {why}")
+    def refuse(self, source: str, why: str, essential: bool = False) -> None:
+        """A setting this project cannot honour: an error, unless the translation is lenient (a
+        checkpoint's record of how it was trained, which need not be trainable here) and the
+        setting is not `essential` to using the checkpoint."""
+        if essential or not self.lenient:
+            raise AetherError(f"reference config {source}: {why}")
 
-    def number(self, section: str, key: str, kind=float):
-        value = self.get(section, key)
+    def number(self, section: str, key: str, kind=float, default=None, value=None):
+        """The setting as a number (`value` when given, else the key's, else `default`); anything
+        else is refused, naming the key."""
+        value = self.get(section, key, default) if value is None else value
         try:
             if isinstance(value, bool):
                 raise ValueError
             return kind(value) if kind is float else _whole(value)
         except (TypeError, ValueError):
             self.refuse(f"{section}.{key}",
-                        f"expected a {'number' if kind is float else 'whole number'}, got {shown(value)}")
+                        f"expected a {'number' if kind is float else 'whole number'}, got {shown(value)}",
+                        essential=True)
 
 
 def _whole(value) -> int:
@@ -103,27 +131,31 @@ def _whole(value) -> int:
     return int(value)
 
 
-def translate_config(raw: dict, say: Callable[[str], None] | None = None) -> dict:
+def translate_config(raw: dict, say: Callable[[str], None] | None = None, lenient: bool = False) -> dict:
     """This project's raw config (sections data, text, model, loss, train) for a reference config.
 
-    `say` receives one line per translated or unused key; None translates silently (a
-    checkpoint's hyper_parameters). Unknown keys and settings this project cannot honour raise
-    an AetherError naming the key.
+    Keys it leaves out get the reference code's own defaults. `say` receives one line per
+    translated or unused key; None translates silently. Unknown keys and settings this project
+    cannot honour raise an AetherError naming the key; with `lenient` (a checkpoint's
+    hyper_parameters: a record of how it was trained, read to use it, not to train) they are
+    passed over, except what using the checkpoint needs (its text encoder and window).
     """
+    if lenient:
+        raw = {section: values for section, values in raw.items() if isinstance(values, dict)}
     for section, values in raw.items():
-        if section not in ("data", "text", "model", "train", "eval", "logging"):
-            raise AetherError(f"reference config: unknown section {shown(section)} (the reference has data, text, model, "
-                              f"train, eval, logging)")
+        if section not in ("data", "text", "model", "train", "eval", "logging") and not lenient:
+            raise AetherError(f"reference config: unknown section {shown(section)} (the reference has data, text, "
+                              f"model, train, eval, logging)")
         if not isinstance(values, dict):
             raise AetherError(f"reference config {section}: must be a mapping, got {shown(values)}")
-    tr = _Translation(raw, say)
+    tr = _Translation(raw, say, lenient)
     _data(tr)
     _text(tr)
     _model(tr)
     _train(tr)
     _eval_and_logging(tr)
     unknown = sorted(f"{s}.{k}" for s, values in raw.items() for k in values if (s, k) not in tr.seen)
-    if unknown:
+    if unknown and not lenient:
         raise AetherError(f"reference config: unknown key {unknown[0]} (not in the reference code's schema)")
     return {section: values for section, values in tr.out.items() if values}
 
@@ -139,15 +171,23 @@ def _data(tr: _Translation) -> None:
     if tr.has("data", "crs"):
         tr.drop(f"data.crs: {tr.get('data', 'crs')}", "POIs are reprojected from their file's own CRS to the raster's")
     mode = tr.get("data", "feat_mode", "pixel")
-    if mode != "pixel":
+    if str(mode).lower() != "pixel":  # the reference compares it lower-cased
         tr.refuse("data.feat_mode", f"{shown(mode)} is not a mode of the reference code; its only mode is 'pixel' "
                                     f"(a window mean of pixels)")
-    for key, target in (("pix_radius", "data.base_radius_m"), ("aug_pix_radius", "data.aug_radius_m")):
-        if tr.has("data", key):
-            r = tr.number("data", key, int)
-            if r < 0:
-                tr.refuse(f"data.{key}", f"must be >= 0 pixels, got {r}")
-            tr.put(target, radius_m(r), f"data.{key}: {r}", window_text(r))
+    if not tr.has("data", "pix_radius"):
+        tr.refuse("data.pix_radius", "is missing; the reference's train.py needs it (4: a 9 x 9 window)", essential=True)
+    base = tr.number("data", "pix_radius", int)
+    aug = tr.number("data", "aug_pix_radius", int, REFERENCE_DEFAULTS["aug_pix_radius"])
+    for key, r in (("pix_radius", base), ("aug_pix_radius", aug)):
+        if r < 0:
+            tr.refuse(f"data.{key}", f"must be >= 0 pixels, got {r}", essential=True)
+    tr.put("data.base_radius_m", radius_m(base), f"data.pix_radius: {base}", window_text(base))
+    if aug < base:
+        tr.refuse("data.aug_pix_radius", f"{aug} is smaller than data.pix_radius {base}"
+                  + ("" if tr.has("data", "aug_pix_radius") else " (the reference's default is 2)")
+                  + ": the augmented view is the larger window; set aug_pix_radius >= pix_radius")
+        aug = base  # lenient: a checkpoint's record; inference uses its base window alone
+    tr.put("data.aug_radius_m", radius_m(aug), f"data.aug_pix_radius: {aug}", window_text(aug))
     if tr.has("data", "split_seed"):
         tr.put("train.seed", tr.number("data", "split_seed", int), "data.split_seed",
                "seeds the spatial split and the training, as the reference's one seed did")
@@ -165,17 +205,18 @@ def _data(tr: _Translation) -> None:
 
 
 def _text(tr: _Translation) -> None:
-    backend = tr.get("text", "backend", "hf")
+    backend = str(tr.get("text", "backend", "hf")).lower()  # the reference compares it lower-cased
     if backend == "openai":
         model = tr.get("text", "openai_model")
         if not model:
-            tr.refuse("text.openai_model", "the openai backend needs a model name, e.g. text-embedding-3-large")
+            tr.refuse("text.openai_model", "the openai backend needs a model name, e.g. text-embedding-3-large",
+                      essential=True)
         tr.put("text.backend", "openai", "text.backend: openai")
         tr.put("text.model", str(model), "text.openai_model")
         if tr.has("text", "emb_dim"):
             tr.put("text.dimensions", tr.number("text", "emb_dim", int), "text.emb_dim",
                    "sent to OpenAI as dimensions=")
-        tr.get("text", "hf_model")
+        tr.ignore("text", "hf_model")
     elif backend == "hf":
         model = tr.get("text", "hf_model", "sentence-transformers/all-MiniLM-L6-v2")
         tr.put("text.backend", "sentence-transformers", "text.backend: hf",
@@ -184,9 +225,9 @@ def _text(tr: _Translation) -> None:
                "texts are cut at the model's own limit (256 word pieces for all-MiniLM-L6-v2), the reference's at 128")
         if tr.has("text", "emb_dim"):
             tr.drop(f"text.emb_dim: {tr.get('text', 'emb_dim')}", "the hf model's own dimension is used")
-        tr.get("text", "openai_model")
+        tr.ignore("text", "openai_model")
     else:
-        tr.refuse("text.backend", f"must be hf or openai, got {shown(backend)}")
+        tr.refuse("text.backend", f"must be hf or openai, got {shown(tr.get('text', 'backend'))}", essential=True)
     if tr.has("text", "batch_size"):
         tr.put("text.batch_size", tr.number("text", "batch_size", int), "text.batch_size")
 
@@ -206,20 +247,18 @@ def _model(tr: _Translation) -> None:
     for key, target, kind in (("hidden_dim", "model.hidden_dim", int), ("out_dim", "model.latent_dim", int),
                               ("lambda", "loss.lam", float), ("lr", "train.lr", float),
                               ("weight_decay", "train.weight_decay", float)):
-        if tr.has("model", key):
-            tr.put(target, tr.number("model", key, kind), f"model.{key}")
+        tr.put(target, tr.number("model", key, kind, REFERENCE_DEFAULTS[key]),
+               f"model.{key}" + ("" if tr.has("model", key) else " (absent: the reference's default)"))
     for key, target in (("tau_xt", "loss.temperature"), ("tau_img", "loss.ae_ae_temperature")):
-        if tr.has("model", key):
-            tau = tr.number("model", key)
-            used = min(max(tau, MIN_TEMPERATURE), MAX_TEMPERATURE)  # the reference clips 1/tau to [1, 100]
-            tr.put(target, used, f"model.{key}", "" if used == tau else
-                   f"{tau:g} clipped to [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], as the reference clips 1 / tau")
+        tau = tr.number("model", key, float, REFERENCE_DEFAULTS[key])
+        used = clipped_temperature(tau)
+        tr.put(target, used, f"model.{key}", "" if used == tau else
+               f"{tau:g} clipped to [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], as the reference clips 1 / tau")
     tr.put("loss.learn_temperature", False)
-    if tr.has("model", "betas"):
-        betas = tr.get("model", "betas")
-        if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
-            tr.refuse("model.betas", f"expected two numbers, got {shown(betas)}")
-        tr.put("train.betas", [float(b) for b in betas], "model.betas")
+    betas = tr.get("model", "betas", REFERENCE_DEFAULTS["betas"])
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
+        tr.refuse("model.betas", f"expected two numbers, got {shown(betas)}", essential=True)
+    tr.put("train.betas", [tr.number("model", "betas", float, value=b) for b in betas], "model.betas")
 
 
 def _train(tr: _Translation) -> None:
@@ -245,11 +284,9 @@ def _eval_and_logging(tr: _Translation) -> None:
     ckpt_path = tr.get("logging", "ckpt_path", "auto")
     if tr.has("logging", "run_dir"):
         tr.put("train.run_dir", str(tr.get("logging", "run_dir")), "logging.run_dir")
-    elif ckpt_path == "auto":
-        tr.put("train.run_dir", f"outputs/{run_folder_name(tr.raw)}", "logging.ckpt_path: auto",
-               "the folder the reference's train.py names")
-    else:
-        tr.drop(f"logging.ckpt_path: {ckpt_path}", "the reference's train.py does not use it")
+    else:  # the reference's train.py writes there whatever logging.ckpt_path says
+        tr.put("train.run_dir", f"outputs/{run_folder_name(tr.raw)}", f"logging.ckpt_path: {shown(ckpt_path)}",
+               "the folder the reference's train.py names" + ("" if ckpt_path == "auto" else "; it ignores ckpt_path"))
     if tr.has("logging", "cache_dir"):
         tr.put("text.cache_dir", str(tr.get("logging", "cache_dir")), "logging.cache_dir",
                "text embeddings are cached there; pooled windows are recomputed, they take seconds")

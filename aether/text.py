@@ -325,8 +325,13 @@ class EmbeddingCache:
         existing = self.cache_dir / "text_embeddings.sqlite"
         if existing.exists():
             self._connect()
-        elif self.cache_dir.exists() and not os.access(self.cache_dir, os.W_OK):
-            raise AetherError(f"cannot use text cache folder {self.cache_dir}: it is not writable")
+            return
+        ancestor = self.cache_dir  # checked now, not at the first write, after a batch was paid for
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise AetherError(f"cannot use text cache folder {self.cache_dir}: {ancestor} is "
+                              f"{'not a folder' if not ancestor.is_dir() else 'not writable'}")
 
     def _connect(self) -> None:
         """Open (creating it, and its folder, on the first write) the cache file: a run that stops

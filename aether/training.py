@@ -27,7 +27,7 @@ from aether.config import Config
 from aether.console import log
 from aether.dataset import PoiDataset, build_dataset
 from aether.errors import AetherError
-from aether.files import atomic_write, folder_lock
+from aether.files import atomic_write, check_inputs_kept, folder_lock
 from aether.loss import AetherLoss
 from aether.metrics import recall_at_k
 from aether.model import AetherModel
@@ -227,6 +227,9 @@ def init_checkpoint(cfg: Config) -> dict | None:
     if cfg.train.init_from is None:
         return None
     path = cfg.train.init_from
+    run_dir = Path(cfg.train.run_dir)
+    check_inputs_kept([run_dir / "best.pt", run_dir / "last.pt"], {path: "the checkpoint train.init_from starts from"},
+                      "set train.run_dir to another folder, or copy the checkpoint elsewhere first")
     ckpt = load_checkpoint(path)
     saved, current = _flatten(ckpt["config"]), _flatten(cfg.to_dict())
     for key in INIT_MUST_MATCH:
@@ -363,6 +366,10 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
                       workers, scheduler, init)
 
 
+def weights_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def _diverged(epoch: int, step: int, steps_per_epoch: int, what: str, last_path: Path, first_epoch: int,
               resumed: bool, lr: float) -> str:
     """The one line that stops a run whose loss or weights stopped being finite, saying what
@@ -486,6 +493,10 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
             for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
                 signum = distributed.max_over_ranks(stop.signum or 0)  # all ranks stop at the same step
                 if signum:
+                    if not weights_finite(model):  # the step before the signal diverged: keep the last good last.pt
+                        bar.close()
+                        raise AetherError(_diverged(epoch, step, steps_per_epoch, "the weights are not finite",
+                                                    last_path, first_epoch, resumed is not None, cfg.train.lr))
                     save_last(epoch, step, epoch_generator, totals)
                     bar.close()
                     how = (f"{command} --resume {shlex.quote(str(run_dir))}" if command
@@ -506,7 +517,7 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                 scheduler.step()
                 for k in totals:
                     totals[k] += parts[k] / steps_per_epoch
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # the last step's update
+            if not weights_finite(model):  # the last step's update
                 bar.close()
                 raise AetherError(_diverged(epoch, steps_per_epoch, steps_per_epoch, "the weights are not finite",
                                             last_path, first_epoch, resumed is not None, cfg.train.lr))

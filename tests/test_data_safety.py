@@ -93,6 +93,15 @@ def infer_out_is_behind_a_vrt_of_a_vrt(tmp):
     return outer, tmp / "link" / "a.tif", "read through the input raster"
 
 
+def infer_out_is_a_source_of_a_vrt_with_an_xml_declaration(tmp):
+    a, b = _part(tmp / "a.tif"), _part(tmp / "b.tif", col=1, seed=1)
+    vrt = write_vrt_mosaic(tmp / "plain.vrt", [a, b])
+    declared = tmp / "declared.vrt"  # GDAL reads a VRT that starts with <?xml ...?> as well
+    declared.write_text('<?xml version="1.0" encoding="UTF-8"?>\n' + vrt.read_text(encoding="utf-8"), encoding="utf-8")
+    vrt.unlink()
+    return declared, b, "read through the input raster"
+
+
 def infer_out_is_a_tile_of_a_glob(tmp):
     _part(tmp / "tiles" / "t1.tif"), _part(tmp / "tiles" / "t2.tif", col=1, seed=1)
     return tmp / "tiles" / "t*.tif", tmp / "tiles", "is an input tile"
@@ -109,6 +118,7 @@ def infer_out_is_the_checkpoint(tmp):
 
 
 @pytest.mark.parametrize("build", [infer_out_is_a_vrt_source, infer_out_is_behind_a_vrt_of_a_vrt,
+                                   infer_out_is_a_source_of_a_vrt_with_an_xml_declaration,
                                    infer_out_is_a_tile_of_a_glob, infer_out_is_a_tile_of_a_list,
                                    infer_out_is_the_checkpoint])
 def test_inference_refuses_to_write_over_what_it_reads(build, tmp_path, monkeypatch, capsys):

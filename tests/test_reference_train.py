@@ -446,11 +446,38 @@ def test_reference_temperatures_are_clipped_as_the_reference_clips_them():
     from aether.reference import translate_config
 
     said: list[str] = []
-    cfg = config_from_dict(translate_config({"model": {"tau_xt": 0.005, "tau_img": 2.0}}, say=said.append))
+    window = {"data": {"pix_radius": 4, "aug_pix_radius": 9}}
+    cfg = config_from_dict(translate_config({**window, "model": {"tau_xt": 0.005, "tau_img": 2.0}}, say=said.append))
     assert (cfg.loss.temperature, cfg.loss.ae_ae_temperature) == (0.01, 1.0)
     assert sum("clipped to [0.01, 1]" in line for line in said) == 2
-    cfg = config_from_dict(translate_config({"model": {"tau_xt": 0.05}}))
-    assert cfg.loss.temperature == 0.05 and cfg.loss.ae_ae_temperature is None
+    cfg = config_from_dict(translate_config({**window, "model": {"tau_xt": 0.05}}))
+    assert cfg.loss.temperature == 0.05 and cfg.loss.ae_ae_temperature == 0.07  # tau_img: the reference's default
+
+
+def test_keys_left_out_get_the_reference_defaults():
+    """Their train.py's getattr defaults, not this project's: lambda 0, lr 5e-4, weight decay 1e-4,
+    aug_pix_radius 2 (refused for training when below pix_radius; a checkpoint's record is read)."""
+    from aether.config import config_from_dict
+    from aether.errors import AetherError
+    from aether.reference import translate_config
+
+    cfg = config_from_dict(translate_config({"data": {"pix_radius": 1}}))
+    assert (cfg.loss.lam, cfg.train.lr, cfg.train.weight_decay) == (0.0, 5e-4, 1e-4)
+    assert (cfg.data.base_radius_m, cfg.data.aug_radius_m) == (15.0, 25.0)
+    assert (cfg.model.hidden_dim, cfg.model.latent_dim) == (256, 128)
+    with pytest.raises(AetherError, match="aug_pix_radius: 2 is smaller than data.pix_radius 4"):
+        translate_config({"data": {"pix_radius": 4}})
+    with pytest.raises(AetherError, match="data.pix_radius: is missing"):
+        translate_config({"model": {"lambda": 0.2}})
+    record = {"data": {"pix_radius": 4, "test_ratio": 0.1}, "train": {"amp": True}, "extra": 1}
+    cfg = config_from_dict(translate_config(record, lenient=True))  # a checkpoint's record: read, not trained
+    assert cfg.data.base_radius_m == 45.0 and cfg.data.aug_radius_m == 45.0
+    window = {"data": {"pix_radius": 4, "aug_pix_radius": 9}}
+    for bad in ({"model": {"betas": ["a", "b"]}}, {"model": {"betas": [[1], 2]}}):
+        with pytest.raises(AetherError, match="reference config model.betas"):
+            translate_config({**window, **bad})
+    out = translate_config({**window, "model": {"layers": "two"}})  # only in their folder's name
+    assert "_ltwo_" in out["train"]["run_dir"]
 
 
 def test_retrieve_with_an_openai_reference_checkpoint(tmp_path, data, elsewhere, monkeypatch, capsys):
@@ -477,3 +504,32 @@ def test_retrieve_with_an_openai_reference_checkpoint(tmp_path, data, elsewhere,
     for r, c in [(0, 0), (17, 23), (HEIGHT_PX - 1, WIDTH_PX - 1)]:
         x = brute_force(values, invalid, r, c, 4, 4)
         assert sim[r, c] == pytest.approx(float(ae_formula(ae_state, x[None])[0] @ qv), abs=1e-5), (r, c)
+
+
+def test_a_reference_checkpoint_trained_with_settings_not_trainable_here_still_loads(tmp_path):
+    """Its hyper_parameters record how it was trained: a test split, their default aug_pix_radius 2,
+    keys of a later version of their code, a temperature below their clip. It is read to be used."""
+    path = write_reference_checkpoint(tmp_path / "c.pth", gate=True, backend="hf", d=LATENT_DIM, h=HIDDEN_DIM,
+                                      text_dim=384, seed=5, pix_radius=4)
+    raw = torch.load(path, weights_only=True)
+    raw["hyper_parameters"]["data"].update(test_ratio=0.1, aug_pix_radius=2)
+    raw["hyper_parameters"]["train"]["amp"] = True
+    raw["temps"] = {"tau_xt": 0.005, "tau_ii": 2.0}
+    torch.save(raw, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["input"]["base_radius_m"] == 45.0
+    assert (ckpt["config"]["loss"]["temperature"], ckpt["config"]["loss"]["ae_ae_temperature"]) == (0.01, 1.0)
+    AetherEmbedder(path, device="cpu", precision="fp32").project(np.eye(64, dtype=np.float32)[:2])
+
+
+def test_init_from_inside_the_run_folder_is_not_overwritten(tmp_path, data, monkeypatch, capsys):
+    """The run would write best.pt / last.pt over the checkpoint it starts from: refused first."""
+    run = tmp_path / "run"
+    run.mkdir()
+    start = run / "best.pt"
+    start.write_bytes(data["hf"].read_bytes())
+    cfg = our_config(tmp_path / "cfg.yaml", data, init_from=str(start))
+    before = start.read_bytes()
+    code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress"], monkeypatch, capsys)
+    assert "train.init_from starts from" in error_line(code, err)
+    assert start.read_bytes() == before
