@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aether.config import ARCHS
+
 AE_INNER_DIM = 256  # the paper's AE main branch is 64 -> 256 -> d, whatever model.hidden_dim is
 GATE_INIT = -4.0  # the shortcut starts at sigmoid(-4) = 0.018 of its weight
 
@@ -28,17 +29,25 @@ def _normalize_(x: torch.Tensor) -> torch.Tensor:
     return x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-12))
 
 
+def gelu_mlp(in_dim: int, hidden_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """Linear, GELU, Dropout, Linear: the mlp projectors, and the paper's AE post-MLP (keys .0 and .3)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, out_dim))
+
+
+def _gelu_mlp_into(mlp: nn.Sequential, x: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`mlp` (a `gelu_mlp`) in inference on x into `out`, through the `hidden` buffer: bias and GELU in place."""
+    first, gelu, _, second = mlp
+    torch.addmm(first.bias, x, first.weight.T, out=hidden)
+    torch.ops.aten.gelu_(hidden, approximate=gelu.approximate)
+    return torch.addmm(second.bias, hidden, second.weight.T, out=out)
+
+
 class MLPProjector(nn.Module):
     """Linear, GELU, dropout, linear; output unit length (model.arch: mlp, both sides)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, out_dim),
-        )
+        self.net = gelu_mlp(in_dim, hidden_dim, out_dim, dropout)
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,12 +64,7 @@ class MLPProjector(nn.Module):
     def forward_into(self, x: torch.Tensor, workspace: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
         """`forward` for inference (dropout off, no autograd) into `out` (N, out_dim), using the
         first N rows of `workspace`: bias and GELU in place, no temporaries."""
-        first, gelu, _, second = self.net
-        hidden = workspace[0][:len(x)]
-        torch.addmm(first.bias, x, first.weight.T, out=hidden)
-        torch.ops.aten.gelu_(hidden, approximate=gelu.approximate)
-        torch.addmm(second.bias, hidden, second.weight.T, out=out)
-        return _normalize_(out)
+        return _normalize_(_gelu_mlp_into(self.net, x, workspace[0][:len(x)], out))
 
 
 class AEProjector(nn.Module):
@@ -80,12 +84,7 @@ class AEProjector(nn.Module):
             self.gate = nn.Parameter(torch.tensor([GATE_INIT]))
         else:
             self.register_parameter("gate", None)
-        self.post_mlp = nn.Sequential(
-            nn.Linear(out_dim, hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, out_dim),
-        )
+        self.post_mlp = gelu_mlp(out_dim, hidden_dim, out_dim, dropout)
         self.in_dim, self.out_dim = in_dim, out_dim
 
     def _shortcut_weight(self) -> torch.Tensor:
@@ -107,9 +106,9 @@ class AEProjector(nn.Module):
     def forward_into(self, x: torch.Tensor, workspace: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
         """`forward` for inference (dropout off, no autograd) into `out` (N, out_dim), using the
         first N rows of `workspace`: the shortcut is accumulated into the main branch's product,
-        biases, ReLU, GELU and both normalisations in place, no temporaries of the batch's size."""
+        biases, ReLU, GELU and both normalisations in place (an identity shortcut, when in == d,
+        takes one temporary)."""
         first, _, second = self.proj
-        post_first, gelu, _, post_second = self.post_mlp
         n = len(x)
         inner, z, hidden = (w[:n] for w in workspace)
         s = self._shortcut_weight()
@@ -120,11 +119,7 @@ class AEProjector(nn.Module):
             z.add_(x * s)
         else:
             z.addmm_(x, self.shortcut.weight.T * s).add_(self.shortcut.bias * s)
-        _normalize_(z)
-        torch.addmm(post_first.bias, z, post_first.weight.T, out=hidden)
-        torch.ops.aten.gelu_(hidden, approximate=gelu.approximate)
-        torch.addmm(post_second.bias, hidden, post_second.weight.T, out=out)
-        return _normalize_(out)
+        return _normalize_(_gelu_mlp_into(self.post_mlp, _normalize_(z), hidden, out))
 
 
 class TextProjector(nn.Module):
