@@ -438,7 +438,7 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
     generator = torch.Generator().manual_seed(cfg.train.seed)
     metrics_path = run_dir / "metrics.jsonl"
     best_score, best_path, last_path = -math.inf, run_dir / "best.pt", run_dir / "last.pt"
-    keep_best = cfg.data.val_fraction > 0  # without validation, "best" would mean nothing
+    keep_best = len(val_rows) >= 2  # "best" needs a validation score; on training loss it would mean nothing
     first_epoch, first_step, totals, record = 1, 0, None, {}
     if resumed is None:
         if main:
@@ -532,7 +532,7 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
                 record["elapsed_s"] = round(time.time() - start, 2)
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                score = record.get("val_t2ae_r10", -record["train_loss"])
+                score = record.get("val_t2ae_r10", -math.inf)
                 if keep_best and score > best_score:  # best.pt before last.pt: a kill between them replays this epoch
                     best_score = score
                     atomic_torch_save(make_checkpoint(model, cfg, identity, text_dim, epoch, record), best_path)
@@ -542,8 +542,10 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
     bar.close()
     final = record
     if not keep_best:
-        log("no validation split (data.val_fraction = 0): no best.pt is written; last.pt holds the weights after "
-            "the last epoch")
+        why = ("no validation split (data.val_fraction = 0)" if cfg.data.val_fraction == 0 else
+               f"the spatial split holds {len(val_rows)} validation POIs (data.val_fraction = "
+               f"{cfg.data.val_fraction:g}, blocks of {cfg.data.val_block_m:g} m), too few to score")
+        log(f"{why}: no best.pt is written; last.pt holds the weights after the last epoch")
     if "val_t2ae_r10" in final:
         chance = min(1.0, 10 / len(val_rows))
         log(f"validation ({len(val_rows)} POIs): text-to-AE R@1/5/10 = {final['val_t2ae_r1']:.3f} / "
