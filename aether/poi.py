@@ -76,6 +76,21 @@ class PoiTable:
                         self.x[keep], self.y[keep], self.lon[keep], self.lat[keep])
 
 
+def _check_degrees(path: str, lon: np.ndarray, lat: np.ndarray, lon_column: str, lat_column: str) -> None:
+    """CSV coordinates are read as degrees (EPSG:4326) unless data.poi_crs says otherwise: refuse,
+    in one line, columns that cannot be degrees (metres of a projected CRS, say), before any
+    transform turns them into infinities and warnings; a few such rows are made NaN in place, so
+    they are dropped (and counted) as invalid coordinates."""
+    finite = np.isfinite(lon) & np.isfinite(lat)
+    outside = finite & ((np.abs(lon) > 180) | (np.abs(lat) > 90))
+    if outside.any() and not outside[finite].all():  # a few bad rows: dropped as invalid coordinates, counted
+        lon[outside] = lat[outside] = np.nan
+    elif outside.any():
+        raise AetherError(f"POI file {path}: {int(outside.sum())} of {len(lon)} rows have {lon_column}/{lat_column} "
+                          f"outside degrees (e.g. {lon[outside][0]:g}, {lat[outside][0]:g}); if they are metres or "
+                          f"another CRS's units, set data.poi_crs (e.g. EPSG:32635)")
+
+
 def read_poi_frame(path: str, lon_column: str = "lon", lat_column: str = "lat",
                    crs: str | None = None) -> "geopandas.GeoDataFrame":
     """Read GeoJSON, GeoPackage, GeoParquet, Shapefile or CSV (lon/lat columns) as a GeoDataFrame."""
@@ -99,8 +114,10 @@ def read_poi_frame(path: str, lon_column: str = "lon", lat_column: str = "lat",
             missing = [c for c in (lon_column, lat_column) if c not in frame.columns]
             if missing:
                 raise AetherError(f"POI file {path} has no column {missing[0]!r}; set data.lon_column / data.lat_column")
-            lon = pandas.to_numeric(frame[lon_column], errors="coerce").to_numpy(dtype=np.float64)
-            lat = pandas.to_numeric(frame[lat_column], errors="coerce").to_numpy(dtype=np.float64)
+            lon = pandas.to_numeric(frame[lon_column], errors="coerce").to_numpy(dtype=np.float64, copy=True)
+            lat = pandas.to_numeric(frame[lat_column], errors="coerce").to_numpy(dtype=np.float64, copy=True)
+            if crs is None:
+                _check_degrees(path, lon, lat, lon_column, lat_column)
             frame = geopandas.GeoDataFrame(frame, geometry=geopandas.points_from_xy(lon, lat), crs=crs or "EPSG:4326")
         elif suffix in (".parquet", ".geoparquet"):
             frame = geopandas.read_parquet(path)

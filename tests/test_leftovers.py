@@ -40,3 +40,38 @@ def test_a_split_too_small_to_validate_writes_no_best_checkpoint(tmp_path, monke
     assert code == 0, err
     assert "1 validation POIs" in out and "too few to score: no best.pt is written" in out, out
     assert (tmp_path / "run" / "last.pt").is_file() and not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_csv_coordinates_that_cannot_be_degrees_are_one_line(tmp_path):
+    """Metres in the lon/lat columns of a CSV (read as EPSG:4326): refused, naming data.poi_crs, before
+    any transform warns; a few such rows among degrees are dropped as invalid coordinates."""
+    import numpy as np
+    import pytest
+
+    from aether.errors import AetherError
+    from aether.poi import read_poi_frame
+
+    records = poi_records(5, 20, 20)
+    metres = write_csv(tmp_path / "m.csv", [{**r, "lon": 385000.0 + i, "lat": 6672000.0} for i, r in enumerate(records)])
+    with pytest.raises(AetherError, match="outside degrees .*set data.poi_crs"):
+        read_poi_frame(str(metres))
+    mixed = write_csv(tmp_path / "mixed.csv", [{**r, "lon": 385000.0} if i == 0 else r for i, r in enumerate(records)])
+    frame = read_poi_frame(str(mixed))
+    assert np.isnan(frame.geometry.x.iloc[0]) and np.isfinite(frame.geometry.x.iloc[1:]).all()
+
+
+def test_an_emoji_query_draws_its_heatmap_without_warnings(tmp_path):
+    import warnings
+
+    from aether.inference import embed_raster
+    from aether.retrieval import retrieve
+
+    raster = write_raster(tmp_path / "ae.tif", unit_field(20, 20))
+    from fixtures import write_untrained_checkpoint
+
+    ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
+    emb = embed_raster(str(raster), str(ckpt), str(tmp_path / "aether.tif"), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = retrieve(["☕ coffee 🌳"], str(ckpt), str(tmp_path / "r"), emb_tif=str(emb), progress=False)[0]
+    assert result.png.is_file()
