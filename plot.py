@@ -17,7 +17,9 @@ def main() -> None:
     pca.add_argument("--fit-on", help="fit the PCA and colour stretch on this raster instead (same band count), "
                                       "so two rasters compare in the same colours")
     pca.add_argument("--max-px", type=int, default=1024, help="longer side of the picture in pixels (default 1024)")
-    pca.add_argument("--scale", type=int, default=1, help="repeat each picture pixel N x N times (default 1)")
+    pca.add_argument("--scale", type=int, default=None,
+                     help="repeat each picture pixel N x N times (default: enlarge a small raster's picture to at "
+                          "least 512 pixels across)")
     curves = commands.add_parser("curves", help="training curves from metrics.jsonl")
     curves.add_argument("--metrics", required=True, help="metrics.jsonl written by train.py")
     curves.add_argument("--out", required=True, help="output PNG, written atomically")

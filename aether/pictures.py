@@ -28,6 +28,7 @@ from aether.files import atomic_write
 from aether.raster import RasterInfo, decode_pixels, invalid_pixels, open_raster, read_pixels
 
 MAX_PX = 1024  # longer side of a PCA picture, in pixels
+MIN_PX = 512  # a small raster's picture is enlarged (whole pixels repeated) to at least this, unless --scale says
 MAX_PICTURE_PX = 8192  # longer side of any picture written, --scale included: 256 MiB of RGBA
 FIT_SAMPLE_PX = 50_000  # valid pixels a PCA is fitted on, at most
 STRETCH_PERCENTILES = (2.0, 98.0)
@@ -188,15 +189,22 @@ def pca_image(tif: str | Path, fit: PcaFit | None = None, max_px: int = MAX_PX) 
 
 
 def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = None, max_px: int = MAX_PX,
-               scale: int = 1) -> Path:
+               scale: int | None = None) -> Path:
     """Write a PCA false-colour PNG of `tif` (colours fitted on `fit_on` if given); returns the path.
 
-    `scale` repeats each picture pixel scale x scale times, for small rasters shown large.
+    `scale` repeats each picture pixel scale x scale times, for small rasters shown large; None
+    (the default) enlarges a picture whose longer side is under MIN_PX to at least that. A
+    geographic raster is drawn at its ground shape: its width is scaled by the ratio of a pixel's
+    ground width to its height at the raster's middle latitude (cos(latitude) for square degrees).
     """
     out = _check_output(out, ".png")
+    info = open_embedding(tif)
+    _, height, width = picture_shape(info, max_px)
+    if scale is None:
+        scale = max(1, min(math.ceil(MIN_PX / max(height, width)), max_px // max(height, width)))
     if scale < 1:
         raise AetherError(f"--scale must be at least 1, got {scale}")
-    check_picture_px(*picture_shape(open_embedding(tif), max_px)[1:], scale)
+    check_picture_px(height, width, scale)
     fit = None
     if fit_on is not None:
         _check_same_bands(tif, open_embedding(tif).count, fit_on, open_embedding(fit_on).count)
@@ -206,8 +214,14 @@ def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = Non
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
     from PIL import Image  # Pillow comes with matplotlib
 
+    picture = Image.fromarray(image)
+    if info.is_geographic:
+        lat = float(np.mean(info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]))
+        sx_m, sy_m = info.pixel_size_m(lat)
+        picture = picture.resize((max(1, round(picture.width * float(sx_m) / float(sy_m))), picture.height),
+                                 Image.Resampling.NEAREST)
     with atomic_write(out) as f:
-        Image.fromarray(image).save(f, format="PNG", optimize=True)
+        picture.save(f, format="PNG", optimize=True)
     return out
 
 

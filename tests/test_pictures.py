@@ -118,10 +118,26 @@ def test_fit_on_itself_equals_default_and_fit_on_other_shares_colours(tmp_path):
 
 def test_scale_repeats_pixels(tmp_path):
     tif = write_raster(tmp_path / "a.tif", two_regions())
-    one = read_png(pictures.render_pca(tif, tmp_path / "one.png"))
+    one = read_png(pictures.render_pca(tif, tmp_path / "one.png", scale=1))
     three = read_png(pictures.render_pca(tif, tmp_path / "three.png", scale=3))
     assert three.shape == (3 * HEIGHT, 3 * WIDTH, 4)
     assert (three[::3, ::3] == one).all()
+
+
+def test_small_rasters_are_enlarged_and_geographic_ones_drawn_at_their_ground_shape(tmp_path):
+    """Default scale: whole pixels repeated until the longer side reaches MIN_PX. EPSG:4326 with square
+    degree pixels at 60 N: half as wide on the ground as tall, so the picture is half as wide."""
+    from rasterio.transform import from_origin
+
+    tif = write_raster(tmp_path / "a.tif", two_regions())
+    side = max(HEIGHT, WIDTH)
+    auto = read_png(pictures.render_pca(tif, tmp_path / "auto.png"))
+    k = -(-pictures.MIN_PX // side)
+    assert auto.shape[:2] == (k * HEIGHT, k * WIDTH) and max(auto.shape[:2]) >= pictures.MIN_PX
+    geo = write_raster(tmp_path / "geo.tif", unit_field(40, 40), crs="EPSG:4326",
+                       transform=from_origin(24.0, 60.002, 1e-4, 1e-4))
+    picture = read_png(pictures.render_pca(geo, tmp_path / "geo.png", scale=1))
+    assert picture.shape[:2] == (40, 20)  # cos(60 degrees) = 0.5
 
 
 def run_plot(args: list[str]) -> tuple[int, str]:
