@@ -38,11 +38,13 @@ def run(main: Callable[[], object]) -> None:
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES):
             raise
         if say:  # a write the code did not expect to fail (the writers that know their file say so)
-            print(f"error: no space left on device{f' writing {exc.filename}' if exc.filename else ''}; free some "
-                  f"space or write elsewhere", file=sys.stderr)
+            reason = (exc.strerror or "cannot write").lower()
+            print(f"error: {reason}{f' writing {exc.filename}' if exc.filename else ''}; "
+                  f"{'free some space' if exc.errno == errno.ENOSPC else 'choose a writable place'} or write "
+                  f"elsewhere", file=sys.stderr)
         sys.exit(2)
     except Interrupted as exc:
         if say:

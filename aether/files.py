@@ -36,7 +36,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         fd, tmp = temp_file_beside(path)
     except OSError as exc:
         raise_if_disk_full(exc, path)
-        raise
+        raise AetherError(f"cannot write {path}: {exc.strerror or exc} (in {path.parent})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -74,3 +74,29 @@ def test_retrieval_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
     one_line(code, err)
     assert not any(p.name.startswith(".") or "partial" in p.name for p in small_disk.rglob("*")), \
         list(small_disk.rglob("*"))
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A read-only tmpfs (as root, permission bits do not stop writes; a read-only mount does)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs",
+                                                        str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("plot.py", ["pca", "--tif", "{ae}", "--out", "{ro}/p.png"]),
+    ("infer_aether_raster.py", ["--ae_tif", "{ae}", "--ckpt", "{ckpt}", "--out", "{ro}/a.tif", "--no-progress"]),
+    ("retrieve.py", ["--ckpt", "{ckpt}", "--ae_tif", "{ae}", "--query", "a cafe", "--out", "{ro}/r", "--no-progress"]),
+])
+def test_a_read_only_output_folder_is_one_line(script, args, tmp_path, read_only_disk, monkeypatch, capsys):
+    ae = write_raster(tmp_path / "ae.tif", unit_field(20, 20))
+    ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
+    args = [a.format(ae=ae, ckpt=ckpt, ro=read_only_disk) for a in args]
+    code, _, err = run_script_in_process(script, args, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
