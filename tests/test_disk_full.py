@@ -14,16 +14,20 @@ from fixtures import (poi_records, run_script_in_process, unit_field, write_conf
                       write_untrained_checkpoint)
 
 
+def _tmpfs(folder: Path, options: str):
+    """Mount a tmpfs with `options` on `folder` for the test, or skip where mounting is not allowed."""
+    folder.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs, unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
-                                                        str(mount)], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from _tmpfs(tmp_path / "disk", "size=1m")
 
 
 def one_line(code: int, err: str) -> str:
@@ -79,13 +83,7 @@ def test_retrieval_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
 @pytest.fixture
 def read_only_disk(tmp_path):
     """A read-only tmpfs (as root, permission bits do not stop writes; a read-only mount does)."""
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs",
-                                                        str(mount)], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from _tmpfs(tmp_path / "ro", "size=64k,ro")
 
 
 @pytest.mark.parametrize("script, args", [
