@@ -146,9 +146,7 @@ class AetherEmbedder:
         if info.count != self.n_bands:
             raise AetherError(f"raster {info.path} has {info.count} bands but checkpoint {self.ckpt_path} "
                               f"was trained on {self.n_bands}")
-        lat = None
-        if info.is_geographic:
-            lat = info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]
+        lat = info.latitude_range()
         sx, sy = info.pixel_size_m(lat)
         if np.max(sx) > 2 * self.base_radius_m + 1e-6 or np.max(sy) > 2 * self.base_radius_m + 1e-6:
             raise AetherError(f"raster {info.path} has pixels of {float(np.max(sx)):.0f} m, coarser than the "

@@ -216,7 +216,7 @@ def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = Non
 
     picture = Image.fromarray(image)
     if info.is_geographic:
-        lat = float(np.mean(info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]))
+        lat = float(np.mean(info.latitude_range()))
         sx_m, sy_m = info.pixel_size_m(lat)
         picture = picture.resize((max(1, round(picture.width * float(sx_m) / float(sy_m))), picture.height),
                                  Image.Resampling.NEAREST)

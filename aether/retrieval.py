@@ -93,10 +93,7 @@ def slug(text: str, max_len: int = 40) -> str:
 
 def nms_radius_px(info: RasterInfo, radius_m: float) -> int:
     """The largest number of pixels a radius spans along either axis (smallest pixel size)."""
-    lat = None
-    if info.is_geographic:
-        lat = info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]
-    sx, sy = info.pixel_size_m(lat)
+    sx, sy = info.pixel_size_m(info.latitude_range())
     return int(math.ceil(radius_m / max(min(float(np.min(sx)), float(np.min(sy))), 1e-9)))
 
 

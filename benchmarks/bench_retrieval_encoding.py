@@ -44,7 +44,7 @@ def main() -> None:
     queries = read_queries(args.queries) if args.queries else QUERIES
     info = open_raster(args.ae_tif)
     if info.is_geographic:
-        lat = float(np.mean(info.xy(np.array([0, info.height - 1]), np.array([0, 0]))[1]))
+        lat = float(np.mean(info.latitude_range()))
         m_lat, m_lon = metres_per_degree(np.asarray(lat))
         scale = np.array([abs(info.transform.e) * float(m_lat), abs(info.transform.a) * float(m_lon)])
     else:
