@@ -22,6 +22,9 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+FIXES = {errno.ENOSPC: "free some space or write elsewhere", errno.ENAMETOOLONG: "choose a shorter name"}
+
+
 def run(main: Callable[[], object]) -> None:
     """Run `main`; an AetherError becomes 'error: ...' on stderr and exit code 2, a clean stop
     on a signal its message and 128 + the signal number. Under torchrun every process exits so,
@@ -38,13 +41,12 @@ def run(main: Callable[[], object]) -> None:
             print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.ENAMETOOLONG):
             raise
         if say:  # a write the code did not expect to fail (the writers that know their file say so)
             reason = (exc.strerror or "cannot write").lower()
             print(f"error: {reason}{f' writing {exc.filename}' if exc.filename else ''}; "
-                  f"{'free some space' if exc.errno == errno.ENOSPC else 'choose a writable place'} or write "
-                  f"elsewhere", file=sys.stderr)
+                  f"{FIXES.get(exc.errno, 'choose a writable place')}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as exc:
         if say:

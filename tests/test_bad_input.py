@@ -231,6 +231,12 @@ def infer_output_name_too_long(tmp):
     return _infer(tmp, out=tmp / ("a" * 250 + ".tif"))
 
 
+def retrieve_output_folder_name_too_long(tmp):
+    args = _retrieve(tmp)
+    args[args.index("--out") + 1] = str(tmp / ("r" * 300))
+    return args
+
+
 def infer_output_is_input(tmp):
     ae_tif = _raster(tmp)
     return _infer(tmp, ae_tif=ae_tif, out=ae_tif)
@@ -369,6 +375,7 @@ CASES = [
     (infer_output_folder_missing, "does not exist", IN_PROCESS),
     (infer_output_is_input, "is the input raster", IN_PROCESS),
     (infer_output_name_too_long, "bytes long; this file system allows", IN_PROCESS),
+    (retrieve_output_folder_name_too_long, "file name too long", IN_PROCESS),
     (infer_tile_too_small, "tile size must be a multiple of 16 pixels", IN_PROCESS),
     (infer_resume_without_interrupted_run, "nothing to resume", IN_PROCESS),
     (infer_bottom_up_float_raster_without_crs, "has no CRS", IN_PROCESS),
