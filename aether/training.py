@@ -31,7 +31,7 @@ from aether.files import atomic_write, check_inputs_kept, folder_lock
 from aether.loss import AetherLoss
 from aether.metrics import recall_at_k
 from aether.model import AetherModel
-from aether.text import build_text_encoder
+from aether.text import build_text_encoder, describe_encoder
 
 KS = (1, 5, 10)
 RUN_LOCK = ".train.lock"  # held in train.run_dir while a training run writes there
@@ -191,6 +191,12 @@ def _flatten(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
+def first_mismatch(ckpt: dict, cfg: Config, keys: tuple[str, ...]) -> tuple[str, object, object] | None:
+    """The first of `keys` whose value in the checkpoint's config differs from `cfg`'s: (key, theirs, ours)."""
+    saved, current = _flatten(ckpt["config"]), _flatten(cfg.to_dict())
+    return next(((k, saved.get(k), current[k]) for k in keys if saved.get(k) != current[k]), None)
+
+
 def resume_checkpoint(target: str | Path, cfg: Config) -> tuple[Path, dict]:
     """Find (a run folder means its last.pt), read and check the checkpoint to resume `cfg` from.
 
@@ -211,12 +217,12 @@ def resume_checkpoint(target: str | Path, cfg: Config) -> tuple[Path, dict]:
     if ckpt.get("upgraded_from") == 1 and cfg.loss.learn_temperature:
         raise AetherError(f"cannot resume from {path}: it was written by an AETHER with one learned temperature, "
                           f"this one learns two; start a new run (train.init_from={path} keeps its weights)")
-    saved, current = _flatten(ckpt["config"]), _flatten(cfg.to_dict())
-    for key in RESUME_MUST_MATCH:
-        if saved.get(key) != current[key]:
-            raise AetherError(f"cannot resume from {path}: {key} is {current[key]!r} in this config but "
-                              f"{saved.get(key)!r} in the checkpoint; resume with the config (and --set overrides) "
-                              f"the run started with, or start a new run in another train.run_dir")
+    mismatch = first_mismatch(ckpt, cfg, RESUME_MUST_MATCH)
+    if mismatch:
+        key, theirs, ours = mismatch
+        raise AetherError(f"cannot resume from {path}: {key} is {ours!r} in this config but {theirs!r} in the "
+                          f"checkpoint; resume with the config (and --set overrides) the run started with, or start "
+                          f"a new run in another train.run_dir")
     return path, ckpt
 
 
@@ -231,23 +237,21 @@ def init_checkpoint(cfg: Config) -> dict | None:
     check_inputs_kept([run_dir / "best.pt", run_dir / "last.pt"], {path: "the checkpoint train.init_from starts from"},
                       "set train.run_dir to another folder, or copy the checkpoint elsewhere first")
     ckpt = load_checkpoint(path)
-    saved, current = _flatten(ckpt["config"]), _flatten(cfg.to_dict())
-    for key in INIT_MUST_MATCH:
-        if saved.get(key) != current[key]:
-            raise AetherError(f"config train.init_from: checkpoint {path} has {key} {saved.get(key)!r}, this config "
-                              f"{current[key]!r}; set {key}={saved.get(key)} to start from its weights")
+    mismatch = first_mismatch(ckpt, cfg, INIT_MUST_MATCH)
+    if mismatch:
+        key, theirs, ours = mismatch
+        raise AetherError(f"config train.init_from: checkpoint {path} has {key} {theirs!r}, this config {ours!r}; "
+                          f"set {key}={theirs} to start from its weights")
     if ckpt["input"]["n_bands"] != cfg.data.n_bands:
         raise AetherError(f"config train.init_from: checkpoint {path} takes {ckpt['input']['n_bands']} AlphaEarth "
                           f"bands, this config data.n_bands = {cfg.data.n_bands}")
     identity = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url).identity
     theirs = {k: ckpt["text_encoder"].get(k) for k in identity}
     if theirs != identity:
-        def name(e: dict) -> str:
-            return f"{e['backend']} {e['model']}" + (f" at {e['dimensions']} dimensions" if e["dimensions"] else "")
-
-        raise AetherError(f"config train.init_from: checkpoint {path} was trained with text encoder {name(theirs)}, "
-                          f"this config uses {name(identity)}; its text projector only fits its own encoder: set "
-                          f"text.backend, text.model and text.dimensions to match")
+        raise AetherError(f"config train.init_from: checkpoint {path} was trained with text encoder "
+                          f"{describe_encoder(theirs)}, this config uses {describe_encoder(identity)}; its text "
+                          f"projector only fits its own encoder: set text.backend, text.model and text.dimensions "
+                          f"to match")
     return ckpt
 
 
