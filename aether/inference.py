@@ -14,6 +14,8 @@ import json
 import os
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +27,16 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
+from aether.block_writer import BlockFile, create_sparse
 from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, band_names
+from aether.cluster import usable_cores
 from aether.console import log
 from aether.embedder import AetherEmbedder, unit_rows
 from aether.errors import AetherError, first_line
 from aether.files import check_inputs_kept, output_lock, raise_if_disk_full, temp_file_beside
 from aether.journal import Journal, partial_paths
 from aether.pooling import window_means
-from aether.raster import (RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels, open_raster,
+from aether.raster import (ZSTD_LEVEL, RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels, open_raster,
                            raster_files, read_bands)
 from aether.streaming import run_pipeline
 
@@ -61,11 +65,16 @@ class Tile:
 def tile_grid(info: RasterInfo, tile_px: int, rows: tuple[int, int] | None = None) -> list[Tile]:
     """The raster (or its rows rows[0]:rows[1], a multiple of `tile_px` apart from the raster's end)
     cut into tiles of `tile_px`, smaller at the right and bottom edges, row by row. The tiles of a
-    band of rows are the raster's own tiles there, so a band computes exactly what a whole run does."""
+    band of rows are the raster's own tiles there, so a band computes exactly what a whole run does.
+    A bottom-up raster is cut from its northern end (its last rows), so that every tile starts on a
+    block of the north-up output."""
     r_start, r_stop = rows if rows is not None else (0, info.height)
-    origins = [(r, c) for r in range(r_start, r_stop, tile_px) for c in range(0, info.width, tile_px)]
-    return [Tile(i, r, c, min(tile_px, r_stop - r), min(tile_px, info.width - c))
-            for i, (r, c) in enumerate(origins)]
+    if info.bottom_up:
+        bands = [(max(r_start, r - tile_px), r) for r in range(r_stop, r_start, -tile_px)]
+    else:
+        bands = [(r, min(r + tile_px, r_stop)) for r in range(r_start, r_stop, tile_px)]
+    origins = [(r0, r1, c) for r0, r1 in bands for c in range(0, info.width, tile_px)]
+    return [Tile(i, r0, c, r1 - r0, min(tile_px, info.width - c)) for i, (r0, r1, c) in enumerate(origins)]
 
 
 class PooledTileReader:
@@ -87,16 +96,42 @@ class PooledTileReader:
             self.rx = self.ry = np.zeros(info.height, dtype=np.int64)
         self.implausible = 0  # pixels of the tiles read holding values no embedding has (`implausible_pixels`)
 
-    def produce(self, tiles: list[Tile]):
-        """(tile, data) for each tile, read in this (the reader) thread."""
-        with rasterio.open(self.info.path, NUM_THREADS="ALL_CPUS") as src:
+    def produce(self, tiles: list[Tile], readers: int = 1):
+        """(tile, data) for each tile, in order; `readers` threads decode tiles at once, each
+        with its own dataset handle (GDAL releases the GIL while it decodes)."""
+        local, handles = threading.local(), []
+
+        def read(tile: Tile):
+            src = getattr(local, "src", None)
+            if src is None:  # a GDAL dataset is used by one thread at a time
+                src = local.src = rasterio.open(self.info.path, NUM_THREADS="ALL_CPUS" if readers == 1 else 1)
+                handles.append(src)
+            rows = slice(tile.row0, tile.row0 + tile.height)
+            hx, hy = int(self.rx[rows].max()), int(self.ry[rows].max())
+            bands = _read_with_halo(src, self.info, tile, hx, hy)
+            odd = implausible_pixels(bands[:, hy:hy + tile.height, hx:hx + tile.width], self.info, axis=0)
+            return (bands, self.rx[rows], self.ry[rows], hx, hy), odd  # odd: the tile's own, each pixel once
+
+        pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="read")
+        pending: deque = deque()
+        try:
             for tile in tiles:
-                rows = slice(tile.row0, tile.row0 + tile.height)
-                hx, hy = int(self.rx[rows].max()), int(self.ry[rows].max())
-                bands = _read_with_halo(src, self.info, tile, hx, hy)
-                self.implausible += implausible_pixels(bands[:, hy:hy + tile.height, hx:hx + tile.width], self.info,
-                                                       axis=0)  # the tile itself: each pixel counted once
-                yield tile, (bands, self.rx[rows], self.ry[rows], hx, hy)
+                pending.append((tile, pool.submit(read, tile)))
+                if len(pending) > readers:
+                    yield self._take(*pending.popleft())
+            while pending:
+                yield self._take(*pending.popleft())
+        finally:
+            for _, future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
+            for src in handles:
+                src.close()
+
+    def _take(self, tile: Tile, future) -> tuple[Tile, tuple]:
+        data, odd = future.result()
+        self.implausible += odd
+        return tile, data
 
     def report_implausible(self) -> None:
         """One line saying how many pixels read held values no embedding has, if any did."""
@@ -127,58 +162,59 @@ class PooledTileReader:
         return _latent_tile(self.embedder, means, valid), valid.reshape(-1)
 
     def block(self, data, dtype: str) -> np.ndarray:
-        """The (latent, h, w) output block of one tile in `dtype`, nodata where invalid. A strip of
-        rows is pooled and projected at a time, so the tile's float32 means are never all held."""
+        """The (h, w, latent) output block of one tile in `dtype`, nodata where invalid: pixel-major,
+        as a pixel-interleaved GeoTIFF stores it. A strip of rows is pooled and projected at a
+        time, so the tile's float32 means are never all held."""
         bands, _, _, hx, hy = data
         height, width = bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
-        block = torch.empty((self.embedder.latent_dim, height * width), dtype=getattr(torch, dtype))
+        block = torch.empty((height * width, self.embedder.latent_dim), dtype=getattr(torch, dtype))
         for start, stop, means, valid in self.pooled(data, STRIP_PX):
-            _latent_tile(self.embedder, means, valid, dtype, out=block[:, start * width:stop * width])
+            rows = block[start * width:stop * width]
+            _latent_tile(self.embedder, means, valid, dtype, out=rows, band_major=False)
             invalid = torch.from_numpy(~valid.reshape(-1))
             if invalid.any():
-                block[:, start * width:stop * width][:, invalid] = NODATA[dtype]
-        return block.numpy().reshape(-1, height, width)
+                rows[invalid] = NODATA[dtype]
+        return block.numpy().reshape(height, width, -1)
 
 
 class _TileWriter:
-    """Writes finished tiles into the partial output and, every `checkpoint_s`, makes them durable:
-    close the file (GDAL writes its directory), record the tiles in the journal, reopen it.
-    `first_row` is the north-up input row of the output's first row (0 unless it is a band)."""
+    """Writes finished tiles into the partial output (`aether.block_writer.BlockFile`: compressed
+    at the output's own level, `threads` blocks at a time) and, every `checkpoint_s`, makes them
+    durable and records them in the journal. `first_row` is the north-up input row of the
+    output's first row (0 unless it is a band)."""
 
     def __init__(self, path: Path, info: RasterInfo, journal: Journal, done: set[int],
-                 bar, checkpoint_s: float = CHECKPOINT_S, first_row: int = 0):
-        self.path, self.info, self.first_row = path, info, first_row
+                 bar, checkpoint_s: float = CHECKPOINT_S, first_row: int = 0, threads: int = 1):
+        self.info, self.first_row = info, first_row
         self.journal, self.done, self.pending = journal, done, set()
         self.bar, self.checkpoint_s = bar, checkpoint_s
         try:
-            self.dst = rasterio.open(path, "r+", NUM_THREADS="ALL_CPUS")
-        except rasterio.errors.RasterioIOError as exc:
+            self.dst = BlockFile(path, ZSTD_LEVEL, threads)
+        except (rasterio.errors.RasterioIOError, AetherError, OSError) as exc:
             raise AetherError(f"the partial output {path} is damaged ({first_line(exc)}); "
                               f"run without --resume to start over") from None
         self.last = time.monotonic()
 
     def __call__(self, tile: Tile, block: np.ndarray) -> None:
         if self.info.bottom_up:  # written north-up
-            block = block[:, ::-1, :]
+            block = block[::-1]
         row0 = self.info.north_up_rows(tile.row0, tile.height) - self.first_row
-        self.dst.write(block, window=Window(tile.col0, row0, tile.width, tile.height))
+        self.dst.write(block, row0, tile.col0)
         self.pending.add(tile.index)
         self.bar.update(tile.width * tile.height)
         if time.monotonic() - self.last >= self.checkpoint_s:
             self.checkpoint()
 
-    def checkpoint(self, reopen: bool = True) -> None:
-        self.dst.close()  # GDAL writes the blocks and the directory: the tiles are in the file
+    def checkpoint(self) -> None:
+        self.dst.sync()  # the blocks, then the file's block index: the tiles are in the file
         self.done |= self.pending
         self.pending = set()
         self.journal.save(self.done)
-        if reopen:
-            self.dst = rasterio.open(self.path, "r+", NUM_THREADS="ALL_CPUS")
         self.last = time.monotonic()
 
     def close(self) -> None:
-        if not self.dst.closed:
-            self.dst.close()
+        """Close the output; what was not made durable is left out of the journal and redone on resume."""
+        self.dst.abandon()
 
 
 def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtype: str = "int8",
@@ -258,10 +294,7 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
         partial.unlink(missing_ok=True)
         journal.remove()
         done = set()
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), rasterio.open(partial, "w", **profile) as dst:
-            for i, name in enumerate(band_names(embedder.latent_dim, "E", digits=3), start=1):
-                dst.set_band_description(i, name)
-            dst.update_tags(**tags)
+        create_sparse(partial, profile, band_names(embedder.latent_dim, "E", digits=3), tags)
         journal.save(done)
     todo = [t for t in tiles if t.index not in done]
     if resume:
@@ -271,13 +304,12 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
     reader = PooledTileReader(info, embedder, pooling)
     writer = None
     try:
-        # a small GDAL block cache: written blocks are flushed as they fill, not kept in RAM
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
-            writer = _TileWriter(partial, info, journal, done, bar, checkpoint_s, first_row)
-            with tile_workers(embedder.device) as workers:
-                run_pipeline(lambda: reader.produce(todo), lambda tile, data: reader.block(data, dtype), writer,
-                             workers=workers)
-            writer.checkpoint(reopen=False)
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), tile_workers(embedder.device, tile_px, dtype) as threads:
+            writer = _TileWriter(partial, info, journal, done, bar, checkpoint_s, first_row, threads.compress)
+            run_pipeline(lambda: reader.produce(todo, threads.read), lambda tile, data: reader.block(data, dtype),
+                         writer, workers=threads.compute)
+            writer.checkpoint()
+            writer.dst.close()
         reader.report_implausible()
         if cog:
             _to_cog(partial)
@@ -301,23 +333,42 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
     return out
 
 
-MAX_CPU_WORKERS = 4  # tiles computed at once on a CPU; each holds about 70 MiB with int8 output
-# (input with halo 17, strip tables 9, means 8, output block 32), about 3 x that with float32 output
+TILES_IN_FLIGHT_MIB = 1024  # host memory for the tiles being computed at once
+
+
+@dataclass(frozen=True)
+class Threads:
+    compute: int  # tiles computed at once
+    read: int  # tiles decoded at once
+    compress: int  # output blocks compressed at once
+
+
 _threads_lock = threading.Lock()
 _threads_users = 0  # embed_raster runs inside tile_workers now, in any thread
 _threads_saved = 1
 
 
+def tile_mib(tile_px: int, dtype: str, bands: int = 64, latent: int = 128) -> float:
+    """Host memory one tile in computation holds (MiB): input with a halo, a strip's tables and
+    means, the output block."""
+    out_bytes = np.dtype(dtype).itemsize * latent
+    return (tile_px * tile_px * (1.1 * bands + out_bytes) + STRIP_PX * bands * 8) / 2**20
+
+
 @contextlib.contextmanager
-def tile_workers(device: torch.device):
-    """How many tiles to compute at once. On a CPU: one per PyTorch thread (at most
-    MAX_CPU_WORKERS), each tile with one PyTorch thread, so the single-threaded NumPy pooling
-    runs on every core too, and no OpenMP thread spins at a barrier while GDAL's threads hold
-    its core. PyTorch's thread count is the process's: overlapping runs (threads of a Dask
-    worker) share one saved value, restored when the last ends. On a GPU: one."""
+def tile_workers(device: torch.device, tile_px: int = TILE_PX, dtype: str = "int8"):
+    """How many threads decode, compute and compress, from the cores present. On a CPU: one tile
+    computed per PyTorch thread (as many as the memory budget TILES_IN_FLIGHT_MIB holds), each
+    with one PyTorch thread, so the single-threaded NumPy pooling runs on every core too, and no
+    OpenMP thread spins at a barrier while GDAL's threads hold its core; a quarter of the cores
+    decode and compress. PyTorch's thread count is the process's: overlapping runs (threads of a
+    Dask worker) share one saved value, restored when the last ends. On a GPU: a few tiles in
+    flight, each on its own CUDA stream, and the cores decode and compress."""
     global _threads_users, _threads_saved
+    cores = usable_cores()
+    budget = max(1, int(TILES_IN_FLIGHT_MIB // tile_mib(tile_px, dtype)))
     if device.type != "cpu":
-        yield 1
+        yield Threads(compute=min(3, budget), read=max(1, cores // 2), compress=max(1, cores // 2))
         return
     with _threads_lock:
         if _threads_users == 0:
@@ -326,7 +377,7 @@ def tile_workers(device: torch.device):
         _threads_users += 1
         threads = _threads_saved
     try:
-        yield max(1, min(threads, MAX_CPU_WORKERS))
+        yield Threads(compute=max(1, min(threads, budget)), read=max(1, cores // 4), compress=max(1, cores // 4))
     finally:
         with _threads_lock:
             _threads_users -= 1
@@ -464,19 +515,25 @@ def _read_with_halo(src, info: RasterInfo, tile: Tile, hx: int, hy: int) -> np.n
     return bands
 
 
-def _latent_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray,
-                 dtype: str = "float32", out: torch.Tensor | None = None) -> torch.Tensor:
+def _latent_tile(embedder: AetherEmbedder, means: np.ndarray, valid: np.ndarray, dtype: str = "float32",
+                 out: torch.Tensor | None = None, band_major: bool = True) -> torch.Tensor:
     """(h, w, bands) pooled vectors -> (latent, h * w) AETHER vectors in `dtype` (int8: quantized),
-    zeros where not valid; into `out` if given."""
+    or (h * w, latent) when not `band_major`; zeros where not valid; into `out` if given."""
     h, w, bands = means.shape
     flat_valid = valid.reshape(-1)
+    project = embedder.project_bands if band_major else embedder.project_pixels
     if flat_valid.all():
-        return embedder.project_bands(means.reshape(-1, bands), dtype, out=out)
+        return project(means.reshape(-1, bands), dtype, out=out)
     if out is None:
-        out = torch.empty((embedder.latent_dim, h * w), dtype=getattr(torch, dtype))
+        shape = (embedder.latent_dim, h * w) if band_major else (h * w, embedder.latent_dim)
+        out = torch.empty(shape, dtype=getattr(torch, dtype))
     out.zero_()
     if flat_valid.any():
-        out[:, torch.from_numpy(flat_valid)] = embedder.project_bands(means.reshape(-1, bands)[flat_valid], dtype)
+        z = project(means.reshape(-1, bands)[flat_valid], dtype)
+        if band_major:
+            out[:, torch.from_numpy(flat_valid)] = z
+        else:
+            out[torch.from_numpy(flat_valid)] = z
     return out
 
 

@@ -212,14 +212,17 @@ def gdal_path(path: str) -> str:
     return path
 
 
+ZSTD_LEVEL = 1  # of the GeoTIFFs AETHER writes
+
+
 def geotiff_layout(dtype: str, block_px: int) -> dict:
     """How AETHER lays out the GeoTIFFs it writes (rasterio creation options): square tiled blocks,
     ZSTD level 1 (several times faster than DEFLATE for the same size on embedding data, which
     barely compresses), pixel-interleaved, BigTIFF when needed, and a predictor where it pays:
     the floating-point one for float32, horizontal differencing for int16 (whose low bits follow
     the smooth window means)."""
-    layout = dict(tiled=True, blockxsize=block_px, blockysize=block_px, compress="zstd", zstd_level=1,
-                  interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
+    layout = dict(tiled=True, blockxsize=block_px, blockysize=block_px, compress="zstd",
+                  zstd_level=ZSTD_LEVEL, interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
     if dtype != "int8":
         layout["predictor"] = {"float32": 3, "int16": 2}.get(dtype, 1)
     return layout

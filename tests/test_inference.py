@@ -334,8 +334,8 @@ def geographic_with_varying_windows(tmp: Path) -> Path:
 
 @pytest.mark.parametrize("in_kind", ["int8", "float32", "geographic"])
 def test_strips_and_parallel_tiles_change_no_byte(tmp_path, ckpt, monkeypatch, in_kind):
-    """Tiles pooled and projected in strips of odd sizes, and computed one or two at a time,
-    write the same bytes."""
+    """Tiles pooled and projected in strips of odd sizes, computed, decoded and compressed one,
+    two or three at a time, write the same pixels."""
     import contextlib
 
     import aether.inference
@@ -346,9 +346,10 @@ def test_strips_and_parallel_tiles_change_no_byte(tmp_path, ckpt, monkeypatch, i
                                                    AetherEmbedder(ckpt), "window")
         assert set(np.unique(reader.rx)) == {3, 4}, "the windows should change width between rows"
     outputs = []
-    for strip_px, workers in [(10**6, 1), (37, 2), (150, 2)]:
+    for strip_px, workers in [(10**6, 1), (37, 2), (150, 2), (150, 3)]:
+        threads = aether.inference.Threads(compute=workers, read=workers, compress=workers)
         monkeypatch.setattr(aether.inference, "STRIP_PX", strip_px)
-        monkeypatch.setattr(aether.inference, "tile_workers", lambda device, n=workers: contextlib.nullcontext(n))
+        monkeypatch.setattr(aether.inference, "tile_workers", lambda *_, t=threads: contextlib.nullcontext(t))
         out = embed(ckpt, ae, tmp_path / f"out_{strip_px}_{workers}.tif", tile_px=32, dtype="int8")
         with rasterio.open(out) as src:
             outputs.append(src.read())
@@ -521,7 +522,7 @@ def _run_guarded(fn) -> dict:
 
 def _fail_on_projection(nth: int):
     def inject(monkeypatch):
-        original = AetherEmbedder.project_bands
+        original = AetherEmbedder.project_pixels
         calls = []
 
         def project(self, vectors, *args, **kwargs):
@@ -530,7 +531,7 @@ def _fail_on_projection(nth: int):
                 raise RuntimeError("injected failure")
             return original(self, vectors, *args, **kwargs)
 
-        monkeypatch.setattr("aether.embedder.AetherEmbedder.project_bands", project)
+        monkeypatch.setattr("aether.embedder.AetherEmbedder.project_pixels", project)
 
     return inject
 

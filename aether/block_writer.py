@@ -1,0 +1,184 @@
+"""Compressed GeoTIFF blocks written in parallel into a file GDAL laid out, durable as they go.
+
+GDAL writes a GeoTIFF's blocks from one thread, and a file it reopens in update mode to make
+written blocks durable forgets its creation options (ZSTD at level 9 instead of the level asked
+for: five times the CPU). So GDAL only lays the file out (`create_sparse`: georeferencing,
+tags, band names, an empty block index), and `BlockFile` compresses blocks itself, several at
+once (zstandard releases the GIL), appends them to the file and points the block index at them.
+`BlockFile.sync` makes what was written durable: data first, then the index, each fsynced, so a
+kill at any moment leaves a valid GeoTIFF whose unwritten blocks read as nodata.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from aether.errors import AetherError
+
+TILE_OFFSETS, TILE_BYTE_COUNTS = 324, 325  # TIFF tags of the block index
+PREDICTOR_TAG, COMPRESSION_TAG = 317, 259
+ZSTD_COMPRESSION = 50000
+_TYPE_SIZE = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
+_TYPE_CODE = {2: "H", 4: "I", 8: "Q"}
+
+
+def create_sparse(path: Path, profile: dict, descriptions: list[str], tags: dict[str, str]) -> None:
+    """A GeoTIFF of `profile` (tiled, ZSTD, pixel-interleaved: `aether.raster.geotiff_layout`)
+    with no block written: every block reads as nodata until `BlockFile` writes it."""
+    options = {k: v for k, v in profile.items() if k != "num_threads"}
+    with rasterio.open(path, "w", sparse_ok=True, **options) as dst:
+        for i, name in enumerate(descriptions, start=1):
+            dst.set_band_description(i, name)
+        dst.update_tags(**tags)
+
+
+class BlockFile:
+    """Writes windows of whole blocks into a file from `create_sparse`, compressing blocks in
+    `threads` threads at `level`. Windows must start on block boundaries and be whole blocks
+    (or reach the raster's right and bottom edges)."""
+
+    def __init__(self, path: Path, level: int = 1, threads: int = 1):
+        import zstandard
+
+        self.path = Path(path)
+        with rasterio.open(path) as src:
+            self.width, self.height, self.count = src.width, src.height, src.count
+            self.dtype = np.dtype(src.dtypes[0])
+            self.block_h, self.block_w = src.block_shapes[0]
+            nodata = src.nodata
+        self.fill = 0 if nodata is None or (np.isnan(nodata) and self.dtype.kind != "f") else nodata
+        self.blocks_across = -(-self.width // self.block_w)
+        self.fd = os.open(path, os.O_RDWR)
+        try:
+            self._read_layout()
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.end = os.fstat(self.fd).st_size
+        self.level = level
+        self._local = threading.local()
+        self._zstd = zstandard
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="compress")
+        self._index: dict[int, tuple[int, int]] = {}  # block -> (offset, size) not yet in the file's index
+
+    def _read_layout(self) -> None:
+        """Where the block index lies in the file, and the compression and predictor it declares."""
+        head = os.pread(self.fd, 16, 0)
+        if head[:2] != b"II":
+            raise AetherError(f"{self.path}: expected a little-endian GeoTIFF")
+        big = struct.unpack_from("<H", head, 2)[0] == 43
+        self.big = big
+        ifd = struct.unpack_from("<Q", head, 8)[0] if big else struct.unpack_from("<I", head, 4)[0]
+        n_size, entry_size = (8, 20) if big else (2, 12)
+        n = struct.unpack("<Q" if big else "<H", os.pread(self.fd, n_size, ifd))[0]
+        entries = os.pread(self.fd, n * entry_size, ifd + n_size)
+        found = {}
+        for k in range(n):
+            at = k * entry_size
+            if big:
+                tag, typ, count = struct.unpack_from("<HHQ", entries, at)
+                value_at, inline = ifd + n_size + at + 12, 8
+            else:
+                tag, typ, count = struct.unpack_from("<HHI", entries, at)
+                value_at, inline = ifd + n_size + at + 8, 4
+            size = _TYPE_SIZE.get(typ, 0)
+            if tag in (TILE_OFFSETS, TILE_BYTE_COUNTS):
+                if size == 0:
+                    raise AetherError(f"{self.path}: unexpected TIFF type {typ} for tag {tag}")
+                if count * size > inline:
+                    value_at = struct.unpack_from("<Q" if big else "<I", entries, at + (12 if big else 8))[0]
+                found[tag] = (value_at, size, count)
+            elif tag in (PREDICTOR_TAG, COMPRESSION_TAG):
+                found[tag] = struct.unpack_from("<H", entries, at + (12 if big else 8))[0]
+        if found.get(COMPRESSION_TAG) != ZSTD_COMPRESSION or TILE_OFFSETS not in found:
+            raise AetherError(f"{self.path}: expected a tiled ZSTD GeoTIFF")
+        self.offsets_at, self.offset_size, n_blocks = found[TILE_OFFSETS]
+        self.counts_at, self.count_size, _ = found[TILE_BYTE_COUNTS]
+        self.predictor = found.get(PREDICTOR_TAG, 1)
+        self.n_blocks = n_blocks
+
+    def _compressor(self):
+        c = getattr(self._local, "compressor", None)
+        if c is None:
+            c = self._local.compressor = self._zstd.ZstdCompressor(level=self.level)
+        return c
+
+    def _encode(self, block: np.ndarray) -> bytes:
+        """One (bh, bw, count) block -> its compressed bytes as libtiff stores them: pixel-interleaved
+        rows, padded to the full block with nodata, the predictor applied."""
+        h, w, c = block.shape
+        if (h, w) == (self.block_h, self.block_w) and block.dtype == self.dtype:
+            pixels = np.ascontiguousarray(block)
+        else:
+            pixels = np.empty((self.block_h, self.block_w, c), dtype=self.dtype)
+            if h < self.block_h or w < self.block_w:  # an edge block: the part beyond the raster is nodata
+                pixels[...] = self.fill
+            pixels[:h, :w] = block
+        data = pixels
+        if self.predictor == 2:  # horizontal differencing of each band along the row, wrapping
+            data = pixels.copy()
+            data[:, 1:] -= pixels[:, :-1]
+        elif self.predictor == 3:  # floating point: each row's bytes as planes, most significant first, differenced
+            size = self.dtype.itemsize
+            row = pixels.astype(self.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+            row = row.reshape(self.block_h, self.block_w * c, size)[:, :, ::-1]
+            planes = np.ascontiguousarray(row.transpose(0, 2, 1)).reshape(self.block_h, -1)
+            data = planes.copy()
+            data[:, c:] -= planes[:, :-c]
+        return self._compressor().compress(np.ascontiguousarray(data).tobytes())
+
+    def write(self, array: np.ndarray, row0: int, col0: int) -> None:
+        """Write the pixel-major (h, w, count) `array` with its top-left pixel at (row0, col0) of the
+        file: whole blocks, or blocks that reach the raster's right or bottom edge."""
+        h, w, count = array.shape
+        if row0 % self.block_h or col0 % self.block_w or count != self.count:
+            raise ValueError(f"a window of {count} bands at ({row0}, {col0}) is not whole blocks of {self.path}")
+        jobs = []
+        for r in range(0, h, self.block_h):
+            for c in range(0, w, self.block_w):
+                index = (row0 + r) // self.block_h * self.blocks_across + (col0 + c) // self.block_w
+                block = array[r:r + self.block_h, c:c + self.block_w]
+                jobs.append((index, self._pool.submit(self._encode, block)))
+        for index, job in jobs:
+            data = job.result()
+            os.pwrite(self.fd, data, self.end)
+            self._index[index] = (self.end, len(data))
+            self.end += len(data)
+        if not self.big and self.end >= 2**32:
+            raise AetherError(f"{self.path} grew past 4 GiB, the most a classic TIFF can hold")
+
+    def sync(self) -> None:
+        """Make every block written so far durable: the data, then the block index pointing at it."""
+        if not self._index:
+            return
+        os.fsync(self.fd)
+        off_code, count_code = _TYPE_CODE[self.offset_size], _TYPE_CODE[self.count_size]
+        for index, (offset, size) in self._index.items():
+            os.pwrite(self.fd, struct.pack("<" + off_code, offset), self.offsets_at + index * self.offset_size)
+            os.pwrite(self.fd, struct.pack("<" + count_code, size), self.counts_at + index * self.count_size)
+        os.fsync(self.fd)
+        self._index = {}
+
+    def close(self) -> None:
+        """Sync and close (idempotent)."""
+        if self.fd < 0:
+            return
+        try:
+            self.sync()
+        finally:
+            self._pool.shutdown(wait=True)
+            os.close(self.fd)
+            self.fd = -1
+
+    def abandon(self) -> None:
+        """Close without syncing what is not yet durable."""
+        if self.fd >= 0:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            os.close(self.fd)
+            self.fd = -1
