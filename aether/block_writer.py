@@ -20,6 +20,7 @@ import numpy as np
 import rasterio
 
 from aether.errors import AetherError
+from aether.stages import stage
 
 TILE_OFFSETS, TILE_BYTE_COUNTS = 324, 325  # TIFF tags of the block index
 PREDICTOR_TAG, COMPRESSION_TAG = 317, 259
@@ -112,26 +113,34 @@ class BlockFile:
     def _encode(self, block: np.ndarray) -> bytes:
         """One (bh, bw, count) block -> its compressed bytes as libtiff stores them: pixel-interleaved
         rows, padded to the full block with nodata, the predictor applied."""
-        h, w, c = block.shape
+        with stage("encode"):
+            return self._compressor().compress(self._predicted(self._padded(block)).tobytes())
+
+    def _padded(self, block: np.ndarray) -> np.ndarray:
+        h, w, count = block.shape
         if (h, w) == (self.block_h, self.block_w) and block.dtype == self.dtype:
-            pixels = np.ascontiguousarray(block)
-        else:
-            pixels = np.empty((self.block_h, self.block_w, c), dtype=self.dtype)
-            if h < self.block_h or w < self.block_w:  # an edge block: the part beyond the raster is nodata
-                pixels[...] = self.fill
-            pixels[:h, :w] = block
-        data = pixels
-        if self.predictor == 2:  # horizontal differencing of each band along the row, wrapping
+            return np.ascontiguousarray(block)
+        pixels = np.empty((self.block_h, self.block_w, count), dtype=self.dtype)
+        if h < self.block_h or w < self.block_w:  # an edge block: the part beyond the raster is nodata
+            pixels[...] = self.fill
+        pixels[:h, :w] = block
+        return pixels
+
+    def _predicted(self, pixels: np.ndarray) -> np.ndarray:
+        """The block's rows as the TIFF predictor stores them (libtiff's horizontal and floating-point ones)."""
+        count = pixels.shape[2]
+        if self.predictor == 2:  # each band differenced along the row, wrapping
             data = pixels.copy()
             data[:, 1:] -= pixels[:, :-1]
-        elif self.predictor == 3:  # floating point: each row's bytes as planes, most significant first, differenced
-            size = self.dtype.itemsize
+            return data
+        if self.predictor == 3:  # each row's bytes as planes, most significant first, then differenced
             row = pixels.astype(self.dtype.newbyteorder("<"), copy=False).view(np.uint8)
-            row = row.reshape(self.block_h, self.block_w * c, size)[:, :, ::-1]
+            row = row.reshape(self.block_h, self.block_w * count, self.dtype.itemsize)[:, :, ::-1]
             planes = np.ascontiguousarray(row.transpose(0, 2, 1)).reshape(self.block_h, -1)
             data = planes.copy()
-            data[:, c:] -= planes[:, :-c]
-        return self._compressor().compress(np.ascontiguousarray(data).tobytes())
+            data[:, count:] -= planes[:, :-count]
+            return data
+        return pixels
 
     def write(self, array: np.ndarray, row0: int, col0: int) -> None:
         """Write the pixel-major (h, w, count) `array` with its top-left pixel at (row0, col0) of the
@@ -147,7 +156,8 @@ class BlockFile:
                 jobs.append((index, self._pool.submit(self._encode, block)))
         for index, job in jobs:
             data = job.result()
-            os.pwrite(self.fd, data, self.end)
+            with stage("write"):
+                os.pwrite(self.fd, data, self.end)
             self._index[index] = (self.end, len(data))
             self.end += len(data)
         if not self.big and self.end >= 2**32:

@@ -4,6 +4,7 @@ A checkpoint of either format (aether.checkpoint) is taken."""
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from aether.errors import AetherError
 from aether.files import file_sha256
 from aether.pooling import pool_points, window_means
 from aether.raster import RasterInfo, check_window_px, open_raster
+from aether.stages import stage
 from aether.text import TextEncoder, build_text_encoder
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -38,6 +40,7 @@ class AetherEmbedder:
         self.projector = model.ae.to(self.device).eval()
         self.text_projector = model.text.to(self.device).eval()
         self._text_encoder = None
+        self._thread = threading.local()  # each calling thread's fused-projector workspace
         self.precision = resolve_precision(precision, self.device)
         self.n_bands = int(self.ckpt["input"]["n_bands"])
         self.base_radius_m = float(self.ckpt["input"]["base_radius_m"])
@@ -59,6 +62,42 @@ class AetherEmbedder:
         batch while each batch is in cache, so no float32 copy of the whole output is ever held."""
         return self._project(vectors, band_major=True, dtype=dtype, out=out)
 
+    def project_pixels(self, vectors: np.ndarray, dtype: str = "float32", out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, bands) unit vectors -> (N, latent) unit vectors on the CPU in `dtype` (int8 and int16:
+        quantized), into `out` if given: the layout a pixel-interleaved GeoTIFF block stores."""
+        return self._project(vectors, band_major=False, dtype=dtype, out=out)
+
+    @torch.no_grad()
+    def project_on_device(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, bands) float32 vectors on `self.device` -> (N, latent) float32 unit vectors there (into
+        `out` if given), `batch_px` at a time, with the embedder's precision: fp32 through the fused
+        projector (in this thread's reused workspace), bf16/fp16 under autocast, then normalised."""
+        n = len(x)
+        if out is None:
+            out = torch.empty((n, self.latent_dim), device=x.device)
+        autocast = _AUTOCAST.get(self.precision)
+        for start in range(0, n, self.batch_px):
+            xb, zb = x[start:start + self.batch_px], out[start:start + self.batch_px]
+            if autocast is None:
+                self.projector.forward_into(xb, self._workspace(len(xb)), zb)
+            else:
+                with torch.autocast(self.device.type, dtype=autocast):
+                    z = self.projector.head(xb)
+                zb.copy_(F.normalize(z.float(), dim=1))
+        return out
+
+    def _workspace(self, n: int) -> tuple[torch.Tensor, ...]:
+        """The calling thread's `forward_into` buffers for at least `n` vectors, reused call after call
+        (tiles are projected in several threads at once). On a GPU they belong to the stream they were
+        made on: a thread that changes streams gets new ones, so no buffer is shared between streams."""
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        held = getattr(self._thread, "workspace", None)
+        if held is None or held[0] != stream or len(held[1][0]) < n:
+            rows = n if held is None or held[0] != stream else max(n, len(held[1][0]))
+            held = (stream, self.projector.workspace(rows, self.device))
+            self._thread.workspace = held
+        return held[1]
+
     @torch.no_grad()
     def _project(self, vectors: np.ndarray, band_major: bool, dtype: str = "float32",
                  out: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,21 +108,13 @@ class AetherEmbedder:
         if out is None:
             out = torch.empty((self.latent_dim, n) if band_major else (n, self.latent_dim),
                               dtype=getattr(torch, dtype))
-        autocast = _AUTOCAST.get(self.precision)
-        if autocast is None:  # fp32: the fused projector, into buffers reused batch after batch
-            batch = min(self.batch_px, n)
-            workspace = self.projector.workspace(batch, self.device)
-            latent = torch.empty((batch, self.latent_dim), device=self.device)
+        latent = torch.empty((min(self.batch_px, n), self.latent_dim), device=self.device)
         for start in range(0, n, self.batch_px):
             x = torch.from_numpy(vectors[start:start + self.batch_px]).to(self.device, non_blocking=True)
-            if autocast is None:
-                z = self.projector.forward_into(x, workspace, latent[:len(x)])
-            else:
-                with torch.autocast(self.device.type, dtype=autocast):
-                    z = self.projector.head(x)
-                z = F.normalize(z.float(), dim=1)
-            z = _ENCODE.get(dtype, lambda v: v.to(out.dtype))(z)
-            z = z.cpu()
+            with stage("project"):
+                z = self.project_on_device(x, latent[:len(x)])
+            with stage("quantize"):
+                z = encode_latent(z, dtype).cpu()
             if band_major:
                 out[:, start:start + len(z)] = z.T
             else:
@@ -183,6 +214,13 @@ class AetherEmbedder:
         out = np.full(data.shape[:2] + (self.latent_dim,), np.nan, dtype=np.float32)
         out[ok] = self.project(means[ok])
         return out
+
+
+def encode_latent(z: torch.Tensor, dtype: str) -> torch.Tensor:
+    """(N, latent) float32 unit vectors as an output of `dtype` stores them: int8 and int16 codes
+    (aether.alphaearth), float16 or float32 values; on z's device."""
+    encode = _ENCODE.get(dtype)
+    return encode(z) if encode is not None else z.to(getattr(torch, dtype))
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:

@@ -36,7 +36,8 @@ from aether.errors import AetherError, first_line
 from aether.files import check_inputs_kept, output_lock, raise_if_disk_full, temp_file_beside
 from aether.journal import Journal, partial_paths
 from aether.pooling import window_means
-from aether.raster import (ZSTD_LEVEL, RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels, open_raster,
+from aether.stages import stage
+from aether.raster import (ZSTD_LEVEL, RasterInfo, decode_pixels, geotiff_layout, output_block_px, implausible_pixels, invalid_pixels, open_raster,
                            raster_files, read_bands)
 from aether.streaming import run_pipeline
 
@@ -48,7 +49,6 @@ POOLINGS = ("window", "pixel")
 TILE_PX = 512
 MAX_TILE_PX = 4096  # largest --tile: a 4,096-pixel int8 tile is 1 GiB in and 2 GiB out, and several are in flight
 STRIP_PX = 32768  # pixels of a tile pooled and projected at a time (8 MiB of float32 means)
-OUTPUT_BLOCK_PX = 256
 GDAL_CACHE_MB = 64
 CHECKPOINT_S = 5.0  # how often finished tiles are made durable for --resume
 
@@ -104,11 +104,12 @@ class PooledTileReader:
         def read(tile: Tile):
             src = getattr(local, "src", None)
             if src is None:  # a GDAL dataset is used by one thread at a time
-                src = local.src = rasterio.open(self.info.path, NUM_THREADS="ALL_CPUS" if readers == 1 else 1)
+                src = local.src = rasterio.open(self.info.path)
                 handles.append(src)
             rows = slice(tile.row0, tile.row0 + tile.height)
             hx, hy = int(self.rx[rows].max()), int(self.ry[rows].max())
-            bands = _read_with_halo(src, self.info, tile, hx, hy)
+            with stage("decode"):
+                bands = _read_with_halo(src, self.info, tile, hx, hy)
             odd = implausible_pixels(bands[:, hy:hy + tile.height, hx:hx + tile.width], self.info, axis=0)
             return (bands, self.rx[rows], self.ry[rows], hx, hy), odd  # odd: the tile's own, each pixel once
 
@@ -148,13 +149,15 @@ class PooledTileReader:
         step = height if strip_px is None else max(1, strip_px // width)
         for start in range(0, height, step):
             stop = min(height, start + step)
-            if self.pooling == "window":  # the strip's own summed-area tables: a few MiB, not the tile's ~70
-                yield (start, stop, *window_means(bands[:, start:stop + 2 * hy], self.info, rx_rows[start:stop],
-                                                  ry_rows[start:stop], hx, hy))
-                continue
-            pixels = bands[:, start:stop].transpose(1, 2, 0)
-            valid = ~invalid_pixels(pixels, self.info)
-            yield start, stop, unit_rows(decode_pixels(pixels, ~valid, self.info)), valid
+            with stage("pool"):
+                if self.pooling == "window":  # the strip's own summed-area tables: a few MiB, not the tile's ~70
+                    means, valid = window_means(bands[:, start:stop + 2 * hy], self.info, rx_rows[start:stop],
+                                                ry_rows[start:stop], hx, hy)
+                else:
+                    pixels = bands[:, start:stop].transpose(1, 2, 0)
+                    valid = ~invalid_pixels(pixels, self.info)
+                    means = unit_rows(decode_pixels(pixels, ~valid, self.info))
+            yield start, stop, means, valid
 
     def latent(self, data) -> tuple[torch.Tensor, np.ndarray]:
         """(latent, h * w) AETHER vectors (zeros where invalid) and the flat valid mask of one tile."""
@@ -175,6 +178,17 @@ class PooledTileReader:
             if invalid.any():
                 rows[invalid] = NODATA[dtype]
         return block.numpy().reshape(height, width, -1)
+
+
+def tile_computer(reader: PooledTileReader):
+    """What computes a tile's output block (`block(data, dtype)`): on a GPU the torch path
+    (`aether.device_tiles`: pooling, projection and quantization on the device), on a CPU the
+    NumPy pooling with the projector (as fast or faster there: measured in the README)."""
+    if reader.embedder.device.type == "cpu":
+        return reader.block
+    from aether.device_tiles import DeviceTileComputer
+
+    return DeviceTileComputer(reader.embedder, reader.info, reader.pooling).block
 
 
 class _TileWriter:
@@ -306,7 +320,8 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), tile_workers(embedder.device, tile_px, dtype) as threads:
             writer = _TileWriter(partial, info, journal, done, bar, checkpoint_s, first_row, threads.compress)
-            run_pipeline(lambda: reader.produce(todo, threads.read), lambda tile, data: reader.block(data, dtype),
+            compute = tile_computer(reader)
+            run_pipeline(lambda: reader.produce(todo, threads.read), lambda tile, data: compute(data, dtype),
                          writer, workers=threads.compute)
             writer.checkpoint()
             writer.dst.close()
@@ -361,14 +376,14 @@ def tile_workers(device: torch.device, tile_px: int = TILE_PX, dtype: str = "int
     computed per PyTorch thread (as many as the memory budget TILES_IN_FLIGHT_MIB holds), each
     with one PyTorch thread, so the single-threaded NumPy pooling runs on every core too, and no
     OpenMP thread spins at a barrier while GDAL's threads hold its core; a quarter of the cores
-    decode and compress. PyTorch's thread count is the process's: overlapping runs (threads of a
+    (two at least) decode, a quarter compress. PyTorch's thread count is the process's: overlapping runs (threads of a
     Dask worker) share one saved value, restored when the last ends. On a GPU: a few tiles in
     flight, each on its own CUDA stream, and the cores decode and compress."""
     global _threads_users, _threads_saved
     cores = usable_cores()
     budget = max(1, int(TILES_IN_FLIGHT_MIB // tile_mib(tile_px, dtype)))
     if device.type != "cpu":
-        yield Threads(compute=min(3, budget), read=max(1, cores // 2), compress=max(1, cores // 2))
+        yield Threads(compute=min(3, budget), read=read_threads(device), compress=max(1, cores // 2))
         return
     with _threads_lock:
         if _threads_users == 0:
@@ -377,12 +392,18 @@ def tile_workers(device: torch.device, tile_px: int = TILE_PX, dtype: str = "int
         _threads_users += 1
         threads = _threads_saved
     try:
-        yield Threads(compute=max(1, min(threads, budget)), read=max(1, cores // 4), compress=max(1, cores // 4))
+        yield Threads(compute=max(1, min(threads, budget)), read=read_threads(device), compress=max(1, cores // 4))
     finally:
         with _threads_lock:
             _threads_users -= 1
             if _threads_users == 0:
                 torch.set_num_threads(_threads_saved)
+
+
+def read_threads(device: torch.device) -> int:
+    """Tiles decoded at once: half the cores beside a GPU (the CPU has nothing else to do), else a
+    quarter; two at least."""
+    return max(2, usable_cores() // (2 if device.type != "cpu" else 4))
 
 
 def check_tile_px(tile_px: int) -> None:
@@ -430,13 +451,6 @@ def finished_output(out: Path, run_tag: str) -> bool:
             return src.tags().get("AETHER_RUN") == run_tag
     except rasterio.errors.RasterioIOError:
         return False
-
-
-def output_block_px(tile_px: int) -> int:
-    """The largest GeoTIFF block side (a multiple of 16, at most 512) that divides the tile side."""
-    if tile_px % OUTPUT_BLOCK_PX == 0:
-        return OUTPUT_BLOCK_PX
-    return next(b for b in range(min(tile_px, 512), 15, -16) if tile_px % b == 0)
 
 
 def check_output_file(out: Path, source: str | None = None, ckpt: str | None = None) -> None:

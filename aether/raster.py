@@ -213,6 +213,7 @@ def gdal_path(path: str) -> str:
 
 
 ZSTD_LEVEL = 1  # of the GeoTIFFs AETHER writes
+OUTPUT_BLOCK_PX = 256
 
 
 def geotiff_layout(dtype: str, block_px: int) -> dict:
@@ -226,6 +227,13 @@ def geotiff_layout(dtype: str, block_px: int) -> dict:
     if dtype != "int8":
         layout["predictor"] = {"float32": 3, "int16": 2}.get(dtype, 1)
     return layout
+
+
+def output_block_px(tile_px: int) -> int:
+    """The largest GeoTIFF block side (a multiple of 16, at most 512) that divides the tile side."""
+    if tile_px % OUTPUT_BLOCK_PX == 0:
+        return OUTPUT_BLOCK_PX
+    return next(b for b in range(min(tile_px, 512), 15, -16) if tile_px % b == 0)
 
 
 def local_absolute(path: str) -> str:

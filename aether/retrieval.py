@@ -37,7 +37,8 @@ from aether.errors import AetherError
 from aether.files import (atomic_write, atomic_write_text, check_inputs_kept, folder_lock, raise_if_disk_full,
                           temp_file_beside)
 from aether.embedder import AetherEmbedder
-from aether.inference import TILE_PX, PooledTileReader, Tile, check_output_folder, check_tile_px, input_files, tile_grid
+from aether.inference import (TILE_PX, PooledTileReader, Tile, check_output_folder, check_tile_px, input_files,
+                              read_threads, tile_computer, tile_grid)
 from aether.inference_at_scale import BAND_PX, row_bands
 from aether.raster import RasterInfo, ground_distances_m, local_absolute, open_raster, read_vectors
 from aether.streaming import run_pipeline
@@ -253,7 +254,19 @@ class _Scoring:
         info = self.info
         if self.reader is not None:
             self.reader.implausible = 0  # each pass reads every tile: report one pass's count
-            return (lambda: self.reader.produce(self.tiles)), self.reader.latent
+            def produce():
+                return self.reader.produce(self.tiles, read_threads(self.embedder.device))
+
+            if self.embedder.device.type == "cpu":
+                return produce, self.reader.latent
+            block = tile_computer(self.reader)  # pooled and projected on the GPU
+
+            def latent_on_device(data):
+                z = torch.from_numpy(block(data, "float32")).reshape(-1, self.embedder.latent_dim)
+                valid = ~torch.isnan(z[:, 0])
+                return torch.nan_to_num(z).T, valid.numpy()
+
+            return produce, latent_on_device
 
         def produce():
             with rasterio.open(info.path, NUM_THREADS="ALL_CPUS") as src:

@@ -1,21 +1,30 @@
-"""Inference benchmark on generated 2048 x 2048 x 64 (and 4096 x 4096) int8 rasters, for both
-architectures (aether: the paper's projector, the default; mlp).
+"""Inference benchmark: generated N x N x 64 int8 AlphaEarth rasters (spatially smooth, so the
+output compresses as real AETHER rasters do) to int8 AETHER rasters, on one device.
 
-Prints, in one run: end-to-end pixels/s with the default options (window pooling, int8 output,
-precision auto) for each architecture; the compute floor (the projector alone on in-memory
-tensors, same precision) of each, and their ratio of time per pixel against their ratio of
-matrix work (123,777 / 49,536 weights = 2.5); the I/O floor (read the input and write an output
-of the same shape, no compute); and peak memory (each end-to-end run in a fresh process).
+Prints, in one run, for the machine it runs on:
+- end to end with the default options (window pooling, int8 output, precision auto), each in a
+  fresh process: seconds, pixels/s, peak host memory (and GPU memory on CUDA), and the
+  CPU-seconds of each stage (decode, pool, project, quantize, encode, write) summed over threads;
+- with `--baseline DIR` (another checkout, e.g. `git worktree add /tmp/base <commit>`) the same
+  end-to-end case run by that checkout's code, for a same-run comparison;
+- the compute floor: pooling-free projection and quantization of unit vectors already on the
+  device, and the same from host arrays (transfers included);
+- the I/O floor: decode the input and compress and write an output of the same shape and
+  compressibility, with the thread counts the pipeline uses, no compute.
 
-    python benchmarks/bench_inference.py [--sizes 2048 4096] [--archs aether mlp]
+    python benchmarks/bench_inference.py [--device auto|cpu|cuda] [--sizes 2048 4096 8192]
+        [--archs aether mlp] [--baseline DIR]
 
-Targets (2 cores): end-to-end >= 0.6 x the compute floor; peak memory < 1 GiB at both sizes;
-the aether projector's time per pixel within 2.5 x the mlp's.
+Targets: on one H200 with 16 cores, >= 10 M px/s end to end at 4096 (or within 1.3 x of the
+I/O floor where that binds), >= 4 M px/s on its 16 cores; host memory < 2 GiB at 4096 and 8192;
+on 2 cores, no slower than the baseline commit in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +36,7 @@ import numpy as np
 from common import OUT, generated_raster, machine, peak_rss_mib
 
 ARCHS = ("aether", "mlp")
-WORK_RATIO = 123_777 / 49_536  # weights (multiply-adds per pixel) of the aether AE projector over the mlp's
+STAGES = ("decode", "pool", "project", "quantize", "encode", "write")
 
 
 def checkpoint(arch: str = "aether") -> Path:
@@ -38,7 +47,7 @@ def checkpoint(arch: str = "aether") -> Path:
     from aether.config import Config
     from aether.model import AetherModel
 
-    OUT.mkdir(exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"bench_ckpt_{arch}.pt"
     if not path.exists():
         torch.manual_seed(0)
@@ -51,104 +60,170 @@ def checkpoint(arch: str = "aether") -> Path:
     return path
 
 
-def end_to_end(size: int, arch: str) -> dict:
+def process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def end_to_end(size: int, arch: str, device: str) -> dict:
+    """One default run of `embed_raster`, in this (fresh) process."""
+    import torch
+
     from aether.inference import embed_raster
 
-    src = generated_raster(size)
+    src, ckpt = generated_raster(size), checkpoint(arch)
+    try:
+        from aether.stages import measure
+    except ImportError:  # a baseline checkout from before stage counting
+        import contextlib
+        measure = contextlib.nullcontext
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
-        t0 = time.perf_counter()
-        embed_raster(str(src), str(checkpoint(arch)), str(Path(tmp) / "out.tif"), progress=False)
+        cpu0, t0 = process_cpu_s(), time.perf_counter()
+        with measure() as stages:
+            out = embed_raster(str(src), str(ckpt), str(Path(tmp) / "out.tif"), progress=False, device=device)
         seconds = time.perf_counter() - t0
-    return {"size": size, "arch": arch, "seconds": seconds, "px_per_s": size * size / seconds,
-            "peak_mib": peak_rss_mib()}
+        result = {"size": size, "arch": arch, "seconds": seconds, "px_per_s": size * size / seconds,
+                  "peak_mib": peak_rss_mib(), "cpu_s": process_cpu_s() - cpu0, "stages": dict(stages or {}),
+                  "output_mib": Path(out).stat().st_size / 2**20}
+    if torch.cuda.is_available() and device != "cpu":
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
-def compute_floor(arch: str, precision: str = "auto", n_px: int = 2048 * 2048) -> float:
-    """Pixels/s of the projector alone on in-memory unit vectors, (N, 64) -> (N, 128), the faster
-    of: as embed_raster runs it (tile_workers threads at once, on a CPU one PyTorch thread each),
-    and one call with all of PyTorch's threads."""
+def run_case(size: int, arch: str, device: str, code: Path | None = None) -> dict:
+    """`end_to_end` in a fresh process, with this checkout's code or that of `code`."""
+    env = dict(os.environ)
+    if code is not None:
+        env["AETHER_BENCH_CODE"] = str(code)
+    out = subprocess.run([sys.executable, __file__, "--case", str(size), arch, device], capture_output=True,
+                         text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"the {size} x {size} {arch} case failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compute_floor(arch: str, device: str, n_px: int = 2048 * 2048) -> tuple[float, float]:
+    """Pixels/s of projection and int8 quantization alone: (vectors already on the device, from
+    host arrays with the transfers). On a CPU both run as the pipeline does, one tile per thread."""
+    import torch
     from concurrent.futures import ThreadPoolExecutor
 
-    from aether.embedder import AetherEmbedder
+    from aether.embedder import AetherEmbedder, encode_latent
     from aether.inference import tile_workers
 
-    embedder = AetherEmbedder(checkpoint(arch), precision=precision)
+    embedder = AetherEmbedder(checkpoint(arch), device=device)
     x = np.random.default_rng(0).standard_normal((n_px, 64)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    embedder.project(x[:65536])  # warm-up
-    t0 = time.perf_counter()
-    embedder.project(x)
-    best = n_px / (time.perf_counter() - t0)
-    with tile_workers(embedder.device) as workers, ThreadPoolExecutor(workers) as pool:
-        parts = np.array_split(x, workers)
-        list(pool.map(embedder.project, [p[:65536] for p in parts]))  # warm-up
+    with tile_workers(embedder.device) as threads:
+        parts = np.array_split(x, max(threads.compute, 1) if embedder.device.type == "cpu" else 1)
+
+        def on_device(part: torch.Tensor) -> None:
+            encode_latent(embedder.project_on_device(part), "int8")
+
+        resident = [torch.from_numpy(p).to(embedder.device) for p in parts]
+        timings = []
+        for work, inputs in ((on_device, resident), (lambda p: embedder.project_pixels(p, "int8"), parts)):
+            with ThreadPoolExecutor(len(parts)) as pool:
+                list(pool.map(work, [p[:65536] for p in inputs]))  # warm-up
+                if embedder.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                list(pool.map(work, inputs))
+                if embedder.device.type == "cuda":
+                    torch.cuda.synchronize()
+                timings.append(n_px / (time.perf_counter() - t0))
+    return timings[0], timings[1]
+
+
+def io_floor(size: int, device: str) -> float:
+    """Pixels/s to decode the input and compress and write an int8 output of 128 bands, tile by
+    tile with the pipeline's reader and writer threads, no compute. The output is a real AETHER
+    tile's block repeated, so it compresses as real output does."""
+    from aether.block_writer import BlockFile, create_sparse
+    from aether.embedder import AetherEmbedder
+    from aether.inference import TILE_PX, PooledTileReader, tile_grid, tile_workers
+    from aether.raster import ZSTD_LEVEL, geotiff_layout, open_raster
+    from aether.streaming import run_pipeline
+    from aether.training import pick_device
+
+    info = open_raster(str(generated_raster(size)))
+    embedder = AetherEmbedder(checkpoint("aether"), device="cpu")
+    reader = PooledTileReader(info, embedder, "window")
+    tiles = tile_grid(info, TILE_PX)
+    sample = reader.block(next(reader.produce(tiles[:1]))[1], "int8")
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp, tile_workers(pick_device(device)) as threads:
+        path = Path(tmp) / "io.tif"
+        create_sparse(path, dict(driver="GTiff", width=size, height=size, count=128, dtype="int8", nodata=-128,
+                                 crs=info.crs, transform=info.transform, **geotiff_layout("int8", 256)),
+                      [f"E{i:03d}" for i in range(128)], {})
+        out = BlockFile(path, ZSTD_LEVEL, threads.compress)
         t0 = time.perf_counter()
-        list(pool.map(embedder.project, parts))
-        return max(best, n_px / (time.perf_counter() - t0))
-
-
-def io_floor(size: int) -> float:
-    """Pixels/s to read the input and write a same-shaped int8 output (128 bands), no compute."""
-    import rasterio
-    from rasterio.windows import Window
-
-    from aether.raster import open_raster, read_pixels
-
-    src_path = generated_raster(size)
-    info = open_raster(str(src_path))
-    rng = np.random.default_rng(0)
-    fake = rng.integers(-127, 128, (128, 512, 512), dtype=np.int8)  # incompressible like real output
-    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
-        profile = dict(driver="GTiff", width=size, height=size, count=128, dtype="int8", nodata=-128,
-                       crs=info.crs, transform=info.transform, tiled=True, blockxsize=256, blockysize=256,
-                       compress="zstd", zstd_level=1, interleave="pixel")
-        t0 = time.perf_counter()
-        with rasterio.open(src_path, NUM_THREADS="ALL_CPUS") as src, rasterio.open(Path(tmp) / "io.tif", "w", **profile) as dst:
-            for r in range(0, size, 512):
-                for c in range(0, size, 512):
-                    read_pixels(src, Window(c, r, 512, 512), info)
-                    dst.write(fake, window=Window(c, r, 512, 512))
+        run_pipeline(lambda: reader.produce(tiles, threads.read), lambda tile, data: sample[:tile.height, :tile.width],
+                     lambda tile, block: out.write(block, tile.row0, tile.col0))
+        out.close()
         return size * size / (time.perf_counter() - t0)
+
+
+def stage_line(r: dict) -> str:
+    stages = r.get("stages") or {}
+    if not stages:
+        return "CPU-s by stage: not counted by this code"
+    parts = ", ".join(f"{name} {stages.get(name, 0.0):.1f}" for name in STAGES)
+    return f"CPU-s by stage: {parts}; all threads {r['cpu_s']:.1f}"
+
+
+def describe_device(device: str) -> str:
+    import torch
+
+    from aether.training import pick_device
+
+    d = pick_device(device)
+    if d.type == "cuda":
+        return f"{torch.cuda.get_device_name(d)} (CUDA {torch.version.cuda}), PyTorch {torch.__version__}"
+    return f"CPU, {torch.get_num_threads()} PyTorch threads, PyTorch {torch.__version__}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
-    parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", type=Path, help="another checkout whose code runs the same end-to-end cases")
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(end_to_end(int(args.case[0]), args.case[1])))
+        print(json.dumps(end_to_end(int(args.case[0]), args.case[1], args.case[2])))
         return
     print(f"machine: {machine()}")
+    print(f"device: {describe_device(args.device)}", flush=True)
     runs = {}
     for size in args.sizes:
-        generated_raster(size)
+        src = generated_raster(size)
+        print(f"input {size} x {size}: {src.stat().st_size / 2**20:,.0f} MiB ({src.stat().st_size / (size * size * 64):.0%} "
+              f"of its raw size)", flush=True)
         for arch in args.archs:
             checkpoint(arch)
-            out = subprocess.run([sys.executable, __file__, "--case", str(size), arch], capture_output=True, text=True,
-                                 check=True)
-            runs[size, arch] = r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"end-to-end {size} x {size}, {arch}: {r['seconds']:.2f} s, {r['px_per_s']:,.0f} px/s, "
-                  f"peak memory {r['peak_mib']:.0f} MiB", flush=True)
-    from aether.embedder import resolve_precision
-    import torch
-
-    default = resolve_precision("auto", torch.device("cpu"))
-    other = "bf16" if default == "fp32" else "fp32"
+            runs[size, arch] = r = run_case(size, arch, args.device)
+            gpu = f", GPU memory {r['gpu_peak_mib']:,.0f} MiB" if "gpu_peak_mib" in r else ""
+            print(f"end to end {size} x {size}, {arch}: {r['seconds']:.2f} s, {r['px_per_s']:,.0f} px/s, "
+                  f"peak host memory {r['peak_mib']:,.0f} MiB{gpu}, output {r['output_mib']:,.0f} MiB", flush=True)
+            print(f"    {stage_line(r)}", flush=True)
+            if args.baseline is not None:
+                b = run_case(size, arch, args.device, args.baseline.resolve())
+                print(f"    baseline {args.baseline}: {b['seconds']:.2f} s, {b['px_per_s']:,.0f} px/s, peak "
+                      f"{b['peak_mib']:,.0f} MiB, output {b['output_mib']:,.0f} MiB; this code / baseline: "
+                      f"{r['px_per_s'] / b['px_per_s']:.2f} x", flush=True)
     floors = {}
     for arch in args.archs:
-        floors[arch] = compute_floor(arch, default)
-        print(f"compute floor, {arch} (projector alone, default precision {default}): {floors[arch]:,.0f} px/s")
-        print(f"compute floor, {arch} ({other}): {compute_floor(arch, other):,.0f} px/s", flush=True)
-    if set(ARCHS) <= set(floors):
-        ratio = floors["mlp"] / floors["aether"]
-        print(f"time per pixel, aether / mlp: {ratio:.2f} (matrix work {WORK_RATIO:.2f}; target <= {WORK_RATIO:.2f})")
-    size = args.sizes[0]
-    print(f"I/O floor {size} x {size} (read input, write int8 output, no compute): {io_floor(size):,.0f} px/s")
-    for arch in args.archs:
-        print(f"end-to-end / compute floor at {size}, {arch}: {runs[size, arch]['px_per_s'] / floors[arch]:.2f} "
-              f"(target >= 0.6)")
+        resident, host = floors[arch] = compute_floor(arch, args.device)
+        print(f"compute floor, {arch} (project + quantize): {resident:,.0f} px/s on device-resident vectors, "
+              f"{host:,.0f} px/s from host arrays", flush=True)
+    for size in args.sizes:
+        io = io_floor(size, args.device)
+        print(f"I/O floor {size} x {size} (decode, compress and write with the pipeline's threads): {io:,.0f} px/s")
+        for arch in args.archs:
+            floor = min(io, floors[arch][1])
+            print(f"    {arch}: end to end / lower floor = {runs[size, arch]['px_per_s'] / floor:.2f}")
 
 
 if __name__ == "__main__":

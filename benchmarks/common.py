@@ -1,6 +1,7 @@
 """Shared helpers for the benchmarks: a generated AlphaEarth-like int8 raster, peak memory."""
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -11,7 +12,8 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the code measured: this checkout's, or another's (bench_inference.py --baseline)
+sys.path.insert(0, os.environ.get("AETHER_BENCH_CODE", str(Path(__file__).resolve().parents[1])))
 
 from aether.alphaearth import N_BANDS, band_names, quantize  # noqa: E402
 
@@ -19,16 +21,19 @@ OUT = Path(__file__).resolve().parent / "out"
 ORIGIN = (380000.0, 6690000.0)
 
 
-def generated_raster(size_px: int, seed: int = 0) -> Path:
+NOISE = 0.1  # per-pixel noise on the smooth field: neighbouring pixels' cosine about 0.95
+
+
+def generated_raster(size_px: int, seed: int = 0, noise: float = NOISE) -> Path:
     """A size x size x 64 int8 AlphaEarth-encoded GeoTIFF (10 m, EPSG:32635), cached in benchmarks/out.
 
-    Values: a smooth random field (features ~80 m across, as fields and blocks are)
-    plus per-pixel noise, normalised to unit length, so the file compresses about as
-    poorly as real embeddings do. Stored like the Cloud Storage COGs: int8, nodata
-    -128, 256 x 256 tiles, DEFLATE, pixel-interleaved.
+    Values: a smooth random field (features ~80 m across, as fields and blocks are) plus
+    per-pixel noise of `noise` (0.35 makes a file that barely compresses), normalised to unit
+    length. Stored like the Cloud Storage COGs: int8, nodata -128, 256 x 256 tiles, DEFLATE,
+    pixel-interleaved.
     """
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"ae_{size_px}_int8.tif"
+    path = OUT / (f"ae_{size_px}_int8.tif" if noise == 0.35 else f"ae_{size_px}_int8_noise{noise:g}.tif")
     if path.exists():
         return path
     rng = np.random.default_rng(seed)
@@ -50,7 +55,7 @@ def generated_raster(size_px: int, seed: int = 0) -> Path:
             top = coarse[:, i0][:, :, c0] * (1 - fc) + coarse[:, i0][:, :, c0 + 1] * fc
             bottom = coarse[:, i0 + 1][:, :, c0] * (1 - fc) + coarse[:, i0 + 1][:, :, c0 + 1] * fc
             block = top * (1 - fr) + bottom * fr
-            block += 0.35 * rng.standard_normal(block.shape, dtype=np.float32)
+            block += noise * rng.standard_normal(block.shape, dtype=np.float32)
             block /= np.linalg.norm(block, axis=0, keepdims=True)
             dst.write(quantize(block), window=Window(0, r0, size_px, 256))
         for i, name in enumerate(band_names(), start=1):
@@ -74,7 +79,6 @@ def peak_rss_mib() -> float:
 
 
 def machine() -> str:
-    import os
     import platform
 
     model = "unknown CPU"
