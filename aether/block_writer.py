@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,7 +66,10 @@ class BlockFile:
         self.level = level
         self._local = threading.local()
         self._zstd = zstandard
-        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="compress")
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="compress")
+        self._pending: deque = deque()  # blocks being compressed and appended, oldest first
+        self._lock = threading.Lock()  # the file's end and `_index`
         self._index: dict[int, tuple[int, int]] = {}  # block -> (offset, size) not yet in the file's index
 
     def _read_layout(self) -> None:
@@ -144,27 +148,40 @@ class BlockFile:
 
     def write(self, array: np.ndarray, row0: int, col0: int) -> None:
         """Write the pixel-major (h, w, count) `array` with its top-left pixel at (row0, col0) of the
-        file: whole blocks, or blocks that reach the raster's right or bottom edge."""
+        file: whole blocks, or blocks that reach the raster's right or bottom edge. Its blocks are
+        compressed and appended in the background (at most twice `threads` blocks wait), so the
+        caller goes on with the next window; `sync` waits for them, and raises what failed."""
         h, w, count = array.shape
         if row0 % self.block_h or col0 % self.block_w or count != self.count:
             raise ValueError(f"a window of {count} bands at ({row0}, {col0}) is not whole blocks of {self.path}")
-        jobs = []
         for r in range(0, h, self.block_h):
             for c in range(0, w, self.block_w):
                 index = (row0 + r) // self.block_h * self.blocks_across + (col0 + c) // self.block_w
                 block = array[r:r + self.block_h, c:c + self.block_w]
-                jobs.append((index, self._pool.submit(self._encode, block)))
-        for index, job in jobs:
-            data = job.result()
-            with stage("write"):
-                os.pwrite(self.fd, data, self.end)
-            self._index[index] = (self.end, len(data))
+                self._pending.append(self._pool.submit(self._append, index, block))
+        self._wait(keep=2 * self.threads)
+
+    def _append(self, index: int, block: np.ndarray) -> None:
+        """Compress one block and append it to the file (in a compressing thread)."""
+        data = self._encode(block)
+        with self._lock:
+            offset = self.end
             self.end += len(data)
-        if not self.big and self.end >= 2**32:
+        if not self.big and offset + len(data) >= 2**32:
             raise AetherError(f"{self.path} grew past 4 GiB, the most a classic TIFF can hold")
+        with stage("write"):
+            os.pwrite(self.fd, data, offset)
+        with self._lock:
+            self._index[index] = (offset, len(data))
+
+    def _wait(self, keep: int = 0) -> None:
+        """Wait until at most `keep` blocks are still being compressed or written; raise what failed."""
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
 
     def sync(self) -> None:
         """Make every block written so far durable: the data, then the block index pointing at it."""
+        self._wait()
         if not self._index:
             return
         os.fsync(self.fd)
