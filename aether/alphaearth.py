@@ -3,8 +3,8 @@
 The annual Satellite Embedding product has 64 bands (A00..A63); each pixel is a
 unit-length vector. The Cloud Storage COGs store it as signed int8 with
 q = round(127.5 * sign(x) * sqrt(|x|)), nodata -128, de-quantized as
-x = sign(q) * (q / 127.5) ** 2. Data: CC-BY 4.0, "AlphaEarth Foundations Satellite
-Embedding dataset, Google / Google DeepMind".
+x = sign(q) * (q / 127.5) ** 2. Data: CC-BY 4.0, with the attribution text Google's
+README of the bucket requires (ATTRIBUTION).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ QUANT_SCALE = 127.5
 INT16_SCALE = 32767.0  # AETHER's own int16 output (not an AlphaEarth format): value = q / 32767
 NODATA_INT16 = -32768
 MAX_ABS_VALUE = 1e3  # a unit vector's components lie in [-1, 1]: a float pixel beyond this (or inf) is no embedding
-ATTRIBUTION = "AlphaEarth Foundations Satellite Embedding dataset, Google / Google DeepMind (CC-BY 4.0)"
+ATTRIBUTION = "The AlphaEarth Foundations Satellite Embedding dataset is produced by Google and Google DeepMind."
+LICENSE = "CC-BY 4.0"
 
 
 def band_names(n_bands: int = N_BANDS, prefix: str = "A", digits: int = 2) -> list[str]:

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import re
 import threading
+import time
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
 class RangeServer:
-    """Serves the files of `root` at http://127.0.0.1:PORT/NAME; `bytes_sent` and `requests` count traffic."""
+    """Serves the files of `root` at http://127.0.0.1:PORT/NAME; `bytes_sent` and `requests` count traffic
+    (`bytes_by_path` per file). Files carry an ETag and Last-Modified, and a GET with a matching
+    If-None-Match is answered 304; `delay_s` slows every GET down (to interrupt a client mid-way)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.bytes_sent = 0
         self.requests: list[str] = []
+        self.bytes_by_path: dict[str, int] = {}
+        self.delay_s = 0.0
         self._lock = threading.Lock()
         server = self
 
@@ -34,14 +40,31 @@ class RangeServer:
                 self.send_response(200)
                 self.send_header("Content-Length", str(path.stat().st_size))
                 self.send_header("Accept-Ranges", "bytes")
+                self._validators(path)
                 self.end_headers()
+
+            def _validators(self, path: Path) -> str:
+                st = path.stat()
+                etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+                self.send_header("ETag", etag)
+                self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
+                return etag
 
             def do_GET(self):
                 path = self._file()
                 if path is None:
                     self.send_error(404)
                     return
-                size = path.stat().st_size
+                time.sleep(server.delay_s)
+                st = path.stat()
+                if self.headers.get("If-None-Match") == f'"{st.st_size:x}-{st.st_mtime_ns:x}"':
+                    self.send_response(304)
+                    self._validators(path)
+                    self.end_headers()
+                    with server._lock:
+                        server.requests.append("not modified")
+                    return
+                size = st.st_size
                 match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
                 start, end = (0, size - 1) if match is None else (int(match[1]), int(match[2] or size - 1))
                 end = min(end, size - 1)
@@ -53,10 +76,13 @@ class RangeServer:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Accept-Ranges", "bytes")
+                self._validators(path)
                 self.end_headers()
                 self.wfile.write(body)
                 with server._lock:
                     server.bytes_sent += len(body)
+                    name = self.path.lstrip("/").split("?")[0]
+                    server.bytes_by_path[name] = server.bytes_by_path.get(name, 0) + len(body)
                     server.requests.append(self.headers.get("Range", "whole file"))
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
