@@ -7,13 +7,13 @@ what is finished. Without a cluster the same tasks run here, one after another.
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
 from aether.console import log
+from aether.devices import usable_cores
 from aether.errors import AetherError, first_line
 
 
@@ -27,15 +27,6 @@ def check_cluster_args(workers: int | None, scheduler: str | None) -> None:
                           f"may use; give at most {usable_cores()} (more machines: --scheduler with a Dask cluster)")
     if scheduler is not None and "://" not in scheduler:
         raise AetherError(f"--scheduler must be a Dask scheduler address such as tcp://HOST:8786, got {scheduler!r}")
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), which
-    bounds --workers: local worker processes beyond it only add memory and contention."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
 
 
 @contextmanager

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from aether.alphaearth import quantize_int16_torch, quantize_torch
 from aether.checkpoint import load_checkpoint, model_from_checkpoint, model_identity
+from aether.devices import pick_device, resolve_precision
 from aether.errors import AetherError
 from aether.files import file_sha256
 from aether.pooling import pool_points, window_means
@@ -34,8 +35,6 @@ class AetherEmbedder:
         self.ckpt_path = str(ckpt_path)
         self.ckpt = load_checkpoint(ckpt_path)
         model, self.cfg = model_from_checkpoint(self.ckpt)
-        from aether.training import pick_device
-
         self.device = pick_device(device)
         self.projector = model.ae.to(self.device).eval()
         self.text_projector = model.text.to(self.device).eval()
@@ -229,19 +228,3 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     norm = np.sqrt(np.einsum("...i,...i->...", vectors, vectors, dtype=np.float32))[..., None]
     np.divide(vectors, norm, out=vectors, where=norm > 0)
     return vectors
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 where it is fast (CUDA, or a CPU with AMX/AVX512-BF16), else fp32.
-
-    On CPUs without native bf16, autocast to bf16 is several times slower than fp32.
-    """
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "fp32"

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from aether.alphaearth import ATTRIBUTION, LICENSE, N_BANDS, NODATA_INT8, band_names
 from aether.block_writer import BlockFile, create_sparse
-from aether.cluster import usable_cores
 from aether.console import log
+from aether.devices import usable_cores
 from aether.errors import AetherError, first_line
 from aether.files import (atomic_write, atomic_write_text, check_inputs_kept, folder_lock, output_lock,
                           raise_if_disk_full)

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from aether.allocator import keep_tile_buffers
 from aether.block_writer import BlockFile, create_sparse
 from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, band_names
-from aether.cluster import usable_cores
 from aether.console import log
+from aether.devices import usable_cores
 from aether.embedder import AetherEmbedder, unit_rows
 from aether.errors import AetherError, first_line
 from aether.files import check_inputs_kept, output_lock, raise_if_disk_full, temp_file_beside

@@ -26,6 +26,7 @@ from aether.cluster import dask_client
 from aether.config import Config
 from aether.console import log
 from aether.dataset import PoiDataset, build_dataset
+from aether.devices import pick_device
 from aether.errors import AetherError
 from aether.files import atomic_write, check_inputs_kept, folder_lock
 from aether.loss import AetherLoss
@@ -49,21 +50,6 @@ RESUME_MUST_MATCH = (
 )
 # Config keys that shape the projectors: a checkpoint that training starts from (train.init_from) must have the same.
 INIT_MUST_MATCH = ("model.arch", "model.latent_dim", "model.hidden_dim", "model.gate")
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' is CUDA when present, else CPU; under torchrun each process takes GPU LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise AetherError("device cuda was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
-    if name == "cuda" and distributed.launched():
-        n_local, n_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
-        if n_gpus < n_local:
-            raise AetherError(f"torchrun started {n_local} processes on this machine but PyTorch sees {n_gpus} "
-                              f"CUDA GPUs (one each); use --nproc_per_node {n_gpus} or set train.device=cpu")
-        return torch.device("cuda", distributed.local_rank())
-    return torch.device(name)
 
 
 def check_writable_dir(path: Path, what: str) -> None:

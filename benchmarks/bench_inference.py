@@ -144,7 +144,7 @@ def io_floor(size: int, device: str) -> float:
     from aether.inference import TILE_PX, PooledTileReader, tile_grid, tile_workers
     from aether.raster import ZSTD_LEVEL, geotiff_layout, open_raster
     from aether.streaming import run_pipeline
-    from aether.training import pick_device
+    from aether.devices import pick_device
 
     info = open_raster(str(generated_raster(size)))
     embedder = AetherEmbedder(checkpoint("aether"), device="cpu")
@@ -175,7 +175,7 @@ def stage_line(r: dict) -> str:
 def describe_device(device: str) -> str:
     import torch
 
-    from aether.training import pick_device
+    from aether.devices import pick_device
 
     d = pick_device(device)
     if d.type == "cuda":

@@ -23,7 +23,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from aether.checkpoint import load_checkpoint
-from aether.cluster import usable_cores
+from aether.devices import usable_cores
 from aether.errors import AetherError
 from aether.poi import render_description
 from aether.pooling import pool_points
