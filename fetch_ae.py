@@ -12,7 +12,7 @@ from aether.cli import run
 
 
 def main() -> None:
-    from aether.fetch import CHECKPOINT_S, INDEX_URLS, TILE_PX
+    from aether.fetch import CHECKPOINT_S, INDEX_URLS, WINDOW_PX
 
     parser = argparse.ArgumentParser(description="Fetch AlphaEarth embeddings of one year for an area into a GeoTIFF.")
     area = parser.add_mutually_exclusive_group(required=True)
@@ -20,6 +20,9 @@ def main() -> None:
                       help="area in degrees (WGS84)")
     area.add_argument("--like", metavar="FILE",
                       help="the extent of a POI file or a raster, with the margin of the augmented window")
+    parser.add_argument("--margin-m", type=float, metavar="METRES",
+                        help="with --like: how far beyond the file's extent to fetch (default 95, the augmented "
+                             "window's radius data.aug_radius_m; give your config's if you changed it)")
     parser.add_argument("--year", type=int, required=True, help="year of the annual embeddings, e.g. 2024")
     parser.add_argument("--out", required=True,
                         help="output GeoTIFF, written atomically (with --per-zone: a folder)")
@@ -31,8 +34,8 @@ def main() -> None:
     parser.add_argument("--per-zone", action="store_true",
                         help="one GeoTIFF per UTM zone in the folder --out, with tiles.txt (a set of tiles training "
                              "takes) and mosaic.vrt, instead of warping other zones")
-    parser.add_argument("--tile", type=int, default=TILE_PX,
-                        help=f"window side in pixels read and written at a time (default {TILE_PX})")
+    parser.add_argument("--tile", type=int, default=WINDOW_PX,
+                        help=f"window side in pixels read and written at a time (default {WINDOW_PX})")
     parser.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_S, metavar="SECONDS",
                         help=f"how often finished windows are made durable for a rerun (default {CHECKPOINT_S:g} s)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -42,7 +45,8 @@ def main() -> None:
 
     out = fetch_alphaearth(args.out, args.year, bbox=args.bbox, like=args.like, source=args.source, crs=args.crs,
                            per_zone=args.per_zone, billing_project=args.billing_project, tile_px=args.tile,
-                           checkpoint_s=args.checkpoint_every, progress=not args.no_progress)
+                           checkpoint_s=args.checkpoint_every, progress=not args.no_progress,
+                           margin_m=args.margin_m)
     print(f"wrote {out}")
 
 

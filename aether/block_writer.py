@@ -10,6 +10,7 @@ kill at any moment leaves a valid GeoTIFF whose unwritten blocks read as nodata.
 """
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -24,7 +25,7 @@ from aether.errors import AetherError
 from aether.stages import stage
 
 TILE_OFFSETS, TILE_BYTE_COUNTS = 324, 325  # TIFF tags of the block index
-PREDICTOR_TAG, COMPRESSION_TAG = 317, 259
+PREDICTOR_TAG, COMPRESSION_TAG, PLANAR_TAG = 317, 259, 284
 ZSTD_COMPRESSION = 50000
 _TYPE_SIZE = {3: 2, 4: 4, 16: 8}  # SHORT, LONG, LONG8
 _TYPE_CODE = {2: "H", 4: "I", 8: "Q"}
@@ -99,14 +100,16 @@ class BlockFile:
                 if count * size > inline:
                     value_at = struct.unpack_from("<Q" if big else "<I", entries, at + (12 if big else 8))[0]
                 found[tag] = (value_at, size, count)
-            elif tag in (PREDICTOR_TAG, COMPRESSION_TAG):
+            elif tag in (PREDICTOR_TAG, COMPRESSION_TAG, PLANAR_TAG):
                 found[tag] = struct.unpack_from("<H", entries, at + (12 if big else 8))[0]
         if found.get(COMPRESSION_TAG) != ZSTD_COMPRESSION or TILE_OFFSETS not in found:
             raise AetherError(f"{self.path}: expected a tiled ZSTD GeoTIFF")
         self.offsets_at, self.offset_size, n_blocks = found[TILE_OFFSETS]
         self.counts_at, self.count_size, _ = found[TILE_BYTE_COUNTS]
         self.predictor = found.get(PREDICTOR_TAG, 1)
-        self.n_blocks = n_blocks
+        expected = self.blocks_across * -(-self.height // self.block_h)
+        if found.get(PLANAR_TAG, 1) != 1 or n_blocks != expected:
+            raise AetherError(f"{self.path}: expected one pixel-interleaved image of {expected} blocks")
 
     def _compressor(self):
         c = getattr(self._local, "compressor", None)
@@ -152,7 +155,10 @@ class BlockFile:
         compressed and appended in the background (at most twice `threads` blocks wait), so the
         caller goes on with the next window; `sync` waits for them, and raises what failed."""
         h, w, count = array.shape
-        if row0 % self.block_h or col0 % self.block_w or count != self.count:
+        ends = ((row0 + h) % self.block_h == 0 or row0 + h == self.height) and \
+               ((col0 + w) % self.block_w == 0 or col0 + w == self.width)
+        if row0 % self.block_h or col0 % self.block_w or count != self.count or not ends or \
+                row0 + h > self.height or col0 + w > self.width:
             raise ValueError(f"a window of {count} bands at ({row0}, {col0}) is not whole blocks of {self.path}")
         for r in range(0, h, self.block_h):
             for c in range(0, w, self.block_w):
@@ -169,28 +175,32 @@ class BlockFile:
             self.end += len(data)
         if not self.big and offset + len(data) >= 2**32:
             raise AetherError(f"{self.path} grew past 4 GiB, the most a classic TIFF can hold")
+        if len(data) >= 1 << (8 * self.count_size):
+            raise AetherError(f"a compressed block of {self.path} is {len(data):,} bytes, more than its block index holds")
         with stage("write"):
-            os.pwrite(self.fd, data, offset)
+            _write_all(self.fd, data, offset)
         with self._lock:
             self._index[index] = (offset, len(data))
 
     def _wait(self, keep: int = 0) -> None:
         """Wait until at most `keep` blocks are still being compressed or written; raise what failed."""
         while len(self._pending) > keep:
-            self._pending.popleft().result()
+            self._pending[0].result()  # tracked until done: an interrupt here leaves it to `sync` or `abandon`
+            self._pending.popleft()
 
     def sync(self) -> None:
         """Make every block written so far durable: the data, then the block index pointing at it."""
         self._wait()
-        if not self._index:
+        with self._lock:
+            written, self._index = self._index, {}
+        if not written:
             return
         os.fsync(self.fd)
         off_code, count_code = _TYPE_CODE[self.offset_size], _TYPE_CODE[self.count_size]
-        for index, (offset, size) in self._index.items():
-            os.pwrite(self.fd, struct.pack("<" + off_code, offset), self.offsets_at + index * self.offset_size)
-            os.pwrite(self.fd, struct.pack("<" + count_code, size), self.counts_at + index * self.count_size)
+        for index, (offset, size) in written.items():
+            _write_all(self.fd, struct.pack("<" + off_code, offset), self.offsets_at + index * self.offset_size)
+            _write_all(self.fd, struct.pack("<" + count_code, size), self.counts_at + index * self.count_size)
         os.fsync(self.fd)
-        self._index = {}
 
     def close(self) -> None:
         """Sync and close (idempotent)."""
@@ -209,3 +219,14 @@ class BlockFile:
             self._pool.shutdown(wait=True, cancel_futures=True)
             os.close(self.fd)
             self.fd = -1
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite all of `data` at `offset` (a short write, as on a nearly full disk, is continued, and
+    one that writes nothing is the disk being full)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n

@@ -36,6 +36,17 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def thread_budget() -> int:
+    """The threads this process should keep busy: its share where a launcher gave it one
+    (OMP_NUM_THREADS, which each local Dask worker of `aether.cluster` gets: the cores over the
+    workers), else every usable core."""
+    try:
+        share = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        share = 0
+    return min(share, usable_cores()) if share > 0 else usable_cores()
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """'auto' is bf16 where it is fast (CUDA, or a CPU with AMX/AVX512-BF16), else fp32.
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from aether.alphaearth import ATTRIBUTION, LICENSE, N_BANDS, NODATA_INT8, band_names
 from aether.block_writer import BlockFile, create_sparse
 from aether.console import log
-from aether.devices import usable_cores
+from aether.devices import thread_budget
 from aether.errors import AetherError, first_line
 from aether.files import (atomic_write, atomic_write_text, check_inputs_kept, folder_lock, output_lock,
                           raise_if_disk_full)
@@ -58,7 +58,7 @@ S3_MIRRORS = {"s3://us-west-2.opendata.source.coop/": "https://data.source.coop/
 INDEX_COLUMNS = ("path", "year", "crs", "utm_west", "utm_south", "utm_east", "utm_north",
                  "wgs84_west", "wgs84_south", "wgs84_east", "wgs84_north")
 PIXEL_M = 10.0  # AlphaEarth's pixel size
-TILE_PX = 1024  # output window read and written at a time (a 64-band int8 window is 64 MiB)
+WINDOW_PX = 1024  # output window read and written at a time (a 64-band int8 window is 64 MiB)
 GDAL_CACHE_MB = 512  # the source blocks of a row of windows, so neighbouring windows do not fetch them again
 CHECKPOINT_S = 5.0
 MAX_OUTPUT_BYTES = 64 * 2**30  # larger requests are refused: fetch pieces instead
@@ -70,8 +70,8 @@ WARP_TOLERANCE_PX = 1e-9
 
 
 @dataclass(frozen=True)
-class Tile:
-    """One row of the index: where the tile is and what it covers."""
+class SourceTile:
+    """One AlphaEarth tile, as a row of the index names it: where the tile is and what it covers."""
 
     path: str  # as the index names it
     url: str  # what GDAL opens
@@ -277,7 +277,7 @@ def tile_url(path: str, index: str) -> str:
     return f"/vsi{scheme}/" + path.split("://", 1)[1]
 
 
-def select_tiles(table, url: str, year: int, bbox: tuple[float, float, float, float]) -> list[Tile]:
+def select_tiles(table, url: str, year: int, bbox: tuple[float, float, float, float]) -> list[SourceTile]:
     """The tiles of `year` that meet `bbox` (WGS84), checked in each tile's own CRS; one line when
     the year is not in the index or no tile of it covers the box."""
     from rasterio.warp import transform_bounds
@@ -301,7 +301,7 @@ def select_tiles(table, url: str, year: int, bbox: tuple[float, float, float, fl
         bx0, by0, bx1, by1 = transform_bounds("EPSG:4326", crs, *bbox, densify_pts=21)
         if bx0 < bounds[2] and bx1 > bounds[0] and by0 < bounds[3] and by1 > bounds[1]:
             path = str(col["path"][i])
-            tiles.append(Tile(path, tile_url(path, url), year, crs, bounds,
+            tiles.append(SourceTile(path, tile_url(path, url), year, crs, bounds,
                               (float(w[i]), float(s[i]), float(e[i]), float(n[i]))))
     if not tiles:
         raise AetherError(f"no AlphaEarth tile of {year} covers the box {west:g} {south:g} {east:g} {north:g} "
@@ -336,7 +336,7 @@ def zone_share(crs: str, bbox: tuple[float, float, float, float]) -> float:
     return lon * lat
 
 
-def choose_crs(tiles: list[Tile], bbox, crs: str | None = None) -> tuple[CRS, str]:
+def choose_crs(tiles: list[SourceTile], bbox, crs: str | None = None) -> tuple[CRS, str]:
     """The output CRS and why: `crs` if given (a projected CRS in metres), else the CRS of the tiles
     whose UTM zone holds most of the box (ties: the first in EPSG order)."""
     if crs is not None:
@@ -356,7 +356,7 @@ def choose_crs(tiles: list[Tile], bbox, crs: str | None = None) -> tuple[CRS, st
     return CRS.from_user_input(best), why
 
 
-def output_grid(tiles: list[Tile], crs: CRS, bbox) -> Grid:
+def output_grid(tiles: list[SourceTile], crs: CRS, bbox) -> Grid:
     """The grid covering `bbox` in `crs` with AlphaEarth's pixels: snapped to the pixel grid of the
     tiles in that CRS (so their pixels are copied, not resampled), or to whole 10 m in another CRS."""
     from rasterio.warp import transform_bounds
@@ -395,7 +395,7 @@ class TileReader:
     """One source tile seen on the output grid: its own pixels where it shares the grid (a plain
     windowed read, either row order), else warped by nearest neighbour with an exact transformer."""
 
-    def __init__(self, tile: Tile, grid: Grid):
+    def __init__(self, tile: SourceTile, grid: Grid):
         self.tile, self.grid = tile, grid
         self.info: RasterInfo = open_raster(tile.url)
         if not self.info.is_int8:
@@ -503,9 +503,11 @@ def read_window(readers: list[TileReader], window: Window) -> np.ndarray:
 
 def fetch_alphaearth(out: str, year: int, bbox=None, like: str | None = None, source: str = "source-coop",
                      crs: str | None = None, per_zone: bool = False, billing_project: str | None = None,
-                     tile_px: int = TILE_PX, checkpoint_s: float = CHECKPOINT_S, progress: bool = True) -> Path:
+                     tile_px: int = WINDOW_PX, checkpoint_s: float = CHECKPOINT_S, progress: bool = True,
+                     margin_m: float | None = None) -> Path:
     """Fetch AlphaEarth of `year` over `bbox` (west, south, east, north in degrees) or the extent of
-    the raster or POI file `like` (grown by the augmented window), into the int8 GeoTIFF `out`.
+    the raster or POI file `like` (grown by `margin_m`, default the augmented window's radius
+    `data.aug_radius_m`), into the int8 GeoTIFF `out`.
 
     `source`: "source-coop" (default; free), "gcs" (requester-pays: `billing_project`, or
     GS_USER_PROJECT, and credentials GDAL finds), or the URL or path of an index Parquet. Across UTM
@@ -539,7 +541,10 @@ def fetch_alphaearth(out: str, year: int, bbox=None, like: str | None = None, so
             raise AetherError(f"output {out} must be a GeoTIFF (.tif)")
     if like is not None:
         check_inputs_kept([out], {like: "the --like file"}, "choose another --out")
-        bbox = bbox_of_file(like, Config().data.aug_radius_m)
+        margin_m = Config().data.aug_radius_m if margin_m is None else margin_m
+        if not 0 <= margin_m <= 100_000:
+            raise AetherError(f"--margin-m must be between 0 and 100,000 m, got {margin_m:g}")
+        bbox = bbox_of_file(like, margin_m)
     bbox = check_bbox(bbox)
     url = index_url(source)
     billing_project = billing_project or os.environ.get("GS_USER_PROJECT")
@@ -559,7 +564,7 @@ def fetch_alphaearth(out: str, year: int, bbox=None, like: str | None = None, so
         return _fetch_zones(tiles, bbox, out, url, int(year), tile_px, checkpoint_s, progress)
 
 
-def _fetch_zones(tiles: list[Tile], bbox, out: Path, url: str, year: int, tile_px: int, checkpoint_s: float,
+def _fetch_zones(tiles: list[SourceTile], bbox, out: Path, url: str, year: int, tile_px: int, checkpoint_s: float,
                  progress: bool) -> Path:
     """One GeoTIFF per CRS of `tiles` into the folder `out`, with tiles.txt and mosaic.vrt."""
     from aether.tiles import write_mosaic_vrt
@@ -581,7 +586,7 @@ def _fetch_zones(tiles: list[Tile], bbox, out: Path, url: str, year: int, tile_p
     return listing
 
 
-def _fetch_one(tiles: list[Tile], grid_crs: CRS, why: str, bbox, out: Path, url: str, year: int, tile_px: int,
+def _fetch_one(tiles: list[SourceTile], grid_crs: CRS, why: str, bbox, out: Path, url: str, year: int, tile_px: int,
                checkpoint_s: float, progress: bool) -> Path:
     """Fetch `tiles` into the one GeoTIFF `out` on the grid of `bbox` in `grid_crs`."""
     grid = output_grid(tiles, grid_crs, bbox)
@@ -679,7 +684,10 @@ def _write(readers: list[TileReader], grid: Grid, out: Path, fingerprint: dict, 
     pending: set[int] = set()
     dst = None
     try:
-        dst = BlockFile(partial, ZSTD_LEVEL, threads=max(1, usable_cores() // 2))
+        dst = BlockFile(partial, ZSTD_LEVEL, threads=max(1, thread_budget() // 2))
+    except AetherError as exc:
+        raise AetherError(f"the partial output {partial} is damaged ({exc}); delete it and run again") from None
+    try:
         last = time.monotonic()
         for i, window in enumerate(windows):
             if i in done:

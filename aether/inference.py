@@ -30,7 +30,7 @@ from aether.allocator import keep_tile_buffers
 from aether.block_writer import BlockFile, create_sparse
 from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, band_names
 from aether.console import log
-from aether.devices import usable_cores
+from aether.devices import thread_budget
 from aether.embedder import AetherEmbedder, unit_rows
 from aether.errors import AetherError, first_line
 from aether.files import check_inputs_kept, output_lock, raise_if_disk_full, temp_file_beside
@@ -51,6 +51,8 @@ MAX_TILE_PX = 4096  # largest --tile: a 4,096-pixel int8 tile is 1 GiB in and 2 
 STRIP_PX = 32768  # pixels of a tile pooled and projected at a time (8 MiB of float32 means)
 GDAL_CACHE_MB = 64
 CHECKPOINT_S = 5.0  # how often finished tiles are made durable for --resume
+OUTPUT_LAYOUT = 2  # of tiles and blocks in the partial output: 2 = bottom-up rasters tiled from the north, blocks
+# written by aether.block_writer (a partial output of another layout is not resumed)
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ class _TileWriter:
         self.bar, self.checkpoint_s = bar, checkpoint_s
         try:
             self.dst = BlockFile(path, ZSTD_LEVEL, threads)
-        except (rasterio.errors.RasterioIOError, AetherError, OSError) as exc:
+        except (rasterio.errors.RasterioIOError, AetherError) as exc:
             raise AetherError(f"the partial output {path} is damaged ({first_line(exc)}); "
                               f"run without --resume to start over") from None
         self.last = time.monotonic()
@@ -372,18 +374,20 @@ def tile_mib(tile_px: int, dtype: str, bands: int = 64, latent: int = 128) -> fl
 
 @contextlib.contextmanager
 def tile_workers(device: torch.device, tile_px: int = TILE_PX, dtype: str = "int8"):
-    """How many threads decode, compute and compress, from the cores present. On a CPU: one tile
-    computed per PyTorch thread (as many as the memory budget TILES_IN_FLIGHT_MIB holds), each
-    with one PyTorch thread, so the single-threaded NumPy pooling runs on every core too, and no
-    OpenMP thread spins at a barrier while GDAL's threads hold its core; a quarter of the cores
-    (two at least) decode, a quarter compress. PyTorch's thread count is the process's: overlapping runs (threads of a
-    Dask worker) share one saved value, restored when the last ends. On a GPU: a few tiles in
-    flight, each on its own CUDA stream, and the cores decode and compress."""
+    """How many threads decode, compute and compress, from this process's share of the cores
+    (`aether.devices.thread_budget`) and a memory budget (TILES_IN_FLIGHT_MIB for the tiles being
+    decoded and computed). On a CPU: one tile computed per PyTorch thread, each with one PyTorch
+    thread, so the single-threaded NumPy pooling runs on every core too, and no OpenMP thread
+    spins at a barrier while GDAL's threads hold its core; a quarter of the cores (two at least)
+    decode, a quarter compress. PyTorch's thread count is the process's: overlapping runs (threads
+    of a Dask worker) share one saved value, restored when the last ends. On a GPU: up to three
+    tiles in flight, each on its own CUDA stream, and half the cores decode and half compress."""
     global _threads_users, _threads_saved
-    cores = usable_cores()
-    budget = max(1, int(TILES_IN_FLIGHT_MIB // tile_mib(tile_px, dtype)))
+    tiles = max(2, int(TILES_IN_FLIGHT_MIB // tile_mib(tile_px, dtype)))
+    read = min(read_threads(device), max(1, tiles // 2))
+    compress = max(1, thread_budget() // (2 if device.type != "cpu" else 4))
     if device.type != "cpu":
-        yield Threads(compute=min(3, budget), read=read_threads(device), compress=max(1, cores // 2))
+        yield Threads(compute=max(1, min(3, tiles - read)), read=read, compress=compress)
         return
     with _threads_lock:
         if _threads_users == 0:
@@ -392,7 +396,7 @@ def tile_workers(device: torch.device, tile_px: int = TILE_PX, dtype: str = "int
         _threads_users += 1
         threads = _threads_saved
     try:
-        yield Threads(compute=max(1, min(threads, budget)), read=read_threads(device), compress=max(1, cores // 4))
+        yield Threads(compute=max(1, min(threads, tiles - read)), read=read, compress=compress)
     finally:
         with _threads_lock:
             _threads_users -= 1
@@ -401,9 +405,9 @@ def tile_workers(device: torch.device, tile_px: int = TILE_PX, dtype: str = "int
 
 
 def read_threads(device: torch.device) -> int:
-    """Tiles decoded at once: half the cores beside a GPU (the CPU has nothing else to do), else a
-    quarter; two at least."""
-    return max(2, usable_cores() // (2 if device.type != "cpu" else 4))
+    """Tiles decoded at once: half the process's cores beside a GPU (the CPU has nothing else to
+    do), else a quarter; two at least."""
+    return max(2, thread_budget() // (2 if device.type != "cpu" else 4))
 
 
 def check_tile_px(tile_px: int) -> None:
@@ -439,7 +443,8 @@ def run_fingerprint(ae_tif: str, embedder: AetherEmbedder, pooling: str, dtype: 
     return {"input": str(Path(ae_tif).resolve()) if source else ae_tif,
             "input size and time": [source.st_size, source.st_mtime_ns] if source else None,
             "checkpoint": embedder.ckpt_sha256, "pooling": pooling, "dtype": dtype, "precision": embedder.precision,
-            "device": embedder.device.type, "tile size": tile_px, "rows": list(rows), "cog": cog}
+            "device": embedder.device.type, "tile size": tile_px, "rows": list(rows), "cog": cog,
+            "layout": OUTPUT_LAYOUT}
 
 
 def finished_output(out: Path, run_tag: str) -> bool:

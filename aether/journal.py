@@ -12,8 +12,9 @@ from aether.files import atomic_write_text
 class Journal:
     """What an interrupted run had finished: a small JSON file beside its partial output.
 
-    The partial GeoTIFF is closed (so its directory is on disk) before tiles are recorded
-    here, so every tile the journal names is really in the file.
+    The partial GeoTIFF's blocks, then its block index, are forced to disk
+    (`aether.block_writer.BlockFile.sync`) before tiles are recorded here, so every tile the
+    journal names is really in the file.
     """
 
     def __init__(self, path: Path, fingerprint: dict):

@@ -215,18 +215,22 @@ def test_per_zone_writes_one_file_per_zone_and_a_set_of_tiles(served, tmp_path, 
         assert vrt.count == 64
 
 
-def test_like_a_poi_file_fetches_its_extent_and_the_augmented_window(served, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("margin", [None, 300.0])
+def test_like_a_poi_file_fetches_its_extent_and_the_augmented_window(served, tmp_path, monkeypatch, capsys, margin):
+    """The extent plus 95 m (data.aug_radius_m) by default, or plus --margin-m."""
     server, tiles = served
     lon, lat = np.array([24.015, 24.02, 24.03]), np.array([60.166, 60.172, 60.169])
     pois = write_geojson(tmp_path / "pois.geojson", [{"name": f"p{i}", "lon": a, "lat": b}
                                                       for i, (a, b) in enumerate(zip(lon, lat))])
     out = tmp_path / "like.tif"
-    code, _, stderr = fetch(server, ["--like", str(pois), "--year", "2024", "--out", str(out)], monkeypatch, capsys)
+    extra = [] if margin is None else ["--margin-m", str(margin)]
+    code, _, stderr = fetch(server, ["--like", str(pois), "--year", "2024", "--out", str(out), *extra], monkeypatch,
+                            capsys)
     assert code == 0, stderr
     with rasterio.open(out) as dst:
         bounds, crs = dst.bounds, dst.crs
     x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
-    margin = 95.0  # data.aug_radius_m
+    margin = 95.0 if margin is None else margin
     assert bounds.left <= x.min() - margin and x.max() + margin <= bounds.right
     assert bounds.bottom <= y.min() - margin and y.max() + margin <= bounds.top
     assert bounds.right - bounds.left < x.max() - x.min() + 2 * margin + 60

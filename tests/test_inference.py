@@ -91,8 +91,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ---- running inference ---------------------------------------------------------------------
 
 def embed(ckpt: Path, ae: Path, out: Path, **kwargs) -> Path:
-    """embed_raster with float32 output and fp32 arithmetic unless told otherwise."""
-    kwargs = {"dtype": "float32", "precision": "fp32", "progress": False} | kwargs
+    """embed_raster on the CPU (the NumPy path these tests patch; the GPU path has
+    tests/test_device_tiles.py) with float32 output and fp32 arithmetic unless told otherwise."""
+    kwargs = {"dtype": "float32", "precision": "fp32", "progress": False, "device": "cpu"} | kwargs
     return embed_raster(str(ae), str(ckpt), str(out), **kwargs)
 
 
