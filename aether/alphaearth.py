@@ -54,6 +54,18 @@ def quantize_torch(x: torch.Tensor) -> torch.Tensor:
     return q.clamp_(-127, 127).to(torch.int8)
 
 
+def dequantize_torch_(values: torch.Tensor) -> torch.Tensor:
+    """`dequantize` in place, for a float tensor holding int8 codes: sign(q) * (q / 127.5) ** 2."""
+    return values.div_(QUANT_SCALE).mul_(values.abs())
+
+
+def signed_squares_torch_(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes q (in an integer tensor wide enough) as sign(q) * q**2, in place: `dequantize`
+    without its 1 / 127.5**2, whose sums are exact (a window mean's scale cancels when it is
+    renormalised)."""
+    return codes.mul_(codes.abs())
+
+
 def dequantize(q: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Decode AlphaEarth int8 to floats: sign(q) * (q / 127.5) ** 2 (nodata not masked)."""
     f = np.asarray(q).astype(dtype) / dtype(QUANT_SCALE)
@@ -66,6 +78,11 @@ def quantize_int16_torch(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     return x.mul(INT16_SCALE).round_().clamp_(-INT16_SCALE, INT16_SCALE).to(torch.int16)
+
+
+def dequantize_int16_torch_(values: torch.Tensor) -> torch.Tensor:
+    """`dequantize_int16` in place, for a float tensor holding int16 codes."""
+    return values.div_(INT16_SCALE)
 
 
 def dequantize_int16(q: np.ndarray, dtype=np.float32) -> np.ndarray:

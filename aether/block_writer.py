@@ -14,6 +14,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,6 +220,45 @@ class BlockFile:
             self._pool.shutdown(wait=True, cancel_futures=True)
             os.close(self.fd)
             self.fd = -1
+
+
+class CheckpointedBlocks:
+    """A `BlockFile` whose finished pieces (tiles, windows: any ids) enter `journal` every
+    `checkpoint_s` seconds, once `sync` has made them durable; `done` is the set of pieces an
+    earlier run finished (updated in place). What a run resumes from."""
+
+    def __init__(self, path: Path, journal, done: set[int], checkpoint_s: float, level: int = 1, threads: int = 1):
+        self.file = BlockFile(path, level, threads)
+        self.journal, self.done, self.pending = journal, done, set()
+        self.checkpoint_s, self.last = checkpoint_s, time.monotonic()
+
+    def write(self, piece: int, array: np.ndarray, row0: int, col0: int) -> None:
+        """`BlockFile.write` of one piece; a checkpoint when `checkpoint_s` has passed."""
+        self.file.write(array, row0, col0)
+        self.pending.add(piece)
+        if time.monotonic() - self.last >= self.checkpoint_s:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make the pieces written so far durable, then record them in the journal."""
+        self.file.sync()
+        self.done |= self.pending
+        self.pending = set()
+        self.journal.save(self.done)
+        self.last = time.monotonic()
+
+    def close(self) -> None:
+        """A last checkpoint, and close (also what an interrupted run keeps); once."""
+        if self.file.fd < 0:
+            return
+        try:
+            self.checkpoint()
+        finally:
+            self.file.close()
+
+    def abandon(self) -> None:
+        """Close without recording what is not yet in the journal (a failed run)."""
+        self.file.abandon()
 
 
 def _write_all(fd: int, data: bytes, offset: int) -> None:

@@ -23,7 +23,8 @@ import threading
 import numpy as np
 import torch
 
-from aether.alphaearth import INT16_SCALE, MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, QUANT_SCALE
+from aether.alphaearth import (MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, dequantize_int16_torch_, dequantize_torch_,
+                               signed_squares_torch_)
 from aether.embedder import AetherEmbedder, encode_latent
 from aether.errors import AetherError
 from aether.pooling import _INT8_MAX_SQUARE
@@ -95,10 +96,9 @@ class DeviceTileComputer:
         values = _table(rows, cols, channels, table_dtype, self.device)
         inner = values[1:]
         inner.copy_(bands.permute(1, 2, 0))
+        inner.masked_fill_(invalid[..., None], 0)
         if self.info.is_int8:
-            inner.mul_(inner.abs().mul_(~invalid[..., None]))  # sign(q) * q**2, zero at nodata
-        else:
-            inner.masked_fill_(invalid[..., None], 0)
+            signed_squares_torch_(inner)
         counts = _table(rows, cols, 1, table_dtype, self.device)
         counts[1:, :, 0] = ~invalid
         runs = _runs(rx_rows, ry_rows)
@@ -117,11 +117,10 @@ class DeviceTileComputer:
         channels, n, width = bands.shape
         values = torch.empty((n * width, channels), device=self.device)
         values.view(n, width, channels).copy_(bands.permute(1, 2, 0))
-        if self.info.is_int8:  # sign(q) * (q / 127.5)**2
-            values.div_(QUANT_SCALE)
-            values.mul_(values.abs())
+        if self.info.is_int8:
+            dequantize_torch_(values)
         elif self.info.is_int16:
-            values.div_(INT16_SCALE)
+            dequantize_int16_torch_(values)
         norm = torch.linalg.vector_norm(values, dim=1)
         values.div_(torch.where(norm > 0, norm, 1.0)[:, None])
         return values, ~self._invalid(bands).view(-1)

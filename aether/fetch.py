@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,7 +38,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.alphaearth import ATTRIBUTION, LICENSE, N_BANDS, NODATA_INT8, band_names
-from aether.block_writer import BlockFile, create_sparse
+from aether.block_writer import CheckpointedBlocks, create_sparse
 from aether.console import log
 from aether.devices import thread_budget
 from aether.errors import AetherError, first_line
@@ -679,42 +678,29 @@ def _write(readers: list[TileReader], grid: Grid, out: Path, fingerprint: dict, 
             journal.remove()
             raise_if_disk_full(exc, out)
             raise
-    bar = tqdm(total=sum(window_bytes), initial=sum(window_bytes[i] for i in done), unit="B", unit_scale=True,
-               unit_divisor=1024, desc="fetching", disable=not progress)
-    pending: set[int] = set()
-    dst = None
     try:
-        dst = BlockFile(partial, ZSTD_LEVEL, threads=max(1, thread_budget() // 2))
+        blocks = CheckpointedBlocks(partial, journal, done, checkpoint_s, ZSTD_LEVEL, max(1, thread_budget() // 2))
     except AetherError as exc:
         raise AetherError(f"the partial output {partial} is damaged ({exc}); delete it and run again") from None
+    bar = tqdm(total=sum(window_bytes), initial=sum(window_bytes[i] for i in done), unit="B", unit_scale=True,
+               unit_divisor=1024, desc="fetching", disable=not progress)
     try:
-        last = time.monotonic()
         for i, window in enumerate(windows):
             if i in done:
                 continue
-            dst.write(read_window(readers, window).transpose(1, 2, 0), window.row_off, window.col_off)
-            pending.add(i)
+            blocks.write(i, read_window(readers, window).transpose(1, 2, 0), window.row_off, window.col_off)
             bar.update(window_bytes[i])
-            if time.monotonic() - last >= checkpoint_s:
-                dst.sync()  # the blocks, then the file's block index: the windows are in the file
-                done |= pending
-                pending = set()
-                journal.save(done)
-                last = time.monotonic()
-        dst.close()
+        blocks.close()
         os.replace(partial, out)
         journal.remove()
     except (KeyboardInterrupt, AetherError) as exc:  # a signal or a lost connection: keep what is done
-        if dst is not None:
-            dst.close()
-            journal.save(done | pending)
+        blocks.close()
         if isinstance(exc, KeyboardInterrupt):
             log(f"interrupted; the windows fetched so far are kept in {partial}: run the same command to continue")
             raise
         raise AetherError(f"{exc} (the windows fetched so far are kept: run the same command to continue)") from None
     except BaseException as exc:
-        if dst is not None:
-            dst.abandon()
+        blocks.abandon()
         partial.unlink(missing_ok=True)
         journal.remove()
         raise_if_disk_full(exc, out)

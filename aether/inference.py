@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import threading
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
-from aether.block_writer import BlockFile, create_sparse
+from aether.block_writer import CheckpointedBlocks, create_sparse
 from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, band_names
 from aether.console import log
 from aether.devices import thread_budget
@@ -194,43 +193,26 @@ def tile_computer(reader: PooledTileReader):
 
 
 class _TileWriter:
-    """Writes finished tiles into the partial output (`aether.block_writer.BlockFile`: compressed
-    at the output's own level, `threads` blocks at a time) and, every `checkpoint_s`, makes them
-    durable and records them in the journal. `first_row` is the north-up input row of the
-    output's first row (0 unless it is a band)."""
+    """Writes finished tiles north-up into the partial output (`aether.block_writer`: compressed at
+    the output's own level, `threads` blocks at a time, made durable and journaled every
+    `checkpoint_s`). `first_row` is the north-up input row of the output's first row (0 unless it
+    is a band)."""
 
     def __init__(self, path: Path, info: RasterInfo, journal: Journal, done: set[int],
                  bar, checkpoint_s: float = CHECKPOINT_S, first_row: int = 0, threads: int = 1):
-        self.info, self.first_row = info, first_row
-        self.journal, self.done, self.pending = journal, done, set()
-        self.bar, self.checkpoint_s = bar, checkpoint_s
+        self.info, self.first_row, self.bar = info, first_row, bar
         try:
-            self.dst = BlockFile(path, ZSTD_LEVEL, threads)
+            self.blocks = CheckpointedBlocks(path, journal, done, checkpoint_s, ZSTD_LEVEL, threads)
         except (rasterio.errors.RasterioIOError, AetherError) as exc:
             raise AetherError(f"the partial output {path} is damaged ({first_line(exc)}); "
                               f"run without --resume to start over") from None
-        self.last = time.monotonic()
 
     def __call__(self, tile: Tile, block: np.ndarray) -> None:
         if self.info.bottom_up:  # written north-up
             block = block[::-1]
         row0 = self.info.north_up_rows(tile.row0, tile.height) - self.first_row
-        self.dst.write(block, row0, tile.col0)
-        self.pending.add(tile.index)
+        self.blocks.write(tile.index, block, row0, tile.col0)
         self.bar.update(tile.width * tile.height)
-        if time.monotonic() - self.last >= self.checkpoint_s:
-            self.checkpoint()
-
-    def checkpoint(self) -> None:
-        self.dst.sync()  # the blocks, then the file's block index: the tiles are in the file
-        self.done |= self.pending
-        self.pending = set()
-        self.journal.save(self.done)
-        self.last = time.monotonic()
-
-    def close(self) -> None:
-        """Close the output; what was not made durable is left out of the journal and redone on resume."""
-        self.dst.abandon()
 
 
 def embed_raster(ae_tif: str, ckpt: str, out: str, pooling: str = "window", dtype: str = "int8",
@@ -325,8 +307,7 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
             compute = tile_computer(reader)
             run_pipeline(lambda: reader.produce(todo, threads.read), lambda tile, data: compute(data, dtype),
                          writer, workers=threads.compute)
-            writer.checkpoint()
-            writer.dst.close()
+            writer.blocks.close()
         reader.report_implausible()
         if cog:
             _to_cog(partial)
@@ -334,13 +315,13 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
         journal.remove()
     except KeyboardInterrupt:
         if writer is not None:
-            writer.close()
+            writer.blocks.close()  # what was written is kept
         log(f"interrupted; finished tiles are kept in {partial}. "
             + ("Run the same command again to continue" if skip_finished else "Continue with --resume"))
         raise
     except BaseException as exc:
         if writer is not None:
-            writer.close()
+            writer.blocks.abandon()
         partial.unlink(missing_ok=True)
         journal.remove()
         raise_if_disk_full(exc, out)
