@@ -45,7 +45,8 @@ from aether.errors import AetherError, first_line
 from aether.files import (atomic_write, atomic_write_text, check_inputs_kept, folder_lock, output_lock,
                           raise_if_disk_full)
 from aether.journal import Journal, partial_paths
-from aether.raster import ZSTD_LEVEL, RasterInfo, geotiff_layout, output_block_px, metres_per_degree, open_raster, read_bands
+from aether.raster import (ZSTD_LEVEL, RasterInfo, geotiff_layout, metres_per_degree, open_raster, output_block_px,
+                           read_bands)
 
 INDEX_URLS = {
     "source-coop": "https://data.source.coop/tge-labs/aef/v1/annual/aef_index.parquet",

@@ -36,8 +36,8 @@ from aether.files import check_inputs_kept, output_lock, raise_if_disk_full, tem
 from aether.journal import Journal, partial_paths
 from aether.pooling import window_means
 from aether.stages import stage
-from aether.raster import (ZSTD_LEVEL, RasterInfo, decode_pixels, geotiff_layout, output_block_px, implausible_pixels, invalid_pixels, open_raster,
-                           raster_files, read_bands)
+from aether.raster import (ZSTD_LEVEL, RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels,
+                           open_raster, output_block_px, raster_files, read_bands)
 from aether.streaming import run_pipeline
 
 OUTPUT_DTYPES = ("int8", "int16", "float16", "float32")

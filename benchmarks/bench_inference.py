@@ -150,7 +150,8 @@ def io_floor(size: int, device: str) -> float:
     embedder = AetherEmbedder(checkpoint("aether"), device="cpu")
     reader = PooledTileReader(info, embedder, "window")
     tiles = tile_grid(info, TILE_PX)
-    sample = reader.block(next(reader.produce(tiles[:1]))[1], "int8")
+    (_, first), = list(reader.produce(tiles[:1]))
+    sample = reader.block(first, "int8")
     with tempfile.TemporaryDirectory(dir=OUT) as tmp, tile_workers(pick_device(device)) as threads:
         path = Path(tmp) / "io.tif"
         create_sparse(path, dict(driver="GTiff", width=size, height=size, count=128, dtype="int8", nodata=-128,
