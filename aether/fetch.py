@@ -46,7 +46,7 @@ from aether.files import (atomic_write, atomic_write_text, check_inputs_kept, fo
                           raise_if_disk_full)
 from aether.journal import Journal, partial_paths
 from aether.raster import (ZSTD_LEVEL, RasterInfo, geotiff_layout, metres_per_degree, open_raster, output_block_px,
-                           read_bands)
+                           raster_tag, read_bands)
 
 INDEX_URLS = {
     "source-coop": "https://data.source.coop/tge-labs/aef/v1/annual/aef_index.parquet",
@@ -615,7 +615,7 @@ def _fetch_one(tiles: list[SourceTile], grid_crs: CRS, why: str, bbox, out: Path
         "AETHER_FETCH": run,
     }
     with output_lock(out):
-        if _finished(out, run):
+        if raster_tag(out, "AETHER_FETCH") == run:
             log(f"{out} is already fetched (same tiles and grid); nothing to do")
             return out
         readers = []
@@ -628,16 +628,6 @@ def _fetch_one(tiles: list[SourceTile], grid_crs: CRS, why: str, bbox, out: Path
                 reader.close()
     print(f"AlphaEarth: {ATTRIBUTION} ({LICENSE}); keep this attribution with {out.name}")
     return out
-
-
-def _finished(out: Path, run: str) -> bool:
-    if not out.is_file():
-        return False
-    try:
-        with rasterio.open(out) as src:
-            return src.tags().get("AETHER_FETCH") == run
-    except rasterio.errors.RasterioIOError:
-        return False
 
 
 def _write(readers: list[TileReader], grid: Grid, out: Path, fingerprint: dict, tags: dict, tile_px: int,
@@ -663,10 +653,7 @@ def _write(readers: list[TileReader], grid: Grid, out: Path, fingerprint: dict, 
         done = journal.load(partial)
         log(f"resuming: {len(done)} of {len(windows)} windows were fetched")
     else:
-        if partial.exists() or journal_path.exists():
-            log(f"discarding the partial output of another fetch ({partial.name})")
-        partial.unlink(missing_ok=True)
-        journal.remove()
+        journal.discard(partial, "another fetch")
         done = set()
         profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=N_BANDS, dtype="int8",
                        crs=grid.crs, transform=grid.transform, nodata=NODATA_INT8,

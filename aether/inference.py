@@ -37,7 +37,7 @@ from aether.journal import Journal, partial_paths
 from aether.pooling import window_means
 from aether.stages import stage
 from aether.raster import (ZSTD_LEVEL, RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels,
-                           open_raster, output_block_px, raster_files, read_bands)
+                           open_raster, output_block_px, raster_files, raster_tag, read_bands)
 from aether.streaming import run_pipeline
 
 OUTPUT_DTYPES = ("int8", "int16", "float16", "float32")
@@ -287,10 +287,7 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
     if resume:
         done = journal.load(partial)
     else:
-        if partial.exists() or journal_path.exists():
-            log(f"discarding the partial output of an earlier interrupted run ({partial.name})")
-        partial.unlink(missing_ok=True)
-        journal.remove()
+        journal.discard(partial, "an earlier interrupted run")
         done = set()
         create_sparse(partial, profile, band_names(embedder.latent_dim, "E", digits=3), tags)
         journal.save(done)
@@ -430,13 +427,7 @@ def run_fingerprint(ae_tif: str, embedder: AetherEmbedder, pooling: str, dtype: 
 
 def finished_output(out: Path, run_tag: str) -> bool:
     """Is `out` a finished output of the run that `run_tag` (its AETHER_RUN tag) describes?"""
-    if not out.is_file():
-        return False
-    try:
-        with rasterio.open(out) as src:
-            return src.tags().get("AETHER_RUN") == run_tag
-    except rasterio.errors.RasterioIOError:
-        return False
+    return raster_tag(out, "AETHER_RUN") == run_tag
 
 
 def check_output_file(out: Path, source: str | None = None, ckpt: str | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aether.console import log
 from aether.errors import AetherError
 from aether.files import atomic_write_text
 
@@ -48,6 +49,13 @@ class Journal:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    def discard(self, partial: Path, what: str) -> None:
+        """Start over: remove `partial` (the output of `what`) and this journal, saying so if either was there."""
+        if partial.exists() or self.path.exists():
+            log(f"discarding the partial output of {what} ({partial.name})")
+        partial.unlink(missing_ok=True)
+        self.remove()
 
 
 def partial_paths(out: Path) -> tuple[Path, Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import rasterio
@@ -234,6 +235,17 @@ def output_block_px(tile_px: int) -> int:
     if tile_px % OUTPUT_BLOCK_PX == 0:
         return OUTPUT_BLOCK_PX
     return next(b for b in range(min(tile_px, 512), 15, -16) if tile_px % b == 0)
+
+
+def raster_tag(path: Path, name: str) -> str | None:
+    """The tag `name` of the raster file at `path`, or None (no such tag, file or raster)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with rasterio.open(path) as src:
+            return src.tags().get(name)
+    except rasterio.errors.RasterioIOError:
+        return None
 
 
 def local_absolute(path: str) -> str:

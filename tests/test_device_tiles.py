@@ -114,6 +114,16 @@ RASTERS = {
 }
 
 
+def in_threads(n_threads: int, n_items: int, work) -> None:
+    """work(i) for every item, item i in thread i % n_threads, all threads at once."""
+    threads = [threading.Thread(target=lambda k=k: [work(i) for i in range(k, n_items, n_threads)])
+               for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def assert_same_block(got: np.ndarray, want: np.ndarray, what: str) -> None:
     """The contract: shape, type and nodata pixels exactly; values within the dtype's tolerance."""
     assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{what}: {got.shape} {got.dtype}, want {want.shape}"
@@ -197,16 +207,7 @@ def test_blocks_computed_in_several_threads_at_once(tmp_path, embedder):
     tiles = list(reader.produce(tile_grid(info, 16)))
     alone = [computer.block(data, "int16") for _, data in tiles]
     together = [None] * len(tiles)
-
-    def work(k: int) -> None:
-        for i in range(k, len(tiles), 4):
-            together[i] = computer.block(tiles[i][1], "int16")
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(4, len(tiles), lambda i: together.__setitem__(i, computer.block(tiles[i][1], "int16")))
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
 
@@ -293,16 +294,7 @@ def test_cuda_blocks_in_several_threads_at_once(tmp_path, ckpt):
     tiles = [data for _, data in PooledTileReader(info, on_gpu, "window").produce(tile_grid(info, 16))]
     alone = [computer.block(data, "float32") for data in tiles]
     together = [None] * len(tiles)
-
-    def work(k: int) -> None:
-        for i in range(k, len(tiles), 3):
-            together[i] = computer.block(tiles[i], "float32")
-
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(3, len(tiles), lambda i: together.__setitem__(i, computer.block(tiles[i], "float32")))
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
 
