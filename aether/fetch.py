@@ -689,8 +689,7 @@ def _write(readers: list[TileReader], grid: Grid, out: Path, fingerprint: dict, 
         raise AetherError(f"{exc} (the windows fetched so far are kept: run the same command to continue)") from None
     except BaseException as exc:
         blocks.abandon()
-        partial.unlink(missing_ok=True)
-        journal.remove()
+        journal.discard(partial)
         raise_if_disk_full(exc, out)
         raise
     finally:

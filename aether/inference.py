@@ -319,8 +319,7 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
     except BaseException as exc:
         if writer is not None:
             writer.blocks.abandon()
-        partial.unlink(missing_ok=True)
-        journal.remove()
+        journal.discard(partial)
         raise_if_disk_full(exc, out)
         raise
     finally:

@@ -50,9 +50,10 @@ class Journal:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    def discard(self, partial: Path, what: str) -> None:
-        """Start over: remove `partial` (the output of `what`) and this journal, saying so if either was there."""
-        if partial.exists() or self.path.exists():
+    def discard(self, partial: Path, what: str | None = None) -> None:
+        """Remove `partial` and this journal (a run that failed, or one starting over the output of
+        `what`: then saying so if either was there)."""
+        if what is not None and (partial.exists() or self.path.exists()):
             log(f"discarding the partial output of {what} ({partial.name})")
         partial.unlink(missing_ok=True)
         self.remove()
