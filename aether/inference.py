@@ -26,8 +26,8 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
-from aether.block_writer import CheckpointedBlocks, create_sparse
 from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, band_names
+from aether.block_writer import CheckpointedBlocks, create_sparse
 from aether.console import log
 from aether.devices import thread_budget
 from aether.embedder import AetherEmbedder, unit_rows
@@ -35,9 +35,9 @@ from aether.errors import AetherError, first_line
 from aether.files import check_inputs_kept, output_lock, raise_if_disk_full, temp_file_beside
 from aether.journal import Journal, partial_paths
 from aether.pooling import window_means
-from aether.stages import stage
 from aether.raster import (ZSTD_LEVEL, RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels,
                            open_raster, output_block_px, raster_files, raster_tag, read_bands)
+from aether.stages import stage
 from aether.streaming import run_pipeline
 
 OUTPUT_DTYPES = ("int8", "int16", "float16", "float32")
@@ -362,7 +362,7 @@ def tile_workers(device: torch.device, tile_px: int = TILE_PX, dtype: str = "int
     global _threads_users, _threads_saved
     tiles = max(2, int(TILES_IN_FLIGHT_MIB // tile_mib(tile_px, dtype)))
     read = min(read_threads(device), max(1, tiles // 2))
-    compress = max(1, thread_budget() // (2 if device.type != "cpu" else 4))
+    compress = max(1, _io_share(device))
     if device.type != "cpu":
         yield Threads(compute=max(1, min(3, tiles - read)), read=read, compress=compress)
         return
@@ -382,9 +382,14 @@ def tile_workers(device: torch.device, tile_px: int = TILE_PX, dtype: str = "int
 
 
 def read_threads(device: torch.device) -> int:
-    """Tiles decoded at once: half the process's cores beside a GPU (the CPU has nothing else to
-    do), else a quarter; two at least."""
-    return max(2, thread_budget() // (2 if device.type != "cpu" else 4))
+    """Tiles decoded at once: `_io_share` of the cores, two at least."""
+    return max(2, _io_share(device))
+
+
+def _io_share(device: torch.device) -> int:
+    """The threads that decode (or compress) beside the computation: half the process's cores
+    beside a GPU (the CPU has nothing else to do), else a quarter."""
+    return thread_budget() // (2 if device.type != "cpu" else 4)
 
 
 def check_tile_px(tile_px: int) -> None:

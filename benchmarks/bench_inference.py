@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import OUT, generated_raster, machine, peak_rss_mib
+from common import OUT, SMOOTH_NOISE, generated_raster, machine, peak_rss_mib
 
 ARCHS = ("aether", "mlp")
 STAGES = ("decode", "pool", "project", "quantize", "encode", "write")
@@ -71,7 +71,7 @@ def end_to_end(size: int, arch: str, device: str) -> dict:
 
     from aether.inference import embed_raster
 
-    src, ckpt = generated_raster(size), checkpoint(arch)
+    src, ckpt = generated_raster(size, noise=SMOOTH_NOISE), checkpoint(arch)
     try:
         from aether.stages import measure
     except ImportError:  # a baseline checkout from before stage counting
@@ -146,7 +146,7 @@ def io_floor(size: int, device: str) -> float:
     from aether.streaming import run_pipeline
     from aether.devices import pick_device
 
-    info = open_raster(str(generated_raster(size)))
+    info = open_raster(str(generated_raster(size, noise=SMOOTH_NOISE)))
     embedder = AetherEmbedder(checkpoint("aether"), device="cpu")
     reader = PooledTileReader(info, embedder, "window")
     tiles = tile_grid(info, TILE_PX)
@@ -199,7 +199,7 @@ def main() -> None:
     print(f"device: {describe_device(args.device)}", flush=True)
     runs = {}
     for size in args.sizes:
-        src = generated_raster(size)
+        src = generated_raster(size, noise=SMOOTH_NOISE)
         print(f"input {size} x {size}: {src.stat().st_size / 2**20:,.0f} MiB ({src.stat().st_size / (size * size * 64):.0%} "
               f"of its raw size)", flush=True)
         for arch in args.archs:

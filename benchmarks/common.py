@@ -19,21 +19,19 @@ from aether.alphaearth import N_BANDS, band_names, quantize  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 ORIGIN = (380000.0, 6690000.0)
-
-
-NOISE = 0.1  # per-pixel noise on the smooth field: neighbouring pixels' cosine about 0.95
+NOISE = 0.35  # per-pixel noise on the smooth field: a file that barely compresses (bench_pooling, bench_scale)
+SMOOTH_NOISE = 0.1  # neighbouring pixels' cosine about 0.95: an output that compresses (bench_inference)
 
 
 def generated_raster(size_px: int, seed: int = 0, noise: float = NOISE) -> Path:
     """A size x size x 64 int8 AlphaEarth-encoded GeoTIFF (10 m, EPSG:32635), cached in benchmarks/out.
 
     Values: a smooth random field (features ~80 m across, as fields and blocks are) plus
-    per-pixel noise of `noise` (0.35 makes a file that barely compresses), normalised to unit
-    length. Stored like the Cloud Storage COGs: int8, nodata -128, 256 x 256 tiles, DEFLATE,
+    per-pixel noise of `noise` (NOISE or SMOOTH_NOISE), normalised to unit length. Stored like the Cloud Storage COGs: int8, nodata -128, 256 x 256 tiles, DEFLATE,
     pixel-interleaved.
     """
     OUT.mkdir(exist_ok=True)
-    path = OUT / (f"ae_{size_px}_int8.tif" if noise == 0.35 else f"ae_{size_px}_int8_noise{noise:g}.tif")
+    path = OUT / (f"ae_{size_px}_int8.tif" if noise == NOISE else f"ae_{size_px}_int8_noise{noise:g}.tif")
     if path.exists():
         return path
     rng = np.random.default_rng(seed)
