@@ -1,9 +1,11 @@
 """Resume and clean interruption, through the real train.py on a tiny generated data set.
 
-A reference run trains 3 epochs uninterrupted. Other runs with the same seed are killed
+A reference run trains 5 epochs uninterrupted. Other runs with the same seed are killed
 (SIGKILL) or stopped (SIGTERM, SIGINT) part-way and resumed; their final weights must equal
 the reference's bit for bit. Epochs are 60 small steps (batch 2, a few ms each); a signal sent
-a third of the reference's epoch time after an epoch's checkpoint appears lands mid-epoch.
+a third of the reference's epoch time after an epoch's checkpoint appears lands in the next
+epoch, or, on a machine whose load changed since the reference ran, a later one: the epochs
+left after it are what keeps such a run from ending before the signal.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from aether.checkpoint import load_checkpoint
 from fixtures import poi_records, run_script_in_process, unit_field, write_config, write_csv, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 3
+EPOCHS = 5
 # one thread per run: the runs are compared bit for bit, and two can share the 2 cores
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 MESSAGE = re.compile(r"^interrupted by (SIG\w+) at epoch (\d+), step (\d+) of (\d+); checkpoint saved to (\S+); "
@@ -136,27 +138,28 @@ def stop_with(proc: subprocess.Popen, signum: int, run_dir: Path, delay_s: float
     assert match and len(lines) == 1, stderr
     name, epoch, step, steps, path, how = match.groups()
     assert name == signal.Signals(signum).name and Path(path) == run_dir / "last.pt"
-    assert 0 < int(step) < int(steps)  # mid-epoch
+    assert 0 <= int(step) < int(steps)
     state = load_checkpoint(path)["resume"]
     assert (state["epoch"], state["step"]) == (int(epoch), int(step))
     return int(epoch), shlex.split(how)
 
 
 def stopped_and_resumed(tmp: Path, cfg: Path) -> Path:
-    """SIGTERM in epoch 2, resume with the printed command, SIGINT in epoch 3, resume from last.pt."""
+    """SIGTERM in epoch 2 (or later), resume with the printed command, SIGINT in a later epoch, resume
+    from last.pt."""
     run_dir = tmp / "stopped"
     delay_s = epoch_seconds(tmp / "reference") / 3
     proc = start(command(cfg, run_dir))
     wait_for_epoch(proc, run_dir, 1)
-    epoch, how = stop_with(proc, signal.SIGTERM, run_dir, delay_s)
-    assert epoch == 2 and epochs_in(run_dir) == [1]
+    first, how = stop_with(proc, signal.SIGTERM, run_dir, delay_s)
+    assert 2 <= first < EPOCHS and epochs_in(run_dir) == list(range(1, first))
 
     # the printed command, as given, resumes (with this interpreter and no progress bars)
     assert how[:2] == ["python", "train.py"] and how[-2:] == ["--resume", str(run_dir)]
     proc = start([sys.executable, *how[1:], "--no-progress"])
-    wait_for_epoch(proc, run_dir, 2)
-    epoch, _ = stop_with(proc, signal.SIGINT, run_dir, delay_s)
-    assert epoch == 3 and epochs_in(run_dir) == [1, 2]
+    wait_for_epoch(proc, run_dir, first)
+    second, _ = stop_with(proc, signal.SIGINT, run_dir, delay_s)
+    assert first < second <= EPOCHS and epochs_in(run_dir) == list(range(1, second))
 
     resumed = run(command(cfg, run_dir, "--resume", str(run_dir / "last.pt")))
     assert resumed.returncode == 0, resumed.stderr
