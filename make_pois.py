@@ -23,6 +23,7 @@ def main() -> None:
     from pathlib import Path
 
     from aether.errors import AetherError
+    from aether.files import check_inputs_kept
     from aether.osm import extract_pois, write_poi_geojson
     from aether.poi import DEFAULT_TEMPLATE
 
@@ -31,6 +32,7 @@ def main() -> None:
         raise AetherError(f"output {out} is a folder; give a file name such as {out / 'poi.geojson'}")
     if not out.parent.is_dir():
         raise AetherError(f"output folder {out.parent} does not exist")
+    check_inputs_kept([out], {args.pbf: "the --pbf extract"}, "choose another --out")
     pois = extract_pois(args.pbf, args.template or DEFAULT_TEMPLATE)
     if len(pois) == 0:
         raise AetherError(f"{args.pbf} has no named amenity/shop/tourism/leisure/office/craft/historic objects")

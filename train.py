@@ -25,6 +25,8 @@ def main() -> None:
     cluster.add_argument("--workers", type=int, metavar="N",
                          help="pool the POIs as Dask tasks on a local cluster of N worker processes")
     cluster.add_argument("--scheduler", metavar="tcp://HOST:PORT", help="pool the POIs on an existing Dask scheduler")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into a train.run_dir that holds a trained model, replacing it (refused otherwise)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args()
 
@@ -36,7 +38,7 @@ def main() -> None:
                 else ["python"])
     command = shlex.join([*launcher, sys.argv[0], "--cfg", args.cfg, *(f"--set={o}" for o in args.overrides)])
     train(cfg, progress=not args.no_progress, resume=args.resume, command=command, workers=args.workers,
-          scheduler=args.scheduler)
+          scheduler=args.scheduler, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ for: five times the CPU). So GDAL only lays the file out (`create_sparse`: geore
 tags, band names, an empty block index), and `BlockFile` compresses blocks itself, several at
 once (zstandard releases the GIL), appends them to the file and points the block index at them.
 `BlockFile.sync` makes what was written durable: data first, then the index, each fsynced, so a
-kill at any moment leaves a valid GeoTIFF whose unwritten blocks read as nodata.
+kill at any moment leaves a valid GeoTIFF whose unwritten blocks read as nodata. Each block's
+place, size and CRC-32 are returned by `sync`, so a journal can record them and a resume can
+check them (`BlockFile.intact`) before trusting the blocks: a file cut short, or bytes changed
+inside a block, is found there rather than published.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import struct
 import threading
 import time
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +51,9 @@ class BlockFile:
     `threads` threads at `level`. Windows must start on block boundaries and be whole blocks
     (or reach the raster's right and bottom edges)."""
 
-    def __init__(self, path: Path, level: int = 1, threads: int = 1):
+    def __init__(self, path: Path, level: int = 1, threads: int = 1, pool: ThreadPoolExecutor | None = None):
+        """`pool`: compressing threads shared with other files (of `threads` workers), which this
+        file then neither starts nor stops."""
         import zstandard
 
         self.path = Path(path)
@@ -69,10 +75,11 @@ class BlockFile:
         self._local = threading.local()
         self._zstd = zstandard
         self.threads = max(1, threads)
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="compress")
+        self._own_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="compress")
         self._pending: deque = deque()  # blocks being compressed and appended, oldest first
         self._lock = threading.Lock()  # the file's end and `_index`
-        self._index: dict[int, tuple[int, int]] = {}  # block -> (offset, size) not yet in the file's index
+        self._index: dict[int, tuple[int, int, int]] = {}  # block -> (offset, size, CRC-32) not yet in the index
 
     def _read_layout(self) -> None:
         """Where the block index lies in the file, and the compression and predictor it declares."""
@@ -150,23 +157,27 @@ class BlockFile:
             return data
         return pixels
 
-    def write(self, array: np.ndarray, row0: int, col0: int) -> None:
+    def write(self, array: np.ndarray, row0: int, col0: int) -> list[int]:
         """Write the pixel-major (h, w, count) `array` with its top-left pixel at (row0, col0) of the
         file: whole blocks, or blocks that reach the raster's right or bottom edge. Its blocks are
         compressed and appended in the background (at most twice `threads` blocks wait), so the
-        caller goes on with the next window; `sync` waits for them, and raises what failed."""
+        caller goes on with the next window; `sync` waits for them, and raises what failed.
+        Returns the indices of the blocks written."""
         h, w, count = array.shape
         ends = ((row0 + h) % self.block_h == 0 or row0 + h == self.height) and \
                ((col0 + w) % self.block_w == 0 or col0 + w == self.width)
         if row0 % self.block_h or col0 % self.block_w or count != self.count or not ends or \
                 row0 + h > self.height or col0 + w > self.width:
             raise ValueError(f"a window of {count} bands at ({row0}, {col0}) is not whole blocks of {self.path}")
+        indices = []
         for r in range(0, h, self.block_h):
             for c in range(0, w, self.block_w):
                 index = (row0 + r) // self.block_h * self.blocks_across + (col0 + c) // self.block_w
                 block = array[r:r + self.block_h, c:c + self.block_w]
                 self._pending.append(self._pool.submit(self._append, index, block))
+                indices.append(index)
         self._wait(keep=2 * self.threads)
+        return indices
 
     def _append(self, index: int, block: np.ndarray) -> None:
         """Compress one block and append it to the file (in a compressing thread)."""
@@ -180,8 +191,9 @@ class BlockFile:
             raise AetherError(f"a compressed block of {self.path} is {len(data):,} bytes, more than its block index holds")
         with stage("write"):
             _write_all(self.fd, data, offset)
+        checksum = zlib.crc32(data)
         with self._lock:
-            self._index[index] = (offset, len(data))
+            self._index[index] = (offset, len(data), checksum)
 
     def _wait(self, keep: int = 0) -> None:
         """Wait until at most `keep` blocks are still being compressed or written; raise what failed."""
@@ -189,19 +201,38 @@ class BlockFile:
             self._pending[0].result()  # tracked until done: an interrupt here leaves it to `sync` or `abandon`
             self._pending.popleft()
 
-    def sync(self) -> None:
-        """Make every block written so far durable: the data, then the block index pointing at it."""
+    def sync(self) -> dict[int, tuple[int, int, int]]:
+        """Make every block written so far durable: the data, then the block index pointing at it.
+        Returns the blocks made durable: block -> (offset, size, CRC-32 of the stored bytes)."""
         self._wait()
         with self._lock:
             written, self._index = self._index, {}
         if not written:
-            return
+            return {}
         os.fsync(self.fd)
         off_code, count_code = _TYPE_CODE[self.offset_size], _TYPE_CODE[self.count_size]
-        for index, (offset, size) in written.items():
+        for index, (offset, size, _) in written.items():
             _write_all(self.fd, struct.pack("<" + off_code, offset), self.offsets_at + index * self.offset_size)
             _write_all(self.fd, struct.pack("<" + count_code, size), self.counts_at + index * self.count_size)
         os.fsync(self.fd)
+        return written
+
+    def intact(self, blocks: list[tuple[int, int, int, int]]) -> bool:
+        """Are these blocks (index, offset, size, CRC-32, as `sync` returned them) in the file as
+        recorded: inside it, pointed at by its block index, and with the bytes they had?"""
+        end = os.fstat(self.fd).st_size
+        n_blocks = self.blocks_across * -(-self.height // self.block_h)
+        off_code, count_code = _TYPE_CODE[self.offset_size], _TYPE_CODE[self.count_size]
+        for index, offset, size, checksum in blocks:
+            if not 0 <= index < n_blocks or offset < 0 or size <= 0 or offset + size > end:
+                return False
+            pointed = (struct.unpack("<" + off_code, os.pread(self.fd, self.offset_size,
+                                                               self.offsets_at + index * self.offset_size))[0],
+                       struct.unpack("<" + count_code, os.pread(self.fd, self.count_size,
+                                                                 self.counts_at + index * self.count_size))[0])
+            if pointed != (offset, size) or zlib.crc32(os.pread(self.fd, size, offset)) != checksum:
+                return False
+        return True
 
     def close(self) -> None:
         """Sync and close (idempotent)."""
@@ -210,41 +241,76 @@ class BlockFile:
         try:
             self.sync()
         finally:
-            self._pool.shutdown(wait=True)
+            self._stop()
             os.close(self.fd)
             self.fd = -1
 
     def abandon(self) -> None:
         """Close without syncing what is not yet durable."""
         if self.fd >= 0:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._stop(cancel=True)
             os.close(self.fd)
             self.fd = -1
+
+    def _stop(self, cancel: bool = False) -> None:
+        """Wait for this file's blocks in flight (or cancel those not started) and stop its own threads."""
+        if self._own_pool:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+            return
+        for future in self._pending:
+            if not (cancel and future.cancel()):
+                try:
+                    future.result()
+                except BaseException:
+                    pass  # `sync` raised it already, or the file is being abandoned
+        self._pending.clear()
 
 
 class CheckpointedBlocks:
     """A `BlockFile` whose finished pieces (tiles, windows: any ids) enter `journal` every
-    `checkpoint_s` seconds, once `sync` has made them durable; `done` is the set of pieces an
-    earlier run finished (updated in place). What a run resumes from."""
+    `checkpoint_s` seconds, once `sync` has made them durable, each with its blocks' places, sizes
+    and checksums; `done` is the set of pieces an earlier run finished (updated in place), and
+    `blocks` what the journal recorded of their blocks. What a run resumes from."""
 
-    def __init__(self, path: Path, journal, done: set[int], checkpoint_s: float, level: int = 1, threads: int = 1):
+    def __init__(self, path: Path, journal, done: set[int], checkpoint_s: float, level: int = 1, threads: int = 1,
+                 blocks: dict[int, list] | None = None):
         self.file = BlockFile(path, level, threads)
-        self.journal, self.done, self.pending = journal, done, set()
+        self.journal, self.done, self.pending = journal, done, {}
+        self.blocks = dict(blocks or {})
         self.checkpoint_s, self.last = checkpoint_s, time.monotonic()
+
+    def damaged(self) -> set[int]:
+        """The finished pieces whose blocks are not in the file as the journal recorded them (a file
+        cut short, bytes changed, an index entry lost): they are no longer finished."""
+        bad = {piece for piece in self.done if not self.file.intact(self.blocks.get(piece, ()))
+               or piece not in self.blocks}
+        self.done -= bad
+        for piece in bad:
+            self.blocks.pop(piece, None)
+        return bad
 
     def write(self, piece: int, array: np.ndarray, row0: int, col0: int) -> None:
         """`BlockFile.write` of one piece; a checkpoint when `checkpoint_s` has passed."""
-        self.file.write(array, row0, col0)
-        self.pending.add(piece)
+        self.pending[piece] = self.file.write(array, row0, col0)
+        self.after_write()
+
+    def skip(self, piece: int) -> None:
+        """Record `piece` as finished with no block written (a part of the output that stays nodata)."""
+        self.pending[piece] = []
+        self.after_write()
+
+    def after_write(self) -> None:
         if time.monotonic() - self.last >= self.checkpoint_s:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Make the pieces written so far durable, then record them in the journal."""
-        self.file.sync()
-        self.done |= self.pending
-        self.pending = set()
-        self.journal.save(self.done)
+        """Make the pieces written so far durable, then record them and their blocks in the journal."""
+        synced = self.file.sync()
+        for piece, indices in self.pending.items():
+            self.blocks[piece] = [[index, *synced[index]] for index in indices]
+        self.done |= set(self.pending)
+        self.pending = {}
+        self.journal.save(self.done, self.blocks)
         self.last = time.monotonic()
 
     def close(self) -> None:

@@ -82,6 +82,10 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read and check a checkpoint of either format, in this project's form; a truncated,
     foreign or malformed file is an AetherError that says what was expected."""
     path = Path(path)
+    if path.is_dir():
+        held = [name for name in ("best.pt", "last.pt") if (path / name).is_file()]
+        raise AetherError(f"checkpoint {path} is a folder; give a checkpoint file"
+                          + (f" such as {path / held[0]}" if held else ""))
     if not path.is_file():
         raise AetherError(f"checkpoint {path} does not exist")
     try:

@@ -26,7 +26,6 @@ import math
 import os
 import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +36,32 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from aether import http
 from aether.alphaearth import ATTRIBUTION, LICENSE, N_BANDS, NODATA_INT8, band_names
-from aether.block_writer import CheckpointedBlocks, create_sparse
+from aether.block_writer import create_sparse
 from aether.console import log
 from aether.devices import thread_budget
-from aether.errors import AetherError, first_line
-from aether.files import (atomic_write, atomic_write_text, check_inputs_kept, folder_lock, output_lock,
-                          raise_if_disk_full)
-from aether.journal import Journal, partial_paths
-from aether.raster import (ZSTD_LEVEL, RasterInfo, geotiff_layout, metres_per_degree, open_raster, output_block_px,
-                           raster_tag, read_bands)
+from aether.errors import AetherError, first_line, shown
+from aether.files import (
+    atomic_write,
+    atomic_write_text,
+    check_inputs_kept,
+    folder_lock,
+    output_lock,
+)
+from aether.raster import (
+    ZSTD_LEVEL,
+    RasterInfo,
+    block_sizes_identity,
+    geotiff_layout,
+    metres_per_degree,
+    open_raster,
+    output_block_px,
+    raster_tag,
+    read_bands,
+    remote_identity,
+)
+from aether.resumable import ResumableOutput
 
 INDEX_URLS = {
     "source-coop": "https://data.source.coop/tge-labs/aef/v1/annual/aef_index.parquet",
@@ -62,8 +77,9 @@ WINDOW_PX = 1024  # output window read and written at a time (a 64-band int8 win
 GDAL_CACHE_MB = 512  # the source blocks of a row of windows, so neighbouring windows do not fetch them again
 CHECKPOINT_S = 5.0
 MAX_OUTPUT_BYTES = 64 * 2**30  # larger requests are refused: fetch pieces instead
+MAX_TILES = 256  # tiles one fetch reads at once (each is opened); more are refused: fetch pieces instead
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
-FETCH_VERSION = 1
+FETCH_VERSION = 2  # 2: tile versions and block checksums in the journal
 # the warper's approximation error in pixels: so small that each pixel is transformed exactly (rasterio's
 # tolerance 0 leaves GDAL without a transformer)
 WARP_TOLERANCE_PX = 1e-9
@@ -89,6 +105,19 @@ class Grid:
     transform: Affine
     width: int
     height: int
+
+
+def tile_version(tile: SourceTile) -> str:
+    """What identifies a tile's content now (`aether.raster.remote_identity`: its ETag or
+    Last-Modified over HTTP, else its blocks' stored sizes), so that a tile re-published between an
+    interrupted fetch and its continuation is not mixed with its earlier version."""
+    if tile.url.startswith("/vsi"):
+        return remote_identity(tile.url)
+    try:
+        size = os.stat(tile.url).st_size
+    except OSError as exc:
+        raise AetherError(f"cannot read tile {tile.url}: {exc.strerror}") from None
+    return f"{size} bytes, {block_sizes_identity(tile.url)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,8 +182,15 @@ def bbox_of_file(path: str, margin_m: float) -> tuple[float, float, float, float
 
 
 def cache_dir() -> Path:
-    """AETHER's cache folder: $AETHER_CACHE, else ~/.cache/aether."""
-    return Path(os.environ.get("AETHER_CACHE") or Path.home() / ".cache" / "aether")
+    """AETHER's cache folder: $AETHER_CACHE, else ~/.cache/aether; one line when it names a file."""
+    folder = Path(os.environ.get("AETHER_CACHE") or Path.home() / ".cache" / "aether")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AetherError(f"cache folder {folder} cannot be made: {existing} is a file, not a folder; set "
+                          f"AETHER_CACHE to a folder")
+    return folder
 
 
 def index_url(source: str) -> str:
@@ -174,22 +210,44 @@ def _http_url(url: str) -> str:
     return url
 
 
+def cached_index_paths(url: str) -> tuple[Path, Path]:
+    """Where the cache keeps the index at `url` and its validators (ETag, Last-Modified)."""
+    folder = cache_dir() / "aef_index"
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return folder / f"{key}.parquet", folder / f"{key}.json"
+
+
+def _readable_parquet(path: Path) -> bool:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except (pyarrow.ArrowException, OSError):
+        return False
+    return True
+
+
 def cached_index(url: str, billing_project: str | None = None, progress: bool = True) -> tuple[Path, str]:
     """A local copy of the index at `url` (a local path is used as it is) and its version (ETag or
     date). The copy lives in `cache_dir()` with the ETag and Last-Modified it came with, and is
     revalidated on each call (If-None-Match / If-Modified-Since: an unchanged index costs one small
-    request). A host that cannot be reached while a copy is cached: the copy is used, and said so."""
+    request); a cached copy that cannot be read (cut short) is fetched again. A host that cannot be
+    reached while a readable copy is cached: the copy is used, and said so."""
     if not url.startswith(("http://", "https://", "gs://", "s3://")):
         if not Path(url).is_file():
             raise AetherError(f"index {url} does not exist; give --source source-coop, gcs, or an index URL or file")
         st = os.stat(url)
         return Path(url), f"{st.st_size}-{st.st_mtime_ns}"
-    folder = cache_dir() / "aef_index"
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    data, meta_path = folder / f"{key}.parquet", folder / f"{key}.json"
+    data, meta_path = cached_index_paths(url)
     try:
         meta = json.loads(meta_path.read_text()) if data.is_file() else {}
+        if not isinstance(meta, dict):
+            meta = {}
     except (OSError, ValueError):
+        meta = {}
+    if meta and not _readable_parquet(data):
+        log(f"the cached index {data} cannot be read (cut short?); fetching it again")
         meta = {}
     headers = {"User-Agent": "aether-fetch"}
     if billing_project:
@@ -198,10 +256,19 @@ def cached_index(url: str, billing_project: str | None = None, progress: bool = 
         headers["If-None-Match"] = meta["etag"]
     if meta.get("last_modified"):
         headers["If-Modified-Since"] = meta["last_modified"]
-    timeout_s = float(os.environ.get("GDAL_HTTP_TIMEOUT") or 30)
-    request = urllib.request.Request(_http_url(url), headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout_s)
+        data.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AetherError(f"cannot make the cache folder {data.parent}: {exc.strerror}; set AETHER_CACHE to a "
+                          f"writable folder") from None
+    try:
+        with http.request(_http_url(url), headers) as answer, atomic_write(data) as f, \
+                tqdm(total=int(answer.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
+                     unit_divisor=1024, desc="index", disable=not progress, leave=False) as bar:
+            for chunk in answer.chunks():
+                f.write(chunk)
+                bar.update(len(chunk))
+            validators = {"etag": answer.headers.get("ETag"), "last_modified": answer.headers.get("Last-Modified")}
     except urllib.error.HTTPError as exc:
         if exc.code == 304 and meta:
             return data, meta.get("etag") or meta.get("last_modified") or ""
@@ -210,22 +277,12 @@ def cached_index(url: str, billing_project: str | None = None, progress: bool = 
             hint = ("; the bucket is requester-pays: the billing project must be yours and the request authorised, "
                     "or use --source source-coop (free, no account)")
         raise AetherError(f"cannot read the index {url}: HTTP {exc.code} {exc.reason}{hint}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    except AetherError as exc:  # unreachable, or too slow
         if meta:
-            log(f"note: cannot reach {url} ({reason}); using the index cached on {meta.get('fetched', '?')}")
+            log(f"note: {exc}; using the index cached on {meta.get('fetched', '?')}")
             return data, meta.get("etag") or meta.get("last_modified") or ""
-        raise AetherError(f"cannot reach {url} ({reason}); check the network or the proxy, or choose another "
-                          f"--source") from None
-    folder.mkdir(parents=True, exist_ok=True)
-    with response, atomic_write(data) as f, \
-            tqdm(total=int(response.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                 unit_divisor=1024, desc="index", disable=not progress, leave=False) as bar:
-        for chunk in iter(lambda: response.read(1 << 20), b""):
-            f.write(chunk)
-            bar.update(len(chunk))
-    meta = {"url": url, "etag": response.headers.get("ETag"), "last_modified": response.headers.get("Last-Modified"),
-            "fetched": email.utils.formatdate(usegmt=True)}
+        raise AetherError(f"{exc}; check the network or the proxy, or choose another --source") from None
+    meta = {"url": url, **validators, "fetched": email.utils.formatdate(usegmt=True)}
     atomic_write_text(meta_path, json.dumps(meta))
     return data, meta.get("etag") or meta.get("last_modified") or meta["fetched"]
 
@@ -243,46 +300,85 @@ def read_index(path: Path, url: str):
     if missing:
         raise AetherError(f"index {url} has no column {', '.join(missing)}: not an AlphaEarth tile index "
                           f"(aef_index.parquet)")
-    return pq.read_table(path, columns=list(INDEX_COLUMNS))
+    try:
+        return pq.read_table(path, columns=list(INDEX_COLUMNS))
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise AetherError(f"index {url} cannot be read ({first_line(exc)})") from None
 
 
 def tile_url(path: str, index: str) -> str:
     """The name GDAL opens for a tile the index at `index` names `path`.
 
-    http(s) and /vsi paths are used as they are, relative paths relative to the index. An s3:// or
-    gs:// object of an index fetched over http(s) is read from the host that served the index, under
-    the same key (Source Cooperative serves s3://us-west-2.opendata.source.coop/KEY as
-    https://data.source.coop/KEY; a mirror that copies the keys works the same way); otherwise
-    gs:// is read through /vsigs/ (the billing project and credentials GDAL finds) and s3://
-    through Source Cooperative's HTTPS name or /vsis3/."""
-    if path.startswith(("http://", "https://", "/vsi")):
-        return path if path.startswith("/vsi") else "/vsicurl/" + path
-    scheme = path.split("://", 1)[0] if "://" in path else None
+    Tile paths are limited to what the index format uses: s3:// and gs:// objects, paths relative
+    to the index (inside its folder), and http(s):// URLs on the index's own host (any host for a
+    local index). An s3:// or gs:// object of an index fetched over http(s) is read from the host
+    that served the index, under the same key (Source Cooperative serves
+    s3://us-west-2.opendata.source.coop/KEY as https://data.source.coop/KEY; a mirror that copies
+    the keys works the same way); otherwise gs:// is read through /vsigs/ (the billing project and
+    credentials GDAL finds) and s3:// through Source Cooperative's HTTPS name or /vsis3/. Anything
+    else (a /vsi path such as /vsistdin/ or /vsisubfile/, file://, another host) is refused: an
+    index must not make AETHER read a local file or another host into the output."""
+    def refuse(why: str) -> AetherError:
+        return AetherError(f"index {index} names the tile {shown(path)}, {why}; tile paths must be s3://, gs://, "
+                           f"relative to the index, or http(s):// on the index's host")
+
+    remote_index = index.startswith(("http://", "https://"))
+    scheme = path.split("://", 1)[0].lower() if "://" in path else None
+    if path.startswith("/vsi") or scheme not in (None, "http", "https", "s3", "gs"):
+        raise refuse("which AETHER does not read")
+    if scheme in ("http", "https") or (scheme is None and remote_index):
+        url = urllib.parse.urljoin(index, path) if remote_index else path
+        if remote_index and urllib.parse.urlsplit(url)[:2] != urllib.parse.urlsplit(index)[:2]:
+            raise refuse("on another host than the index")
+        return "/vsicurl/" + url
     if scheme is None:
-        if index.startswith(("http://", "https://")):
-            return "/vsicurl/" + urllib.parse.urljoin(index, path)
-        return str(Path(index).parent / path)
-    if scheme not in ("s3", "gs"):
-        raise AetherError(f"index {index} names a tile {path!r} that AETHER cannot read (expected http(s)://, s3://, "
-                          f"gs:// or a relative path)")
-    key = path.split("://", 1)[1].split("/", 1)[1]
+        folder = Path(index).resolve().parent
+        tile = (folder / path).resolve()
+        if Path(path).is_absolute() or folder not in tile.parents:
+            raise refuse("outside the index's folder")
+        return str(tile)
+    parts = path.split("://", 1)[1].split("/", 1)
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise refuse("which is not a bucket and key")
+    key = parts[1]
     if scheme == "gs" and index.startswith("gs://"):
         return "/vsigs/" + path[len("gs://"):]
-    if index.startswith(("http://", "https://")) and not index.startswith(GCS_HTTPS):
-        parts = urllib.parse.urlsplit(index)
-        return f"/vsicurl/{parts.scheme}://{parts.netloc}/{key}"
+    if remote_index and not index.startswith(GCS_HTTPS):
+        split = urllib.parse.urlsplit(index)
+        return f"/vsicurl/{split.scheme}://{split.netloc}/{key}"
     for prefix, https in S3_MIRRORS.items():
         if path.startswith(prefix):
             return "/vsicurl/" + https + path[len(prefix):]
     return f"/vsi{scheme}/" + path.split("://", 1)[1]
 
 
+def _numbers(table, name: str, url: str, whole: bool = False) -> np.ndarray:
+    """The index column `name` as float64 (or int64 for `whole` numbers); one line naming the first
+    row whose value is not one."""
+    import pandas
+
+    raw = table.column(name).to_pandas()
+    values = pandas.to_numeric(raw, errors="coerce")
+    bad = values.isna() | ~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+    if whole:
+        bad |= values.fillna(0) % 1 != 0
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        what = "a whole year" if whole else "a number"
+        raise AetherError(f"index {url}: column {name}, row {row} (from 0) is {shown(raw.iloc[row])}, not {what}; "
+                          f"the index is damaged or not an AlphaEarth tile index")
+    return values.to_numpy(dtype=np.int64 if whole else np.float64)
+
+
 def select_tiles(table, url: str, year: int, bbox: tuple[float, float, float, float]) -> list[SourceTile]:
-    """The tiles of `year` that meet `bbox` (WGS84), checked in each tile's own CRS; one line when
-    the year is not in the index or no tile of it covers the box."""
+    """The tiles of `year` that meet `bbox` (WGS84), checked in each tile's own CRS. A tile listed
+    twice (the same path, or the same CRS and bounds) counts once; a tile whose WGS84 bounds wrap
+    the antimeridian (west > east) is met from either side. One line when the index holds a value
+    that is not one (naming the column and row), when the year is not in the index, when no tile
+    covers the box, or when the box meets more than MAX_TILES tiles."""
     from rasterio.warp import transform_bounds
 
-    years = np.asarray(table.column("year").to_numpy(zero_copy_only=False), dtype=np.int64)
+    years = _numbers(table, "year", url, whole=True)
     known = np.unique(years)
     if not len(known):
         raise AetherError(f"index {url} has no tiles")
@@ -290,19 +386,40 @@ def select_tiles(table, url: str, year: int, bbox: tuple[float, float, float, fl
         have = (f"{known[0]}-{known[-1]}" if len(known) == known[-1] - known[0] + 1
                 else ", ".join(str(y) for y in known))
         raise AetherError(f"year {year} is not in the index {url} (it has {have})")
-    col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in INDEX_COLUMNS}
-    w, s, e, n = (np.asarray(col[f"wgs84_{side}"], dtype=np.float64) for side in ("west", "south", "east", "north"))
+    w, s, e, n = (_numbers(table, f"wgs84_{side}", url) for side in ("west", "south", "east", "north"))
+    utm = np.stack([_numbers(table, f"utm_{side}", url) for side in ("west", "south", "east", "north")], axis=1)
     west, south, east, north = bbox
-    rows = np.flatnonzero((years == year) & (w < east) & (e > west) & (s < north) & (n > south))
+    wraps = w > e  # across the antimeridian: from west to 180 and from -180 to east
+    meets_lon = np.where(wraps, (east > w) | (west < e), (w < east) & (e > west))
+    rows = np.flatnonzero((years == year) & meets_lon & (s < north) & (n > south))
+    paths = table.column("path").to_pylist()
+    crss = table.column("crs").to_pylist()
+    box_in: dict[str, tuple] = {}
+    seen_paths, seen_places = set(), set()
     tiles = []
     for i in rows:
-        bounds = tuple(float(col[f"utm_{side}"][i]) for side in ("west", "south", "east", "north"))
-        crs = str(col["crs"][i])
-        bx0, by0, bx1, by1 = transform_bounds("EPSG:4326", crs, *bbox, densify_pts=21)
+        path, crs = paths[i], crss[i]
+        if not isinstance(path, str) or not path:
+            raise AetherError(f"index {url}: column path, row {i} (from 0) is {shown(path)}, not a tile's path")
+        place = (crs, *utm[i])
+        if path in seen_paths or place in seen_places:
+            continue
+        seen_paths.add(path)
+        seen_places.add(place)
+        if crs not in box_in:
+            try:
+                box_in[crs] = transform_bounds("EPSG:4326", CRS.from_user_input(crs), *bbox, densify_pts=21)
+            except (rasterio.errors.CRSError, TypeError, ValueError) as exc:
+                raise AetherError(f"index {url}: column crs, row {i} (from 0) is {shown(crs)}, not a CRS PROJ knows "
+                                  f"({first_line(exc)})") from None
+        bx0, by0, bx1, by1 = box_in[crs]
+        bounds = tuple(float(v) for v in utm[i])
         if bx0 < bounds[2] and bx1 > bounds[0] and by0 < bounds[3] and by1 > bounds[1]:
-            path = str(col["path"][i])
             tiles.append(SourceTile(path, tile_url(path, url), year, crs, bounds,
-                              (float(w[i]), float(s[i]), float(e[i]), float(n[i]))))
+                                    (float(w[i]), float(s[i]), float(e[i]), float(n[i]))))
+            if len(tiles) > MAX_TILES:
+                raise AetherError(f"the box meets more than {MAX_TILES} tiles of {year} in the index {url}; fetch a "
+                                  f"smaller box (or several pieces)")
     if not tiles:
         raise AetherError(f"no AlphaEarth tile of {year} covers the box {west:g} {south:g} {east:g} {north:g} "
                           f"(the index {url} has none there: open ocean, or outside the product's coverage)")
@@ -527,6 +644,10 @@ def fetch_alphaearth(out: str, year: int, bbox=None, like: str | None = None, so
     if not checkpoint_s >= 0:
         raise AetherError(f"--checkpoint-every must be >= 0 seconds, got {checkpoint_s}")
     out = Path(out)
+    if per_zone and crs is not None:
+        raise AetherError("--crs and --per-zone do not go together: --per-zone writes each UTM zone in its own CRS; "
+                          "leave out --crs, or --per-zone to get one file in that CRS")
+    http.timeout_s()  # a malformed GDAL_HTTP_TIMEOUT is one line before any work
     if per_zone:
         if out.exists() and not out.is_dir():
             raise AetherError(f"--per-zone writes a folder, and {out} is a file; give a folder name")
@@ -554,6 +675,7 @@ def fetch_alphaearth(out: str, year: int, bbox=None, like: str | None = None, so
                           "GOOGLE_APPLICATION_CREDENTIALS), or use --source source-coop (free, no account)")
     path, _ = cached_index(url, billing_project if url.startswith("gs://") else None, progress)
     tiles = select_tiles(read_index(path, url), url, int(year), bbox)
+    check_inputs_kept(_outputs(out, per_zone, tiles, int(year)), _inputs(url, path, tiles), "choose another --out")
     env = {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}
     if billing_project and url.startswith("gs://"):
         env["GS_USER_PROJECT"] = billing_project
@@ -564,25 +686,59 @@ def fetch_alphaearth(out: str, year: int, bbox=None, like: str | None = None, so
         return _fetch_zones(tiles, bbox, out, url, int(year), tile_px, checkpoint_s, progress)
 
 
+def _zones(tiles: list[SourceTile]) -> dict[str, list[SourceTile]]:
+    """The tiles by UTM zone (or CRS), named as --per-zone names its files (34N, EPSG_3035, ...)."""
+    zones: dict[str, list[SourceTile]] = {}
+    for t in tiles:
+        zone = utm_zone(t.crs)
+        zones.setdefault(f"{zone[0]:02d}{zone[1]}" if zone else t.crs.replace(":", "_"), []).append(t)
+    return dict(sorted(zones.items()))
+
+
+def _zone_file(folder: Path, year: int, zone: str) -> Path:
+    return folder / f"alphaearth_{year}_{zone}.tif"
+
+
+def _outputs(out: Path, per_zone: bool, tiles: list[SourceTile], year: int) -> list[Path]:
+    """Every file a fetch writes."""
+    if not per_zone:
+        return [out]
+    return [*(_zone_file(out, year, zone) for zone in _zones(tiles)), out / "tiles.txt", out / "mosaic.vrt"]
+
+
+def _inputs(url: str, index: Path, tiles: list[SourceTile]) -> dict[str, str]:
+    """Every local file a fetch reads, and what it is: the index (or its cached copy and the copy's
+    record) and each local tile."""
+    found = {str(index): "the tile index --source names" if index == Path(url) else "the cached tile index"}
+    if index != Path(url):
+        found[str(cached_index_paths(url)[1])] = "the cached tile index's record"
+    for t in tiles:
+        if not t.url.startswith("/vsi"):
+            found[t.url] = f"the source tile {t.path}"
+    return found
+
+
 def _fetch_zones(tiles: list[SourceTile], bbox, out: Path, url: str, year: int, tile_px: int, checkpoint_s: float,
                  progress: bool) -> Path:
     """One GeoTIFF per CRS of `tiles` into the folder `out`, with tiles.txt and mosaic.vrt."""
     from aether.tiles import write_mosaic_vrt
 
-    zones = {}
-    for t in tiles:
-        zone = utm_zone(t.crs)
-        zones.setdefault(f"{zone[0]:02d}{zone[1]}" if zone else t.crs.replace(":", "_"), []).append(t)
+    zones = _zones(tiles)
     with folder_lock(out, ".fetch.lock", f"folder {out}", "choose another --out"):
         written = []
-        for name, group in sorted(zones.items()):
-            target = out / f"alphaearth_{year}_{name}.tif"
-            written.append(_fetch_one(group, CRS.from_user_input(group[0].crs), f"zone {name}", bbox, target, url,
-                                      year, tile_px, checkpoint_s, progress))
+        for name, group in zones.items():
+            written.append(_fetch_one(group, CRS.from_user_input(group[0].crs), f"zone {name}", bbox,
+                                      _zone_file(out, year, name), url, year, tile_px, checkpoint_s, progress))
         listing = out / "tiles.txt"
         atomic_write_text(listing, "".join(f"{p.name}\n" for p in written))
         write_mosaic_vrt([str(p) for p in written], out / "mosaic.vrt")
-    log(f"{len(written)} zone files in {out}; train and embed them as one set of tiles: {listing}")
+    log(f"{len(written)} zone files in {out}; train and embed them as one set of tiles: {listing} (mosaic.vrt shows "
+        f"them as one layer in GDAL 3.7 or newer, and QGIS built on it: older GDAL has no Int8 type; open the zone "
+        f"files there)")
+    others = sorted(p.name for p in out.glob("alphaearth_*.tif") if p not in written)
+    if others:
+        log(f"note: {out} also holds {', '.join(others)}, from an earlier fetch: not in tiles.txt or mosaic.vrt "
+            f"(delete them if they are not yours)")
     return listing
 
 
@@ -600,7 +756,7 @@ def _fetch_one(tiles: list[SourceTile], grid_crs: CRS, why: str, bbox, out: Path
         log(f"tiles in {', '.join(warped)} are warped into {crs_name} by nearest neighbour where the {crs_name} tiles "
             f"have no pixels (--crs chooses another CRS, --per-zone writes one file per zone)")
     fingerprint = {"version": FETCH_VERSION, "index": url, "year": year, "tiles": [t.url for t in tiles],
-                   "crs": crs_name, "transform": list(grid.transform)[:6], "width": grid.width,
+                   "tile versions": [tile_version(t) for t in tiles], "crs": crs_name, "transform": list(grid.transform)[:6], "width": grid.width,
                    "height": grid.height, "tile_px": tile_px}
     run = json.dumps(fingerprint, sort_keys=True)
     tags = {
@@ -632,65 +788,57 @@ def _fetch_one(tiles: list[SourceTile], grid_crs: CRS, why: str, bbox, out: Path
 
 def _write(readers: list[TileReader], grid: Grid, out: Path, fingerprint: dict, tags: dict, tile_px: int,
            checkpoint_s: float, progress: bool) -> None:
-    """Write the output window by window into a partial file beside `out`, recording finished windows
-    in a journal every `checkpoint_s`; rename it to `out` at the end. An interrupted run (a signal,
-    a kill, a lost connection) keeps both, and the same command continues from them."""
-    partial, journal_path = partial_paths(out)
-    journal = Journal(journal_path, fingerprint)
+    """Write the output window by window (`aether.resumable.ResumableOutput`: a partial file beside
+    `out` with a journal of finished windows, renamed to `out` at the end). An interrupted run (a
+    signal, a kill, a lost connection) keeps both, and the same command continues from them.
+    Windows that no tile meets are not fetched, compressed or written: they read as nodata."""
     windows = windows_of(grid, tile_px)
     seen: set = set()
     window_bytes = []  # the compressed bytes of the source blocks each window reads first
+    touched = []  # does any tile meet the window?
     for window in windows:
-        total = 0
+        total, meets = 0, False
         for k, reader in enumerate(readers):
-            for block in reader.blocks(window):
+            blocks = reader.blocks(window)
+            meets |= bool(blocks)
+            for block in blocks:
                 if (k, block) in seen:
                     continue
                 seen.add((k, block))
                 total += reader.block_bytes(block)
         window_bytes.append(total)
-    if journal.matches(partial):
-        done = journal.load(partial)
-        log(f"resuming: {len(done)} of {len(windows)} windows were fetched")
-    else:
-        journal.discard(partial, "another fetch")
-        done = set()
-        profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=N_BANDS, dtype="int8",
-                       crs=grid.crs, transform=grid.transform, nodata=NODATA_INT8,
-                       **geotiff_layout("int8", output_block_px(tile_px)))
+        touched.append(meets)
+    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=N_BANDS, dtype="int8",
+                   crs=grid.crs, transform=grid.transform, nodata=NODATA_INT8,
+                   **geotiff_layout("int8", output_block_px(tile_px)))
+    output = ResumableOutput(out, fingerprint, lambda path: create_sparse(path, profile, band_names(), tags),
+                             what="windows", checkpoint_s=checkpoint_s, level=ZSTD_LEVEL,
+                             threads=max(1, thread_budget() // 2), keep_on=(AetherError,))
+    with output:
+        done = output.start(None, "another fetch")
+        if output.resumed:
+            log(f"resuming: {len(done)} of {len(windows)} windows were fetched")
+        empty = len(windows) - sum(touched)
+        if empty:
+            log(f"{empty} of {len(windows)} windows meet no tile: they stay nodata, with nothing fetched or stored")
+        bar = tqdm(total=sum(window_bytes), initial=sum(window_bytes[i] for i in done), unit="B", unit_scale=True,
+                   unit_divisor=1024, desc="fetching", disable=not progress)
         try:
-            create_sparse(partial, profile, band_names(), tags)
-            journal.save(done)
-        except BaseException as exc:
-            partial.unlink(missing_ok=True)
-            journal.remove()
-            raise_if_disk_full(exc, out)
+            for i, window in enumerate(windows):
+                if i in done:
+                    continue
+                if not touched[i]:
+                    output.skip(i)
+                    continue
+                output.write(i, read_window(readers, window).transpose(1, 2, 0), window.row_off, window.col_off)
+                bar.update(window_bytes[i])
+            output.finish()
+        except KeyboardInterrupt:
+            log(f"interrupted; the windows fetched so far are kept in {output.partial}: run the same command to "
+                f"continue")
             raise
-    try:
-        blocks = CheckpointedBlocks(partial, journal, done, checkpoint_s, ZSTD_LEVEL, max(1, thread_budget() // 2))
-    except AetherError as exc:
-        raise AetherError(f"the partial output {partial} is damaged ({exc}); delete it and run again") from None
-    bar = tqdm(total=sum(window_bytes), initial=sum(window_bytes[i] for i in done), unit="B", unit_scale=True,
-               unit_divisor=1024, desc="fetching", disable=not progress)
-    try:
-        for i, window in enumerate(windows):
-            if i in done:
-                continue
-            blocks.write(i, read_window(readers, window).transpose(1, 2, 0), window.row_off, window.col_off)
-            bar.update(window_bytes[i])
-        blocks.close()
-        os.replace(partial, out)
-        journal.remove()
-    except (KeyboardInterrupt, AetherError) as exc:  # a signal or a lost connection: keep what is done
-        blocks.close()
-        if isinstance(exc, KeyboardInterrupt):
-            log(f"interrupted; the windows fetched so far are kept in {partial}: run the same command to continue")
-            raise
-        raise AetherError(f"{exc} (the windows fetched so far are kept: run the same command to continue)") from None
-    except BaseException as exc:
-        blocks.abandon()
-        journal.discard(partial)
-        raise_if_disk_full(exc, out)
-        raise
-    finally:
-        bar.close()
+        except AetherError as exc:  # a lost connection: what is done is kept
+            raise AetherError(f"{exc} (the windows fetched so far are kept: run the same command to continue)") \
+                from None
+        finally:
+            bar.close()

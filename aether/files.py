@@ -100,7 +100,15 @@ class RunLock:
         import fcntl
 
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except IsADirectoryError:
+                raise AetherError(f"the lock file {self.path} of {self.what} is a folder; remove it, or "
+                                  f"{self.fix}") from None
+            except OSError as exc:
+                raise_if_disk_full(exc, self.path)
+                raise AetherError(f"cannot make the lock file {self.path} of {self.what}: "
+                                  f"{(exc.strerror or str(exc)).lower()}; {self.fix}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -123,9 +131,12 @@ class RunLock:
             if current:
                 break
             os.close(fd)  # its holder removed it between our open and our lock: try the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
+        try:  # who holds it, for a refusal's message; the lock holds without it (a full disk)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError:
+            pass
         return self
 
     def release(self) -> None:
@@ -167,7 +178,15 @@ def folder_lock(folder: str | Path, name: str, what: str, fix: str) -> Iterator[
     while not missing.exists():
         created.append(missing)
         missing = missing.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        for made in created:  # what mkdir made before it failed
+            if made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
+        raise_if_disk_full(exc, folder / name)
+        raise AetherError(f"cannot make the {what}: {(exc.strerror or str(exc)).lower()} ({exc.filename or folder}); "
+                          f"{fix}") from None
     try:
         with RunLock(folder / name, what, fix):
             yield folder

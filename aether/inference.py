@@ -27,16 +27,33 @@ from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
 from aether.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, band_names
-from aether.block_writer import CheckpointedBlocks, create_sparse
+from aether.block_writer import create_sparse
 from aether.console import log
 from aether.devices import thread_budget
 from aether.embedder import AetherEmbedder, unit_rows
-from aether.errors import AetherError, first_line
-from aether.files import check_inputs_kept, output_lock, raise_if_disk_full, temp_file_beside
-from aether.journal import Journal, partial_paths
+from aether.errors import AetherError
+from aether.files import (
+    check_inputs_kept,
+    output_lock,
+    raise_if_disk_full,
+    temp_file_beside,
+)
 from aether.pooling import window_means
-from aether.raster import (ZSTD_LEVEL, RasterInfo, decode_pixels, geotiff_layout, implausible_pixels, invalid_pixels,
-                           open_raster, output_block_px, raster_files, raster_tag, read_bands)
+from aether.raster import (
+    ZSTD_LEVEL,
+    RasterInfo,
+    content_identity,
+    decode_pixels,
+    geotiff_layout,
+    implausible_pixels,
+    invalid_pixels,
+    open_raster,
+    output_block_px,
+    raster_files,
+    raster_tag,
+    read_bands,
+)
+from aether.resumable import ResumableOutput
 from aether.stages import stage
 from aether.streaming import run_pipeline
 
@@ -50,8 +67,8 @@ MAX_TILE_PX = 4096  # largest --tile: a 4,096-pixel int8 tile is 1 GiB in and 2 
 STRIP_PX = 32768  # pixels of a tile pooled and projected at a time (8 MiB of float32 means)
 GDAL_CACHE_MB = 64
 CHECKPOINT_S = 5.0  # how often finished tiles are made durable for --resume
-OUTPUT_LAYOUT = 2  # of tiles and blocks in the partial output: 2 = bottom-up rasters tiled from the north, blocks
-# written by aether.block_writer (a partial output of another layout is not resumed)
+OUTPUT_LAYOUT = 3  # of tiles and blocks in the partial output: 2 = bottom-up rasters tiled from the north, blocks
+# written by aether.block_writer; 3 = each journaled block's checksum (a partial output of another layout is not resumed)
 
 
 @dataclass(frozen=True)
@@ -193,25 +210,18 @@ def tile_computer(reader: PooledTileReader):
 
 
 class _TileWriter:
-    """Writes finished tiles north-up into the partial output (`aether.block_writer`: compressed at
-    the output's own level, `threads` blocks at a time, made durable and journaled every
-    `checkpoint_s`). `first_row` is the north-up input row of the output's first row (0 unless it
-    is a band)."""
+    """Writes finished tiles north-up into the output (`aether.resumable.ResumableOutput`: compressed at
+    the output's own level, made durable and journaled for a resume). `first_row` is the north-up
+    input row of the output's first row (0 unless it is a band)."""
 
-    def __init__(self, path: Path, info: RasterInfo, journal: Journal, done: set[int],
-                 bar, checkpoint_s: float = CHECKPOINT_S, first_row: int = 0, threads: int = 1):
-        self.info, self.first_row, self.bar = info, first_row, bar
-        try:
-            self.blocks = CheckpointedBlocks(path, journal, done, checkpoint_s, ZSTD_LEVEL, threads)
-        except (rasterio.errors.RasterioIOError, AetherError) as exc:
-            raise AetherError(f"the partial output {path} is damaged ({first_line(exc)}); "
-                              f"run without --resume to start over") from None
+    def __init__(self, output: ResumableOutput, info: RasterInfo, bar, first_row: int = 0):
+        self.output, self.info, self.first_row, self.bar = output, info, first_row, bar
 
     def __call__(self, tile: Tile, block: np.ndarray) -> None:
         if self.info.bottom_up:  # written north-up
             block = block[::-1]
         row0 = self.info.north_up_rows(tile.row0, tile.height) - self.first_row
-        self.blocks.write(tile.index, block, row0, tile.col0)
+        self.output.write(tile.index, block, row0, tile.col0)
         self.bar.update(tile.width * tile.height)
 
 
@@ -280,50 +290,31 @@ def _embed_raster(ae_tif: str, ckpt: str, out: Path, pooling: str, dtype: str, p
     if skip_finished and finished_output(out, tags["AETHER_RUN"]):
         log(f"{out.name} is already finished (same input, checkpoint and options); skipping it")
         return out
-    partial, journal_path = partial_paths(out)
-    journal = Journal(journal_path, fingerprint)
     tiles = tile_grid(info, tile_px, rows)
-    resume = resume or (skip_finished and journal.matches(partial))  # a rerun continues where it stopped
-    if resume:
-        done = journal.load(partial)
-    else:
-        journal.discard(partial, "an earlier interrupted run")
-        done = set()
-        create_sparse(partial, profile, band_names(embedder.latent_dim, "E", digits=3), tags)
-        journal.save(done)
-    todo = [t for t in tiles if t.index not in done]
-    if resume:
-        log(f"resuming: {len(tiles) - len(todo)} of {len(tiles)} tiles were done")
-    bar = tqdm(total=info.width * (r_stop - r_start), desc="embedding", unit="px", unit_scale=True, disable=not progress,
-               initial=sum(t.width * t.height for t in tiles if t.index in done))
+    descriptions = band_names(embedder.latent_dim, "E", digits=3)
     reader = PooledTileReader(info, embedder, pooling)
-    writer = None
-    try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), tile_workers(embedder.device, tile_px, dtype) as threads:
-            writer = _TileWriter(partial, info, journal, done, bar, checkpoint_s, first_row, threads.compress)
-            compute = tile_computer(reader)
-            run_pipeline(lambda: reader.produce(todo, threads.read), lambda tile, data: compute(data, dtype),
-                         writer, workers=threads.compute)
-            writer.blocks.close()
-        reader.report_implausible()
-        if cog:
-            _to_cog(partial)
-        os.replace(partial, out)
-        journal.remove()
-    except KeyboardInterrupt:
-        if writer is not None:
-            writer.blocks.close()  # what was written is kept
-        log(f"interrupted; finished tiles are kept in {partial}. "
-            + ("Run the same command again to continue" if skip_finished else "Continue with --resume"))
-        raise
-    except BaseException as exc:
-        if writer is not None:
-            writer.blocks.abandon()
-        journal.discard(partial)
-        raise_if_disk_full(exc, out)
-        raise
-    finally:
-        bar.close()
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), tile_workers(embedder.device, tile_px, dtype) as threads:
+        output = ResumableOutput(out, fingerprint, lambda path: create_sparse(path, profile, descriptions, tags),
+                                 what="tiles", checkpoint_s=checkpoint_s, level=ZSTD_LEVEL, threads=threads.compress)
+        with output:
+            done = output.start(True if resume else None if skip_finished else False)
+            todo = [t for t in tiles if t.index not in done]
+            if output.resumed:
+                log(f"resuming: {len(tiles) - len(todo)} of {len(tiles)} tiles were done")
+            bar = tqdm(total=info.width * (r_stop - r_start), desc="embedding", unit="px", unit_scale=True,
+                       disable=not progress, initial=sum(t.width * t.height for t in tiles if t.index in done))
+            try:
+                compute = tile_computer(reader)
+                run_pipeline(lambda: reader.produce(todo, threads.read), lambda tile, data: compute(data, dtype),
+                             _TileWriter(output, info, bar, first_row), workers=threads.compute)
+                reader.report_implausible()
+                output.finish(_to_cog if cog else None)
+            except KeyboardInterrupt:
+                log(f"interrupted; finished tiles are kept in {output.partial}. "
+                    + ("Run the same command again to continue" if skip_finished else "Continue with --resume"))
+                raise
+            finally:
+                bar.close()
     return out
 
 
@@ -419,11 +410,11 @@ def check_embed_options(pooling: str = "window", dtype: str = "int8", tile_px: i
 
 def run_fingerprint(ae_tif: str, embedder: AetherEmbedder, pooling: str, dtype: str, tile_px: int,
                     rows: tuple[int, int], cog: bool) -> dict:
-    """What makes two runs write the same output: input (and its size and time), checkpoint,
-    options, and which rows."""
-    source = Path(ae_tif).stat() if Path(ae_tif).exists() else None
-    return {"input": str(Path(ae_tif).resolve()) if source else ae_tif,
-            "input size and time": [source.st_size, source.st_mtime_ns] if source else None,
+    """What makes two runs write the same output: the input and what it holds (`content_identity`:
+    each file read, a VRT's sources included, by content), checkpoint, options, and which rows."""
+    local = Path(ae_tif).exists()
+    return {"input": str(Path(ae_tif).resolve()) if local else ae_tif,
+            "input content": content_identity(ae_tif),
             "checkpoint": embedder.ckpt_sha256, "pooling": pooling, "dtype": dtype, "precision": embedder.precision,
             "device": embedder.device.type, "tile size": tile_px, "rows": list(rows), "cog": cog,
             "layout": OUTPUT_LAYOUT}

@@ -1,5 +1,5 @@
-"""What an interrupted inference run had finished: a small JSON journal beside its partial
-output, so `--resume` (or a rerun of a Dask task) continues where it stopped."""
+"""What an interrupted run had finished: a small JSON journal beside its partial output, so
+`--resume` (or a rerun of a Dask task, or of a fetch) continues where it stopped."""
 from __future__ import annotations
 
 import json
@@ -10,42 +10,54 @@ from aether.errors import AetherError
 from aether.files import atomic_write_text
 
 
+class OtherWork(AetherError):
+    """The journal is of another run (other input, options or checkpoint): `changed` names what differs."""
+
+    def __init__(self, changed: list[str]):
+        super().__init__(f"cannot resume: the interrupted run had other {', '.join(changed)}; "
+                         f"run without --resume to start over")
+        self.changed = changed
+
+
 class Journal:
     """What an interrupted run had finished: a small JSON file beside its partial output.
 
-    The partial GeoTIFF's blocks, then its block index, are forced to disk
-    (`aether.block_writer.BlockFile.sync`) before tiles are recorded here, so every tile the
-    journal names is really in the file.
+    It holds the run's fingerprint (what it reads and how: a run of other work is not continued),
+    the finished pieces, and for each the blocks it wrote (index, offset, size, CRC-32). The
+    partial GeoTIFF's blocks, then its block index, are forced to disk
+    (`aether.block_writer.BlockFile.sync`) before pieces are recorded here, and a resume checks
+    each recorded block against the file before trusting it.
     """
 
     def __init__(self, path: Path, fingerprint: dict):
         self.path, self.fingerprint = path, fingerprint
 
-    def matches(self, partial: Path) -> bool:
-        """Is there an interrupted run of the same work to continue?"""
-        try:
-            self.load(partial)
-        except AetherError:
-            return False
-        return True
+    def exists(self, partial: Path) -> bool:
+        return self.path.is_file() and partial.is_file()
 
-    def load(self, partial: Path) -> set[int]:
-        if not self.path.is_file() or not partial.is_file():
+    def load(self, partial: Path) -> tuple[set[int], dict[int, list]]:
+        """The finished pieces and their blocks; AetherError when there is nothing to resume or the
+        journal is damaged, `OtherWork` when it is another run's."""
+        if not self.exists(partial):
             raise AetherError(f"nothing to resume: no interrupted run of this output ({partial.name} and "
                               f"{self.path.name} beside it); run without --resume")
         try:
             saved = json.loads(self.path.read_text())
-            old, done = saved["fingerprint"], saved["done"]
-        except (OSError, ValueError, KeyError, TypeError):
+            old, done, blocks = saved["fingerprint"], _pieces(saved["done"]), saved.get("blocks", {})
+            blocks = {_piece(k): [_block(b) for b in v] for k, v in blocks.items()}
+            if not isinstance(old, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             raise AetherError(f"resume journal {self.path} is damaged; run without --resume to start over") from None
         changed = sorted(k for k in self.fingerprint if old.get(k) != self.fingerprint[k])
         if changed:
-            raise AetherError(f"cannot resume: the interrupted run had other {', '.join(changed)}; "
-                              f"run without --resume to start over")
-        return set(int(i) for i in done)
+            raise OtherWork(changed)
+        return done, blocks
 
-    def save(self, done: set[int]) -> None:
-        atomic_write_text(self.path, json.dumps({"fingerprint": self.fingerprint, "done": sorted(done)}))
+    def save(self, done: set[int], blocks: dict[int, list] | None = None) -> None:
+        record = {"fingerprint": self.fingerprint, "done": sorted(done),
+                  "blocks": {str(k): v for k, v in sorted((blocks or {}).items())}}
+        atomic_write_text(self.path, json.dumps(record, separators=(",", ":")))
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -57,6 +69,30 @@ class Journal:
             log(f"discarding the partial output of {what} ({partial.name})")
         partial.unlink(missing_ok=True)
         self.remove()
+
+
+def _piece(value) -> int:
+    """A piece id from the journal: a whole number (JSON keys are text), never a bool or a fraction."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError
+    number = int(value)
+    if number < 0:
+        raise ValueError
+    return number
+
+
+def _pieces(values) -> set[int]:
+    if not isinstance(values, list):
+        raise TypeError
+    return {_piece(v) for v in values}
+
+
+def _block(value) -> tuple[int, int, int, int]:
+    """(index, offset, size, CRC-32) of one recorded block."""
+    if not isinstance(value, list) or len(value) != 4 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError
+    return tuple(value)
 
 
 def partial_paths(out: Path) -> tuple[Path, Path]:

@@ -73,7 +73,8 @@ def pois_from_frame(frame: pd.DataFrame, template: str = DEFAULT_TEMPLATE) -> gp
 def extract_pois(pbf_path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> gpd.GeoDataFrame:
     """Named POIs (nodes, ways, relations) of an .osm.pbf extract, in EPSG:4326."""
     if not Path(pbf_path).is_file():
-        raise AetherError(f"OSM extract {pbf_path} not found; pass the path of an .osm.pbf file")
+        raise AetherError(f"OSM extract {pbf_path} not found; pass the path of an .osm.pbf file (extracts of any "
+                          f"region: download.geofabrik.de, or BBBike for a city)")
     try:
         import pyrosm
     except ImportError as e:

@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,9 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from aether.allocator import keep_tile_buffers
+from aether.block_writer import BlockFile, create_sparse
 from aether.console import log
+from aether.devices import thread_budget
 from aether.errors import AetherError
 from aether.files import (atomic_write, atomic_write_text, check_inputs_kept, folder_lock, raise_if_disk_full,
                           temp_file_beside)
@@ -40,7 +43,8 @@ from aether.embedder import AetherEmbedder
 from aether.inference import (TILE_PX, PooledTileReader, Tile, check_output_folder, check_tile_px, input_files,
                               read_threads, tile_computer, tile_grid)
 from aether.inference_at_scale import BAND_PX, row_bands
-from aether.raster import RasterInfo, ground_distances_m, local_absolute, open_raster, read_vectors
+from aether.raster import (ZSTD_LEVEL, RasterInfo, geotiff_layout, ground_distances_m, local_absolute, open_raster,
+                           output_block_px, read_vectors)
 from aether.streaming import run_pipeline
 from aether.tiles import join_bands, write_mosaic_vrt
 from aether.text import build_text_encoder
@@ -207,8 +211,7 @@ def _retrieve(queries: list[str], ckpt: str, out: Path, emb_tif: str | None, ae_
     first_row = info.north_up_rows(r_start, r_stop - r_start)
     profile = dict(driver="GTiff", width=info.width, height=r_stop - r_start, count=1, dtype="float32", crs=info.crs,
                    transform=info.north_up_transform @ Affine.translation(0, first_row), nodata=float("nan"),
-                   tiled=True, blockxsize=256, blockysize=256, compress="zstd", zstd_level=1, predictor=3,
-                   bigtiff="if_safer")
+                   **geotiff_layout("float32", output_block_px(tile_px)))
     tiles = tile_grid(info, tile_px, rows)
     _remove_stale_partials(out)
     starts = range(0, len(queries), per_pass)
@@ -287,17 +290,18 @@ class _Scoring:
         q = torch.from_numpy(vectors)
         candidates = [_TopCandidates(keep) for _ in queries]
         temps: list[Path] = []
-        dsts = []
+        files: list[BlockFile] = []
+        threads = max(1, thread_budget() // 4)
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="compress")
         try:
             for query, name in zip(queries, names):
                 fd, tmp = temp_file_beside(self.out / f"{name}.tif", ".partial.tif")
                 os.close(fd)
                 temps.append(tmp)
-                dst = rasterio.open(tmp, "w", **self.profile)
-                dsts.append(dst)
-                dst.set_band_description(1, f"cosine similarity: {query}")
-                dst.update_tags(AETHER_QUERY=query, AETHER_CHECKPOINT_SHA256=self.embedder.ckpt_sha256,
-                                AETHER_SOURCE=self.source)
+                create_sparse(tmp, self.profile, [f"cosine similarity: {query}"],
+                              {"AETHER_QUERY": query, "AETHER_CHECKPOINT_SHA256": self.embedder.ckpt_sha256,
+                               "AETHER_SOURCE": self.source})
+                files.append(BlockFile(tmp, ZSTD_LEVEL, threads, pool))
             produce, latent = self._produce_and_latent()
 
             def compute(tile: Tile, data) -> np.ndarray:
@@ -309,25 +313,28 @@ class _Scoring:
             def consume(tile: Tile, sims: np.ndarray) -> None:
                 rows = tile.row0 + np.repeat(np.arange(tile.height), tile.width)
                 cols = tile.col0 + np.tile(np.arange(tile.width), tile.height)
-                window = Window(tile.col0, info.north_up_rows(tile.row0, tile.height) - first_row, tile.width,
-                                tile.height)
-                for i, dst in enumerate(dsts):
-                    block = sims[i].reshape(tile.height, tile.width)
-                    dst.write(block[::-1] if info.bottom_up else block, 1, window=window)
+                row0 = info.north_up_rows(tile.row0, tile.height) - first_row
+                for i, file in enumerate(files):
+                    block = sims[i].reshape(tile.height, tile.width, 1)
+                    file.write(block[::-1] if info.bottom_up else block, row0, tile.col0)
                     candidates[i].add(sims[i], rows, cols)
                 bar.update(tile.width * tile.height)
 
-            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):  # written blocks are flushed, not hoarded
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
                 run_pipeline(produce, compute, consume)
-            for dst in dsts:
-                dst.close()
+            for file in files:
+                file.close()
         except BaseException as exc:
-            for dst in dsts:
-                dst.close()
-            for tmp in temps:
-                tmp.unlink(missing_ok=True)
-            raise_if_disk_full(exc, temps[0] if temps else self.out / "queries.json")
+            for file in files:
+                file.abandon()
+            try:  # while the partial files still take their space, so the message says how full the disk is
+                raise_if_disk_full(exc, self.out / f"{names[max(len(temps) - 1, 0)]}.tif")
+            finally:
+                for tmp in temps:
+                    tmp.unlink(missing_ok=True)
             raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return temps, candidates
 
     def report_implausible(self) -> None:

@@ -289,8 +289,11 @@ def carry_over_run_files(source_dir: Path, run_dir: Path, last_epoch: int) -> No
                 kept.append(line + "\n")
     with atomic_write(run_dir / "metrics.jsonl") as f:
         f.write("".join(kept).encode("utf-8"))
-    if source_dir.resolve() != run_dir.resolve() and (source_dir / "best.pt").is_file():
-        atomic_copy(source_dir / "best.pt", run_dir / "best.pt")
+    if source_dir.resolve() != run_dir.resolve():
+        if (source_dir / "best.pt").is_file():
+            atomic_copy(source_dir / "best.pt", run_dir / "best.pt")
+        else:  # a best.pt there is another run's (the folder was given with --overwrite)
+            (run_dir / "best.pt").unlink(missing_ok=True)
 
 
 class StopOnSignal:
@@ -321,9 +324,21 @@ class StopOnSignal:
         self.signum = signum
 
 
+def check_run_dir_free(run_dir: Path, resume_from: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, to train into a folder that holds a trained model (best.pt or
+    last.pt) unless `overwrite`, or unless the run resumes that very folder: a model is data."""
+    if overwrite or (resume_from is not None and resume_from.parent.resolve() == run_dir.resolve()):
+        return
+    held = [name for name in ("best.pt", "last.pt") if (run_dir / name).exists()]
+    if held:
+        raise AetherError(f"run folder {run_dir} already holds a trained model ({', '.join(held)}); continue it with "
+                          f"--resume {run_dir}, train into another folder (--set train.run_dir=...), or replace it "
+                          f"with --overwrite")
+
+
 def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
           resume: str | Path | None = None, command: str | None = None,
-          workers: int | None = None, scheduler: str | None = None) -> Path:
+          workers: int | None = None, scheduler: str | None = None, overwrite: bool = False) -> Path:
     """Train on the data `cfg` names; return the path of the best checkpoint.
 
     `resume` (a run folder, meaning its last.pt, or a checkpoint file) continues that run where
@@ -337,7 +352,9 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     the global batch, every process takes its share of it and the loss is that of the whole
     batch, so with dropout 0 the weights are those of one process (up to float rounding). Only
     rank 0 validates, prints and writes files; last.pt resumes with any number of processes.
-    A second training into the same train.run_dir is refused while this one runs (`hold_run_dir`).
+    A second training into the same train.run_dir is refused while this one runs (`hold_run_dir`),
+    and a folder holding a trained model is refused unless the run resumes it or `overwrite`
+    (which replaces its checkpoints and metrics).
     """
     run_dir = Path(cfg.train.run_dir)
     check_writable_dir(run_dir, "config train.run_dir")
@@ -352,6 +369,7 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
         raise AetherError("--workers / --scheduler pool POIs in one training process; under torchrun every process "
                           "pools its own copy, so run torchrun without them")
     with distributed.process_group(device), hold_run_dir(run_dir):  # before any heavy work (text encoding)
+        check_run_dir_free(run_dir, resume_path, overwrite)
         return _train(cfg, device, progress and distributed.is_main(), dataset, resume_path, resumed, command,
                       workers, scheduler, init)
 
@@ -432,6 +450,10 @@ def _train(cfg: Config, device: torch.device, progress: bool, dataset: PoiDatase
     first_epoch, first_step, totals, record = 1, 0, None, {}
     if resumed is None:
         if main:
+            for old in (best_path, last_path):  # a folder with a model gets here only with --overwrite
+                if old.exists():
+                    log(f"replacing {old} (--overwrite)")
+                    old.unlink()
             metrics_path.write_text("")
     else:
         state = resumed["resume"]

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=ckpts/helsinki
-python train.py --cfg config.yaml --no-progress
+python train.py --cfg config.yaml --overwrite --no-progress
 python infer_aether_raster.py --ae_tif data/AE/helsinki_standin_ae_int8.tif --ckpt $run/best.pt \
     --out $run/aether.tif --no-progress
 python retrieve.py --ckpt $run/best.pt --emb $run/aether.tif --queries docs/example_queries.txt \
@@ -19,7 +19,7 @@ python plot.py curves --metrics $run/metrics.jsonl --out docs/img/example_traini
 mkdir -p docs/img/retrieval
 cp $run/retrieval/*.png docs/img/retrieval/
 cp $run/eval/metrics.md docs/example_metrics.md
-python train.py --cfg config.yaml --set model.arch=mlp --set train.run_dir=ckpts/helsinki_mlp --no-progress
+python train.py --cfg config.yaml --set model.arch=mlp --set train.run_dir=ckpts/helsinki_mlp --overwrite --no-progress
 python evaluate.py --ckpt ckpts/helsinki_mlp/best.pt --landuse data/landuse/helsinki_landuse.geojson --no-progress
 cp ckpts/helsinki_mlp/eval/metrics.md docs/example_metrics_mlp.md
 python scripts/compare_pooling.py --ckpt $run/best.pt

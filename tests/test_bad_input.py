@@ -339,6 +339,37 @@ def retrieve_empty_tile_list(tmp):
 
 SUBPROCESS, IN_PROCESS = "subprocess", "in-process"
 
+def infer_lock_file_is_a_folder(tmp):
+    (tmp / ".out.tif.lock").mkdir()
+    return _infer(tmp)
+
+
+def train_lock_file_is_a_folder(tmp):
+    (tmp / "run" / ".train.lock").mkdir(parents=True)
+    return _args(tmp)
+
+
+def retrieve_lock_file_is_a_folder(tmp):
+    args = _retrieve(tmp)
+    (tmp / "out" / ".retrieve.lock").mkdir(parents=True)
+    return args
+
+
+def train_run_folder_that_cannot_be_made(tmp):
+    return _args(tmp, train={"run_dir": "/proc/aether-cannot-be-here/run"})
+
+
+def infer_checkpoint_is_a_folder(tmp):
+    folder = tmp / "ckpts"
+    write_untrained_checkpoint((folder.mkdir() or folder) / "best.pt")
+    return _infer(tmp, ckpt=folder)
+
+
+def retrieve_checkpoint_is_a_folder(tmp):
+    args = _retrieve(tmp)
+    return [a if a != str(tmp / "best.pt") else str(tmp) for a in args]
+
+
 CASES = [
     # builder, a distinctive part of the error line, how it runs
     (missing_raster, "config data.ae_tif: file", IN_PROCESS),
@@ -395,6 +426,12 @@ CASES = [
     (infer_glob_matching_nothing, "matches no files", IN_PROCESS),
     (train_tile_list_with_a_three_band_tile, "has 3 bands, expected 64", IN_PROCESS),
     (retrieve_empty_tile_list, "names no rasters", IN_PROCESS),
+    (infer_lock_file_is_a_folder, "the lock file", IN_PROCESS),
+    (train_lock_file_is_a_folder, ".train.lock of run folder", IN_PROCESS),
+    (retrieve_lock_file_is_a_folder, ".retrieve.lock of output folder", IN_PROCESS),
+    (train_run_folder_that_cannot_be_made, "cannot make the run folder /proc/aether-cannot-be-here/run", IN_PROCESS),
+    (infer_checkpoint_is_a_folder, "is a folder; give a checkpoint file such as", IN_PROCESS),
+    (retrieve_checkpoint_is_a_folder, "is a folder; give a checkpoint file such as", IN_PROCESS),
 ]
 
 

@@ -81,6 +81,46 @@ def test_retrieval_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
 
 
 @pytest.fixture
+def two_mib_disk(tmp_path):
+    yield from _tmpfs(tmp_path / "disk2", "size=2m")
+
+
+def test_retrieval_of_a_map_larger_than_the_disk(tmp_path, two_mib_disk, monkeypatch, capsys):
+    """A 4 MB similarity map on a 2 MiB disk: the write that fails is one line, with nothing left."""
+    ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
+    emb = write_raster(tmp_path / "aether.tif", unit_field(1000, 1000, bands=16), dtype="float32")
+    code, _, err = run_script_in_process("retrieve.py", ["--ckpt", str(ckpt), "--emb", str(emb), "--query", "a cafe",
+                                                         "--out", str(two_mib_disk / "r"), "--no-progress"],
+                                         monkeypatch, capsys)
+    assert "q01_a-cafe.tif" in one_line(code, err)
+    assert list(two_mib_disk.iterdir()) == []
+
+
+def fill(folder: Path) -> None:
+    """Take every byte left on the file system of `folder`."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def test_a_resume_refused_on_a_full_disk_leaves_no_lock_file(tmp_path, small_disk, monkeypatch, capsys):
+    raster = write_raster(tmp_path / "ae.tif", unit_field(30, 30))
+    pois = write_csv(tmp_path / "pois.csv", poi_records(40, 30, 30))
+    cfg = write_config(tmp_path / "cfg.yaml", raster, pois, train={"epochs": 1, "batch_size": 8,
+                                                                   "run_dir": str(small_disk / "run")})
+    code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress"], monkeypatch, capsys)
+    assert code == 0, err
+    fill(small_disk)
+    code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress", "--set", "train.epochs=2",
+                                                      "--resume", str(small_disk / "run")], monkeypatch, capsys)
+    one_line(code, err)
+    assert sorted(p.name for p in (small_disk / "run").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+
+
+@pytest.fixture
 def read_only_disk(tmp_path):
     """A read-only tmpfs (as root, permission bits do not stop writes; a read-only mount does)."""
     yield from _tmpfs(tmp_path / "ro", "size=64k,ro")

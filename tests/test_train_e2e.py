@@ -59,8 +59,15 @@ def test_train_end_to_end_then_cached(tmp_path):
         z = model.ae(torch.from_numpy(pooled.views[0]))
     assert z.shape == (1, 16) and abs(float(z.norm()) - 1) < 1e-5
 
-    second = run_train(cfg, "--set", "train.epochs=1")
+    refused = run_train(cfg, "--set", "train.epochs=1")  # a trained model is data: not replaced without a word
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: run folder {run} already holds a trained model (best.pt, last.pt); continue it with --resume {run}, "
+        f"train into another folder (--set train.run_dir=...), or replace it with --overwrite"]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    second = run_train(cfg, "--set", "train.epochs=1", "--overwrite")
     assert second.returncode == 0, second.stderr
+    assert f"replacing {run / 'best.pt'} (--overwrite)" in second.stdout
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
     assert "all 60 unique descriptions came from the cache" in second.stdout
     assert "encoding texts" not in second.stderr
 
