@@ -1,11 +1,11 @@
 """Evaluate an AETHER checkpoint on its own held-out POIs: python evaluate.py --ckpt CKPT [--out DIR] ..."""
 import argparse
 
-from aether.cli import run
+from aether.cli.run import run
 
 
 def main() -> None:
-    from aether.evaluation import (DEFAULT_CATEGORY_TEMPLATE, FOLDS, MIN_CATEGORY_POIS, SEARCH_RADIUS_M)
+    from aether.evaluation.run import (DEFAULT_CATEGORY_TEMPLATE, FOLDS, MIN_CATEGORY_POIS, SEARCH_RADIUS_M)
 
     parser = argparse.ArgumentParser(
         description="Evaluate an AETHER checkpoint on the held-out POIs of its own spatial split: retrieval, "
@@ -27,8 +27,8 @@ def main() -> None:
     parser.add_argument("--poi", default=None, help="POI file, if it moved since training")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args()
-    from aether.errors import AetherError
-    from aether.evaluation import evaluate
+    from aether.core.errors import AetherError
+    from aether.evaluation.run import evaluate
 
     if args.landuse_column is not None and args.landuse is None:
         raise AetherError("--landuse-column needs --landuse (the land-use polygon file)")

@@ -8,11 +8,11 @@ HTTP range requests. Running the same command again continues an interrupted fet
 """
 import argparse
 
-from aether.cli import run
+from aether.cli.run import run
 
 
 def main() -> None:
-    from aether.fetch import CHECKPOINT_S, INDEX_URLS, WINDOW_PX
+    from aether.data.fetch import CHECKPOINT_S, INDEX_URLS, WINDOW_PX
 
     parser = argparse.ArgumentParser(description="Fetch AlphaEarth embeddings of one year for an area into a GeoTIFF.")
     area = parser.add_mutually_exclusive_group(required=True)
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args()
 
-    from aether.fetch import fetch_alphaearth
+    from aether.data.fetch import fetch_alphaearth
 
     out = fetch_alphaearth(args.out, args.year, bbox=args.bbox, like=args.like, source=args.source, crs=args.crs,
                            per_zone=args.per_zone, billing_project=args.billing_project, tile_px=args.tile,

@@ -9,11 +9,11 @@ Many tiles (a quoted glob or a .txt list) give one output per tile in a folder, 
 """
 import argparse
 
-from aether.cli import run
+from aether.cli.run import run
 
 
 def main() -> None:
-    from aether.raster import output_dtypes
+    from aether.geo.raster import output_dtypes
 
     parser = argparse.ArgumentParser(description="Turn an AlphaEarth raster into an AETHER raster.")
     parser.add_argument("--ae_tif", required=True,
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args()
 
-    from aether.inference_at_scale import embed_at_scale
+    from aether.infer.at_scale import embed_at_scale
 
     out = embed_at_scale(args.ae_tif, args.ckpt, args.out, workers=args.workers, scheduler=args.scheduler,
                          progress=not args.no_progress, pooling=args.pooling, dtype=args.dtype,

@@ -8,7 +8,7 @@ exactly as the bundled Helsinki example was made. Needs pyrosm (in requirements.
 """
 import argparse
 
-from aether.cli import run
+from aether.cli.run import run
 
 
 def main() -> None:
@@ -22,10 +22,10 @@ def main() -> None:
 
     from pathlib import Path
 
-    from aether.errors import AetherError
-    from aether.files import check_inputs_kept
-    from aether.osm import extract_pois, write_poi_geojson
-    from aether.poi import DEFAULT_TEMPLATE
+    from aether.core.errors import AetherError
+    from aether.core.files import check_inputs_kept
+    from aether.data.osm import extract_pois, write_poi_geojson
+    from aether.data.poi import DEFAULT_TEMPLATE
 
     out = Path(args.out)
     if out.is_dir():

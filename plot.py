@@ -5,7 +5,7 @@
 """
 import argparse
 
-from aether.cli import run
+from aether.cli.run import run
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     curves.add_argument("--out", required=True, help="output PNG, written atomically")
     args = parser.parse_args()
 
-    from aether import pictures
+    from aether.pictures import pca as pictures
 
     if args.command == "pca":
         out = pictures.render_pca(args.tif, args.out, fit_on=args.fit_on, max_px=args.max_px, scale=args.scale)

@@ -4,7 +4,7 @@
 """
 import argparse
 
-from aether.cli import run
+from aether.cli.run import run
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args()
 
-    from aether.retrieval import read_queries, retrieve_at_scale
+    from aether.retrieval.search import read_queries, retrieve_at_scale
 
     texts = read_queries(args.queries) if args.queries else args.query
     results = retrieve_at_scale(texts, args.ckpt, args.out, emb_tif=args.emb, ae_tif=args.ae_tif,

@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 
-from aether.cli import run
+from aether.cli.run import run
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args()
 
-    from aether.config import load_config
-    from aether.training import train
+    from aether.config.schema import load_config
+    from aether.train.loop import train
 
     cfg = load_config(args.cfg, args.overrides)
     launcher = (["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if "LOCAL_WORLD_SIZE" in os.environ

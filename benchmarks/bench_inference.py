@@ -43,9 +43,9 @@ def checkpoint(arch: str = "aether") -> Path:
     """A checkpoint of architecture `arch` (64 bands -> 128, hidden 256) with random weights."""
     import torch
 
-    from aether.checkpoint import make_checkpoint
-    from aether.config import Config
-    from aether.model import AetherModel
+    from aether.model.checkpoint import make_checkpoint
+    from aether.config.schema import Config
+    from aether.model.architectures import AetherModel
 
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"bench_ckpt_{arch}.pt"
@@ -69,11 +69,11 @@ def end_to_end(size: int, arch: str, device: str) -> dict:
     """One default run of `embed_raster`, in this (fresh) process."""
     import torch
 
-    from aether.inference import embed_raster
+    from aether.infer.pipeline import embed_raster
 
     src, ckpt = generated_raster(size, noise=SMOOTH_NOISE), checkpoint(arch)
     try:
-        from aether.stages import measure
+        from aether.core.stages import measure
     except ImportError:  # a baseline checkout from before stage counting
         import contextlib
         measure = contextlib.nullcontext
@@ -108,8 +108,8 @@ def compute_floor(arch: str, device: str, n_px: int = 2048 * 2048) -> tuple[floa
     import torch
     from concurrent.futures import ThreadPoolExecutor
 
-    from aether.embedder import AetherEmbedder, encode_latent
-    from aether.inference import tile_workers
+    from aether.model.projector import AetherEmbedder, encode_latent
+    from aether.infer.pipeline import tile_workers
 
     embedder = AetherEmbedder(checkpoint(arch), device=device)
     x = np.random.default_rng(0).standard_normal((n_px, 64)).astype(np.float32)
@@ -139,12 +139,12 @@ def io_floor(size: int, device: str) -> float:
     """Pixels/s to decode the input and compress and write an int8 output of 128 bands, tile by
     tile with the pipeline's reader and writer threads, no compute. The output is a real AETHER
     tile's block repeated, so it compresses as real output does."""
-    from aether.block_writer import BlockFile, create_sparse
-    from aether.embedder import AetherEmbedder
-    from aether.inference import TILE_PX, PooledTileReader, tile_grid, tile_workers
-    from aether.raster import ZSTD_LEVEL, geotiff_layout, open_raster
-    from aether.streaming import run_pipeline
-    from aether.devices import pick_device
+    from aether.geo.blocks import BlockFile, create_sparse
+    from aether.model.projector import AetherEmbedder
+    from aether.infer.pipeline import TILE_PX, PooledTileReader, tile_grid, tile_workers
+    from aether.geo.raster import ZSTD_LEVEL, geotiff_layout, open_raster
+    from aether.core.pipeline import run_pipeline
+    from aether.model.devices import pick_device
 
     info = open_raster(str(generated_raster(size, noise=SMOOTH_NOISE)))
     embedder = AetherEmbedder(checkpoint("aether"), device="cpu")
@@ -176,7 +176,7 @@ def stage_line(r: dict) -> str:
 def describe_device(device: str) -> str:
     import torch
 
-    from aether.devices import pick_device
+    from aether.model.devices import pick_device
 
     d = pick_device(device)
     if d.type == "cuda":

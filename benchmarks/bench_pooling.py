@@ -22,8 +22,8 @@ from common import ORIGIN, generated_raster, machine, peak_rss_mib
 
 
 def one_case(path: str, size: int, points: int, base_m: float, aug_m: float) -> dict:
-    from aether.pooling import pool_points
-    from aether.raster import open_raster
+    from aether.geo.pooling import pool_points
+    from aether.geo.raster import open_raster
 
     rng = np.random.default_rng(1)
     x = ORIGIN[0] + rng.uniform(0, size * 10.0, points)
@@ -42,7 +42,7 @@ def read_floor(path: str, size: int) -> float:
     import rasterio
     from rasterio.windows import Window
 
-    from aether.raster import open_raster, read_pixels
+    from aether.geo.raster import open_raster, read_pixels
 
     info = open_raster(path)
     t0 = time.perf_counter()

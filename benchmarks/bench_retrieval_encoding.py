@@ -37,9 +37,9 @@ def main() -> None:
 
     import rasterio
 
-    from aether.inference import embed_raster
-    from aether.raster import output_dtypes, metres_per_degree, open_raster
-    from aether.retrieval import read_queries, retrieve
+    from aether.infer.pipeline import embed_raster
+    from aether.geo.raster import output_dtypes, metres_per_degree, open_raster
+    from aether.retrieval.search import read_queries, retrieve
 
     queries = read_queries(args.queries) if args.queries else QUERIES
     info = open_raster(args.ae_tif)

@@ -46,8 +46,8 @@ def tiles() -> list[Path]:
 
 
 def run(spec: str, ckpt: Path, workers: int | None) -> dict:
-    from aether.cluster import dask_client
-    from aether.inference_at_scale import embed_at_scale
+    from aether.core.cluster import dask_client
+    from aether.infer.at_scale import embed_at_scale
 
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         t0 = time.perf_counter()

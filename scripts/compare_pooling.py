@@ -28,8 +28,8 @@ def main() -> None:
 
     import rasterio
 
-    from aether.embedder import AetherEmbedder
-    from aether.inference import embed_raster
+    from aether.model.projector import AetherEmbedder
+    from aether.infer.pipeline import embed_raster
 
     maps = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine, from_origin
 
-from aether.alphaearth import N_BANDS, NODATA_INT8, band_names, quantize
+from aether.geo.alphaearth import N_BANDS, NODATA_INT8, band_names, quantize
 
 TILE_PX, BLOCK_PX = 384, 128
 PREFIX = "tge-labs/aef/v1/annual"

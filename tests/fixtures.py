@@ -8,7 +8,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine, from_origin
 
-from aether.alphaearth import N_BANDS, NODATA_INT8, band_names, dequantize, quantize
+from aether.geo.alphaearth import N_BANDS, NODATA_INT8, band_names, dequantize, quantize
 
 UTM = "EPSG:32635"
 ORIGIN = (385000.0, 6673000.0)  # central Helsinki, UTM zone 35N
@@ -171,9 +171,9 @@ def write_untrained_checkpoint(path: Path, latent_dim: int = 16, hidden_dim: int
     packaged MiniLM (384-d)."""
     import torch
 
-    from aether.checkpoint import make_checkpoint
-    from aether.config import Config
-    from aether.model import AetherModel
+    from aether.model.checkpoint import make_checkpoint
+    from aether.config.schema import Config
+    from aether.model.architectures import AetherModel
 
     torch.manual_seed(seed)
     cfg = Config()
@@ -189,7 +189,7 @@ def run_script_in_process(script: str, args: list[str], monkeypatch, capsys) -> 
     import importlib.util
     import sys
 
-    from aether.cli import run
+    from aether.cli.run import run
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location(Path(script).stem + "_script", root / script)

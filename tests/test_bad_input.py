@@ -3,7 +3,7 @@ one line 'error: ...' on stderr and exit code 2, no traceback, and leave no outp
 
 Every case builds its own tiny inputs (20 x 20 pixels, 20 POIs) and returns the script and its
 arguments. A few cases run the real script in a subprocess (each costs ~5 s of imports); the
-rest call the same entry point in-process through `aether.cli.run`, which is what the script runs.
+rest call the same entry point in-process through `aether.cli.run.run`, which is what the script runs.
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _retrieve(tmp: Path, *extra: str, emb: Path | None = None, ckpt: Path | None
     """Valid retrieve.py arguments unless replaced; the AETHER raster is made by the checkpoint."""
     ckpt = write_untrained_checkpoint(tmp / "best.pt") if ckpt is None else ckpt
     if emb is None:
-        from aether.inference import embed_raster
+        from aether.infer.pipeline import embed_raster
 
         emb = embed_raster(str(_raster(tmp, "ae.tif")), str(ckpt), str(tmp / "aether.tif"), progress=False)
     query = ["--query", "a cafe"] if query is None else query

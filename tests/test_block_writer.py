@@ -13,9 +13,9 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from aether.block_writer import BlockFile, create_sparse
-from aether.errors import AetherError
-from aether.raster import ZSTD_LEVEL, geotiff_layout
+from aether.geo.blocks import BlockFile, create_sparse
+from aether.core.errors import AetherError
+from aether.geo.raster import ZSTD_LEVEL, geotiff_layout
 from fixtures import unit_field, write_raster, write_untrained_checkpoint
 
 NODATA = {"int8": -128, "int16": -32768, "float32": float("nan")}
@@ -90,7 +90,7 @@ def test_embedded_output_is_compressed_at_its_own_level_not_gdals_update_default
     compressed at GDAL's default would fail here."""
     import zstandard
 
-    from aether.inference import embed_raster
+    from aether.infer.pipeline import embed_raster
 
     ae = write_raster(tmp_path / "ae.tif", unit_field(96, 96, smooth=8))
     ckpt = write_untrained_checkpoint(tmp_path / "ckpt.pt")
@@ -121,7 +121,7 @@ def test_synced_blocks_survive_a_kill_and_the_rest_read_as_nodata(tmp_path):
         import os, signal, sys
         sys.path[:0] = {sys.path!r}
         from test_block_writer import values
-        from aether.block_writer import BlockFile
+        from aether.geo.blocks import BlockFile
         out = BlockFile({str(path)!r}, 1)
         data = values("int8", 70, 100, 8)
         out.write(data[:32, :32], 0, 0)

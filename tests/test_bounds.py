@@ -22,12 +22,12 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from aether.checkpoint import load_checkpoint
-from aether.devices import usable_cores
-from aether.errors import AetherError
-from aether.poi import render_description
-from aether.pooling import pool_points
-from aether.raster import HTTP_DEFAULTS, MAX_WINDOW_HALF_PX, open_raster
+from aether.model.checkpoint import load_checkpoint
+from aether.model.devices import usable_cores
+from aether.core.errors import AetherError
+from aether.data.poi import render_description
+from aether.geo.pooling import pool_points
+from aether.geo.raster import HTTP_DEFAULTS, MAX_WINDOW_HALF_PX, open_raster
 from fixtures import (ORIGIN, poi_records, run_script_in_process, unit_field, write_config, write_geojson,
                       write_raster, write_untrained_checkpoint)
 
@@ -152,8 +152,8 @@ def _open_files() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
 def test_many_queries_keep_open_files_bounded_and_equal_single_runs(tmp_path):
-    from aether.inference import embed_raster
-    from aether.retrieval import QUERIES_PER_PASS, retrieve
+    from aether.infer.pipeline import embed_raster
+    from aether.retrieval.search import QUERIES_PER_PASS, retrieve
 
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     emb = embed_raster(str(_raster(tmp_path)), str(ckpt), str(tmp_path / "aether.tif"), progress=False)
@@ -242,7 +242,7 @@ def test_template_width_over_the_bound_is_refused(tmp_path, monkeypatch, capsys)
 def test_http_timeouts_have_defaults_the_environment_overrides():
     for name, default in HTTP_DEFAULTS.items():
         assert os.environ.get(name), name
-    code = "import os, aether.raster; print(os.environ['GDAL_HTTP_TIMEOUT'], os.environ['GDAL_HTTP_MAX_RETRY'])"
+    code = "import os, aether.geo.raster; print(os.environ['GDAL_HTTP_TIMEOUT'], os.environ['GDAL_HTTP_MAX_RETRY'])"
     env = {**os.environ, "GDAL_HTTP_TIMEOUT": "7"}
     env.pop("GDAL_HTTP_MAX_RETRY", None)
     shown = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

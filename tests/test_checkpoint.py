@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aether.checkpoint import FORMAT_VERSION, load_checkpoint
-from aether.errors import AetherError
+from aether.model.checkpoint import FORMAT_VERSION, load_checkpoint
+from aether.core.errors import AetherError
 from fixtures import run_script_in_process, unit_field, write_raster, write_untrained_checkpoint
 
 
@@ -108,7 +108,7 @@ def test_an_aether_raster_is_tied_to_the_model_not_the_file(tmp_path, monkeypatc
     """Retraining the same config gives the same weights in a file of other bytes (date, metrics):
     its AETHER rasters are accepted. Other weights or another base window are refused, naming the
     part that differs."""
-    from aether.inference import embed_raster
+    from aether.infer.pipeline import embed_raster
 
     first = write_untrained_checkpoint(tmp_path / "first.pt", seed=0)
     raw = torch.load(first, weights_only=True)

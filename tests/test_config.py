@@ -1,4 +1,4 @@
-"""aether.config.load_config: defaults, --set overrides, path resolution, and one clear error per mistake."""
+"""aether.config.schema.load_config: defaults, --set overrides, path resolution, and one clear error per mistake."""
 from __future__ import annotations
 
 import re
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aether.config import Config, config_from_dict, load_config
-from aether.errors import AetherError
-from aether.poi import DEFAULT_TEMPLATE
+from aether.config.schema import Config, config_from_dict, load_config
+from aether.core.errors import AetherError
+from aether.data.poi import DEFAULT_TEMPLATE
 
 
 def _write(path: Path, text: str) -> Path:

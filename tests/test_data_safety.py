@@ -5,7 +5,7 @@ they read: the input raster, a source behind a VRT (through VRTs of VRTs, relati
 symbolic links included), a tile of a tile set, the checkpoint, the AETHER raster of a search.
 Every input's SHA-256 is compared before and after. Two runs into the same output (inference),
 output folder (retrieval) or run folder (training) cannot overlap: a child process holds the
-run's lock through aether.files, a real run is refused while the child lives, and once the child
+run's lock through aether.core.files, a real run is refused while the child lives, and once the child
 is killed with SIGKILL (its stale lock file left behind) the run succeeds.
 
 Rasters are 40 x 50 px; the checkpoint is an untrained one (latent 16).
@@ -26,8 +26,8 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-import aether.training
-from aether.inference import embed_raster
+import aether.train.loop
+from aether.infer.pipeline import embed_raster
 from fixtures import (ORIGIN, poi_records, run_script_in_process, unit_field, write_config, write_csv, write_raster,
                       write_untrained_checkpoint, write_vrt_mosaic)
 
@@ -168,9 +168,9 @@ def test_retrieval_refuses_to_write_over_what_it_reads(build, tmp_path, monkeypa
 
 @contextmanager
 def _lock_held_by_child(code: str):
-    """A child process that holds the lock `code` builds (through aether.files) until it is killed
+    """A child process that holds the lock `code` builds (through aether.core.files) until it is killed
     with SIGKILL at the end of the block; yields its pid once it holds the lock."""
-    script = (f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nfrom aether.files import *\n"
+    script = (f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nfrom aether.core.files import *\n"
               f"with {code}:\n    print('locked', flush=True)\n    time.sleep(120)\n")
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -282,7 +282,7 @@ def test_second_training_into_the_same_run_folder_is_refused_until_the_first_die
 
     holder = f"folder_lock({str(run_dir)!r}, '.train.lock', 'run folder {run_dir}', 'set another train.run_dir')"
     with monkeypatch.context() as patch, _lock_held_by_child(holder) as pid:
-        patch.setattr(aether.training, "build_dataset", no_heavy_work)
+        patch.setattr(aether.train.loop, "build_dataset", no_heavy_work)
         for extra in ([], ["--resume", str(run_dir)]):
             code, _, stderr = _run(TRAIN, ["--cfg", str(cfg), "--set", "train.epochs=3", *extra], monkeypatch, capsys)
             _assert_refused(code, stderr, f"run folder {run_dir} is being written by another run (pid {pid}); "

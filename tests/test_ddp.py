@@ -26,8 +26,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from aether.checkpoint import load_checkpoint
-from aether.text import EmbeddingCache, TextEncoder, build_text_encoder, encode_texts
+from aether.model.checkpoint import load_checkpoint
+from aether.text.encoders import EmbeddingCache, TextEncoder, build_text_encoder, encode_texts
 from fixtures import poi_records, run_script_in_process, unit_field, write_config, write_csv, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _with_torchrun_env(rank: int, worker, world: int, port: int, *args) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from aether import distributed
+    from aether.train import distributed
 
     with distributed.process_group(torch.device("cpu")):
         worker(rank, world, *args)
@@ -62,10 +62,10 @@ def one_step(batch: int, arch: str) -> tuple[torch.Tensor, dict, dict[str, torch
     """Loss, its parts and the gradients of one step of architecture `arch` on a fixed global batch
     of `batch` rows, in this process's share when in a process group (through DDP), else the whole
     batch."""
-    from aether import distributed
-    from aether.loss import AetherLoss
-    from aether.model import AetherModel
-    from aether.training import global_batch_loss
+    from aether.train import distributed
+    from aether.model.loss import AetherLoss
+    from aether.model.architectures import AetherModel
+    from aether.train.loop import global_batch_loss
 
     data = torch.Generator().manual_seed(batch)
     base, aug, text = (torch.randn(batch, n, generator=data) for n in (64, 64, 384))
@@ -105,7 +105,7 @@ CACHED_BEFORE = TEXTS[:5]
 
 def _worker(rank: int, world: int, out: Path) -> None:
     """One step on each of BATCHES, then sharded encoding of TEXTS into the cache in `out`."""
-    from aether.distributed import encode_texts_sharded
+    from aether.train.distributed import encode_texts_sharded
 
     steps = {(arch, batch): one_step(batch, arch) for arch in ARCHS for batch in BATCHES}
     encoder, cache = CountingEncoder(), EmbeddingCache(out / "cache")
@@ -237,8 +237,8 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def setup(inputs) -> tuple[Path, Path]:
     """The inputs and a one-process reference run."""
-    from aether.config import load_config
-    from aether.training import train
+    from aether.config.schema import load_config
+    from aether.train.loop import train
 
     tmp, cfg = inputs
     train(load_config(cfg, [f"train.run_dir={tmp / 'reference'}"]), progress=False)

@@ -1,4 +1,4 @@
-"""The torch tile computer (aether.device_tiles) against the NumPy path it replaces on a device
+"""The torch tile computer (aether.infer.device_tiles) against the NumPy path it replaces on a device
 (which test_inference and test_pooling check against brute force).
 
 `DeviceTileComputer.block` must give what `PooledTileReader.block` gives for the same tile data:
@@ -20,11 +20,11 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from aether.alphaearth import INT16_SCALE, NODATA_INT16
-from aether.device_tiles import DeviceTileComputer, table_dtype_for
-from aether.embedder import AetherEmbedder
-from aether.inference import PooledTileReader, tile_grid
-from aether.raster import RasterInfo, metres_per_degree, open_raster
+from aether.geo.alphaearth import INT16_SCALE, NODATA_INT16
+from aether.infer.device_tiles import DeviceTileComputer, table_dtype_for
+from aether.model.projector import AetherEmbedder
+from aether.infer.pipeline import PooledTileReader, tile_grid
+from aether.geo.raster import RasterInfo, metres_per_degree, open_raster
 from fixtures import unit_field, write_raster, write_untrained_checkpoint
 
 LATENT_DIM, HIDDEN_DIM = 16, 32
@@ -37,7 +37,7 @@ CUDA = torch.cuda.is_available()
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    """One PyTorch thread, as inference computes each tile on a CPU (aether.inference.tile_workers)."""
+    """One PyTorch thread, as inference computes each tile on a CPU (aether.infer.pipeline.tile_workers)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -181,7 +181,7 @@ def test_tables_are_int64_where_int32_could_overflow(embedder):
     """int8 sums are int32 only while no partial sum can reach 2**31: a 9-row window over 520
     columns is far from it; a 201-row window over 700 columns of code 127 passes it, and is summed
     exactly in int64 (against the NumPy path's own tables, exact for int8 too)."""
-    from aether.pooling import window_means
+    from aether.geo.pooling import window_means
 
     small = RasterInfo("<test>", 520, 520, 2, None, None, "int8", None, (16, 16))
     assert table_dtype_for(small, 520, 520, 4) == torch.int32
@@ -223,7 +223,7 @@ def test_project_on_device_is_the_projector(embedder):
 
 
 def test_refuses_an_unknown_pooling(tmp_path, embedder):
-    from aether.errors import AetherError
+    from aether.core.errors import AetherError
 
     info = open_raster(str(int8_raster(tmp_path)), n_bands=None)
     with pytest.raises(AetherError, match="pooling must be one of"):
@@ -242,13 +242,13 @@ def test_whole_runs_through_the_device_path_equal_todays_output(tmp_path, ckpt, 
     """embed_raster with the torch tile path (forced on the CPU) writes what the NumPy path writes,
     over tiles of 32 (seams, edge tiles with halos off the raster) and several threads: int8
     within one code step, float32 within 1e-6, nodata the same pixels."""
-    import aether.inference
-    from aether.inference import embed_raster
+    import aether.infer.pipeline
+    from aether.infer.pipeline import embed_raster
 
     ae = RASTERS[kind](tmp_path)
     numpy_out = embed_raster(str(ae), str(ckpt), str(tmp_path / "numpy.tif"), tile_px=32, dtype=dtype,
                              device="cpu", progress=False)
-    monkeypatch.setattr(aether.inference, "tile_computer",
+    monkeypatch.setattr(aether.infer.pipeline, "tile_computer",
                         lambda reader: DeviceTileComputer(reader.embedder, reader.info, reader.pooling).block)
     torch_out = embed_raster(str(ae), str(ckpt), str(tmp_path / "torch.tif"), tile_px=32, dtype=dtype,
                              device="cpu", progress=False)
@@ -304,7 +304,7 @@ def test_cuda_blocks_in_several_threads_at_once(tmp_path, ckpt):
 def test_cuda_run_equals_the_cpu_run(tmp_path, ckpt, dtype):
     """A whole run on the GPU at fp32 writes the CPU's output: int8 within one code step, float32
     within 1e-6, nodata the same pixels."""
-    from aether.inference import embed_raster
+    from aether.infer.pipeline import embed_raster
 
     ae = int8_raster(tmp_path)
     runs = [embed_raster(str(ae), str(ckpt), str(tmp_path / f"{device}.tif"), tile_px=32, dtype=dtype,

@@ -67,7 +67,7 @@ def test_training_on_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, small_
 
 
 def test_retrieval_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
-    from aether.inference import embed_raster
+    from aether.infer.pipeline import embed_raster
 
     ae = write_raster(tmp_path / "ae.tif", unit_field(480, 480))
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")

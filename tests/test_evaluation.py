@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import rasterio
 
-from aether.checkpoint import model_from_checkpoint
-from aether.evaluation import (ProjectorPair, average_precision, chance_average_precision, chance_mrr, chance_recall,
+from aether.model.checkpoint import model_from_checkpoint
+from aether.evaluation.run import (ProjectorPair, average_precision, chance_average_precision, chance_mrr, chance_recall,
                                linear_probe, localisation, spatial_folds)
-from aether.raster import metres_per_degree
+from aether.geo.raster import metres_per_degree
 from fixtures import ORIGIN, UTM, poi_records, unit_field, write_config, write_csv, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,9 +186,9 @@ def test_evaluate_end_to_end(trained):
 
 def test_localisation_scores_the_inference_output(trained):
     """The best pixel found by `localisation` is the best pixel of the raster that inference writes."""
-    from aether.embedder import AetherEmbedder
-    from aether.inference import embed_raster
-    from aether.raster import open_raster
+    from aether.model.projector import AetherEmbedder
+    from aether.infer.pipeline import embed_raster
+    from aether.geo.raster import open_raster
 
     ckpt = trained / "run" / "best.pt"
     embed_raster(str(trained / "ae.tif"), str(ckpt), str(trained / "aether.tif"), dtype="float32", progress=False)
@@ -237,8 +237,8 @@ def test_landuse_samples_windowed_match_pixel_centres(tmp_path, monkeypatch, bot
     import geopandas as gpd
     from shapely.geometry import Point, box
 
-    import aether.evaluation as evaluation
-    from aether.raster import open_raster
+    import aether.evaluation.run as evaluation
+    from aether.geo.raster import open_raster
     from fixtures import ORIGIN, unit_field, write_raster
 
     monkeypatch.setattr(evaluation, "LANDUSE_WINDOW_ROWS", 7)

@@ -20,8 +20,8 @@ import rasterio
 from pyproj import Transformer
 
 from aef_miniature import BUCKET, TILE_PX, build_miniature, index_url
-from aether.alphaearth import ATTRIBUTION, LICENSE, NODATA_INT8, band_names
-from aether.journal import partial_paths
+from aether.geo.alphaearth import ATTRIBUTION, LICENSE, NODATA_INT8, band_names
+from aether.core.journal import partial_paths
 from fixtures import run_script_in_process, write_config, write_geojson
 from range_server import RangeServer
 
@@ -197,7 +197,7 @@ def test_a_bbox_across_two_zones_warps_the_other_by_nearest_neighbour(served, tm
 
 
 def test_per_zone_writes_one_file_per_zone_and_a_set_of_tiles(served, tmp_path, monkeypatch, capsys):
-    from aether.tiles import expand_tiles
+    from aether.geo.tiles import expand_tiles
 
     server, tiles = served
     out = tmp_path / "zones"

@@ -33,8 +33,8 @@ from range_server import RangeServer
 from rasterio.transform import from_origin
 from test_fetch import ACROSS, INSIDE_35, bbox_args, expected_pixels
 
-from aether.alphaearth import NODATA_INT8, quantize
-from aether.journal import partial_paths
+from aether.geo.alphaearth import NODATA_INT8, quantize
+from aether.core.journal import partial_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -285,7 +285,7 @@ finally:
 
 
 def test_a_box_meeting_more_tiles_than_the_bound_is_refused(mirror, tmp_path, monkeypatch, capsys):
-    from aether.fetch import MAX_TILES
+    from aether.data.fetch import MAX_TILES
 
     root, _ = mirror
     base = index_rows(root)[1]
@@ -340,7 +340,7 @@ def test_a_cache_setting_that_names_a_file_is_one_line(mirror, tmp_path, monkeyp
 # ---- friction -----------------------------------------------------------------------------------
 
 def test_a_cached_index_cut_short_is_fetched_again(mirror, tmp_path, monkeypatch, capsys):
-    from aether.fetch import cached_index_paths
+    from aether.data.fetch import cached_index_paths
 
     root, _ = mirror
     with RangeServer(root) as server:

@@ -1,4 +1,4 @@
-"""Raster inference (aether.inference, infer_aether_raster.py) against brute force.
+"""Raster inference (aether.infer.pipeline, infer_aether_raster.py) against brute force.
 
 A small random-init checkpoint (latent 16, hidden 32) is built once per module, no
 training. Every output value is checked against `AetherEmbedder.project` applied to a
@@ -24,11 +24,11 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from aether.alphaearth import NODATA_INT8, dequantize
-from aether.errors import AetherError
-from aether.embedder import AetherEmbedder
-from aether.inference import embed_raster
-from aether.raster import metres_per_degree
+from aether.geo.alphaearth import NODATA_INT8, dequantize
+from aether.core.errors import AetherError
+from aether.model.projector import AetherEmbedder
+from aether.infer.pipeline import embed_raster
+from aether.geo.raster import metres_per_degree
 from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster, write_untrained_checkpoint, run_script_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -339,18 +339,18 @@ def test_strips_and_parallel_tiles_change_no_byte(tmp_path, ckpt, monkeypatch, i
     two or three at a time, write the same pixels."""
     import contextlib
 
-    import aether.inference
+    import aether.infer.pipeline
 
     ae = geographic_with_varying_windows(tmp_path) if in_kind == "geographic" else ae_raster(tmp_path, in_kind)
     if in_kind == "geographic":
-        reader = aether.inference.PooledTileReader(aether.inference.open_raster(str(ae), n_bands=None),
+        reader = aether.infer.pipeline.PooledTileReader(aether.infer.pipeline.open_raster(str(ae), n_bands=None),
                                                    AetherEmbedder(ckpt), "window")
         assert set(np.unique(reader.rx)) == {3, 4}, "the windows should change width between rows"
     outputs = []
     for strip_px, workers in [(10**6, 1), (37, 2), (150, 2), (150, 3)]:
-        threads = aether.inference.Threads(compute=workers, read=workers, compress=workers)
-        monkeypatch.setattr(aether.inference, "STRIP_PX", strip_px)
-        monkeypatch.setattr(aether.inference, "tile_workers", lambda *_, t=threads: contextlib.nullcontext(t))
+        threads = aether.infer.pipeline.Threads(compute=workers, read=workers, compress=workers)
+        monkeypatch.setattr(aether.infer.pipeline, "STRIP_PX", strip_px)
+        monkeypatch.setattr(aether.infer.pipeline, "tile_workers", lambda *_, t=threads: contextlib.nullcontext(t))
         out = embed(ckpt, ae, tmp_path / f"out_{strip_px}_{workers}.tif", tile_px=32, dtype="int8")
         with rasterio.open(out) as src:
             outputs.append(src.read())
@@ -378,7 +378,7 @@ def test_tile_workers_use_one_torch_thread_each_and_restore():
     after overlapping runs in two threads end in either order."""
     import torch
 
-    from aether.inference import tile_workers
+    from aether.infer.pipeline import tile_workers
 
     before = torch.get_num_threads()
     inside = []
@@ -532,28 +532,28 @@ def _fail_on_projection(nth: int):
                 raise RuntimeError("injected failure")
             return original(self, vectors, *args, **kwargs)
 
-        monkeypatch.setattr("aether.embedder.AetherEmbedder.project_pixels", project)
+        monkeypatch.setattr("aether.model.projector.AetherEmbedder.project_pixels", project)
 
     return inject
 
 
 def _fail_in_writer(monkeypatch):
-    monkeypatch.setattr("aether.inference.PooledTileReader.block", lambda self, data, dtype: None)  # dst.write(None) raises
+    monkeypatch.setattr("aether.infer.pipeline.PooledTileReader.block", lambda self, data, dtype: None)  # dst.write(None) raises
 
 
 def _fail_in_writer_while_reading(monkeypatch):
     """The writer fails while the reader is busy with a later tile (made slow so this always happens)."""
-    import aether.inference
+    import aether.infer.pipeline
 
     _fail_in_writer(monkeypatch)
-    read = aether.inference._read_with_halo
+    read = aether.infer.pipeline._read_with_halo
 
     def slow_read(src, info, tile, hx, hy):
         if (tile.row0, tile.col0) != (0, 0):
             time.sleep(0.1)
         return read(src, info, tile, hx, hy)
 
-    monkeypatch.setattr("aether.inference._read_with_halo", slow_read)
+    monkeypatch.setattr("aether.infer.pipeline._read_with_halo", slow_read)
 
 
 FAILURES = [

@@ -48,8 +48,8 @@ def test_csv_coordinates_that_cannot_be_degrees_are_one_line(tmp_path):
     import numpy as np
     import pytest
 
-    from aether.errors import AetherError
-    from aether.poi import read_poi_frame
+    from aether.core.errors import AetherError
+    from aether.data.poi import read_poi_frame
 
     records = poi_records(5, 20, 20)
     metres = write_csv(tmp_path / "m.csv", [{**r, "lon": 385000.0 + i, "lat": 6672000.0} for i, r in enumerate(records)])
@@ -63,8 +63,8 @@ def test_csv_coordinates_that_cannot_be_degrees_are_one_line(tmp_path):
 def test_an_emoji_query_draws_its_heatmap_without_warnings(tmp_path):
     import warnings
 
-    from aether.inference import embed_raster
-    from aether.retrieval import retrieve
+    from aether.infer.pipeline import embed_raster
+    from aether.retrieval.search import retrieve
 
     raster = write_raster(tmp_path / "ae.tif", unit_field(20, 20))
     from fixtures import write_untrained_checkpoint

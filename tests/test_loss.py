@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aether.loss import AetherLoss, info_nce
-from aether.metrics import mean_reciprocal_rank, recall_at_k
-from aether.model import AetherModel
+from aether.model.loss import AetherLoss, info_nce
+from aether.model.metrics import mean_reciprocal_rank, recall_at_k
+from aether.model.architectures import AetherModel
 
 
 def manual_info_nce(a, b, scale):
@@ -87,7 +87,7 @@ def test_weights_of_each_architecture():
         return sum(p.numel() for p in module.parameters())
 
     aether, mlp = AetherModel(64, 384), AetherModel(64, 384, arch="mlp")
-    assert count(aether.ae) == 123_777 and count(aether.text) == 384 * 128 + 128
+    assert count(aether.ae) == 123_777 and count(aether.text.encoders) == 384 * 128 + 128
     assert count(AetherModel(64, 384, gate=False).ae) == 123_776
     assert count(mlp.ae) == 49_536
     assert float(torch.sigmoid(aether.ae.gate.detach())) == pytest.approx(1 / (1 + math.exp(4)))

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aether.checkpoint import load_checkpoint
-from aether.errors import AetherError
-from aether.text import EmbeddingCache, OpenAIEncoder, encode_texts, retry_after_s
+from aether.model.checkpoint import load_checkpoint
+from aether.core.errors import AetherError
+from aether.text.encoders import EmbeddingCache, OpenAIEncoder, encode_texts, retry_after_s
 from fixtures import poi_records, unit_field, write_config, write_csv, write_raster
 from openai_server import OpenAIServer, fake_embedding
 
@@ -169,7 +169,7 @@ def test_train_py_with_openai_backend(server, tmp_path):
 
 
 def test_retry_settings_in_config():
-    from aether.config import load_config
+    from aether.config.schema import load_config
 
     cfg = load_config(None, ["text.max_retries=2", "text.request_timeout_s=5"], check_files=False)
     assert (cfg.text.max_retries, cfg.text.request_timeout_s) == (2, 5.0)

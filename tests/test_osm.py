@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from shapely.geometry import Point, Polygon
 
-from aether.errors import AetherError
-from aether.osm import pois_from_frame, write_poi_geojson
-from aether.poi import DEFAULT_TEMPLATE, OSM_ATTRIBUTION, render_description
+from aether.core.errors import AetherError
+from aether.data.osm import pois_from_frame, write_poi_geojson
+from aether.data.poi import DEFAULT_TEMPLATE, OSM_ATTRIBUTION, render_description
 
 
 def _elements() -> gpd.GeoDataFrame:

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from rasterio.transform import from_origin
 
-from aether import pictures
-from aether.errors import AetherError
+from aether.pictures import pca as pictures
+from aether.core.errors import AetherError
 from fixtures import run_script_in_process, stored_values, unit_field, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ import pytest
 from pyproj import Transformer
 from shapely.geometry import Point, Polygon
 
-from aether.errors import AetherError
-from aether.poi import DEFAULT_TEMPLATE, prepare_pois, read_poi_frame, render_description
+from aether.core.errors import AetherError
+from aether.data.poi import DEFAULT_TEMPLATE, prepare_pois, read_poi_frame, render_description
 from fixtures import UTM, poi_records, write_csv, write_geojson
 
 

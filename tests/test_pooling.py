@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from rasterio.transform import from_origin
 
-from aether.pooling import pool_points
-from aether.raster import BlockCache, metres_per_degree, open_raster
+from aether.geo.pooling import pool_points
+from aether.geo.raster import BlockCache, metres_per_degree, open_raster
 from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster, write_vrt_mosaic
 
 
@@ -126,9 +126,9 @@ def test_window_means_in_strips_match_brute_force(dtype):
     """Dense tile pooling with half-widths that change from row to row (as on a geographic raster),
     each strip from its own tables over the strip and its halo (as inference does it), equals a
     brute-force masked mean at every pixel, and equals the whole tile pooled at once."""
-    from aether.alphaearth import NODATA_INT8, dequantize, quantize
-    from aether.pooling import window_means
-    from aether.raster import RasterInfo
+    from aether.geo.alphaearth import NODATA_INT8, dequantize, quantize
+    from aether.geo.pooling import window_means
+    from aether.geo.raster import RasterInfo
 
     th, tw, hx, hy = 33, 19, 4, 3
     values = unit_field(th + 2 * hy, tw + 2 * hx, bands=8, seed=3)
@@ -161,8 +161,8 @@ def test_window_means_in_strips_match_brute_force(dtype):
 def test_int32_tables_that_wrap_around_give_exact_means():
     """A 401 x 401 tile of the largest code sums past 2**31 in the int32 table; box sums taken
     modulo 2**32 are still exact."""
-    from aether.pooling import _summed_area_tables, window_means
-    from aether.raster import RasterInfo
+    from aether.geo.pooling import _summed_area_tables, window_means
+    from aether.geo.raster import RasterInfo
 
     bands = np.full((2, 401, 401), 127, dtype=np.int8)
     bands[1, 200:] = -127

@@ -9,10 +9,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aether.alphaearth import NODATA_INT8, dequantize, quantize
-from aether.pooling import pool_points
-from aether.raster import open_raster
-from aether.retrieval import _TopCandidates, non_max_suppression
+from aether.geo.alphaearth import NODATA_INT8, dequantize, quantize
+from aether.geo.pooling import pool_points
+from aether.geo.raster import open_raster
+from aether.retrieval.search import _TopCandidates, non_max_suppression
 from fixtures import ORIGIN, brute_force, stored_values, unit_field, write_raster
 
 PIXEL_M = 10.0

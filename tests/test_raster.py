@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from aether.alphaearth import band_names, dequantize, quantize
-from aether.errors import AetherError
-from aether.raster import metres_per_degree, open_raster, read_vectors
+from aether.geo.alphaearth import band_names, dequantize, quantize
+from aether.core.errors import AetherError
+from aether.geo.raster import metres_per_degree, open_raster, read_vectors
 from fixtures import ORIGIN, unit_field, write_raster
 
 

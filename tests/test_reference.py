@@ -4,7 +4,7 @@ independent float64 reading of their model.
 A reference checkpoint is a plain dict (`ae_state_dict` of an AEProj, `txt_state_dict` of a
 TextProj, `hyper_parameters` and bookkeeping), built here with random weights large enough
 that a wrong gate, activation, normalisation or window shows. Every expected value is
-computed in this file with numpy float64 from the weights (nothing from aether.model), and
+computed in this file with numpy float64 from the weights (nothing from aether.model.architectures), and
 the inputs from the raster file's own values (`stored_values`, `brute_force`), at pixels
 located through map coordinates, so a bottom-up input checks the north-up output too.
 Rasters are 30 x 36 px at 10 m; the whole module runs in about ten seconds on two cores.
@@ -31,10 +31,10 @@ import rasterio
 import torch
 from scipy.special import erf
 
-from aether.checkpoint import load_checkpoint, model_from_checkpoint
-from aether.errors import AetherError
-from aether.embedder import AetherEmbedder
-from aether.text import TextEncoder
+from aether.model.checkpoint import load_checkpoint, model_from_checkpoint
+from aether.core.errors import AetherError
+from aether.model.projector import AetherEmbedder
+from aether.text.encoders import TextEncoder
 from fixtures import ORIGIN, brute_force, run_script_in_process, stored_values, unit_field, write_raster
 
 LATENT_DIM, HIDDEN_DIM, TEXT_DIM = 16, 32, 384

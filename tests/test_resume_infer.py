@@ -26,8 +26,8 @@ from fixtures import (
 )
 from rasterio.transform import from_origin
 
-from aether.inference import embed_raster
-from aether.journal import partial_paths
+from aether.infer.pipeline import embed_raster
+from aether.core.journal import partial_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE_PX, TILE_PX = 256, 32  # 64 tiles: enough to interrupt part-way

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aether.checkpoint import load_checkpoint
+from aether.model.checkpoint import load_checkpoint
 from fixtures import poi_records, run_script_in_process, unit_field, write_config, write_csv, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]

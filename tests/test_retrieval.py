@@ -1,4 +1,4 @@
-"""retrieve.py and aether.retrieval: similarity maps, exact streaming top-k with suppression, refusals."""
+"""retrieve.py and aether.retrieval.search: similarity maps, exact streaming top-k with suppression, refusals."""
 from __future__ import annotations
 
 import json
@@ -14,10 +14,10 @@ import torch
 from matplotlib.image import imread
 from rasterio.warp import transform as warp_transform
 
-from aether.checkpoint import load_checkpoint, model_from_checkpoint
-from aether.inference import embed_raster
-from aether.retrieval import non_max_suppression, query_tile_px, retrieve, slug
-from aether.text import SentenceTransformerEncoder
+from aether.model.checkpoint import load_checkpoint, model_from_checkpoint
+from aether.infer.pipeline import embed_raster
+from aether.retrieval.search import non_max_suppression, query_tile_px, retrieve, slug
+from aether.text.encoders import SentenceTransformerEncoder
 from fixtures import stored_values, unit_field, write_raster, write_untrained_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_retrieve_cli_three_queries_one_pass(tmp_path, setup):
 def test_an_int16_aether_raster_ranks_as_on_the_fly(tmp_path, setup):
     """AETHER int16 (q / 32767) keeps scores within 1e-4 of on-the-fly retrieval and the same top
     places; the int8 raster's scores are up to its quantization off."""
-    from aether.inference import embed_raster
+    from aether.infer.pipeline import embed_raster
 
     ae, ckpt, _ = setup
     emb16 = embed_raster(str(ae), str(ckpt), str(tmp_path / "aether16.tif"), dtype="int16", precision="fp32",

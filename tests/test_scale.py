@@ -14,13 +14,13 @@ import pytest
 import rasterio
 from pyproj import Transformer
 
-from aether.errors import AetherError
-from aether.inference import embed_raster
-from aether.inference_at_scale import embed_at_scale
-from aether.pooling import pool_at_scale, pool_points
-from aether.raster import open_raster
-from aether.retrieval import non_max_suppression, retrieve_at_scale
-from aether.tiles import expand_tiles, route_points, write_mosaic_vrt
+from aether.core.errors import AetherError
+from aether.infer.pipeline import embed_raster
+from aether.infer.at_scale import embed_at_scale
+from aether.geo.pooling import pool_at_scale, pool_points
+from aether.geo.raster import open_raster
+from aether.retrieval.search import non_max_suppression, retrieve_at_scale
+from aether.geo.tiles import expand_tiles, route_points, write_mosaic_vrt
 from fixtures import (brute_force, stored_values, unit_field, write_raster, write_untrained_checkpoint,
                       write_zone_tiles)
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def scheduler():
     """The address of one local Dask cluster with 2 worker processes, shared by this module's tests
     (through --scheduler, the path a user with a running cluster takes)."""
-    from aether.cluster import dask_client
+    from aether.core.cluster import dask_client
 
     with dask_client(workers=2) as client:
         yield client.scheduler.address
@@ -258,7 +258,7 @@ def test_infer_command_on_a_scheduler_embeds_a_list_of_tiles(tmp_path, zone_tile
 def test_text_encoding_on_two_workers_fills_one_cache(tmp_path, scheduler):
     from distributed import Client
 
-    from aether.text import EmbeddingCache, build_text_encoder, encode_texts, encode_texts_on_cluster
+    from aether.text.encoders import EmbeddingCache, build_text_encoder, encode_texts, encode_texts_on_cluster
 
     texts = [f"A place of {v}, a type of amenity, named Place {i}." for i, v in enumerate(["cafe", "bar"] * 6)]
     texts += texts[:3]  # repeats are encoded once
@@ -267,14 +267,14 @@ def test_text_encoding_on_two_workers_fills_one_cache(tmp_path, scheduler):
     cache = EmbeddingCache(tmp_path / "cache")
     try:
         with Client(scheduler) as client:
-            import aether.text
+            import aether.text.encoders
 
-            aether.text.TEXTS_PER_TASK, saved = 5, aether.text.TEXTS_PER_TASK  # 3 tasks for 12 unique texts
+            aether.text.encoders.TEXTS_PER_TASK, saved = 5, aether.text.encoders.TEXTS_PER_TASK  # 3 tasks for 12 unique texts
             try:
                 vectors, n_encoded = encode_texts_on_cluster(client, encoder, texts, cache, progress=False)
                 again, n_again = encode_texts_on_cluster(client, encoder, texts, cache, progress=False)
             finally:
-                aether.text.TEXTS_PER_TASK = saved
+                aether.text.encoders.TEXTS_PER_TASK = saved
         assert n_encoded == 12 and n_again == 0
         assert len(cache.get([EmbeddingCache.key(encoder.identity, t) for t in set(texts)])) == 12
     finally:
@@ -284,7 +284,7 @@ def test_text_encoding_on_two_workers_fills_one_cache(tmp_path, scheduler):
 
 
 def test_retrieval_of_one_raster_in_bands_on_two_workers_equals_one_process(tmp_path, ckpt, scheduler):
-    from aether.retrieval import retrieve
+    from aether.retrieval.search import retrieve
 
     values = unit_field(140, 100, seed=11)
     values[:, 30:45, 20:60] = np.nan
@@ -292,14 +292,14 @@ def test_retrieval_of_one_raster_in_bands_on_two_workers_equals_one_process(tmp_
     queries = ["a quiet cafe", "a park"]
     one = retrieve(queries, str(ckpt), str(tmp_path / "one"), ae_tif=str(src), top_k=4, nms_m=50, tile_px=32,
                    progress=False)
-    import aether.retrieval
+    import aether.retrieval.search
 
-    aether.retrieval.BAND_PX, saved = 64, aether.retrieval.BAND_PX  # 3 bands of 64, 64 and 12 rows
+    aether.retrieval.search.BAND_PX, saved = 64, aether.retrieval.search.BAND_PX  # 3 bands of 64, 64 and 12 rows
     try:
         two = retrieve_at_scale(queries, str(ckpt), str(tmp_path / "two"), ae_tif=str(src), top_k=4, nms_m=50,
                                 tile_px=32, scheduler=scheduler, progress=False)
     finally:
-        aether.retrieval.BAND_PX = saved
+        aether.retrieval.search.BAND_PX = saved
     for a, b in zip(one, two):
         assert a.hits == b.hits and len(a.hits) == 4
         with rasterio.open(a.tif) as x, rasterio.open(b.tif) as y:

@@ -1,7 +1,7 @@
 import numpy as np
 
-from aether.dataset import spatial_split
-from aether.raster import metres_per_degree
+from aether.data.dataset import spatial_split
+from aether.geo.raster import metres_per_degree
 
 
 def test_spatial_split_uses_whole_blocks_and_is_reproducible():

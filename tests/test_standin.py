@@ -4,8 +4,8 @@ import numpy as np
 import rasterio
 from shapely.geometry import LineString, Point, box
 
-from aether.alphaearth import N_BANDS, NODATA_INT8, band_names, dequantize, quantize
-from aether.standin import (
+from aether.geo.alphaearth import N_BANDS, NODATA_INT8, band_names, dequantize, quantize
+from aether.data.standin import (
     BUILDING_GROUPS, CRS, PIXEL_M, Grid, building_group, embed, feature_channels, write_standin,
 )
 

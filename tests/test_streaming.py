@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from aether.streaming import run_pipeline
+from aether.core.pipeline import run_pipeline
 
 
 @pytest.mark.parametrize("workers", [1, 3])

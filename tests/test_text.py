@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from aether.errors import AetherError
-from aether.text import EmbeddingCache, SentenceTransformerEncoder, build_text_encoder, encode_texts
+from aether.core.errors import AetherError
+from aether.text.encoders import EmbeddingCache, SentenceTransformerEncoder, build_text_encoder, encode_texts
 
 
 class CountingEncoder(SentenceTransformerEncoder):

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aether.checkpoint import load_checkpoint, model_from_checkpoint
-from aether.pooling import pool_points
-from aether.raster import open_raster
+from aether.model.checkpoint import load_checkpoint, model_from_checkpoint
+from aether.geo.pooling import pool_points
+from aether.geo.raster import open_raster
 from fixtures import poi_records, unit_field, write_config, write_csv, write_raster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +80,8 @@ def test_training_is_reproducible_and_works_below_one_batch(tmp_path):
     for name in ("a", "b"):
         cfg = write_config(tmp_path / f"{name}.yaml", raster, pois, train={"batch_size": 256, "epochs": 2,
                                                                          "run_dir": str(tmp_path / name)})
-        from aether.config import load_config
-        from aether.training import train
+        from aether.config.schema import load_config
+        from aether.train.loop import train
 
         train(load_config(cfg), progress=False)
         weights.append(load_checkpoint(tmp_path / name / "last.pt")["model"])

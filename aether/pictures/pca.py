@@ -1,0 +1,334 @@
+"""Pictures for people: embedding rasters as PCA false colour, training runs as curves.
+
+`render_pca` turns any embedding raster (AlphaEarth's 64 bands or AETHER's 128; int8 or
+float; north-up or bottom-up; any CRS) into an RGBA PNG: the first three principal
+components become red, green and blue, stretched between robust percentiles, with nodata
+transparent and north at the top. The raster is read block by block and subsampled (the
+middle pixel of each cell), so memory is bounded by the picture, not by the raster. A
+`PcaFit` made on one raster can colour another, so two rasters compare in the same colours.
+
+`plot_training_curves` draws `metrics.jsonl` (one JSON object per epoch, as train.py
+writes it) as losses, validation recalls, and the learning rate and temperature.
+
+matplotlib is used without pyplot (a Figure on the Agg canvas), so no global backend changes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from aether.core.errors import AetherError, first_line
+from aether.core.files import atomic_write
+from aether.geo.raster import RasterInfo, decode_pixels, invalid_pixels, open_raster, read_pixels
+
+MAX_PX = 1024  # longer side of a PCA picture, in pixels
+MIN_PX = 512  # a small raster's picture is enlarged (whole pixels repeated) to at least this, unless --scale says
+MAX_PICTURE_PX = 8192  # longer side of any picture written, --scale included: 256 MiB of RGBA
+FIT_SAMPLE_PX = 50_000  # valid pixels a PCA is fitted on, at most
+STRETCH_PERCENTILES = (2.0, 98.0)
+STRIP_BYTES = 32 << 20  # raster pixels read at a time
+GDAL_CACHE_BYTES = 64 << 20  # each block is read once, so GDAL need not keep many
+UNIT_PX = 256  # narrow storage blocks are read this many pixels wide at least
+SAMPLE_SEED = 0
+
+
+@dataclass(frozen=True)
+class PcaFit:
+    """A 3-component PCA of embedding vectors and the stretch that maps it to colours."""
+
+    source: str
+    mean: np.ndarray  # (bands,)
+    components: np.ndarray  # (3, bands), unit rows, each with its largest loading positive
+    low: np.ndarray  # (3,) component scores shown as 0
+    high: np.ndarray  # (3,) component scores shown as 255
+    n_samples: int
+
+    @property
+    def n_bands(self) -> int:
+        return self.mean.shape[0]
+
+    def colours(self, vectors: np.ndarray) -> np.ndarray:
+        """(N, bands) vectors -> (N, 3) uint8 RGB."""
+        scores = (vectors - self.mean) @ self.components.T
+        scaled = (scores - self.low) / (self.high - self.low)
+        return np.rint(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def open_embedding(path: str | Path) -> RasterInfo:
+    """Open an embedding raster of any band count (at least 3) with AETHER's checks."""
+    try:
+        with rasterio.open(path) as src:
+            count = src.count
+    except rasterio.errors.RasterioIOError as exc:
+        raise AetherError(f"cannot open raster {path}: {first_line(exc)}") from None
+    if count < 3:
+        raise AetherError(f"raster {path} has {count} band(s); a PCA picture needs an embedding raster (64 or 128 bands)")
+    return open_raster(str(path), n_bands=count)
+
+
+def picture_shape(info: RasterInfo, max_px: int = MAX_PX) -> tuple[int, int, int]:
+    """Decimation step and picture (height, width): every step-th pixel, longer side <= max_px."""
+    if max_px < 1:
+        raise AetherError(f"--max-px must be at least 1, got {max_px}")
+    step = max(1, math.ceil(max(info.height, info.width) / max_px))
+    height, width = math.ceil(info.height / step), math.ceil(info.width / step)
+    check_picture_px(height, width)
+    return step, height, width
+
+
+def check_picture_px(height: int, width: int, scale: int = 1) -> None:
+    """Refuse, before any reading, a picture of height x width pixels, each shown scale x scale, whose
+    longer side would be over MAX_PICTURE_PX."""
+    side = max(height, width) * scale
+    if side > MAX_PICTURE_PX:
+        shown_as = f" (--scale {scale} of a {width} x {height} picture)" if scale > 1 else ""
+        raise AetherError(f"the picture would be {width * scale:,} x {height * scale:,} pixels{shown_as}, over the "
+                          f"{MAX_PICTURE_PX:,} allowed on its longer side; lower --scale or --max-px")
+
+
+def _sampled(size: int, step: int) -> np.ndarray:
+    """Raster index (counted from the north or west) of each picture pixel: the middle of its step."""
+    return np.minimum(np.arange(math.ceil(size / step)) * step + step // 2, size - 1)
+
+
+def _runs(file_index: np.ndarray, block: int, max_span: int) -> list[np.ndarray]:
+    """Picture indices grouped in file order: each group within one storage block and max_span pixels."""
+    order = np.argsort(file_index, kind="stable")
+    runs, current = [], [order[0]]
+    for i in order[1:]:
+        first = file_index[current[0]]
+        if file_index[i] // block == first // block and file_index[i] - first < max_span:
+            current.append(i)
+        else:
+            runs.append(np.array(current))
+            current = [i]
+    runs.append(np.array(current))
+    return runs
+
+
+def picture_chunks(info: RasterInfo, max_px: int = MAX_PX):
+    """Yield (picture rows, picture columns, vectors (rows, columns, bands) float32, valid (rows, columns)).
+
+    Picture rows and columns count from the north-west whatever the file's row order, and
+    pick the middle pixel of each step x step cell. The raster is read storage block by
+    block (each decoded once), at most about STRIP_BYTES at a time, and subsampled at once.
+    """
+    step, _, _ = picture_shape(info, max_px)
+    rows, cols = _sampled(info.height, step), _sampled(info.width, step)
+    file_rows = info.north_up_rows(rows, 1)  # bottom-up: the first file row is the southernmost
+    file_cols = cols if info.transform.a > 0 else info.width - 1 - cols
+    block_h, block_w = info.block_shape if all(info.block_shape) else (UNIT_PX, UNIT_PX)
+    unit_w = min(block_w * max(1, -(-UNIT_PX // block_w)), info.width)
+    bytes_per_row = unit_w * info.count * max(np.dtype(info.dtype).itemsize, 4)
+    row_runs = _runs(file_rows, block_h, max(1, STRIP_BYTES // bytes_per_row))
+    col_runs = _runs(file_cols, unit_w, unit_w)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(info.path) as src:
+        for row_run in row_runs:
+            r = file_rows[row_run]
+            for col_run in col_runs:
+                c = file_cols[col_run]
+                window = Window(int(c.min()), int(r.min()), int(c.max() - c.min() + 1), int(r.max() - r.min() + 1))
+                pixels = read_pixels(src, window, info)[np.ix_(r - r.min(), c - c.min())]
+                invalid = invalid_pixels(pixels, info)
+                yield row_run, col_run, decode_pixels(pixels, invalid, info), ~invalid
+
+
+def fit_pca(tif: str | Path, max_px: int = MAX_PX, sample_px: int = FIT_SAMPLE_PX) -> PcaFit:
+    """Fit a 3-component PCA and its percentile stretch on a sample of a raster's valid pixels.
+
+    The sample is a fixed-seed random choice of the picture's pixels (all of them for a
+    picture under `sample_px`), taken in picture order, so a fit is reproducible, the same
+    for a north-up and a bottom-up copy, and bounded by `sample_px` vectors.
+    """
+    info = open_embedding(tif)
+    _, out_h, out_w = picture_shape(info, max_px)
+    chosen = np.random.default_rng(SAMPLE_SEED).random((out_h, out_w)) < sample_px / (out_h * out_w)
+    positions, chunks = [], []
+    for rows, cols, vectors, valid in picture_chunks(info, max_px):
+        keep = valid & chosen[np.ix_(rows, cols)]
+        positions.append((rows[:, None] * out_w + cols[None, :])[keep])
+        chunks.append(vectors[keep].astype(np.float64))
+    sample = np.concatenate(chunks)[np.argsort(np.concatenate(positions))]
+    if len(sample) < 3:
+        raise AetherError(f"raster {tif} has {len(sample)} valid pixels in its sample; a PCA needs at least 3 "
+                          "(is it all nodata?)")
+    mean = sample.mean(axis=0)
+    centred = sample - mean
+    _, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    components = eigenvectors[:, ::-1][:, :3].T
+    largest = np.argmax(np.abs(components), axis=1)
+    components *= np.sign(components[np.arange(3), largest])[:, None]
+    scores = centred @ components.T
+    low, high = np.percentile(scores, STRETCH_PERCENTILES, axis=0)
+    high = np.where(high - low <= 1e-12, low + 1.0, high)  # a constant component shows as black, not as 0 / 0
+    return PcaFit(source=str(tif), mean=mean.astype(np.float32), components=components.astype(np.float32),
+                  low=low.astype(np.float32), high=high.astype(np.float32), n_samples=len(sample))
+
+
+def pca_image(tif: str | Path, fit: PcaFit | None = None, max_px: int = MAX_PX) -> np.ndarray:
+    """A raster as (h, w, 4) uint8 RGBA, north-up, nodata transparent; fitted on itself unless `fit` is given."""
+    info = open_embedding(tif)
+    if fit is None:
+        fit = fit_pca(tif, max_px=max_px)
+    else:
+        _check_same_bands(tif, info.count, fit.source, fit.n_bands)
+    _, out_h, out_w = picture_shape(info, max_px)
+    image = np.zeros((out_h, out_w, 4), dtype=np.uint8)
+    for rows, cols, vectors, valid in picture_chunks(info, max_px):
+        rgba = np.zeros(valid.shape + (4,), dtype=np.uint8)
+        rgba[valid, :3] = fit.colours(vectors[valid])
+        rgba[valid, 3] = 255
+        image[np.ix_(rows, cols)] = rgba
+    return image
+
+
+def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = None, max_px: int = MAX_PX,
+               scale: int | None = None) -> Path:
+    """Write a PCA false-colour PNG of `tif` (colours fitted on `fit_on` if given); returns the path.
+
+    `scale` repeats each picture pixel scale x scale times, for small rasters shown large; None
+    (the default) enlarges a picture whose longer side is under MIN_PX to at least that. A
+    geographic raster is drawn at its ground shape: its width is scaled by the ratio of a pixel's
+    ground width to its height at the raster's middle latitude (cos(latitude) for square degrees).
+    """
+    out = _check_output(out, ".png")
+    info = open_embedding(tif)
+    _, height, width = picture_shape(info, max_px)
+    if scale is None:
+        scale = max(1, min(math.ceil(MIN_PX / max(height, width)), max_px // max(height, width)))
+    if scale < 1:
+        raise AetherError(f"--scale must be at least 1, got {scale}")
+    check_picture_px(height, width, scale)
+    fit = None
+    if fit_on is not None:
+        _check_same_bands(tif, open_embedding(tif).count, fit_on, open_embedding(fit_on).count)
+        fit = fit_pca(fit_on, max_px=max_px)
+    image = pca_image(tif, fit=fit, max_px=max_px)
+    if scale > 1:
+        image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    from PIL import Image  # Pillow comes with matplotlib
+
+    picture = Image.fromarray(image)
+    if info.is_geographic:
+        lat = float(np.mean(info.latitude_range()))
+        sx_m, sy_m = info.pixel_size_m(lat)
+        picture = picture.resize((max(1, round(picture.width * float(sx_m) / float(sy_m))), picture.height),
+                                 Image.Resampling.NEAREST)
+    with atomic_write(out) as f:
+        picture.save(f, format="PNG", optimize=True)
+    return out
+
+
+def _check_same_bands(tif: str | Path, n_bands: int, fit_source: str | Path, n_fit_bands: int) -> None:
+    if n_bands != n_fit_bands:
+        raise AetherError(f"cannot colour {tif} ({n_bands} bands) with a PCA fitted on {fit_source} ({n_fit_bands} "
+                          "bands); fit on a raster with the same bands (AlphaEarth has 64, AETHER 128)")
+
+
+# Training curves: which metrics.jsonl keys go in which panel, and how each is drawn.
+LOSS_KEYS = [("loss", "total"), ("ae_ae", "AE-AE"), ("ae_poi", "AE-POI")]
+RECALL_KEYS = [(f"val_{direction}_r{k}", f"{name} R@{k}") for k in (1, 5, 10)
+               for direction, name in (("t2ae", "text→AE"), ("ae2t", "AE→text"))]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The epochs of a metrics.jsonl file, each a dict with at least 'epoch'."""
+    path = Path(path)
+    if not path.is_file():
+        raise AetherError(f"metrics file {path} does not exist; train.py writes it as <run_dir>/metrics.jsonl")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AetherError(f"{path} line {number} is not JSON ({exc.msg}); expected one JSON object per epoch, "
+                              "as train.py writes") from None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), (int, float)):
+            raise AetherError(f"{path} line {number} has no numeric 'epoch'; expected one JSON object per epoch, "
+                              "as train.py writes")
+        rows.append(row)
+    if not rows:
+        raise AetherError(f"metrics file {path} is empty; train it first (python train.py --cfg config.yaml)")
+    return rows
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    points = [(row["epoch"], row[key]) for row in rows if isinstance(row.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_training_curves(metrics: str | Path, out: str | Path) -> Path:
+    """Write a PNG of losses (train solid, validation dashed), validation recalls, and
+    learning rate with temperature from a metrics.jsonl file; returns the path."""
+    out = _check_output(out, ".png")
+    rows = read_metrics(metrics)
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(13.5, 4.3), dpi=100, layout="constrained")
+    loss_ax, recall_ax, lr_ax = fig.subplots(1, 3)
+    colours = ["tab:blue", "tab:orange", "tab:green"]
+    for colour, (suffix, name) in zip(colours, LOSS_KEYS):
+        for split, style in (("train", "-"), ("val", "--")):
+            epochs, values = _series(rows, f"{split}_{suffix}")
+            if epochs:
+                loss_ax.plot(epochs, values, style, color=colour, marker=".", label=f"{split} {name}")
+    loss_ax.set(title="InfoNCE losses", xlabel="epoch", ylabel="loss")
+    _legend_below(loss_ax)
+
+    recall_colours = ["tab:purple", "tab:red", "tab:brown"]
+    drawn = False
+    for i, (key, name) in enumerate(RECALL_KEYS):
+        epochs, values = _series(rows, key)
+        if epochs:
+            recall_ax.plot(epochs, values, "-" if i % 2 == 0 else "--", color=recall_colours[i // 2], marker=".",
+                           label=name)
+            drawn = True
+    recall_ax.set(title="validation recall", xlabel="epoch", ylabel="recall")
+    if drawn:
+        recall_ax.set_ylim(bottom=0)
+        _legend_below(recall_ax)
+    else:
+        recall_ax.text(0.5, 0.5, "no validation metrics", ha="center", va="center", transform=recall_ax.transAxes)
+
+    epochs, values = _series(rows, "lr")
+    if epochs:
+        lr_ax.plot(epochs, values, color="tab:gray", marker=".", label="learning rate")
+    lr_ax.set(title="schedule", xlabel="epoch", ylabel="learning rate")
+    epochs, values = _series(rows, "temperature")
+    if epochs:
+        temp_ax = lr_ax.twinx()
+        temp_ax.plot(epochs, values, ":", color="tab:cyan", marker=".", label="temperature")
+        temp_ax.set_ylabel("temperature")
+        handles = lr_ax.get_legend_handles_labels()[0] + temp_ax.get_legend_handles_labels()[0]
+        _legend_below(lr_ax, handles=handles)
+    for ax in (loss_ax, recall_ax, lr_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"training curves: {metrics}", fontsize=10)
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png")
+    return out
+
+
+def _legend_below(ax, **kwargs) -> None:
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, fontsize=8, frameon=False, **kwargs)
+
+
+def _check_output(out: str | Path, suffix: str) -> Path:
+    out = Path(out)
+    if out.suffix.lower() != suffix:
+        raise AetherError(f"output {out} should end in {suffix}")
+    if out.is_dir():
+        raise AetherError(f"output {out} is a folder; give a file name such as {out / ('picture' + suffix)}")
+    if not out.parent.is_dir():
+        raise AetherError(f"output folder {out.parent} does not exist; create it first")
+    return out

