@@ -1,54 +1,5 @@
-"""Fetch real AlphaEarth for any place into one local int8 GeoTIFF:
-
-    python fetch_ae.py --bbox 24.90 60.15 24.99 60.19 --year 2024 --out data/AE/helsinki_2024.tif
-    python fetch_ae.py --like data/poi/helsinki_poi.geojson --year 2024 --out data/AE/helsinki_2024.tif
-
-Reads the public tile index (cached), then only the blocks of the tiles that the area needs, over
-HTTP range requests. Running the same command again continues an interrupted fetch.
-"""
-import argparse
-
-from aether.cli.run import run
-
-
-def main() -> None:
-    from aether.data.fetch import CHECKPOINT_S, INDEX_URLS, WINDOW_PX
-
-    parser = argparse.ArgumentParser(description="Fetch AlphaEarth embeddings of one year for an area into a GeoTIFF.")
-    area = parser.add_mutually_exclusive_group(required=True)
-    area.add_argument("--bbox", nargs=4, type=float, metavar=("WEST", "SOUTH", "EAST", "NORTH"),
-                      help="area in degrees (WGS84)")
-    area.add_argument("--like", metavar="FILE",
-                      help="the extent of a POI file or a raster, with the margin of the augmented window")
-    parser.add_argument("--margin-m", type=float, metavar="METRES",
-                        help="with --like: how far beyond the file's extent to fetch (default 95, the augmented "
-                             "window's radius data.aug_radius_m; give your config's if you changed it)")
-    parser.add_argument("--year", type=int, required=True, help="year of the annual embeddings, e.g. 2024")
-    parser.add_argument("--out", required=True,
-                        help="output GeoTIFF, written atomically (with --per-zone: a folder)")
-    parser.add_argument("--source", default="source-coop",
-                        help=f"where the tiles are: {', '.join(INDEX_URLS)} (requester-pays: needs "
-                             f"--billing-project), or the URL or path of an index Parquet (default source-coop)")
-    parser.add_argument("--billing-project", help="Google Cloud project billed for --source gcs (or GS_USER_PROJECT)")
-    parser.add_argument("--crs", help="output CRS (default: the UTM zone of the tiles holding most of the area)")
-    parser.add_argument("--per-zone", action="store_true",
-                        help="one GeoTIFF per UTM zone in the folder --out, with tiles.txt (a set of tiles training "
-                             "takes) and mosaic.vrt, instead of warping other zones")
-    parser.add_argument("--tile", type=int, default=WINDOW_PX,
-                        help=f"window side in pixels read and written at a time (default {WINDOW_PX})")
-    parser.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_S, metavar="SECONDS",
-                        help=f"how often finished windows are made durable for a rerun (default {CHECKPOINT_S:g} s)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args()
-
-    from aether.data.fetch import fetch_alphaearth
-
-    out = fetch_alphaearth(args.out, args.year, bbox=args.bbox, like=args.like, source=args.source, crs=args.crs,
-                           per_zone=args.per_zone, billing_project=args.billing_project, tile_px=args.tile,
-                           checkpoint_s=args.checkpoint_every, progress=not args.no_progress,
-                           margin_m=args.margin_m)
-    print(f"wrote {out}")
-
+"""Fetch AlphaEarth (the same as `aether fetch-ae`): python fetch_ae.py --bbox W S E N --year 2024 --out OUT.tif"""
+from aether.cli.fetch_ae import main
 
 if __name__ == "__main__":
-    run(main)
+    main()

@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import OUT, SMOOTH_NOISE, generated_raster, machine, peak_rss_mib
+
+from aether.infer.spec import EmbedOptions
 
 ARCHS = ("aether", "mlp")
 STAGES = ("decode", "pool", "project", "quantize", "encode", "write")
@@ -43,9 +44,9 @@ def checkpoint(arch: str = "aether") -> Path:
     """A checkpoint of architecture `arch` (64 bands -> 128, hidden 256) with random weights."""
     import torch
 
-    from aether.model.checkpoint import make_checkpoint
     from aether.config.schema import Config
     from aether.model.architectures import AetherModel
+    from aether.model.checkpoint import make_checkpoint
 
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"bench_ckpt_{arch}.pt"
@@ -80,7 +81,7 @@ def end_to_end(size: int, arch: str, device: str) -> dict:
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         cpu0, t0 = process_cpu_s(), time.perf_counter()
         with measure() as stages:
-            out = embed_raster(str(src), str(ckpt), str(Path(tmp) / "out.tif"), progress=False, device=device)
+            out = embed_raster(str(src), str(ckpt), str(Path(tmp) / "out.tif"), progress=False, options=EmbedOptions(device=device))
         seconds = time.perf_counter() - t0
         result = {"size": size, "arch": arch, "seconds": seconds, "px_per_s": size * size / seconds,
                   "peak_mib": peak_rss_mib(), "cpu_s": process_cpu_s() - cpu0, "stages": dict(stages or {}),
@@ -105,31 +106,32 @@ def run_case(size: int, arch: str, device: str, code: Path | None = None) -> dic
 def compute_floor(arch: str, device: str, n_px: int = 2048 * 2048) -> tuple[float, float]:
     """Pixels/s of projection and int8 quantization alone: (vectors already on the device, from
     host arrays with the transfers). On a CPU both run as the pipeline does, one tile per thread."""
-    import torch
     from concurrent.futures import ThreadPoolExecutor
 
-    from aether.model.projector import AetherEmbedder, encode_latent
-    from aether.infer.pipeline import tile_workers
+    import torch
 
-    embedder = AetherEmbedder(checkpoint(arch), device=device)
+    from aether.infer.pipeline import tile_workers
+    from aether.model.projector import Projector, encode_latent
+
+    projector = Projector(checkpoint(arch), device=device)
     x = np.random.default_rng(0).standard_normal((n_px, 64)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    with tile_workers(embedder.device) as threads:
-        parts = np.array_split(x, max(threads.compute, 1) if embedder.device.type == "cpu" else 1)
+    with tile_workers(projector.device) as threads:
+        parts = np.array_split(x, max(threads.compute, 1) if projector.device.type == "cpu" else 1)
 
         def on_device(part: torch.Tensor) -> None:
-            encode_latent(embedder.project_on_device(part), "int8")
+            encode_latent(projector.project_on_device(part), "int8")
 
-        resident = [torch.from_numpy(p).to(embedder.device) for p in parts]
+        resident = [torch.from_numpy(p).to(projector.device) for p in parts]
         timings = []
-        for work, inputs in ((on_device, resident), (lambda p: embedder.project_pixels(p, "int8"), parts)):
+        for work, inputs in ((on_device, resident), (lambda p: projector.project_pixels(p, "int8"), parts)):
             with ThreadPoolExecutor(len(parts)) as pool:
                 list(pool.map(work, [p[:65536] for p in inputs]))  # warm-up
-                if embedder.device.type == "cuda":
+                if projector.device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 list(pool.map(work, inputs))
-                if embedder.device.type == "cuda":
+                if projector.device.type == "cuda":
                     torch.cuda.synchronize()
                 timings.append(n_px / (time.perf_counter() - t0))
     return timings[0], timings[1]
@@ -139,16 +141,19 @@ def io_floor(size: int, device: str) -> float:
     """Pixels/s to decode the input and compress and write an int8 output of 128 bands, tile by
     tile with the pipeline's reader and writer threads, no compute. The output is a real AETHER
     tile's block repeated, so it compresses as real output does."""
-    from aether.geo.blocks import BlockFile, create_sparse
-    from aether.model.projector import AetherEmbedder
-    from aether.infer.pipeline import TILE_PX, PooledTileReader, tile_grid, tile_workers
-    from aether.geo.raster import ZSTD_LEVEL, geotiff_layout, open_raster
     from aether.core.pipeline import run_pipeline
+    from aether.geo.blocks import BlockFile, create_sparse
+    from aether.geo.layout import ZSTD_LEVEL, geotiff_layout
+    from aether.geo.raster import open_raster
+    from aether.infer.pipeline import tile_workers
+    from aether.infer.reader import PooledTileReader, tile_grid
+    from aether.infer.spec import TILE_PX
     from aether.model.devices import pick_device
+    from aether.model.projector import Projector
 
     info = open_raster(str(generated_raster(size, noise=SMOOTH_NOISE)))
-    embedder = AetherEmbedder(checkpoint("aether"), device="cpu")
-    reader = PooledTileReader(info, embedder, "window")
+    projector = Projector(checkpoint("aether"), device="cpu")
+    reader = PooledTileReader(info, projector, "window")
     tiles = tile_grid(info, TILE_PX)
     (_, first), = list(reader.produce(tiles[:1]))
     sample = reader.block(first, "int8")

@@ -17,7 +17,6 @@ import sys
 import time
 
 import numpy as np
-
 from common import ORIGIN, generated_raster, machine, peak_rss_mib
 
 

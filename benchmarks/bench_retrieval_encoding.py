@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from aether.infer.spec import EmbedOptions
+from aether.retrieval.search import SearchOptions
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import machine  # noqa: E402
@@ -37,8 +40,9 @@ def main() -> None:
 
     import rasterio
 
+    from aether.geo.raster import metres_per_degree, open_raster
     from aether.infer.pipeline import embed_raster
-    from aether.geo.raster import output_dtypes, metres_per_degree, open_raster
+    from aether.infer.spec import available_dtypes
     from aether.retrieval.search import read_queries, retrieve
 
     queries = read_queries(args.queries) if args.queries else QUERIES
@@ -54,14 +58,14 @@ def main() -> None:
     options = dict(device="cpu", precision="fp32", progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        reference = retrieve(queries, args.ckpt, str(tmp / "fly"), ae_tif=args.ae_tif, heatmaps=False, **options)
+        reference = retrieve(queries, args.ckpt, str(tmp / "fly"), ae_tif=args.ae_tif, **options, options=SearchOptions(heatmaps=False))
         ref_maps = []
         for result in reference:
             with rasterio.open(result.tif) as src:
                 ref_maps.append(src.read(1))
-        for dtype in [d for d in ("int8", "int16", "float32") if d in output_dtypes()]:
-            emb = embed_raster(args.ae_tif, args.ckpt, str(tmp / f"aether_{dtype}.tif"), dtype=dtype, **options)
-            results = retrieve(queries, args.ckpt, str(tmp / dtype), emb_tif=str(emb), heatmaps=False, **options)
+        for dtype in [d for d in ("int8", "int16", "float32") if d in available_dtypes()]:
+            emb = embed_raster(args.ae_tif, args.ckpt, str(tmp / f"aether_{dtype}.tif"), **options, options=EmbedOptions(dtype=dtype))
+            results = retrieve(queries, args.ckpt, str(tmp / dtype), emb_tif=str(emb), **options, options=SearchOptions(heatmaps=False))
             same, near, errors = [], [], []
             for result, ref, ref_map in zip(results, reference, ref_maps):
                 a = np.array([(h["row"], h["col"]) for h in ref.hits], dtype=float)

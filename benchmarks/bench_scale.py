@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import rasterio
+from common import OUT, generated_raster, machine
 from rasterio.windows import Window
 
-from common import OUT, generated_raster, machine
+from aether.core.cluster import Cluster
 
 TILE_W, TILE_H = 1024, 512
 FULL_TILE_PX = 8192 * 8192
@@ -55,11 +56,10 @@ def run(spec: str, ckpt: Path, workers: int | None) -> dict:
             embed_at_scale(spec, str(ckpt), str(Path(tmp) / "out"), progress=False)
             start_s = 0.0
         else:
-            with dask_client(workers=workers) as client:
+            with dask_client(Cluster(workers=workers)) as client:
                 start_s = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                embed_at_scale(spec, str(ckpt), str(Path(tmp) / "out"), scheduler=client.scheduler.address,
-                               progress=False)
+                embed_at_scale(spec, str(ckpt), str(Path(tmp) / "out"), progress=False, cluster=Cluster(scheduler=client.scheduler.address))
                 work_s = time.perf_counter() - t1
             return {"workers": workers, "start_s": start_s, "work_s": work_s}
         return {"workers": 0, "start_s": start_s, "work_s": time.perf_counter() - t0}

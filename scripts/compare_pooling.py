@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from aether.infer.spec import EmbedOptions
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -28,14 +30,13 @@ def main() -> None:
 
     import rasterio
 
-    from aether.model.projector import AetherEmbedder
     from aether.infer.pipeline import embed_raster
+    from aether.model.projector import Projector
 
     maps = {}
     with tempfile.TemporaryDirectory() as tmp:
         for pooling in ("window", "pixel"):
-            out = embed_raster(args.ae_tif, args.ckpt, str(Path(tmp) / f"{pooling}.tif"), pooling=pooling,
-                               dtype="float32", precision="fp32", device="cpu", progress=False)
+            out = embed_raster(args.ae_tif, args.ckpt, str(Path(tmp) / f"{pooling}.tif"), progress=False, options=EmbedOptions(pooling=pooling, dtype="float32", precision="fp32", device="cpu"))
             with rasterio.open(out) as src:
                 maps[pooling] = src.read().reshape(src.count, -1).T
     valid = np.isfinite(maps["window"]).all(axis=1) & np.isfinite(maps["pixel"]).all(axis=1)
@@ -46,7 +47,7 @@ def main() -> None:
           f"1st / 5th / 50th / 95th percentile {pct[0]:.3f} / {pct[1]:.3f} / {pct[2]:.3f} / {pct[3]:.3f}")
     queries = [q.strip() for q in Path(args.queries).read_text(encoding="utf-8").splitlines()
                if q.strip() and not q.startswith("#")]
-    texts = AetherEmbedder(args.ckpt, device="cpu", precision="fp32").embed_texts(queries)
+    texts = Projector(args.ckpt, device="cpu", precision="fp32").embed_texts(queries)
     top = max(1, len(window) // 100)
     for query, t in zip(queries, texts):
         best = [set(np.argpartition(-(m @ t), top)[:top]) for m in (window, pixel)]

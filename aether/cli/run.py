@@ -1,40 +1,43 @@
-"""Command-line plumbing shared by the entry points: one line and exit code 2 for user errors."""
+"""How every command runs: the process set up as a program owning it sets it up, and the one-line
+errors and exit codes users see (2 for bad input, 128 + N for a clean stop on signal N)."""
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
+import os
 import sys
 from typing import Callable
 
-from aether.core.log import is_main_process
-from aether.core.errors import AetherError
-
-
-class Interrupted(Exception):
-    """A run that stopped cleanly on a signal after saving its work.
-
-    The message says where the work is and how to continue; the exit code is 128 plus the
-    signal number (130 for SIGINT, 143 for SIGTERM), as shells report a signal.
-    """
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
+from aether.core.errors import AetherError, Interrupted
+from aether.core.log import show_messages
+from aether.core.ranks import is_main
+from aether.core.runtime import keep_tile_buffers
+from aether.geo import gdal
 
 FIXES = {errno.ENOSPC: "free some space or write elsewhere", errno.ENAMETOOLONG: "choose a shorter name"}
 
 
-def run(main: Callable[[], object]) -> None:
-    """Run `main`; an AetherError becomes 'error: ...' on stderr and exit code 2, a clean stop
-    on a signal its message and 128 + the signal number. Under torchrun every process exits so,
-    rank 0 alone printing the line (the ranks meet the same errors, or share them first)."""
-    say = is_main_process()
-    # GDAL's messages reach Python's logging through rasterio; its failures that matter come back as
-    # exceptions, which become the one line below, so its log lines would only be noise before it
+def setup_process() -> None:
+    """What a command does to its process before any work, and the library never does on import:
+    GDAL's settings for remote reads, the malloc settings for tile-sized arrays, the library's
+    messages shown on stdout (rank 0 alone under torchrun), and GDAL's own log lines silenced
+    (its failures that matter come back as exceptions, which become one line)."""
+    gdal.configure()
+    keep_tile_buffers()
+    show_messages()
     logging.getLogger("rasterio").addHandler(logging.NullHandler())
     logging.getLogger("rasterio").propagate = False
+
+
+def run(main: Callable[[], object]) -> None:
+    """Set up the process and run `main`; an AetherError becomes 'error: ...' on stderr and exit
+    code 2, a clean stop on a signal its message and 128 + the signal number. Under torchrun every
+    process exits so, rank 0 alone printing the line (the ranks meet the same errors, or share
+    them first)."""
+    say = is_main()
     try:
+        setup_process()
         main()
     except AetherError as exc:
         if say:
@@ -56,3 +59,25 @@ def run(main: Callable[[], object]) -> None:
         if say:
             print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def launcher(script: str) -> list[str]:
+    """The words that start this command again, for a message that says how to resume: `python
+    SCRIPT`, `aether COMMAND`, or under torchrun `torchrun --nproc_per_node=N SCRIPT`."""
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}", sys.argv[0]]
+    return script.split()
+
+
+def command(add_arguments: Callable[[argparse.ArgumentParser], None],
+            run_command: Callable[[argparse.Namespace, list[str]], object], description: str,
+            script: str) -> Callable[[list[str] | None], None]:
+    """A command's `main(argv)`: its arguments parsed (`add_arguments`), then `run_command(args,
+    launcher)` under `run`. `script` is how the top-level script is started (python train.py)."""
+    def main(argv: list[str] | None = None) -> None:
+        parser = argparse.ArgumentParser(description=description)
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+        run(lambda: run_command(args, launcher(script)))
+
+    return main

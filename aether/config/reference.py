@@ -11,14 +11,25 @@ import os
 from typing import Callable
 
 from aether.core.errors import AetherError, shown
+from aether.geo.alphaearth import PIXEL_M  # the reference's pixel radii are counted in these
 
-NATIVE_PIXEL_M = 10.0  # AlphaEarth's pixel: the reference's pixel radii are counted in these
 REFERENCE_ETA_MIN_RATIO = 0.01  # the reference's default when train.eta_min_ratio is absent
 # What the reference's train.py uses for a key its config leaves out (its getattr defaults).
 REFERENCE_DEFAULTS = {"aug_pix_radius": 2, "hidden_dim": 256, "out_dim": 128, "lambda": 0.0, "lr": 5e-4,
                       "weight_decay": 1e-4, "tau_xt": 0.07, "tau_img": 0.07, "betas": [0.9, 0.999]}
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0  # the reference clips its logit scales 1 / tau to [1, 100]
 
+# Every key the reference's schema has, by section (what `translate_config` reads or passes over).
+REFERENCE_SCHEMA = {
+    "data": {"poi_path", "aef_tif", "crs", "feat_mode", "pix_radius", "aug_pix_radius", "split_seed", "val_ratio",
+             "test_ratio"},
+    "text": {"backend", "hf_model", "openai_model", "emb_dim", "batch_size"},
+    "model": {"ae_type", "text_type", "suffix", "layers", "hidden_dim", "out_dim", "lambda", "lr", "weight_decay",
+              "tau_xt", "tau_img", "betas"},
+    "train": {"device", "batch_size", "epochs", "eta_min_ratio", "num_workers"},
+    "eval": {"topk"},
+    "logging": {"ckpt_path", "run_dir", "cache_dir", "save_every", "save_last", "print_val_ii_sims"},
+}
 # Keys only the reference's schema has: one of them marks a config as the reference's.
 _MARKERS = {"data": {"poi_path", "aef_tif", "pix_radius", "aug_pix_radius", "feat_mode", "split_seed", "val_ratio",
                      "test_ratio", "crs"},
@@ -45,12 +56,12 @@ def clipped_temperature(tau: float) -> float:
 
 def radius_m(pix_radius: int) -> float:
     """Ground radius of the reference's (2r+1) x (2r+1) window of 10 m pixels: r = 4 is 45 m."""
-    return (pix_radius + 0.5) * NATIVE_PIXEL_M
+    return (pix_radius + 0.5) * PIXEL_M
 
 
 def window_text(pix_radius: int) -> str:
     side = 2 * pix_radius + 1
-    return f"{side} x {side} pixels of {NATIVE_PIXEL_M:g} m"
+    return f"{side} x {side} pixels of {PIXEL_M:g} m"
 
 
 def run_folder_name(raw: dict) -> str:

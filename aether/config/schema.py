@@ -1,304 +1,253 @@
-"""The training configuration: one YAML file, validated before any heavy work.
+"""The training configuration's schema, declared with pydantic: every key's type, default, range
+and meaning, in one place (the config reference in docs/config.md is generated from it).
 
-Every key has a type and a default here; an unknown key, a wrong type, a value out
-of range or a missing input file is an AetherError naming the key.
+Values are strict (a YAML string is not a number, true is not 1); a range or cross-key rule is
+a validator whose message becomes the one line a user reads ("config train.epochs: must be >= 1,
+got 0"), through `validate_config`, which turns pydantic's errors into an AetherError naming the
+key, the first one only.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import math
 import string
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Annotated, Any, Callable
 
-import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-from aether.core.log import log
-from aether.core.errors import AetherError, first_line, shown
-from aether.data.poi import DEFAULT_TEMPLATE, template_fields
-from aether.geo.raster import is_remote
-from aether.config.reference import is_reference_config, translate_config
-from aether.geo.tiles import expand_tiles, is_tile_set
-
-
-@dataclass
-class DataConfig:
-    ae_tif: str = "data/AE/helsinki_standin_ae_int8.tif"
-    poi: str = "data/poi/helsinki_poi.geojson"
-    n_bands: int = 64
-    id_column: str = "osm_id"
-    description_column: str = "description"
-    template: str = DEFAULT_TEMPLATE
-    lon_column: str = "lon"
-    lat_column: str = "lat"
-    poi_crs: str | None = None
-    base_radius_m: float = 45.0
-    aug_radius_m: float = 95.0
-    val_fraction: float = 0.2
-    val_block_m: float = 250.0
-
-
-@dataclass
-class TextConfig:
-    backend: str = "sentence-transformers"
-    model: str = "all-MiniLM-L6-v2"
-    dimensions: int | None = None
-    base_url: str | None = None
-    batch_size: int = 64
-    max_retries: int = 6
-    request_timeout_s: float = 60.0
-    device: str = "auto"
-    cache_dir: str = "data/cache"
-
-
-@dataclass
-class ModelConfig:
-    arch: str = "aether"  # aether: the paper's projectors; mlp: a GELU MLP on both sides (aether.model.architectures)
-    latent_dim: int = 128
-    hidden_dim: int = 256
-    dropout: float = 0.5
-    gate: bool = True  # aether: the AE shortcut is scaled by a learned sigmoid gate
-
-
-@dataclass
-class LossConfig:
-    lam: float = 0.2
-    temperature: float = 0.07  # of the AE-POI term (the reference's tau_xt)
-    ae_ae_temperature: float | None = None  # of the AE-AE term (tau_img); null: loss.temperature
-    learn_temperature: bool = False
-    min_temperature: float = 0.01
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's
-    warmup_epochs: int = 1
-    min_lr_ratio: float = 0.0  # the cosine schedule ends at this x lr (the reference's eta_min_ratio)
-    seed: int = 0
-    device: str = "auto"
-    run_dir: str = "ckpts/helsinki"
-    init_from: str | None = None  # a checkpoint (either format) whose projectors training starts from
-
-
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
+from aether.core.errors import AetherError, shown
+from aether.text.templates import DEFAULT_TEMPLATE, template_fields
 
 ARCHS = ("aether", "mlp")  # the architectures aether.model.architectures builds
 MAX_WIDTH = 16384  # model.latent_dim and hidden_dim: a 16,384-wide layer is already 1 GiB of fp32 weights
-_BACKENDS = ("sentence-transformers", "openai")
-_DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("sentence-transformers", "openai")
+DEVICES = ("auto", "cpu", "cuda")
+SECTIONS = ("data", "text", "model", "loss", "train")
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), check_files: bool = True) -> Config:
-    """Read a YAML config, apply `section.key=value` overrides, validate, resolve paths.
+def rule(holds: Callable[[Any], bool], message: str) -> AfterValidator:
+    """A key's rule: `holds(value)`, else `message` (with {value} filled in, as `shown` quotes it)."""
+    def check(value):
+        if not holds(value):
+            raise PydanticCustomError("aether", message.replace("{value}", "{shown}"), {"shown": shown(value)})
+        return value
 
-    Relative paths are taken from the config file's folder.
-    """
-    raw: dict = {}
-    base = Path.cwd()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise AetherError(f"config file {path} does not exist")
+    return AfterValidator(check)
+
+
+def _yaml_float(value):
+    """YAML 1.1 reads 1e-4 (no decimal point) as text: such text is the number it spells."""
+    if isinstance(value, str):
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:  # ValueError: an int of > 4,300 digits
-            raise AetherError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
-        if not isinstance(raw, dict):
-            raise AetherError(f"config file {path} must hold a mapping of sections (data, text, model, loss, train)")
-        if is_reference_config(raw):
-            log(f"config {path} is in the reference code's schema (inwind0212/AETHER); it reads as:")
-            raw = translate_config(raw, say=lambda line: log(f"  {line}"))
-        base = path.resolve().parent
-    for item in overrides:
-        _apply_override(raw, item)
-    cfg = _build(Config, raw, "")
-    _validate(cfg)
-    _resolve_paths(cfg, base)
-    if check_files:
-        for key in ("ae_tif", "poi"):
-            value = getattr(cfg.data, key)
-            if key == "ae_tif" and is_tile_set(value):
-                expand_tiles(value, "config data.ae_tif: tile")  # refuses an empty or unreadable set
-            elif not is_remote(value) and not Path(value).exists():
-                raise AetherError(f"config data.{key}: file {value} does not exist")
-        if cfg.train.init_from is not None and not Path(cfg.train.init_from).is_file():
-            raise AetherError(f"config train.init_from: checkpoint {cfg.train.init_from} does not exist")
-    return cfg
-
-
-def config_from_dict(raw: dict) -> Config:
-    """Rebuild a Config saved in a checkpoint (already resolved)."""
-    cfg = _build(Config, raw, "")
-    _validate(cfg)
-    return cfg
-
-
-class _OverrideText(str):
-    """An override's text, with its YAML reading: a key that takes text gets the text as typed
-    (so `data.template={name}` stays a string), other keys get the parsed value."""
-
-    parsed: object
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    key, sep, value = item.partition("=")
-    if not sep or "." not in key:
-        raise AetherError(f"override {shown(item)} must look like section.key=value, e.g. train.epochs=3")
-    section, _, name = key.strip().partition(".")
-    parsed = _OverrideText(value.strip())
-    try:
-        parsed.parsed = yaml.safe_load(value)
-    except (yaml.YAMLError, ValueError):
-        parsed.parsed = value.strip()
-    if not isinstance(raw.setdefault(section, {}), dict):
-        raise AetherError(f"config section {shown(section)} must be a mapping")
-    raw[section][name] = parsed
-
-
-def _build(cls, raw, prefix: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise AetherError(f"config {prefix.rstrip('.') or 'file'} must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            name = key if isinstance(key, str) else shown(key)
-            name = name if len(name) <= 80 else name[:80] + "..."
-            close = difflib.get_close_matches(name, list(fields), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
-            raise AetherError(f"config: unknown key {prefix}{name}{hint}")
-    values = {}
-    for name, f in fields.items():
-        if name not in raw:
-            continue
-        typ = hints[name]
-        if dataclasses.is_dataclass(typ):
-            values[name] = _build(typ, raw[name], f"{prefix}{name}.")
-        else:
-            values[name] = _coerce(raw[name], typ, f"{prefix}{name}")
-    return cls(**values)
-
-
-def _coerce(value, typ, key: str):
-    if typing.get_origin(typ) is list:
-        if isinstance(value, _OverrideText):
-            value = value.parsed
-        if not isinstance(value, (list, tuple)):
-            raise AetherError(f"config {key}: expected a list, got {shown(value)}")
-        item = typing.get_args(typ)[0]
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    allowed = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else (typ,)
-    if isinstance(value, _OverrideText):
-        value = str(value) if str in allowed and value.parsed is not None else value.parsed
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _finite(float(value), key)
-        if t is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no decimal point) as text
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-            else:
-                return _finite(number, key)
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        except ValueError:
             return value
-        if t in (str, bool) and isinstance(value, t):
-            return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise AetherError(f"config {key}: expected {names}, got {shown(value)}")
-
-
-def _finite(value: float, key: str) -> float:
-    """A float setting, refused when it is not finite (inf or nan: no setting means that)."""
-    if not math.isfinite(value):
-        raise AetherError(f"config {key}: must be a finite number, got {value}")
     return value
 
 
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise AetherError(f"config {key}: {message}")
+Number = Annotated[float, BeforeValidator(_yaml_float)]
 
 
-def _validate(cfg: Config) -> None:
-    d, t, m, lo, tr = cfg.data, cfg.text, cfg.model, cfg.loss, cfg.train
-    _check(d.n_bands >= 1, "data.n_bands", f"must be at least 1, got {d.n_bands}")
-    _check(d.base_radius_m >= 0, "data.base_radius_m", f"must be >= 0 metres, got {d.base_radius_m}")
-    _check(d.aug_radius_m >= d.base_radius_m, "data.aug_radius_m",
-           f"must be >= data.base_radius_m ({d.base_radius_m}), got {d.aug_radius_m}")
-    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction",
-           f"must be in [0, 1) (0: no validation), got {d.val_fraction}")
-    _check(d.val_block_m > 0, "data.val_block_m", f"must be > 0 metres, got {d.val_block_m}")
+def one_of(choices: tuple[str, ...]) -> AfterValidator:
+    return rule(lambda v: v in choices, f"must be one of {', '.join(choices)}, got {{value}}")
+
+
+def _check_template(template: str) -> str:
     try:
-        list(string.Formatter().parse(d.template))  # malformed braces raise ValueError here
-        fields = template_fields(d.template)  # refuses widths that would fill memory, before format() tries them
-        d.template.format(**{k: "x" for k in fields})
+        list(string.Formatter().parse(template))  # malformed braces raise ValueError here
+        fields = template_fields(template)  # refuses widths that would fill memory, before format() tries them
+        template.format(**{k: "x" for k in fields})
     except (ValueError, KeyError, IndexError) as exc:
-        raise AetherError(f"config data.template: not a valid template ({exc})") from None
+        raise PydanticCustomError("aether", "not a valid template ({error})", {"error": str(exc)}) from None
     except AetherError as exc:
-        raise AetherError(f"config data.template: {exc}") from None
-    _check(t.backend in _BACKENDS, "text.backend", f"must be one of {', '.join(_BACKENDS)}, got {shown(t.backend)}")
-    _check(t.dimensions is None or t.dimensions > 0, "text.dimensions", f"must be > 0 or null, got {t.dimensions}")
-    _check(t.dimensions is None or t.backend == "openai", "text.dimensions",
-           "applies to the openai backend only; set it to null")
-    _check(t.batch_size >= 1, "text.batch_size", f"must be >= 1, got {t.batch_size}")
-    _check(t.max_retries >= 0, "text.max_retries", f"must be >= 0, got {t.max_retries}")
-    _check(t.request_timeout_s > 0, "text.request_timeout_s", f"must be > 0 seconds, got {t.request_timeout_s}")
-    _check(t.device in _DEVICES, "text.device", f"must be one of {', '.join(_DEVICES)}, got {shown(t.device)}")
-    _check(m.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {shown(m.arch)}")
-    _check(1 <= m.latent_dim <= MAX_WIDTH, "model.latent_dim", f"must be in [1, {MAX_WIDTH:,}], got {shown(m.latent_dim)}")
-    _check(1 <= m.hidden_dim <= MAX_WIDTH, "model.hidden_dim", f"must be in [1, {MAX_WIDTH:,}], got {shown(m.hidden_dim)}")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    _check(0.0 <= lo.lam <= 1.0, "loss.lam", f"lambda must be in [0, 1], got {lo.lam}")
-    _check(lo.temperature > 0, "loss.temperature", f"must be > 0, got {lo.temperature}")
-    _check(lo.ae_ae_temperature is None or lo.ae_ae_temperature > 0, "loss.ae_ae_temperature",
-           f"must be > 0 or null (null: loss.temperature), got {lo.ae_ae_temperature}")
-    lowest = min(lo.temperature, lo.ae_ae_temperature or lo.temperature)
-    _check(0 < lo.min_temperature <= lowest, "loss.min_temperature",
-           f"must be in (0, {lowest:g}] (the lowest temperature), got {lo.min_temperature}")
-    _check(tr.epochs >= 1, "train.epochs", f"must be >= 1, got {tr.epochs}")
-    _check(0 <= tr.seed <= 2**32 - 1, "train.seed", f"must be in [0, 2**32 - 1] (NumPy's seeds), got {shown(tr.seed)}")
-    _check(tr.batch_size >= 2, "train.batch_size", f"must be >= 2 (a contrastive batch needs negatives), got {tr.batch_size}")
-    _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
-    _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
-    _check(len(tr.betas) == 2 and all(0.0 <= b < 1.0 for b in tr.betas), "train.betas",
-           f"must be two numbers in [0, 1), got {shown(tr.betas)}")
-    _check(0.0 <= tr.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {tr.min_lr_ratio}")
-    _check(tr.warmup_epochs >= 0, "train.warmup_epochs", f"must be >= 0, got {tr.warmup_epochs}")
-    _check(tr.device in _DEVICES, "train.device", f"must be one of {', '.join(_DEVICES)}, got {shown(tr.device)}")
+        raise PydanticCustomError("aether", "{error}", {"error": str(exc)}) from None
+    return template
 
 
-def _resolve_paths(cfg: Config, base: Path) -> None:
-    def resolve(p: str) -> str:
-        return str(p if Path(p).is_absolute() or is_remote(p) else (base / p))
+def _cross(key: str, message: str) -> PydanticCustomError:
+    """A rule between keys of one section, reported on `key`."""
+    return PydanticCustomError("aether_key", message, {"key": key})
 
-    cfg.data.ae_tif = resolve(cfg.data.ae_tif)
-    cfg.data.poi = resolve(cfg.data.poi)
-    cfg.text.cache_dir = resolve(cfg.text.cache_dir)
-    cfg.train.run_dir = resolve(cfg.train.run_dir)
-    if cfg.train.init_from is not None:
-        cfg.train.init_from = resolve(cfg.train.init_from)
-    # A text model given as a local folder is resolved too; a hub name is left alone.
-    if (base / cfg.text.model).exists():
-        cfg.text.model = resolve(cfg.text.model)
+
+class _Section(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class DataConfig(_Section):
+    ae_tif: str = Field("data/AE/helsinki_standin_ae_int8.tif",
+                        description="AlphaEarth raster (GeoTIFF, VRT or URL), or a set of tiles (a glob or .txt list)")
+    poi: str = Field("data/poi/helsinki_poi.geojson", description="POI file (GeoJSON, GeoPackage, GeoParquet, "
+                                                                 "Shapefile, or CSV with lon/lat)")
+    n_bands: Annotated[int, rule(lambda v: v >= 1, "must be at least 1, got {value}")] = Field(
+        64, description="bands of the AlphaEarth raster")
+    id_column: str = Field("osm_id", description="POI id column")
+    description_column: str = Field("description", description="POI text column (else the template is used)")
+    template: Annotated[str, AfterValidator(_check_template)] = Field(
+        DEFAULT_TEMPLATE, description="text for POIs without a description, from their columns")
+    lon_column: str = Field("lon", description="CSV longitude column")
+    lat_column: str = Field("lat", description="CSV latitude column")
+    poi_crs: str | None = Field(None, description="CRS of a CSV's coordinates (null: degrees, EPSG:4326)")
+    base_radius_m: Annotated[Number, rule(lambda v: v >= 0, "must be >= 0 metres, got {value}")] = Field(
+        45.0, description="ground radius of the base view's window (45 m: 9 x 9 pixels of 10 m)")
+    aug_radius_m: Number = Field(95.0, description="ground radius of the augmented view's window, >= base_radius_m")
+    val_fraction: Annotated[Number, rule(lambda v: 0.0 <= v < 1.0,
+                                         "must be in [0, 1) (0: no validation), got {value}")] = Field(
+        0.2, description="share of POIs held out for validation, in spatial blocks")
+    val_block_m: Annotated[Number, rule(lambda v: v > 0, "must be > 0 metres, got {value}")] = Field(
+        250.0, description="side of the spatial blocks the validation split holds out whole")
+
+    @model_validator(mode="after")
+    def _windows(self):
+        if self.aug_radius_m < self.base_radius_m:
+            raise _cross("aug_radius_m", f"must be >= data.base_radius_m ({self.base_radius_m}), got "
+                                         f"{self.aug_radius_m}")
+        return self
+
+
+class TextConfig(_Section):
+    backend: Annotated[str, one_of(BACKENDS)] = Field("sentence-transformers", description="text encoder backend")
+    model: str = Field("all-MiniLM-L6-v2", description="text model (the packaged MiniLM works offline)")
+    dimensions: Annotated[int | None, rule(lambda v: v is None or v > 0, "must be > 0 or null, got {value}")] = Field(
+        None, description="openai only: the embedding size asked for")
+    base_url: str | None = Field(None, description="openai only: another OpenAI-compatible endpoint")
+    batch_size: Annotated[int, rule(lambda v: v >= 1, "must be >= 1, got {value}")] = Field(
+        64, description="texts encoded per batch")
+    max_retries: Annotated[int, rule(lambda v: v >= 0, "must be >= 0, got {value}")] = Field(
+        6, description="openai only: retries of a failed request (the client's own, with backoff)")
+    request_timeout_s: Annotated[Number, rule(lambda v: v > 0, "must be > 0 seconds, got {value}")] = Field(
+        60.0, description="openai only: seconds a request may take")
+    device: Annotated[str, one_of(DEVICES)] = Field("auto", description="where sentence-transformers runs")
+    cache_dir: str = Field("data/cache", description="folder of the on-disk text embedding cache")
+
+    @model_validator(mode="after")
+    def _openai_only(self):
+        if self.dimensions is not None and self.backend != "openai":
+            raise _cross("dimensions", "applies to the openai backend only; set it to null")
+        return self
+
+
+class ModelConfig(_Section):
+    arch: Annotated[str, one_of(ARCHS)] = Field(
+        "aether", description="aether: the paper's projectors; mlp: a GELU MLP on both sides")
+    latent_dim: Annotated[int, rule(lambda v: 1 <= v <= MAX_WIDTH, f"must be in [1, {MAX_WIDTH:,}], got {{value}}")] \
+        = Field(128, description="size of the shared latent space (AETHER raster bands)")
+    hidden_dim: Annotated[int, rule(lambda v: 1 <= v <= MAX_WIDTH, f"must be in [1, {MAX_WIDTH:,}], got {{value}}")] \
+        = Field(256, description="hidden width of the MLPs")
+    dropout: Annotated[Number, rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1), got {value}")] = Field(
+        0.5, description="dropout in the MLPs")
+    gate: bool = Field(True, description="aether: the AE shortcut is scaled by a learned sigmoid gate")
+
+
+class LossConfig(_Section):
+    lam: Annotated[Number, rule(lambda v: 0.0 <= v <= 1.0, "lambda must be in [0, 1], got {value}")] = Field(
+        0.2, description="lambda: weight of the AE-AE term (1 - lambda: the AE-POI term)")
+    temperature: Annotated[Number, rule(lambda v: v > 0, "must be > 0, got {value}")] = Field(
+        0.07, description="temperature of the AE-POI term (the reference's tau_xt)")
+    ae_ae_temperature: Annotated[Number | None, rule(
+        lambda v: v is None or v > 0, "must be > 0 or null (null: loss.temperature), got {value}")] = Field(
+        None, description="temperature of the AE-AE term (the reference's tau_img); null: loss.temperature")
+    learn_temperature: bool = Field(False, description="learn both temperatures")
+    min_temperature: Number = Field(0.01, description="a learned temperature's floor")
+
+    @model_validator(mode="after")
+    def _floor(self):
+        lowest = min(self.temperature, self.ae_ae_temperature or self.temperature)
+        if not 0 < self.min_temperature <= lowest:
+            raise _cross("min_temperature", f"must be in (0, {lowest:g}] (the lowest temperature), got "
+                                            f"{self.min_temperature}")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: Annotated[int, rule(lambda v: v >= 1, "must be >= 1, got {value}")] = Field(10, description="epochs")
+    batch_size: Annotated[int, rule(lambda v: v >= 2, "must be >= 2 (a contrastive batch needs negatives), got "
+                                                      "{value}")] = Field(
+        256, description="the global batch (under torchrun, shared among the processes)")
+    lr: Annotated[Number, rule(lambda v: v > 0, "must be > 0, got {value}")] = Field(1e-3, description="AdamW's rate")
+    weight_decay: Annotated[Number, rule(lambda v: v >= 0, "must be >= 0, got {value}")] = Field(
+        0.1, description="AdamW's weight decay")
+    betas: Annotated[list[Number], rule(lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v),
+                                        "must be two numbers in [0, 1), got {value}")] = Field(
+        default_factory=lambda: [0.9, 0.999], description="AdamW's betas")
+    warmup_epochs: Annotated[int, rule(lambda v: v >= 0, "must be >= 0, got {value}")] = Field(
+        1, description="epochs of linear warmup before the cosine schedule")
+    min_lr_ratio: Annotated[Number, rule(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1], got {value}")] = Field(
+        0.0, description="the cosine schedule ends at this x lr (the reference's eta_min_ratio)")
+    seed: Annotated[int, rule(lambda v: 0 <= v <= 2**32 - 1, "must be in [0, 2**32 - 1] (NumPy's seeds), got "
+                                                             "{value}")] = Field(
+        0, description="seeds the split, the initialisation and the shuffles")
+    device: Annotated[str, one_of(DEVICES)] = Field("auto", description="auto: CUDA when present, else the CPU")
+    run_dir: str = Field("ckpts/helsinki", description="folder of best.pt, last.pt and metrics.jsonl")
+    init_from: str | None = Field(None, description="a checkpoint (either format) whose projectors training "
+                                                    "starts from")
+
+
+class Config(BaseModel):
+    """The whole configuration: one section per part of the work."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+
+def validate_config(raw: dict) -> Config:
+    """The Config `raw` describes, or an AetherError naming the first key that is wrong and why."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        raise AetherError(_message(first)) from None
+
+
+def _message(error: dict) -> str:
+    loc, kind, value = error["loc"], error["type"], error.get("input")
+    path = ".".join(str(part) for part in loc if not isinstance(part, int))
+    key = path + "".join(f"[{part}]" for part in loc if isinstance(part, int))
+    if kind == "extra_forbidden":
+        *section, name = [str(part) for part in loc]
+        known = list(_model_at(section).model_fields)
+        prefix = "".join(f"{s}." for s in section)
+        name = name if len(name) <= 80 else name[:80] + "..."
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(known)})"
+        return f"config: unknown key {prefix}{name}{hint}"
+    if kind == "model_type":
+        return f"config {key or 'file'} must be a mapping, got {type(value).__name__}"
+    if kind == "aether":
+        return f"config {key}: {error['msg']}"
+    if kind == "aether_key":
+        return f"config {key}.{error['ctx']['key']}: {error['msg']}"
+    if kind == "finite_number" or (isinstance(value, float) and not math.isfinite(value)):
+        return f"config {key}: must be a finite number, got {value}"
+    if kind == "list_type":
+        return f"config {key}: expected a list, got {shown(value)}"
+    return f"config {key}: expected {_type_names(loc)}, got {shown(value)}"
+
+
+def _model_at(section: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = Config
+    for name in section:
+        model = model.model_fields[name].annotation
+    return model
+
+
+def _type_names(loc: tuple) -> str:
+    """What a key takes, as messages say it: int, float, bool, str, or 'int or null'."""
+    names = [str(part) for part in loc if not isinstance(part, int)]
+    annotation = _model_at(names[:-1]).model_fields[names[-1]].annotation
+    text = str(annotation) if not isinstance(annotation, type) else annotation.__name__
+    if isinstance(loc[-1], int):  # an item of a list
+        text = text.split("[", 1)[-1].rstrip("]")
+    for old, new in (("typing.", ""), ("Annotated[", ""), ("<class '", ""), ("'>", ""), (" | None", " or null"),
+                     ("NoneType", "null")):
+        text = text.replace(old, new)
+    return text.split(",")[0].strip()

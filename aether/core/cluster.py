@@ -8,64 +8,90 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from aether.core.log import log
-from aether.model.devices import usable_cores
-from aether.core.errors import AetherError, first_line
+from aether.core.errors import AetherError, first_line, install_hint
+from aether.core.runtime import keep_tile_buffers, usable_cores
+
+logger = logging.getLogger(__name__)
 
 
-def check_cluster_args(workers: int | None, scheduler: str | None) -> None:
-    if workers is not None and scheduler is not None:
-        raise AetherError("give --workers (a local Dask cluster) or --scheduler (an existing one), not both")
-    if workers is not None and workers < 1:
-        raise AetherError(f"--workers must be 1 or more, got {workers}")
-    if workers is not None and workers > usable_cores():
-        raise AetherError(f"--workers {workers} is more worker processes than the {usable_cores()} cores this process "
-                          f"may use; give at most {usable_cores()} (more machines: --scheduler with a Dask cluster)")
-    if scheduler is not None and "://" not in scheduler:
-        raise AetherError(f"--scheduler must be a Dask scheduler address such as tcp://HOST:8786, got {scheduler!r}")
+@dataclass(frozen=True)
+class Cluster:
+    """Where tasks run: `workers` local Dask worker processes, or the existing Dask cluster at
+    `scheduler` (tcp://HOST:PORT); neither: one after another in this process."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.workers is not None or self.scheduler is not None
+
+    def check(self) -> Cluster:
+        """Refuse, before any work, a cluster that cannot be asked for; returns itself."""
+        workers, scheduler = self.workers, self.scheduler
+        if workers is not None and scheduler is not None:
+            raise AetherError("give --workers (a local Dask cluster) or --scheduler (an existing one), not both")
+        if workers is not None and workers < 1:
+            raise AetherError(f"--workers must be 1 or more, got {workers}")
+        if workers is not None and workers > usable_cores():
+            raise AetherError(f"--workers {workers} is more worker processes than the {usable_cores()} cores this "
+                              f"process may use; give at most {usable_cores()} (more machines: --scheduler with a "
+                              f"Dask cluster)")
+        if scheduler is not None and "://" not in scheduler:
+            raise AetherError(f"--scheduler must be a Dask scheduler address such as tcp://HOST:8786, got "
+                              f"{scheduler!r}")
+        return self
 
 
 @contextmanager
-def dask_client(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
-    """A dask.distributed Client for `scheduler` (tcp://HOST:PORT), or for a new local cluster of
+def dask_client(cluster: Cluster | None = None) -> Iterator[Any]:
+    """A dask.distributed Client for the cluster's scheduler, or for a new local cluster of its
     `workers` processes with one task each (PyTorch and GDAL threads split the cores between
-    them); None when neither is given, and tasks then run in this process."""
-    check_cluster_args(workers, scheduler)
-    if workers is None and scheduler is None:
+    them); None when no cluster is given, and tasks then run in this process."""
+    cluster = (cluster or Cluster()).check()
+    if not cluster.given:
         yield None
         return
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise AetherError("Dask is not installed: pip install 'dask[distributed]'") from None
-    if scheduler is not None:
+        raise AetherError(f"Dask is not installed: {install_hint('dask')}") from None
+    if cluster.scheduler is not None:
         try:
-            client = Client(scheduler, timeout="20s")
+            client = Client(cluster.scheduler, timeout="20s")
         except (OSError, TimeoutError) as exc:
-            raise AetherError(f"cannot reach Dask scheduler {scheduler}: {exc}") from None
+            raise AetherError(f"cannot reach Dask scheduler {cluster.scheduler}: {exc}") from None
         n = len(client.scheduler_info().get("workers", {}))
-        log(f"Dask: scheduler {scheduler} with {n} workers")
+        logger.info(f"Dask: scheduler {cluster.scheduler} with {n} workers")
         try:
             yield client
         finally:
             client.close()
         return
-    threads = str(max(1, usable_cores() // workers))
+    threads = str(max(1, usable_cores() // cluster.workers))
     env = {name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     env["GDAL_NUM_THREADS"] = threads
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR, env=env)
-    client = Client(cluster)
-    log(f"Dask: local cluster of {workers} worker processes, {threads} threads each")
+    local = LocalCluster(n_workers=cluster.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                         silence_logs=logging.ERROR, env=env)
+    client = Client(local)
+    logger.info(f"Dask: local cluster of {cluster.workers} worker processes, {threads} threads each")
     try:
         yield client
     finally:
         client.close()
-        cluster.close()
+        local.close()
+
+
+def _in_worker(fn: Callable, *args):
+    """A task as a worker runs it: with the process settings AETHER's command line gives its own
+    process (`aether.core.runtime.keep_tile_buffers`), which a worker's process has not had."""
+    keep_tile_buffers()
+    return fn(*args)
 
 
 def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[float] | None = None,
@@ -88,7 +114,7 @@ def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[fl
             return results
         from distributed import as_completed
 
-        futures = [client.submit(fn, *task, pure=False) for task in tasks]
+        futures = [client.submit(_in_worker, fn, *task, pure=False) for task in tasks]
         index_of = {f.key: i for i, f in enumerate(futures)}
         results = [None] * len(tasks)
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 from aether.core.errors import AetherError
+
+logger = logging.getLogger(__name__)
 
 
 def temp_file_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
@@ -117,11 +120,10 @@ class RunLock:
                 raise AetherError(f"{self.what} is being written by another run ({_holder(holder)}); wait for it "
                                   f"or {self.fix}") from None
             except OSError as exc:  # a file system without locks (some network mounts): go on, and say so
-                from aether.core.log import log
-
+                
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
-                log(f"note: cannot lock {self.path} ({exc.strerror}); make sure no other run writes {self.what}")
+                logger.warning(f"cannot lock {self.path} ({exc.strerror}); make sure no other run writes {self.what}")
                 return self
             try:
                 here, locked = os.stat(self.path), os.fstat(fd)
@@ -219,3 +221,60 @@ def check_inputs_kept(outputs: Iterable[str | Path], inputs: dict[str, str], fix
                 pass
         if what is not None:
             raise AetherError(f"output {out} is {what}; {fix}")
+
+
+def check_output_file(out: Path, inputs: dict[str, str] | None = None, example: str = "output.tif",
+                      suffixes: tuple[str, ...] | None = None, fix: str = "choose another file name") -> None:
+    """Refuse, before any work, an output file path that cannot be written (a folder, a missing or
+    read-only folder, a name too long for the partial files beside it, another suffix than
+    `suffixes`) or that is one of `inputs`, the files the run reads (`check_inputs_kept`)."""
+    out = Path(out)
+    if out.is_dir():
+        raise AetherError(f"output {out} is a folder; give a file name such as {out / example}")
+    if not out.parent.is_dir():
+        raise AetherError(f"output folder {out.parent} does not exist")
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise AetherError(f"output {out} should end in {' or '.join(suffixes)}")
+    if not os.access(out.parent, os.W_OK):
+        raise AetherError(f"output folder {out.parent} is not writable")
+    check_name_length(out)
+    if inputs:
+        check_inputs_kept([out], inputs, fix)
+
+
+PARTIAL_NAME_EXTRA = len(".") + len(".partial.json")  # what the partial files and journal add to a name
+
+
+def check_name_length(out: Path) -> None:
+    """Refuse, before any work, an output name its file system cannot hold with the partial file's
+    additions (`.NAME.partial.json`)."""
+    try:
+        limit = os.pathconf(out.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    length = len(os.fsencode(out.name))
+    if length + PARTIAL_NAME_EXTRA > limit:
+        raise AetherError(f"output name {out.name[:40]}... is {length} bytes long; this file system allows "
+                          f"{limit}, and the run's partial files add {PARTIAL_NAME_EXTRA}: choose a name of at most "
+                          f"{limit - PARTIAL_NAME_EXTRA} bytes")
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created or written."""
+    if out.exists() and not out.is_dir():
+        raise AetherError(f"output {out} is a file; give a folder")
+    if not out.parent.is_dir():
+        raise AetherError(f"folder {out.parent} (holding the output folder) does not exist")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise AetherError(f"output folder {out} is not writable")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse, before any work, a folder that cannot be created or written; create nothing."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise AetherError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AetherError(f"{what}: cannot write to {existing} (permission denied)")

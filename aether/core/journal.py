@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from aether.core.log import log
 from aether.core.errors import AetherError
 from aether.core.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 class OtherWork(AetherError):
@@ -66,7 +68,7 @@ class Journal:
         """Remove `partial` and this journal (a run that failed, or one starting over the output of
         `what`: then saying so if either was there)."""
         if what is not None and (partial.exists() or self.path.exists()):
-            log(f"discarding the partial output of {what} ({partial.name})")
+            logger.info(f"discarding the partial output of {what} ({partial.name})")
         partial.unlink(missing_ok=True)
         self.remove()
 

@@ -1,4 +1,11 @@
-"""glibc malloc settings for tile-sized arrays.
+"""What this process may use, and settings that only the program owning the process applies.
+
+The cores (`usable_cores`, `thread_budget`) are read, never changed. The glibc malloc settings
+for tile-sized arrays (`keep_tile_buffers`) change the whole process, so the library never
+applies them itself: the command line does, and so does each Dask task AETHER runs in a worker
+AETHER started (`aether.core.cluster`).
+
+glibc malloc settings for tile-sized arrays.
 
 Pooling, inference and retrieval allocate and free arrays of a few to tens of MB per chunk or
 tile, over and over. By default glibc maps each such array afresh and the kernel faults its pages
@@ -13,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -33,3 +41,23 @@ def keep_tile_buffers() -> bool:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
                 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), which
+    bounds --workers: local worker processes beyond it only add memory and contention."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def thread_budget() -> int:
+    """The threads this process should keep busy: its share where a launcher gave it one
+    (OMP_NUM_THREADS, which each local Dask worker of `aether.core.cluster` gets: the cores over the
+    workers), else every usable core."""
+    try:
+        share = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        share = 0
+    return min(share, usable_cores()) if share > 0 else usable_cores()

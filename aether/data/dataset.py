@@ -1,19 +1,22 @@
 """The training set: POIs pooled on the AlphaEarth raster, their text embeddings, and a spatial split."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from aether.geo.alphaearth import MAX_ABS_VALUE
 from aether.config.schema import Config
-from aether.core.log import log
 from aether.core.errors import AetherError
 from aether.data.poi import PoiTable, prepare_pois, read_poi_frame
+from aether.geo.alphaearth import MAX_ABS_VALUE
 from aether.geo.pooling import pool_at_scale
 from aether.geo.raster import RasterInfo, metres_per_degree, open_raster
-from aether.text.encoders import EmbeddingCache, TextEncoder, build_text_encoder, encode_texts_on_cluster
 from aether.geo.tiles import expand_tiles
+from aether.text.cache import EmbeddingCache, encode_texts_on_cluster, encode_texts_sharded
+from aether.text.encoders import TextEncoder, build_text_encoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +68,24 @@ def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction
     return np.isin(block_of, chosen)
 
 
+def extents(lon: np.ndarray, lat: np.ndarray, infos: list[RasterInfo]) -> str:
+    """Where the points and the rasters lie, in degrees: what a message about points off the raster shows."""
+    from rasterio.warp import transform_bounds
+
+    def box(w, s, e, n) -> str:
+        return f"lon {w:.4f} to {e:.4f}, lat {s:.4f} to {n:.4f}"
+
+    rasters = []
+    for info in infos[:3]:
+        left, top = info.transform.c, info.transform.f
+        right, bottom = info.transform * (info.width, info.height)
+        rasters.append(box(*transform_bounds(info.crs, "EPSG:4326", min(left, right), min(top, bottom),
+                                             max(left, right), max(top, bottom), densify_pts=21)))
+    points = box(np.nanmin(lon), np.nanmin(lat), np.nanmax(lon), np.nanmax(lat)) if len(lon) else "none"
+    more = f" and {len(infos) - 3} more" if len(infos) > 3 else ""
+    return f"the POIs lie at {points}; the raster{'s' if len(infos) > 1 else ''} at {'; '.join(rasters)}{more}"
+
+
 def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True,
                   client=None, min_train_pois: int = 0) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
     """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why.
@@ -90,21 +111,23 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
     pooled = pool_at_scale(infos, pois.lon, pois.lat, [cfg.data.base_radius_m, cfg.data.aug_radius_m], client,
                            xy=(pois.x, pois.y), progress=progress)
     if pooled.implausible:
-        log(f"raster {cfg.data.ae_tif}: {pooled.implausible:,} pixels read hold values no AlphaEarth vector has "
+        logger.info(f"raster {cfg.data.ae_tif}: {pooled.implausible:,} pixels read hold values no AlphaEarth vector has "
             f"(beyond +-{MAX_ABS_VALUE:g}, or infinite); they count as nodata")
     outside = ~pooled.inside
     if outside.any():
-        dropped["outside the raster" if len(infos) == 1 else f"outside all {len(infos)} tiles"] = int(outside.sum())
+        where = "outside the raster" if len(infos) == 1 else f"outside all {len(infos)} tiles"
+        dropped[f"{where} ({extents(pois.lon[outside], pois.lat[outside], infos)})"] = int(outside.sum())
     nodata = pooled.inside & ~pooled.valid
     if nodata.any():
         dropped["window all nodata"] = int(nodata.sum())
-    log(f"POIs: {len(frame)} read, {int(pooled.valid.sum())} usable")
+    logger.info(f"POIs: {len(frame)} read, {int(pooled.valid.sum())} usable")
     for reason, count in dropped.items():
-        log(f"dropped {count} POIs: {reason}")
+        logger.info(f"dropped {count} POIs: {reason}")
     keep = pooled.valid
     if keep.sum() == 0:
         raise AetherError(f"no usable POIs: none of {len(frame)} in {cfg.data.poi} has text and a valid window "
-                          f"on raster {cfg.data.ae_tif} (do they overlap? check both CRSs)")
+                          f"on raster {cfg.data.ae_tif} ({extents(pois.lon, pois.lat, infos)}; swapped longitude "
+                          f"and latitude, or another CRS?)")
     pois = pois.subset(keep)
     is_val = spatial_split(pois.lon, pois.lat, cfg.data.val_block_m, cfg.data.val_fraction, cfg.train.seed)
     n_train = int((~is_val).sum())
@@ -116,15 +139,13 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
         if client is not None:
             text, n_encoded = encode_texts_on_cluster(client, encoder, pois.texts, cache, cfg.text.batch_size, progress)
         else:
-            from aether.train.distributed import encode_texts_sharded  # imports torch: here, not at the top
-
             text, n_encoded = encode_texts_sharded(encoder, pois.texts, cache, cfg.text.batch_size, progress)
     finally:
         cache.close()
     n_unique = len(set(pois.texts))
     if n_encoded == 0:
-        log(f"text: all {n_unique} unique descriptions came from the cache ({cfg.text.cache_dir}); nothing encoded")
+        logger.info(f"text: all {n_unique} unique descriptions came from the cache ({cfg.text.cache_dir}); nothing encoded")
     else:
-        log(f"text: encoded {n_encoded} of {n_unique} unique descriptions with {encoder.identity['model']}")
+        logger.info(f"text: encoded {n_encoded} of {n_unique} unique descriptions with {encoder.identity['model']}")
     dataset = PoiDataset(pois, pooled.views[0][keep], pooled.views[1][keep], text, is_val)
     return dataset, info, encoder

@@ -19,11 +19,10 @@ from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-from aether.geo.alphaearth import N_BANDS, NODATA_INT8, band_names, dequantize, quantize
 from aether.core.errors import AetherError
+from aether.geo.alphaearth import N_BANDS, NODATA_INT8, PIXEL_M, band_names, dequantize, quantize
 
 CRS = "EPSG:32635"  # UTM 35N covers Helsinki (24-30 E)
-PIXEL_M = 10
 SUBPIXELS = 5  # layers are rasterized at PIXEL_M / SUBPIXELS = 2 m, then averaged
 TILE_PX = 256
 MARGIN_M = 200

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 N_BANDS = 64
+PIXEL_M = 10.0  # the product's pixel: 10 m on the ground, in each tile's UTM zone
 NODATA_INT8 = -128
 QUANT_SCALE = 127.5
 INT16_SCALE = 32767.0  # AETHER's own int16 output (not an AlphaEarth format): value = q / 32767

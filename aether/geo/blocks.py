@@ -37,7 +37,7 @@ _TYPE_CODE = {2: "H", 4: "I", 8: "Q"}
 
 
 def create_sparse(path: Path, profile: dict, descriptions: list[str], tags: dict[str, str]) -> None:
-    """A GeoTIFF of `profile` (tiled, ZSTD, pixel-interleaved: `aether.geo.raster.geotiff_layout`)
+    """A GeoTIFF of `profile` (tiled, ZSTD, pixel-interleaved: `aether.geo.layout.geotiff_layout`)
     with no block written: every block reads as nodata until `BlockFile` writes it."""
     options = {k: v for k, v in profile.items() if k != "num_threads"}
     with rasterio.open(path, "w", sparse_ok=True, **options) as dst:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import rasterio
+from rasterio.warp import transform as warp_transform
 from tqdm.auto import tqdm
 
-from aether.core.runtime import keep_tile_buffers
+from aether.core.cluster import run_tasks
 from aether.geo.raster import BlockCache, RasterInfo, invalid_pixels
+from aether.geo.tiles import route_points
 
 _INT8_MAX_SQUARE = 127 * 127
 
@@ -53,7 +55,6 @@ def pool_points(
     `lat_deg` (the points' latitudes) matters only for a geographic CRS, where a
     window's size in degrees depends on latitude; it defaults to y there.
     """
-    keep_tile_buffers()
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n = len(x)
@@ -264,11 +265,6 @@ def pool_at_scale(infos: list[RasterInfo], lon: np.ndarray, lat: np.ndarray, rad
     holds whole chunks of one tile, so every chunk's summed-area table is the one a
     single-process run builds, and the result is the same bit for bit.
     """
-    from rasterio.warp import transform as warp_transform
-
-    from aether.core.cluster import run_tasks
-    from aether.geo.tiles import route_points
-
     lon = np.asarray(lon, dtype=np.float64)
     lat = np.asarray(lat, dtype=np.float64)
     n, channels = len(lon), infos[0].count

@@ -6,11 +6,9 @@ or bottom-up rows, and VRT mosaics.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import rasterio
@@ -18,8 +16,9 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from aether.geo.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, N_BANDS, dequantize, dequantize_int16
 from aether.core.errors import AetherError, first_line
+from aether.geo.alphaearth import MAX_ABS_VALUE, N_BANDS, NODATA_INT8, NODATA_INT16, dequantize, dequantize_int16
+from aether.geo.gdal import gdal_path, is_remote, remote_hint
 
 MAX_WINDOW_HALF_PX = 1024  # a window made from metres spans at most this many pixels each way (2,049 across)
 
@@ -173,88 +172,6 @@ def ground_distances_m(x0: float, y0: float, x: np.ndarray, y: np.ndarray, geogr
     return np.hypot((x - x0) * m_lon, (y - y0) * m_lat)
 
 
-# Opening a remote file must not list its "folder" (a bucket can hold thousands of tiles).
-os.environ.setdefault("GDAL_DISABLE_READDIR_ON_OPEN", "EMPTY_DIR")
-# A server that accepts a connection and never answers must not hang a run: each HTTP request gives
-# up after these seconds and is retried a few times, then the read fails with one line. The
-# environment overrides them (e.g. GDAL_HTTP_TIMEOUT=120 for a slow link).
-HTTP_DEFAULTS = {"GDAL_HTTP_CONNECTTIMEOUT": "30", "GDAL_HTTP_TIMEOUT": "30", "GDAL_HTTP_MAX_RETRY": "3",
-                 "GDAL_HTTP_RETRY_DELAY": "1"}
-for _name, _value in HTTP_DEFAULTS.items():
-    os.environ.setdefault(_name, _value)
-_OBJECT_STORES = (("s3://", "/vsis3/"), ("gs://", "/vsigs/"))
-_NETWORK_MARKERS = ("http://", "https://", "s3://", "gs://", "/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls",
-                    "/vsioss", "/vsiswift", "/vsiwebhdfs")
-
-
-def is_remote(path: str) -> bool:
-    """A URL or a GDAL virtual file system path (/vsicurl/, /vsis3/, /vsigs/, ...)."""
-    return str(path).startswith(("/vsi", "http://", "https://", "s3://", "gs://"))
-
-
-def remote_hint(path: str) -> str:
-    """For a remote raster, what an error message adds: how long GDAL waited, and how to wait longer."""
-    if not any(marker in str(path) for marker in _NETWORK_MARKERS):
-        return ""
-    return (f" (each request waits up to GDAL_HTTP_TIMEOUT = {os.environ.get('GDAL_HTTP_TIMEOUT')} s and is retried "
-            f"GDAL_HTTP_MAX_RETRY = {os.environ.get('GDAL_HTTP_MAX_RETRY')} times; set them in the environment for a "
-            f"slow server)")
-
-
-def gdal_path(path: str) -> str:
-    """The name GDAL opens: http(s):// URLs become /vsicurl/ paths and s3:// and gs:// URLs /vsis3/
-    and /vsigs/ paths, which read only the byte ranges (COG blocks) that are needed; anything else
-    is unchanged."""
-    path = str(path)
-    if path.startswith(("http://", "https://")):
-        return "/vsicurl/" + path
-    for prefix, vsi in _OBJECT_STORES:
-        if path.startswith(prefix):
-            return vsi + path[len(prefix):]
-    return path
-
-
-ZSTD_LEVEL = 1  # of the GeoTIFFs AETHER writes
-OUTPUT_BLOCK_PX = 256
-
-
-def geotiff_layout(dtype: str, block_px: int) -> dict:
-    """How AETHER lays out the GeoTIFFs it writes (rasterio creation options): square tiled blocks,
-    ZSTD level 1 (several times faster than DEFLATE for the same size on embedding data, which
-    barely compresses), pixel-interleaved, BigTIFF when needed, and a predictor where it pays:
-    the floating-point one for float32, horizontal differencing for int16 (whose low bits follow
-    the smooth window means)."""
-    layout = dict(tiled=True, blockxsize=block_px, blockysize=block_px, compress="zstd",
-                  zstd_level=ZSTD_LEVEL, interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
-    if dtype != "int8":
-        layout["predictor"] = {"float32": 3, "int16": 2}.get(dtype, 1)
-    return layout
-
-
-def output_block_px(tile_px: int) -> int:
-    """The largest GeoTIFF block side (a multiple of 16, at most 512) that divides the tile side."""
-    if tile_px % OUTPUT_BLOCK_PX == 0:
-        return OUTPUT_BLOCK_PX
-    return next(b for b in range(min(tile_px, 512), 15, -16) if tile_px % b == 0)
-
-
-def raster_tag(path: Path, name: str) -> str | None:
-    """The tag `name` of the raster file at `path`, or None (no such tag, file or raster)."""
-    if not Path(path).is_file():
-        return None
-    try:
-        with rasterio.open(path) as src:
-            return src.tags().get(name)
-    except rasterio.errors.RasterioIOError:
-        return None
-
-
-def local_absolute(path: str) -> str:
-    """A local path made absolute (a Dask worker or a VRT elsewhere may have another working
-    folder); URLs and /vsi paths unchanged."""
-    return str(path) if is_remote(path) else os.path.abspath(path)
-
-
 def raster_files(path: str) -> list[str]:
     """The local files that reading the raster `path` reads, resolved (real paths), the raster's
     own first: for a VRT also its sources, followed through VRTs of VRTs (GDAL lists one level).
@@ -281,63 +198,6 @@ def raster_files(path: str) -> list[str]:
             except rasterio.errors.RasterioIOError:
                 continue
     return list(found)
-
-
-def content_identity(path: str) -> dict[str, str]:
-    """What a run reads from the raster `path`, by content, so that a resume can tell whether it
-    changed: for each local file it reads (`raster_files`: the raster, and a VRT's sources) the
-    SHA-256 of its bytes (a file replaced by another of the same size and time differs); for an
-    http(s) raster its ETag or Last-Modified; for other remote rasters (/vsis3/, /vsigs/, ...)
-    the stored sizes of its blocks."""
-    files = raster_files(path)
-    if files:
-        identity = {}
-        for name in files:
-            try:
-                with open(name, "rb") as f:
-                    identity[name] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-            except OSError as exc:
-                identity[name] = f"unreadable: {exc.strerror}"
-        return identity
-    return {str(path): remote_identity(str(path))}
-
-
-def remote_identity(path: str) -> str:
-    """An identity of a remote raster's content: ETag or Last-Modified from an HTTP HEAD for
-    http(s) URLs, else (or when the host gives neither) `block_sizes_identity`."""
-    url = path[len("/vsicurl/"):] if path.startswith("/vsicurl/") else path
-    if url.startswith(("http://", "https://")):
-        import urllib.error
-
-        from aether.core.http import request
-
-        try:
-            with request(url, method="HEAD") as answer:
-                for header in ("ETag", "Last-Modified"):
-                    if answer.headers.get(header):
-                        return f"{header}: {answer.headers[header]}"
-        except urllib.error.HTTPError:
-            pass  # a host that refuses HEAD: the blocks tell
-    return block_sizes_identity(path)
-
-
-def block_sizes_identity(path: str) -> str:
-    """A digest of a raster's shape and its blocks' stored sizes: cheap (the file's header and block
-    index), and for a compressed raster (AlphaEarth's tiles) it changes with the content."""
-    digest = hashlib.sha256()
-    try:
-        with rasterio.open(gdal_path(path)) as src:
-            bands = range(1, src.count + 1) if src.interleaving == rasterio.enums.Interleaving.band else [1]
-            rows = -(-src.height // src.block_shapes[0][0])
-            cols = -(-src.width // src.block_shapes[0][1])
-            digest.update(f"{src.width} {src.height} {src.count} {src.dtypes[0]} {src.transform}".encode())
-            for b in bands:
-                for i in range(rows):
-                    for j in range(cols):
-                        digest.update(src.block_size(b, i, j).to_bytes(8, "little"))
-    except (rasterio.errors.RasterioError, ValueError) as exc:
-        raise AetherError(f"cannot read raster {path}: {first_line(exc)}{remote_hint(path)}") from None
-    return "block sizes sha256:" + digest.hexdigest()
 
 
 def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
@@ -514,7 +374,3 @@ class BlockCache:
         self.units.clear()
 
 
-def output_dtypes() -> list[str]:
-    """The AETHER output types this rasterio's GDAL can write: int8, int16 and float32 always,
-    float16 from GDAL 3.11."""
-    return ["int8", "int16", *(["float16"] if rasterio.dtypes.check_dtype("float16") else []), "float32"]

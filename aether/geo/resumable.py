@@ -11,6 +11,7 @@ removes what it started itself.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -18,11 +19,12 @@ from typing import Callable
 import numpy as np
 import rasterio
 
-from aether.geo.blocks import CheckpointedBlocks
-from aether.core.log import log
 from aether.core.errors import AetherError, first_line
 from aether.core.files import raise_if_disk_full
 from aether.core.journal import Journal, OtherWork, partial_paths
+from aether.geo.blocks import CheckpointedBlocks
+
+logger = logging.getLogger(__name__)
 
 
 class ResumableOutput:
@@ -58,10 +60,10 @@ class ResumableOutput:
                 done, recorded = self.journal.load(self.partial)
                 resume = True
             except OtherWork as exc:
-                log(f"the interrupted run of {self.out.name} had other {', '.join(exc.changed)}: starting over")
+                logger.info(f"the interrupted run of {self.out.name} had other {', '.join(exc.changed)}: starting over")
                 resume = False
             except AetherError as exc:
-                log(f"{first_line(exc).split(';')[0]}: starting over")
+                logger.info(f"{first_line(exc).split(';')[0]}: starting over")
                 resume = False
         elif resume:
             done, recorded = self.journal.load(self.partial)
@@ -69,7 +71,7 @@ class ResumableOutput:
             try:
                 self.blocks = self._open(done, recorded)
             except (AetherError, rasterio.errors.RasterioIOError, OSError) as exc:
-                log(f"the partial output {self.partial.name} is damaged ({first_line(exc)}): starting over")
+                logger.info(f"the partial output {self.partial.name} is damaged ({first_line(exc)}): starting over")
                 done, resume = set(), False
         if not resume:
             self.journal.discard(self.partial, other)
@@ -85,7 +87,7 @@ class ResumableOutput:
         self.resumed = True
         damaged = self.blocks.damaged()
         if damaged:
-            log(f"{len(damaged)} of the {len(done) + len(damaged)} finished {self.what} failed their check in "
+            logger.info(f"{len(damaged)} of the {len(done) + len(damaged)} finished {self.what} failed their check in "
                 f"{self.partial.name} (the file was cut short or changed since it was written): they are done again")
         return self.blocks.done
 
@@ -111,7 +113,7 @@ class ResumableOutput:
         os.replace(self.partial, self.out)
         self.journal.remove()
         if replaced:
-            log(f"replaced the earlier {self.out}")
+            logger.info(f"replaced the earlier {self.out}")
         return self.out
 
     def __enter__(self) -> "ResumableOutput":

@@ -21,7 +21,9 @@ import numpy as np
 
 from aether.core.errors import AetherError
 from aether.core.files import atomic_write_text, temp_file_beside
-from aether.geo.raster import RasterInfo, gdal_path, geotiff_layout, is_remote, local_absolute
+from aether.geo.gdal import gdal_path, is_remote, local_absolute
+from aether.geo.layout import geotiff_layout
+from aether.geo.raster import RasterInfo, raster_files
 
 LIST_SUFFIXES = (".txt", ".lst")
 GDAL_CACHE_MB = 64  # joining bands: blocks pass through, they are not kept
@@ -240,3 +242,22 @@ def join_bands(parts: list[str], out: Path, tags: dict | None = None, finish=Non
     finally:
         vrt.unlink(missing_ok=True)
     return out
+
+
+def input_files(rasters: list[str], ckpt: str | None = None, tile_set: str | None = None) -> dict[str, str]:
+    """Every local file a run reads, and what it is (for a refusal): each raster and the files
+    behind it (`raster_files`: VRT sources, through VRTs of VRTs), the list naming the set of tiles
+    `tile_set` (the rasters are then its tiles), and the checkpoint."""
+    files = {}
+    if ckpt is not None:
+        files[ckpt] = "the checkpoint"
+    if tile_set is not None and Path(tile_set).suffix.lower() in LIST_SUFFIXES:
+        files[tile_set] = "the list of input tiles"
+    for raster in rasters:
+        found = raster_files(raster)
+        if not found:  # a URL: no local file
+            continue
+        files.setdefault(found[0], "the input raster" if tile_set is None else f"an input tile (of {tile_set})")
+        for path in found[1:]:
+            files.setdefault(path, f"read through the input raster {raster} (a VRT source)")
+    return files

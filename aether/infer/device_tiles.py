@@ -1,7 +1,7 @@
 """The per-tile work of raster inference on a torch device: pooling, projection, quantization.
 
-`DeviceTileComputer.block` computes what `aether.infer.pipeline.PooledTileReader.block` computes, with
-torch on the embedder's device, so that on a CUDA GPU a tile goes up once (the file's codes, with
+`DeviceTileComputer.block` computes what `aether.infer.reader.PooledTileReader.block` computes, with
+torch on the projector's device, so that on a CUDA GPU a tile goes up once (the file's codes, with
 its halo) and comes down once (the output block), and nothing in between touches the host. The
 same code runs on a CPU, where the host is the device.
 
@@ -23,29 +23,32 @@ import threading
 import numpy as np
 import torch
 
-from aether.geo.alphaearth import (MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16, dequantize_int16_torch_, dequantize_torch_,
-                               signed_squares_torch_)
-from aether.model.projector import AetherEmbedder, encode_latent
-from aether.core.errors import AetherError
+from aether.geo.alphaearth import (
+    MAX_ABS_VALUE,
+    NODATA_INT8,
+    NODATA_INT16,
+    dequantize_int16_torch_,
+    dequantize_torch_,
+    signed_squares_torch_,
+)
 from aether.geo.pooling import _INT8_MAX_SQUARE
 from aether.geo.raster import RasterInfo
+from aether.infer.spec import NODATA, STRIP_PX, check_pooling
+from aether.model.projector import Projector, encode_latent
 
 CUDA_STRIP_PX = 1 << 18  # pixels pooled at a time on a GPU: a few hundred MiB of int32 tables, twice that in float64
 
 
 class DeviceTileComputer:
     """Pools, projects and quantizes tiles (as `PooledTileReader.produce` yields them) on
-    `embedder.device`, `strip_px` pixels at a time (default: `CUDA_STRIP_PX` on a GPU,
-    aether.infer.pipeline.STRIP_PX on a CPU), so device memory is bounded by the strip and the tile.
+    `projector.device`, `strip_px` pixels at a time (default: `CUDA_STRIP_PX` on a GPU,
+    aether.infer.spec.STRIP_PX on a CPU), so device memory is bounded by the strip and the tile.
     `block` may be called from several threads at once: on a GPU each thread has its own stream."""
 
-    def __init__(self, embedder: AetherEmbedder, info: RasterInfo, pooling: str, strip_px: int | None = None):
-        from aether.infer.pipeline import NODATA, POOLINGS, STRIP_PX  # deferred: aether.infer.pipeline may import this module
-
-        if pooling not in POOLINGS:
-            raise AetherError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        self.embedder, self.info, self.pooling = embedder, info, pooling
-        self.device = embedder.device
+    def __init__(self, projector: Projector, info: RasterInfo, pooling: str, strip_px: int | None = None):
+        check_pooling(pooling)
+        self.projector, self.info, self.pooling = projector, info, pooling
+        self.device = projector.device
         self.strip_px = strip_px or (CUDA_STRIP_PX if self.device.type == "cuda" else STRIP_PX)
         self.nodata = NODATA
         self._thread = threading.local()  # each calling thread's lane to the device
@@ -60,7 +63,7 @@ class DeviceTileComputer:
         lane = self._lane()
         with lane.active():
             tile = lane.upload(bands)
-            out = torch.empty((height * width, self.embedder.latent_dim), dtype=getattr(torch, dtype),
+            out = torch.empty((height * width, self.projector.latent_dim), dtype=getattr(torch, dtype),
                               device=self.device)
             step = max(1, self.strip_px // width)
             for start in range(0, height, step):
@@ -128,9 +131,9 @@ class DeviceTileComputer:
     def _project_into(self, means: torch.Tensor, valid: torch.Tensor, dtype: str, out: torch.Tensor) -> None:
         """The (n, C) means projected and encoded in `dtype` into `out` (n, latent), nodata where not
         valid, `batch_px` at a time (on a CPU, a batch's latents stay in cache until encoded)."""
-        batch_px = self.embedder.batch_px
+        batch_px = self.projector.batch_px
         for start in range(0, len(means), batch_px):
-            latent = self.embedder.project_on_device(means[start:start + batch_px])
+            latent = self.projector.project_on_device(means[start:start + batch_px])
             out[start:start + batch_px] = encode_latent(latent, dtype)
         out.masked_fill_(~valid[:, None], self.nodata[dtype])
 

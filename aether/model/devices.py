@@ -1,6 +1,6 @@
-"""Where work runs: the torch device a name picks, the precision that is fast there, and the cores
-this process may use. (How inference spreads over them is aether.infer.pipeline.tile_workers; the
-CUDA-specific details of its tile path are aether.infer.device_tiles'.)"""
+"""Where a model runs: the torch device a name picks and the precision that is fast there. (The
+cores this process may use are `aether.core.runtime`'s; how inference spreads over them is
+`aether.infer.pipeline.tile_workers`.)"""
 from __future__ import annotations
 
 import os
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from aether.train import distributed
 from aether.core.errors import AetherError
+from aether.core.ranks import launched, local_rank
 
 
 def pick_device(name: str) -> torch.device:
@@ -18,33 +18,13 @@ def pick_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise AetherError("device cuda was asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
-    if name == "cuda" and distributed.launched():
+    if name == "cuda" and launched():
         n_local, n_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
         if n_gpus < n_local:
             raise AetherError(f"torchrun started {n_local} processes on this machine but PyTorch sees {n_gpus} "
                               f"CUDA GPUs (one each); use --nproc_per_node {n_gpus} or set train.device=cpu")
-        return torch.device("cuda", distributed.local_rank())
+        return torch.device("cuda", local_rank())
     return torch.device(name)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and taskset narrow), which
-    bounds --workers: local worker processes beyond it only add memory and contention."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
-def thread_budget() -> int:
-    """The threads this process should keep busy: its share where a launcher gave it one
-    (OMP_NUM_THREADS, which each local Dask worker of `aether.core.cluster` gets: the cores over the
-    workers), else every usable core."""
-    try:
-        share = int(os.environ.get("OMP_NUM_THREADS", ""))
-    except ValueError:
-        share = 0
-    return min(share, usable_cores()) if share > 0 else usable_cores()
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+KS = (1, 5, 10)  # the k of Recall@k that training logs and evaluation reports
+
 
 def recall_at_k(query: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
     """Fraction of queries whose own row of `target` (row i for query i) ranks in the top k.

@@ -1,6 +1,7 @@
-"""The trained AE projector with its input facts: `AetherEmbedder` embeds vectors, points,
-in-memory arrays and free texts, and is what inference, retrieval and evaluation project with.
-A checkpoint of either format (aether.model.checkpoint) is taken."""
+"""A checkpoint's trained projectors on a device: `Projector` turns AlphaEarth vectors into AETHER
+vectors (and text embeddings into the same space) with the device, precision and batching that
+are fast there, in reused buffers. What inference, retrieval and evaluation project with; the
+plain functions built on it (points, arrays, free texts, raster checks) are `aether.model.embed`'s."""
 from __future__ import annotations
 
 import functools
@@ -11,45 +12,47 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aether.geo.alphaearth import quantize_int16_torch, quantize_torch
-from aether.model.checkpoint import load_checkpoint, model_from_checkpoint, model_identity
-from aether.model.devices import pick_device, resolve_precision
 from aether.core.errors import AetherError
 from aether.core.files import file_sha256
-from aether.geo.pooling import pool_points, window_means
-from aether.geo.raster import RasterInfo, check_window_px, open_raster
 from aether.core.stages import stage
-from aether.text.encoders import TextEncoder, build_text_encoder
+from aether.geo.alphaearth import quantize_int16_torch, quantize_torch
+from aether.model.checkpoint import Checkpoint
+from aether.model.devices import pick_device, resolve_precision
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _ENCODE = {"int8": quantize_torch, "int16": quantize_int16_torch}  # stored integer codes of unit vectors
 
 
-class AetherEmbedder:
-    """The trained AE projector with its input facts, ready to embed vectors, points or arrays."""
+class Projector:
+    """The trained AE and text projectors of a checkpoint (a `Checkpoint`, or the path of one) on
+    `device`, projecting in `precision` (auto: bf16 where it is fast, else fp32), `batch_px`
+    vectors at a time."""
 
-    def __init__(self, ckpt_path: str | Path, device: str = "auto", precision: str = "auto"):
+    def __init__(self, checkpoint: Checkpoint | str | Path, device: str = "auto", precision: str = "auto"):
         if precision not in PRECISIONS:
             raise AetherError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.ckpt_path = str(ckpt_path)
-        self.ckpt = load_checkpoint(ckpt_path)
-        model, self.cfg = model_from_checkpoint(self.ckpt)
+        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.load(checkpoint)
+        model = self.checkpoint.build_model()
         self.device = pick_device(device)
-        self.projector = model.ae.to(self.device).eval()
-        self.text_projector = model.text.to(self.device).eval()
-        self._text_encoder = None
+        self.ae = model.ae.to(self.device).eval()
+        self.text = model.text.to(self.device).eval()
         self._thread = threading.local()  # each calling thread's fused-projector workspace
         self.precision = resolve_precision(precision, self.device)
-        self.n_bands = int(self.ckpt["input"]["n_bands"])
-        self.base_radius_m = float(self.ckpt["input"]["base_radius_m"])
-        self.latent_dim = self.projector.out_dim
-        width = sum(w.shape[1] for w in self.projector.workspace(1, torch.device("cpu"))) + self.latent_dim + self.n_bands
+        self.n_bands = self.checkpoint.n_bands
+        self.base_radius_m = self.checkpoint.base_radius_m
+        self.latent_dim = self.ae.out_dim
+        width = sum(w.shape[1] for w in self.ae.workspace(1, torch.device("cpu"))) + self.latent_dim + self.n_bands
         # CPU: a batch's activations within ~2 MiB of cache, a power of two (1,024 pixels for the
         # mlp model, 512 for aether's wider one: with one PyTorch thread per tile, 10-30% faster
         # than 4,096, and MKL is slower at sizes such as 4,681); GPU: ~256 MiB of activations.
         budget = (256 << 20) if self.device.type == "cuda" else (2 << 20)
         self.batch_px = 1 << int(np.log2(max(256, budget // (4 * width))))
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's file name (for messages and tags)."""
+        return self.checkpoint.path.name if self.checkpoint.path else "<checkpoint in memory>"
 
     def project(self, vectors: np.ndarray) -> np.ndarray:
         """(N, bands) unit vectors -> (N, latent) unit vectors, float32."""
@@ -78,10 +81,10 @@ class AetherEmbedder:
         for start in range(0, n, self.batch_px):
             xb, zb = x[start:start + self.batch_px], out[start:start + self.batch_px]
             if autocast is None:
-                self.projector.forward_into(xb, self._workspace(len(xb)), zb)
+                self.ae.forward_into(xb, self._workspace(len(xb)), zb)
             else:
                 with torch.autocast(self.device.type, dtype=autocast):
-                    z = self.projector.head(xb)
+                    z = self.ae.head(xb)
                 zb.copy_(F.normalize(z.float(), dim=1))
         return out
 
@@ -93,7 +96,7 @@ class AetherEmbedder:
         held = getattr(self._thread, "workspace", None)
         if held is None or held[0] != stream or len(held[1][0]) < n:
             rows = n if held is None or held[0] != stream else max(n, len(held[1][0]))
-            held = (stream, self.projector.workspace(rows, self.device))
+            held = (stream, self.ae.workspace(rows, self.device))
             self._thread.workspace = held
         return held[1]
 
@@ -122,97 +125,25 @@ class AetherEmbedder:
 
     @functools.cached_property
     def ckpt_sha256(self) -> str:
-        """The checkpoint file's SHA-256: the tag that ties an AETHER raster to the model that made it."""
-        return file_sha256(self.ckpt_path)
+        """The checkpoint file's SHA-256: the tag that ties an AETHER raster to the file that made it."""
+        if self.checkpoint.path is None:
+            raise AetherError("a checkpoint built in memory has no file digest; save it and load it from the file")
+        return file_sha256(self.checkpoint.path)
 
     @functools.cached_property
-    def model_identity(self) -> dict[str, str]:
-        """What determines this checkpoint's AETHER vectors, part by part (aether.model.checkpoint.model_identity):
-        the AETHER_MODEL tag that ties an AETHER raster to the model that made it."""
-        return model_identity(self.ckpt)
-
-    @property
-    def text_identity(self) -> dict:
-        """The text encoder the checkpoint was trained with (backend, model, dimensions)."""
-        enc = self.ckpt["text_encoder"]
-        return {"backend": enc["backend"], "model": enc["model"], "dimensions": enc.get("dimensions")}
-
-    def text_encoder(self) -> TextEncoder:
-        """The checkpoint's own text encoder (built once, checked before use)."""
-        if self._text_encoder is None:
-            enc = build_text_encoder(self.text_identity["backend"], self.text_identity["model"],
-                                     self.text_identity["dimensions"], self.cfg.text.base_url,
-                                     max_retries=self.cfg.text.max_retries,
-                                     request_timeout_s=self.cfg.text.request_timeout_s)
-            enc.check()
-            self._text_encoder = enc
-        return self._text_encoder
+    def identity(self) -> dict[str, str]:
+        """What determines this checkpoint's AETHER vectors, part by part (`Checkpoint.identity`): the
+        AETHER_MODEL tag that ties an AETHER raster to the model that made it."""
+        return self.checkpoint.identity()
 
     @torch.no_grad()
-    def embed_texts(self, texts: list[str], encoder: TextEncoder | None = None) -> np.ndarray:
-        """(N, latent) unit vectors for free texts, in the space the AE projector maps into.
-
-        `encoder` defaults to the checkpoint's; any other encoder is refused, because the text
-        projector only understands the embeddings it was trained on.
-        """
-        if encoder is None:
-            encoder = self.text_encoder()
-        elif encoder.identity != self.text_identity:
-            raise AetherError(f"text encoder {encoder.identity['backend']}/{encoder.identity['model']} differs "
-                              f"from the checkpoint's ({self.text_identity['backend']}/"
-                              f"{self.text_identity['model']}); queries must use the encoder it was trained with")
-        if not texts:
-            return np.zeros((0, self.latent_dim), dtype=np.float32)
-        emb = np.asarray(encoder.encode_batch(list(texts)), dtype=np.float32)
-        if emb.shape[1] != self.ckpt["text_encoder"]["dim"]:
-            raise AetherError(f"text encoder gave {emb.shape[1]}-dimensional embeddings; the checkpoint expects "
-                              f"{self.ckpt['text_encoder']['dim']}")
-        z = self.text_projector(torch.from_numpy(emb).to(self.device)).float().cpu()
-        return z.numpy()
-
-    def check_raster(self, info: RasterInfo, pooling: str = "window") -> None:
-        """Refuse a raster whose bands or grid do not fit this checkpoint (for window pooling, also one
-        whose pixels are so small that the base window would be too many pixels across)."""
-        if info.count != self.n_bands:
-            raise AetherError(f"raster {info.path} has {info.count} bands but checkpoint {self.ckpt_path} "
-                              f"was trained on {self.n_bands}")
-        lat = info.latitude_range()
-        sx, sy = info.pixel_size_m(lat)
-        if np.max(sx) > 2 * self.base_radius_m + 1e-6 or np.max(sy) > 2 * self.base_radius_m + 1e-6:
-            raise AetherError(f"raster {info.path} has pixels of {float(np.max(sx)):.0f} m, coarser than the "
-                              f"checkpoint's base window ({2 * self.base_radius_m:g} m across)")
-        if pooling == "window":
-            info.check_window(self.base_radius_m, lat, fix="use --pooling pixel (the checkpoint's base radius is "
-                                                           f"{self.base_radius_m:g} m)")
-
-    def embed_points(self, ae_tif: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """AETHER vectors at points (raster CRS), pooled exactly as in training; and their valid mask."""
-        info = open_raster(ae_tif, n_bands=None)
-        self.check_raster(info)
-        pooled = pool_points(info, x, y, [self.base_radius_m])
-        z = self.project(pooled.views[0])
-        z[~pooled.valid] = np.nan
-        return z, pooled.valid
-
-    def embed_array(self, pixels: np.ndarray, valid: np.ndarray | None = None, pixel_size_m: float = 10.0,
-                    pooling: str = "window") -> np.ndarray:
-        """Embed an in-memory (h, w, bands) float array; invalid pixels (or all-nodata windows) are NaN."""
-        pixels = np.asarray(pixels, dtype=np.float32)
-        if valid is None:
-            valid = np.isfinite(pixels).all(axis=-1)
-        data = np.where(valid[..., None], pixels, np.nan).astype(np.float32)
-        info = RasterInfo("<array>", data.shape[1], data.shape[0], data.shape[2], None, None, "float32", None, (0, 0))
-        if pooling == "pixel":
-            means, ok = unit_rows(np.nan_to_num(data)), valid
-        else:
-            check_window_px("the array", self.base_radius_m, pixel_size_m, pixel_size_m, fix="use pooling='pixel'")
-            r = int(np.floor(self.base_radius_m / pixel_size_m + 1e-6))
-            padded = np.pad(data.transpose(2, 0, 1), ((0, 0), (r, r), (r, r)), constant_values=np.nan)
-            rows = np.full(data.shape[0], r)
-            means, ok = window_means(padded, info, rows, rows, r, r)
-        out = np.full(data.shape[:2] + (self.latent_dim,), np.nan, dtype=np.float32)
-        out[ok] = self.project(means[ok])
-        return out
+    def project_texts(self, embeddings: np.ndarray) -> np.ndarray:
+        """(N, text dim) text embeddings -> (N, latent) unit vectors in the space the AE projector maps into."""
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.checkpoint.text.dim:
+            raise AetherError(f"text encoder gave {embeddings.shape[-1]}-dimensional embeddings; the checkpoint "
+                              f"expects {self.checkpoint.text.dim}")
+        return self.text(torch.from_numpy(embeddings).to(self.device)).float().cpu().numpy()
 
 
 def encode_latent(z: torch.Tensor, dtype: str) -> torch.Tensor:

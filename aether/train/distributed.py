@@ -17,7 +17,6 @@ which trains as well but not identically.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,42 +25,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from aether.core.errors import AetherError
-from aether.text.encoders import EmbeddingCache, SentenceTransformerEncoder, TextEncoder, encode_texts, uncached_texts
+from aether.core.collective import (
+    active,
+    barrier,
+    gather_objects,
+    max_over_ranks,
+    raise_if_any_failed,
+    rank,
+    world_size,
+)
+from aether.core.ranks import is_main, launched, local_rank
 
-
-def launched() -> bool:
-    """Whether torchrun (or a launcher that sets the same variables) started this process."""
-    return all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
-
-def active() -> bool:
-    """Whether this process is in a process group."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    """This process's rank: in the process group, or as torchrun numbered it before joining; else 0."""
-    if active():
-        return dist.get_rank()
-    return int(os.environ["RANK"]) if launched() else 0
-
-
-def world_size() -> int:
-    """How many processes train together: the process group's, or torchrun's count before joining; else 1."""
-    if active():
-        return dist.get_world_size()
-    return int(os.environ["WORLD_SIZE"]) if launched() else 1
-
-
-def is_main() -> bool:
-    """Rank 0, or the only process: the one that writes files."""
-    return rank() == 0
-
-
-def local_rank() -> int:
-    """This process's number on its machine (torchrun's LOCAL_RANK), which picks its GPU."""
-    return int(os.environ.get("LOCAL_RANK", 0))
+__all__ = ["active", "barrier", "gather_objects", "gather_rows", "is_main", "launched", "local_rank", "max_over_ranks",
+           "my_rows", "process_group", "raise_if_any_failed", "rank", "seed_own_stream", "shard_sizes", "world_size",
+           "wrap"]
 
 
 @contextlib.contextmanager
@@ -130,69 +107,8 @@ def gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(gathered.split(longest), sizes)])
 
 
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def max_over_ranks(value: int) -> int:
-    """The largest of the ranks' `value`s, on every rank (a stop flag every rank agrees on)."""
-    if not active():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def gather_objects(obj) -> list:
-    """Every rank's `obj` (picklable), in rank order, on every rank."""
-    if not active():
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()
-
-
-def raise_if_any_failed(error: str | None) -> None:
-    """A barrier that fails on every rank when it failed on one: each raises the first failing rank's
-    message, so rank 0 (the one that prints) reports an error another rank met."""
-    failed = [e for e in gather_objects(error) if e is not None]
-    if failed:
-        raise AetherError(failed[0])
-
-
 def seed_own_stream(seed: int) -> None:
     """Give the ranks other than 0 their own torch random stream (dropout masks), seeded from
     (seed, rank), so they draw other masks than rank 0; rank 0 keeps the one-process stream."""
     if rank() > 0:
         torch.manual_seed(int(np.random.SeedSequence([seed, rank()]).generate_state(1)[0]))
-
-
-def encode_texts_sharded(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache, batch_size: int = 64,
-                         progress: bool = True) -> tuple[np.ndarray, int]:
-    """What `encode_texts` returns, with the work split across the ranks of a process group.
-
-    The unique texts not yet in the cache are dealt out to the ranks; each encodes its share (on
-    GPU LOCAL_RANK when a sentence-transformers encoder runs on CUDA) into the one shared cache;
-    after a barrier every rank reads every vector from the cache. Each text is encoded once in all.
-    Without a process group this is `encode_texts`.
-    """
-    if not active():
-        return encode_texts(encoder, texts, cache, batch_size, progress)
-    if (isinstance(encoder, SentenceTransformerEncoder) and encoder.device in ("auto", "cuda")
-            and torch.cuda.device_count() > local_rank()):
-        encoder.device = f"cuda:{local_rank()}"  # not the first GPU for every rank (takes effect before loading)
-    todo = uncached_texts(encoder, texts, cache)
-    barrier()  # every rank has read the same cache before any rank writes to it
-    error = None
-    try:
-        encode_texts(encoder, todo[rank()::world_size()], cache, batch_size, progress and is_main())
-    except AetherError as exc:
-        error = str(exc)
-    raise_if_any_failed(error)
-    vectors, _ = encode_texts(encoder, texts, cache, batch_size, progress=False)  # all cached by now
-    return vectors, len(todo)
