@@ -1,4 +1,5 @@
 """AETHER: align AlphaEarth embeddings with points of interest (Liu et al., arXiv 2510.09894)."""
+
 from aether.core.errors import AetherError
 
 __version__ = "0.1.0"

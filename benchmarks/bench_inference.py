@@ -19,6 +19,7 @@ Targets: on one H200 with 16 cores, >= 10 M px/s end to end at 4096 (or within 1
 I/O floor where that binds), >= 4 M px/s on its 16 cores; host memory < 2 GiB at 4096 and 8192;
 on 2 cores, no slower than the baseline commit in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,11 @@ def checkpoint(arch: str = "aether") -> Path:
         cfg = Config()
         cfg.model.arch = arch
         model = AetherModel.from_config(cfg, 64, 384)
-        identity = {"backend": "sentence-transformers", "model": "sentence-transformers/all-MiniLM-L6-v2",
-                    "dimensions": None}
+        identity = {
+            "backend": "sentence-transformers",
+            "model": "sentence-transformers/all-MiniLM-L6-v2",
+            "dimensions": None,
+        }
         torch.save(make_checkpoint(model, cfg, identity, 384, 0, {}), path)
     return path
 
@@ -77,15 +81,25 @@ def end_to_end(size: int, arch: str, device: str) -> dict:
         from aether.core.stages import measure
     except ImportError:  # a baseline checkout from before stage counting
         import contextlib
+
         measure = contextlib.nullcontext
     with tempfile.TemporaryDirectory(dir=OUT) as tmp:
         cpu0, t0 = process_cpu_s(), time.perf_counter()
         with measure() as stages:
-            out = embed_raster(str(src), str(ckpt), str(Path(tmp) / "out.tif"), progress=False, options=EmbedOptions(device=device))
+            out = embed_raster(
+                str(src), str(ckpt), str(Path(tmp) / "out.tif"), progress=False, options=EmbedOptions(device=device)
+            )
         seconds = time.perf_counter() - t0
-        result = {"size": size, "arch": arch, "seconds": seconds, "px_per_s": size * size / seconds,
-                  "peak_mib": peak_rss_mib(), "cpu_s": process_cpu_s() - cpu0, "stages": dict(stages or {}),
-                  "output_mib": Path(out).stat().st_size / 2**20}
+        result = {
+            "size": size,
+            "arch": arch,
+            "seconds": seconds,
+            "px_per_s": size * size / seconds,
+            "peak_mib": peak_rss_mib(),
+            "cpu_s": process_cpu_s() - cpu0,
+            "stages": dict(stages or {}),
+            "output_mib": Path(out).stat().st_size / 2**20,
+        }
     if torch.cuda.is_available() and device != "cpu":
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -96,8 +110,9 @@ def run_case(size: int, arch: str, device: str, code: Path | None = None) -> dic
     env = dict(os.environ)
     if code is not None:
         env["AETHER_BENCH_CODE"] = str(code)
-    out = subprocess.run([sys.executable, __file__, "--case", str(size), arch, device], capture_output=True,
-                         text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, "--case", str(size), arch, device], capture_output=True, text=True, env=env
+    )
     if out.returncode:
         raise SystemExit(f"the {size} x {size} {arch} case failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -155,17 +170,33 @@ def io_floor(size: int, device: str) -> float:
     projector = Projector(checkpoint("aether"), device="cpu")
     reader = PooledTileReader(info, projector, "window")
     tiles = tile_grid(info, TILE_PX)
-    (_, first), = list(reader.produce(tiles[:1]))
+    ((_, first),) = list(reader.produce(tiles[:1]))
     sample = reader.block(first, "int8")
     with tempfile.TemporaryDirectory(dir=OUT) as tmp, tile_workers(pick_device(device)) as threads:
         path = Path(tmp) / "io.tif"
-        create_sparse(path, dict(driver="GTiff", width=size, height=size, count=128, dtype="int8", nodata=-128,
-                                 crs=info.crs, transform=info.transform, **geotiff_layout("int8", 256)),
-                      [f"E{i:03d}" for i in range(128)], {})
+        create_sparse(
+            path,
+            dict(
+                driver="GTiff",
+                width=size,
+                height=size,
+                count=128,
+                dtype="int8",
+                nodata=-128,
+                crs=info.crs,
+                transform=info.transform,
+                **geotiff_layout("int8", 256),
+            ),
+            [f"E{i:03d}" for i in range(128)],
+            {},
+        )
         out = BlockFile(path, ZSTD_LEVEL, threads.compress)
         t0 = time.perf_counter()
-        run_pipeline(lambda: reader.produce(tiles, threads.read), lambda tile, data: sample[:tile.height, :tile.width],
-                     lambda tile, block: out.write(block, tile.row0, tile.col0))
+        run_pipeline(
+            lambda: reader.produce(tiles, threads.read),
+            lambda tile, data: sample[: tile.height, : tile.width],
+            lambda tile, block: out.write(block, tile.row0, tile.col0),
+        )
         out.close()
         return size * size / (time.perf_counter() - t0)
 
@@ -205,25 +236,37 @@ def main() -> None:
     runs = {}
     for size in args.sizes:
         src = generated_raster(size, noise=SMOOTH_NOISE)
-        print(f"input {size} x {size}: {src.stat().st_size / 2**20:,.0f} MiB ({src.stat().st_size / (size * size * 64):.0%} "
-              f"of its raw size)", flush=True)
+        print(
+            f"input {size} x {size}: {src.stat().st_size / 2**20:,.0f} MiB "
+            f"({src.stat().st_size / (size * size * 64):.0%} of its raw size)",
+            flush=True,
+        )
         for arch in args.archs:
             checkpoint(arch)
             runs[size, arch] = r = run_case(size, arch, args.device)
             gpu = f", GPU memory {r['gpu_peak_mib']:,.0f} MiB" if "gpu_peak_mib" in r else ""
-            print(f"end to end {size} x {size}, {arch}: {r['seconds']:.2f} s, {r['px_per_s']:,.0f} px/s, "
-                  f"peak host memory {r['peak_mib']:,.0f} MiB{gpu}, output {r['output_mib']:,.0f} MiB", flush=True)
+            print(
+                f"end to end {size} x {size}, {arch}: {r['seconds']:.2f} s, {r['px_per_s']:,.0f} px/s, "
+                f"peak host memory {r['peak_mib']:,.0f} MiB{gpu}, output {r['output_mib']:,.0f} MiB",
+                flush=True,
+            )
             print(f"    {stage_line(r)}", flush=True)
             if args.baseline is not None:
                 b = run_case(size, arch, args.device, args.baseline.resolve())
-                print(f"    baseline {args.baseline}: {b['seconds']:.2f} s, {b['px_per_s']:,.0f} px/s, peak "
-                      f"{b['peak_mib']:,.0f} MiB, output {b['output_mib']:,.0f} MiB; this code / baseline: "
-                      f"{r['px_per_s'] / b['px_per_s']:.2f} x", flush=True)
+                print(
+                    f"    baseline {args.baseline}: {b['seconds']:.2f} s, {b['px_per_s']:,.0f} px/s, peak "
+                    f"{b['peak_mib']:,.0f} MiB, output {b['output_mib']:,.0f} MiB; this code / baseline: "
+                    f"{r['px_per_s'] / b['px_per_s']:.2f} x",
+                    flush=True,
+                )
     floors = {}
     for arch in args.archs:
         resident, host = floors[arch] = compute_floor(arch, args.device)
-        print(f"compute floor, {arch} (project + quantize): {resident:,.0f} px/s on device-resident vectors, "
-              f"{host:,.0f} px/s from host arrays", flush=True)
+        print(
+            f"compute floor, {arch} (project + quantize): {resident:,.0f} px/s on device-resident vectors, "
+            f"{host:,.0f} px/s from host arrays",
+            flush=True,
+        )
     for size in args.sizes:
         io = io_floor(size, args.device)
         print(f"I/O floor {size} x {size} (decode, compress and write with the pipeline's threads): {io:,.0f} px/s")

@@ -8,6 +8,7 @@ raster. Each case runs in a fresh process so its peak memory is its own.
 
 Targets (2 cores): >= 100,000 POIs/s at both radii, within 20% of each other, peak < 2 GiB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ def one_case(path: str, size: int, points: int, base_m: float, aug_m: float) -> 
     pooled = pool_points(info, x, y, [base_m, aug_m])
     seconds = time.perf_counter() - t0
     assert pooled.valid.all()
-    return {"base_m": base_m, "aug_m": aug_m, "seconds": seconds, "pois_per_s": points / seconds,
-            "peak_mib": peak_rss_mib()}
+    return {
+        "base_m": base_m,
+        "aug_m": aug_m,
+        "seconds": seconds,
+        "pois_per_s": points / seconds,
+        "peak_mib": peak_rss_mib(),
+    }
 
 
 def read_floor(path: str, size: int) -> float:
@@ -63,16 +69,35 @@ def main() -> None:
         print(json.dumps(one_case(str(path), args.size, args.points, *args.case)))
         return
     print(f"machine: {machine()}")
-    print(f"raster: {path.name}, {args.size} x {args.size} x 64 int8, {path.stat().st_size / 2**20:.0f} MiB; "
-          f"{args.points:,} POIs")
+    print(
+        f"raster: {path.name}, {args.size} x {args.size} x 64 int8, {path.stat().st_size / 2**20:.0f} MiB; "
+        f"{args.points:,} POIs"
+    )
     results = []
     for base_m, aug_m in ((45.0, 95.0), (500.0, 550.0)):
-        out = subprocess.run([sys.executable, __file__, "--size", str(args.size), "--points", str(args.points),
-                              "--case", str(base_m), str(aug_m)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--size",
+                str(args.size),
+                "--points",
+                str(args.points),
+                "--case",
+                str(base_m),
+                str(aug_m),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
         results.append(r)
-        print(f"radius {base_m:g} m (views {base_m:g} m + {aug_m:g} m): {r['seconds']:.2f} s, "
-              f"{r['pois_per_s']:,.0f} POIs/s, peak memory {r['peak_mib']:.0f} MiB", flush=True)
+        print(
+            f"radius {base_m:g} m (views {base_m:g} m + {aug_m:g} m): {r['seconds']:.2f} s, "
+            f"{r['pois_per_s']:,.0f} POIs/s, peak memory {r['peak_mib']:.0f} MiB",
+            flush=True,
+        )
     a, b = (r["pois_per_s"] for r in results)
     print(f"radius 500 m vs 45 m speed: {b / a:.2f} x")
     floor = read_floor(str(path), args.size)

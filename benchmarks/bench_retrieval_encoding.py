@@ -11,6 +11,7 @@ pixel, and the file size.
 
 Target: top-10 agreement >= 9/10 and score error <= 0.001 for the recommended stored type.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import machine  # noqa: E402
 
-QUERIES = ["quiet cafes near water", "a park with trees", "a shopping street with many shops", "a school",
-           "a parking lot", "a supermarket", "a church", "a restaurant"]
+QUERIES = [
+    "quiet cafes near water",
+    "a park with trees",
+    "a shopping street with many shops",
+    "a school",
+    "a parking lot",
+    "a supermarket",
+    "a church",
+    "a restaurant",
+]
 
 
 def main() -> None:
@@ -58,14 +67,20 @@ def main() -> None:
     options = dict(device="cpu", precision="fp32", progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        reference = retrieve(queries, args.ckpt, str(tmp / "fly"), ae_tif=args.ae_tif, **options, options=SearchOptions(heatmaps=False))
+        reference = retrieve(
+            queries, args.ckpt, str(tmp / "fly"), ae_tif=args.ae_tif, **options, options=SearchOptions(heatmaps=False)
+        )
         ref_maps = []
         for result in reference:
             with rasterio.open(result.tif) as src:
                 ref_maps.append(src.read(1))
         for dtype in [d for d in ("int8", "int16", "float32") if d in available_dtypes()]:
-            emb = embed_raster(args.ae_tif, args.ckpt, str(tmp / f"aether_{dtype}.tif"), **options, options=EmbedOptions(dtype=dtype))
-            results = retrieve(queries, args.ckpt, str(tmp / dtype), emb_tif=str(emb), **options, options=SearchOptions(heatmaps=False))
+            emb = embed_raster(
+                args.ae_tif, args.ckpt, str(tmp / f"aether_{dtype}.tif"), **options, options=EmbedOptions(dtype=dtype)
+            )
+            results = retrieve(
+                queries, args.ckpt, str(tmp / dtype), emb_tif=str(emb), **options, options=SearchOptions(heatmaps=False)
+            )
             same, near, errors = [], [], []
             for result, ref, ref_map in zip(results, reference, ref_maps):
                 a = np.array([(h["row"], h["col"]) for h in ref.hits], dtype=float)
@@ -76,8 +91,10 @@ def main() -> None:
                 with rasterio.open(result.tif) as src:
                     errors.append(float(np.nanmax(np.abs(src.read(1) - ref_map))))
             size_mb = Path(emb).stat().st_size / 1e6
-            print(f"{dtype:>7}: top-10 places equal to on the fly {min(same)}-{max(same)} of 10 (per query: {same}), "
-                  f"within 10 m {min(near)}-{max(near)}; largest score error {max(errors):.5f}; file {size_mb:.1f} MB")
+            print(
+                f"{dtype:>7}: top-10 places equal to on the fly {min(same)}-{max(same)} of 10 (per query: {same}), "
+                f"within 10 m {min(near)}-{max(near)}; largest score error {max(errors):.5f}; file {size_mb:.1f} MB"
+            )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ cluster start-up time, and an estimate for a country-sized set of full 8192 x 81
 60 tiles is a country the size of Finland (338,000 km^2; one 8192 x 8192 tile at 10 m covers
 82 x 82 km, and tiles of neighbouring UTM zones overlap).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,13 @@ def run(spec: str, ckpt: Path, workers: int | None) -> dict:
             with dask_client(Cluster(workers=workers)) as client:
                 start_s = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                embed_at_scale(spec, str(ckpt), str(Path(tmp) / "out"), progress=False, cluster=Cluster(scheduler=client.scheduler.address))
+                embed_at_scale(
+                    spec,
+                    str(ckpt),
+                    str(Path(tmp) / "out"),
+                    progress=False,
+                    cluster=Cluster(scheduler=client.scheduler.address),
+                )
                 work_s = time.perf_counter() - t1
             return {"workers": workers, "start_s": start_s, "work_s": work_s}
         return {"workers": 0, "start_s": start_s, "work_s": time.perf_counter() - t0}
@@ -68,8 +75,12 @@ def run(spec: str, ckpt: Path, workers: int | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--country-tiles", type=int, default=60,
-                        help="full 8192 x 8192 tiles in the country-sized estimate (default 60, about Finland)")
+    parser.add_argument(
+        "--country-tiles",
+        type=int,
+        default=60,
+        help="full 8192 x 8192 tiles in the country-sized estimate (default 60, about Finland)",
+    )
     args = parser.parse_args()
     from bench_inference import checkpoint
 
@@ -78,22 +89,28 @@ def main() -> None:
     ckpt = checkpoint()
     n_px = len(paths) * TILE_W * TILE_H
     print(f"machine: {machine()}")
-    print(f"{len(paths)} tiles of {TILE_W} x {TILE_H} px x 64 bands (int8), {n_px / 1e6:.1f} Mpx in all; "
-          f"default options (window pooling, int8 output)")
+    print(
+        f"{len(paths)} tiles of {TILE_W} x {TILE_H} px x 64 bands (int8), {n_px / 1e6:.1f} Mpx in all; "
+        f"default options (window pooling, int8 output)"
+    )
     results = [run(spec, ckpt, None)] + [run(spec, ckpt, w) for w in args.workers]
     for r in results:
         label = "no Dask (this process)" if r["workers"] == 0 else f"{r['workers']} Dask worker(s)"
-        print(f"  {label:>24}: {r['work_s']:6.1f} s for the tiles ({n_px / r['work_s']:,.0f} px/s)"
-              + (f", cluster start {r['start_s']:.1f} s" if r["workers"] else ""))
+        print(
+            f"  {label:>24}: {r['work_s']:6.1f} s for the tiles ({n_px / r['work_s']:,.0f} px/s)"
+            + (f", cluster start {r['start_s']:.1f} s" if r["workers"] else "")
+        )
     by_workers = {r["workers"]: r for r in results}
     if 1 in by_workers and 2 in by_workers:
         print(f"speed-up, 2 workers over 1: {by_workers[1]['work_s'] / by_workers[2]['work_s']:.2f} x")
     best = min(results, key=lambda r: r["work_s"])
     rate = n_px / best["work_s"]  # px/s of one such machine
     hours = args.country_tiles * FULL_TILE_PX / rate / 3600
-    print(f"estimate: {args.country_tiles} full 8192 x 8192 tiles at {rate:,.0f} px/s per machine like this one: "
-          f"{hours:.1f} h on 1 machine, {hours / 8:.1f} h on 8, {hours / 32 * 60:.0f} min on 32 "
-          f"(tiles are independent tasks; ignores download time)")
+    print(
+        f"estimate: {args.country_tiles} full 8192 x 8192 tiles at {rate:,.0f} px/s per machine like this one: "
+        f"{hours:.1f} h on 1 machine, {hours / 8:.1f} h on 8, {hours / 32 * 60:.0f} min on 32 "
+        f"(tiles are independent tasks; ignores download time)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared helpers for the benchmarks: a generated AlphaEarth-like int8 raster, peak memory."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,8 @@ def generated_raster(size_px: int, seed: int = 0, noise: float = NOISE) -> Path:
     """A size x size x 64 int8 AlphaEarth-encoded GeoTIFF (10 m, EPSG:32635), cached in benchmarks/out.
 
     Values: a smooth random field (features ~80 m across, as fields and blocks are) plus
-    per-pixel noise of `noise` (NOISE or SMOOTH_NOISE), normalised to unit length. Stored like the Cloud Storage COGs: int8, nodata -128, 256 x 256 tiles, DEFLATE,
-    pixel-interleaved.
+    per-pixel noise of `noise` (NOISE or SMOOTH_NOISE), normalised to unit length. Stored like the
+    Cloud Storage COGs: int8, nodata -128, 256 x 256 tiles, DEFLATE, pixel-interleaved.
     """
     OUT.mkdir(exist_ok=True)
     path = OUT / (f"ae_{size_px}_int8.tif" if noise == NOISE else f"ae_{size_px}_int8_noise{noise:g}.tif")
@@ -37,9 +38,22 @@ def generated_raster(size_px: int, seed: int = 0, noise: float = NOISE) -> Path:
     rng = np.random.default_rng(seed)
     smooth = 8
     coarse = rng.standard_normal((N_BANDS, size_px // smooth + 2, size_px // smooth + 2)).astype(np.float32)
-    profile = dict(driver="GTiff", width=size_px, height=size_px, count=N_BANDS, dtype="int8", nodata=-128,
-                   crs="EPSG:32635", transform=from_origin(*ORIGIN, 10.0, 10.0), tiled=True, blockxsize=256,
-                   blockysize=256, compress="deflate", zlevel=1, interleave="pixel")
+    profile = dict(
+        driver="GTiff",
+        width=size_px,
+        height=size_px,
+        count=N_BANDS,
+        dtype="int8",
+        nodata=-128,
+        crs="EPSG:32635",
+        transform=from_origin(*ORIGIN, 10.0, 10.0),
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+        compress="deflate",
+        zlevel=1,
+        interleave="pixel",
+    )
     tmp = path.with_suffix(".tmp.tif")
     t0 = time.time()
     with rasterio.open(tmp, "w", **profile) as dst:

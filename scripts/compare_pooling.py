@@ -7,6 +7,7 @@
 Prints the cosine between the two AETHER vectors of each pixel (percentiles), and for each query
 how many of the 1% best-scoring pixels the two maps share.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,17 +37,28 @@ def main() -> None:
     maps = {}
     with tempfile.TemporaryDirectory() as tmp:
         for pooling in ("window", "pixel"):
-            out = embed_raster(args.ae_tif, args.ckpt, str(Path(tmp) / f"{pooling}.tif"), progress=False, options=EmbedOptions(pooling=pooling, dtype="float32", precision="fp32", device="cpu"))
+            out = embed_raster(
+                args.ae_tif,
+                args.ckpt,
+                str(Path(tmp) / f"{pooling}.tif"),
+                progress=False,
+                options=EmbedOptions(pooling=pooling, dtype="float32", precision="fp32", device="cpu"),
+            )
             with rasterio.open(out) as src:
                 maps[pooling] = src.read().reshape(src.count, -1).T
     valid = np.isfinite(maps["window"]).all(axis=1) & np.isfinite(maps["pixel"]).all(axis=1)
     window, pixel = maps["window"][valid], maps["pixel"][valid]
     cosine = np.einsum("ij,ij->i", window, pixel)
     pct = np.percentile(cosine, [1, 5, 50, 95])
-    print(f"{valid.sum():,} pixels valid in both; cosine(window, pixel): mean {cosine.mean():.3f}, "
-          f"1st / 5th / 50th / 95th percentile {pct[0]:.3f} / {pct[1]:.3f} / {pct[2]:.3f} / {pct[3]:.3f}")
-    queries = [q.strip() for q in Path(args.queries).read_text(encoding="utf-8").splitlines()
-               if q.strip() and not q.startswith("#")]
+    print(
+        f"{valid.sum():,} pixels valid in both; cosine(window, pixel): mean {cosine.mean():.3f}, "
+        f"1st / 5th / 50th / 95th percentile {pct[0]:.3f} / {pct[1]:.3f} / {pct[2]:.3f} / {pct[3]:.3f}"
+    )
+    queries = [
+        q.strip()
+        for q in Path(args.queries).read_text(encoding="utf-8").splitlines()
+        if q.strip() and not q.startswith("#")
+    ]
     texts = Projector(args.ckpt, device="cpu", precision="fp32").embed_texts(queries)
     top = max(1, len(window) // 100)
     for query, t in zip(queries, texts):

@@ -4,6 +4,7 @@ of imports once cycles are merged). What issue notes quote before and after a re
 
     python scripts/house_report.py [PACKAGE_DIR]   (default: aether)
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,7 +25,7 @@ def resolve(node: ast.ImportFrom, current: str, is_package: bool) -> str | None:
         return node.module
     base = current.split(".")
     base = base if is_package else base[:-1]
-    base = base[:len(base) - (node.level - 1)]
+    base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -42,7 +43,7 @@ def main(package_dir: str = "aether") -> None:
         lines[name] = len(source.splitlines())
         tree = ast.parse(source)
 
-        def targets(node) -> list[str]:
+        def targets(node, name=name, path=path) -> list[str]:
             found = []
             if isinstance(node, ast.Import):
                 found = [a.name for a in node.names]

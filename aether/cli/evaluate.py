@@ -1,5 +1,6 @@
 """`aether evaluate` (and `python evaluate.py`): a checkpoint on its own held-out POIs, against an
 untrained pair and chance."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,28 +11,49 @@ from aether.core.errors import AetherError
 from aether.evaluation.report import metrics_markdown
 from aether.evaluation.run import EvalOptions, evaluate
 
-DESCRIPTION = ("Evaluate an AETHER checkpoint on the held-out POIs of its own spatial split: retrieval, category "
-               "retrieval, localisation and linear probes, against an untrained pair and chance.")
+DESCRIPTION = (
+    "Evaluate an AETHER checkpoint on the held-out POIs of its own spatial split: retrieval, category "
+    "retrieval, localisation and linear probes, against an untrained pair and chance."
+)
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvalOptions()
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by training (e.g. ckpts/helsinki/best.pt), "
-                                                      "or one of the reference code's (.pth)")
-    parser.add_argument("--out", default=None, help="output folder for metrics.json and metrics.md "
-                                                    "(default: eval/ beside the checkpoint)")
-    parser.add_argument("--landuse", default=None, help="land-use polygons (GeoJSON, GeoPackage, ...) for the "
-                                                        "per-pixel land-use probe")
-    parser.add_argument("--landuse-column", default=None, help=f"class column of --landuse (default: {d.landuse_column})")
-    parser.add_argument("--search-radius-m", type=float, default=d.search_radius_m,
-                        help=f"localisation search radius around each POI, metres (default {d.search_radius_m:g})")
-    parser.add_argument("--min-category-pois", type=int, default=d.min_category_pois,
-                        help=f"held-out POIs a category (or probe class) needs to be scored (default "
-                             f"{d.min_category_pois})")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="checkpoint written by training (e.g. ckpts/helsinki/best.pt), or one of the reference code's (.pth)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder for metrics.json and metrics.md (default: eval/ beside the checkpoint)",
+    )
+    parser.add_argument(
+        "--landuse", default=None, help="land-use polygons (GeoJSON, GeoPackage, ...) for the per-pixel land-use probe"
+    )
+    parser.add_argument(
+        "--landuse-column", default=None, help=f"class column of --landuse (default: {d.landuse_column})"
+    )
+    parser.add_argument(
+        "--search-radius-m",
+        type=float,
+        default=d.search_radius_m,
+        help=f"localisation search radius around each POI, metres (default {d.search_radius_m:g})",
+    )
+    parser.add_argument(
+        "--min-category-pois",
+        type=int,
+        default=d.min_category_pois,
+        help=f"held-out POIs a category (or probe class) needs to be scored (default {d.min_category_pois})",
+    )
     parser.add_argument("--folds", type=int, default=d.folds, help=f"spatially blocked probe folds (default {d.folds})")
-    parser.add_argument("--category-template", default=d.category_template,
-                        help=f"category query from {{key}} and {{value}} (default {d.category_template!r})")
+    parser.add_argument(
+        "--category-template",
+        default=d.category_template,
+        help=f"category query from {{key}} and {{value}} (default {d.category_template!r})",
+    )
     parser.add_argument("--ae_tif", default=None, help="AlphaEarth raster, if it moved since training")
     parser.add_argument("--poi", default=None, help="POI file, if it moved since training")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -40,10 +62,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace, launcher: list[str]) -> None:
     if args.landuse_column is not None and args.landuse is None:
         raise AetherError("--landuse-column needs --landuse (the land-use polygon file)")
-    options = EvalOptions(landuse=args.landuse, landuse_column=args.landuse_column or EvalOptions.landuse_column,
-                          search_radius_m=args.search_radius_m, min_category_pois=args.min_category_pois,
-                          folds=args.folds, category_template=args.category_template, ae_tif=args.ae_tif,
-                          poi=args.poi)
+    options = EvalOptions(
+        landuse=args.landuse,
+        landuse_column=args.landuse_column or EvalOptions.landuse_column,
+        search_radius_m=args.search_radius_m,
+        min_category_pois=args.min_category_pois,
+        folds=args.folds,
+        category_template=args.category_template,
+        ae_tif=args.ae_tif,
+        poi=args.poi,
+    )
     metrics = evaluate(args.ckpt, args.out, options, progress=not args.no_progress)
     print(metrics_markdown(metrics))
 

@@ -5,6 +5,7 @@
 Each subcommand lives in its own module of this room and is imported only when it runs, so
 `aether --help` answers at once; the top-level scripts (train.py, ...) run the same modules.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="aether", description="AETHER: AlphaEarth embeddings aligned with "
-                                     "points of interest and their text (Liu et al., arXiv 2510.09894).")
+    parser = argparse.ArgumentParser(
+        prog="aether",
+        description="AETHER: AlphaEarth embeddings aligned with "
+        "points of interest and their text (Liu et al., arXiv 2510.09894).",
+    )
     parser.add_argument("--version", action="version", version=f"aether {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, summary) in COMMANDS.items():

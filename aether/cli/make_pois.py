@@ -2,6 +2,7 @@
 takes. Keeps named amenity, shop, tourism, leisure, office, craft and historic objects (polygons
 become a representative point) with their OSM id, name, category and a description from the
 template, exactly as the bundled Helsinki example was made. Needs the `osm` extra (pyrosm)."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,15 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pbf", required=True,
-                        help="OpenStreetMap extract (.osm.pbf), e.g. from download.geofabrik.de or BBBike")
+    parser.add_argument(
+        "--pbf", required=True, help="OpenStreetMap extract (.osm.pbf), e.g. from download.geofabrik.de or BBBike"
+    )
     parser.add_argument("--out", required=True, help="output GeoJSON (written atomically)")
-    parser.add_argument("--template", default=None,
-                        help=f"description template with {{name}}, {{key}}, {{value}} (default: {DEFAULT_TEMPLATE!r})")
+    parser.add_argument(
+        "--template",
+        default=None,
+        help=f"description template with {{name}}, {{key}}, {{value}} (default: {DEFAULT_TEMPLATE!r})",
+    )
 
 
 def run_command(args: argparse.Namespace, launcher: list[str]) -> None:

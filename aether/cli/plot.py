@@ -1,8 +1,9 @@
 """`aether plot` (and `python plot.py`): embedding rasters and training runs as PNG pictures.
 
-    aether plot pca --tif RASTER.tif --out PICTURE.png [--fit-on OTHER.tif] [--max-px 1024] [--scale 1]
-    aether plot curves --metrics ckpts/helsinki/metrics.jsonl --out curves.png
+aether plot pca --tif RASTER.tif --out PICTURE.png [--fit-on OTHER.tif] [--max-px 1024] [--scale 1]
+aether plot curves --metrics ckpts/helsinki/metrics.jsonl --out curves.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pca = commands.add_parser("pca", help="an embedding raster (AlphaEarth or AETHER) as PCA false colour")
     pca.add_argument("--tif", required=True, help="embedding raster (GeoTIFF or VRT; int8 or float; any CRS)")
     pca.add_argument("--out", required=True, help="output PNG, written atomically")
-    pca.add_argument("--fit-on", help="fit the PCA and colour stretch on this raster instead (same band count), "
-                                      "so two rasters compare in the same colours")
-    pca.add_argument("--max-px", type=int, default=MAX_PX,
-                     help=f"longer side of the map in raster pixels at most (default {MAX_PX})")
-    pca.add_argument("--scale", type=int, default=None,
-                     help="repeat each picture pixel N x N times (default: enlarge a small raster's picture to at "
-                          "least 512 pixels across)")
+    pca.add_argument(
+        "--fit-on",
+        help="fit the PCA and colour stretch on this raster instead (same band count), "
+        "so two rasters compare in the same colours",
+    )
+    pca.add_argument(
+        "--max-px", type=int, default=MAX_PX, help=f"longer side of the map in raster pixels at most (default {MAX_PX})"
+    )
+    pca.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help="repeat each picture pixel N x N times (default: enlarge a small raster's picture to at "
+        "least 512 pixels across)",
+    )
     curves = commands.add_parser("curves", help="training curves from metrics.jsonl")
     curves.add_argument("--metrics", required=True, help="metrics.jsonl written by training")
     curves.add_argument("--out", required=True, help="output PNG, written atomically")

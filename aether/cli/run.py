@@ -1,5 +1,6 @@
 """How every command runs: the process set up as a program owning it sets it up, and the one-line
 errors and exit codes users see (2 for bad input, 128 + N for a clean stop on signal N)."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import errno
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from aether.core.errors import AetherError, Interrupted
 from aether.core.log import show_messages
@@ -48,8 +49,11 @@ def run(main: Callable[[], object]) -> None:
             raise
         if say:  # a write the code did not expect to fail (the writers that know their file say so)
             reason = (exc.strerror or "cannot write").lower()
-            print(f"error: {reason}{f' writing {exc.filename}' if exc.filename else ''}; "
-                  f"{FIXES.get(exc.errno, 'choose a writable place')}", file=sys.stderr)
+            print(
+                f"error: {reason}{f' writing {exc.filename}' if exc.filename else ''}; "
+                f"{FIXES.get(exc.errno, 'choose a writable place')}",
+                file=sys.stderr,
+            )
         sys.exit(2)
     except Interrupted as exc:
         if say:
@@ -69,11 +73,15 @@ def launcher(script: str) -> list[str]:
     return script.split()
 
 
-def command(add_arguments: Callable[[argparse.ArgumentParser], None],
-            run_command: Callable[[argparse.Namespace, list[str]], object], description: str,
-            script: str) -> Callable[[list[str] | None], None]:
+def command(
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run_command: Callable[[argparse.Namespace, list[str]], object],
+    description: str,
+    script: str,
+) -> Callable[[list[str] | None], None]:
     """A command's `main(argv)`: its arguments parsed (`add_arguments`), then `run_command(args,
     launcher)` under `run`. `script` is how the top-level script is started (python train.py)."""
+
     def main(argv: list[str] | None = None) -> None:
         parser = argparse.ArgumentParser(description=description)
         add_arguments(parser)

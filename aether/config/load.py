@@ -1,6 +1,7 @@
 """From a YAML file and `--set section.key=value` overrides to a checked `Config`: the reference
 code's config translated (`aether.config.reference`), relative paths resolved, the data files
 checked, every mistake one line naming the key."""
+
 from __future__ import annotations
 
 import logging

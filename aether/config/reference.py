@@ -5,37 +5,80 @@ reference checkpoint holds) into this project's sections and keys, saying what e
 what cannot be honoured is refused in one line. README "Coming from the reference code" has the
 same table.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from aether.core.errors import AetherError, shown
 from aether.geo.alphaearth import PIXEL_M  # the reference's pixel radii are counted in these
 
 REFERENCE_ETA_MIN_RATIO = 0.01  # the reference's default when train.eta_min_ratio is absent
 # What the reference's train.py uses for a key its config leaves out (its getattr defaults).
-REFERENCE_DEFAULTS = {"aug_pix_radius": 2, "hidden_dim": 256, "out_dim": 128, "lambda": 0.0, "lr": 5e-4,
-                      "weight_decay": 1e-4, "tau_xt": 0.07, "tau_img": 0.07, "betas": [0.9, 0.999]}
+REFERENCE_DEFAULTS = {
+    "aug_pix_radius": 2,
+    "hidden_dim": 256,
+    "out_dim": 128,
+    "lambda": 0.0,
+    "lr": 5e-4,
+    "weight_decay": 1e-4,
+    "tau_xt": 0.07,
+    "tau_img": 0.07,
+    "betas": [0.9, 0.999],
+}
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0  # the reference clips its logit scales 1 / tau to [1, 100]
 
 # Every key the reference's schema has, by section (what `translate_config` reads or passes over).
 REFERENCE_SCHEMA = {
-    "data": {"poi_path", "aef_tif", "crs", "feat_mode", "pix_radius", "aug_pix_radius", "split_seed", "val_ratio",
-             "test_ratio"},
+    "data": {
+        "poi_path",
+        "aef_tif",
+        "crs",
+        "feat_mode",
+        "pix_radius",
+        "aug_pix_radius",
+        "split_seed",
+        "val_ratio",
+        "test_ratio",
+    },
     "text": {"backend", "hf_model", "openai_model", "emb_dim", "batch_size"},
-    "model": {"ae_type", "text_type", "suffix", "layers", "hidden_dim", "out_dim", "lambda", "lr", "weight_decay",
-              "tau_xt", "tau_img", "betas"},
+    "model": {
+        "ae_type",
+        "text_type",
+        "suffix",
+        "layers",
+        "hidden_dim",
+        "out_dim",
+        "lambda",
+        "lr",
+        "weight_decay",
+        "tau_xt",
+        "tau_img",
+        "betas",
+    },
     "train": {"device", "batch_size", "epochs", "eta_min_ratio", "num_workers"},
     "eval": {"topk"},
     "logging": {"ckpt_path", "run_dir", "cache_dir", "save_every", "save_last", "print_val_ii_sims"},
 }
 # Keys only the reference's schema has: one of them marks a config as the reference's.
-_MARKERS = {"data": {"poi_path", "aef_tif", "pix_radius", "aug_pix_radius", "feat_mode", "split_seed", "val_ratio",
-                     "test_ratio", "crs"},
-            "text": {"hf_model", "openai_model", "emb_dim"},
-            "model": {"ae_type", "text_type", "out_dim", "lambda", "tau_img", "tau_xt", "suffix"},
-            "logging": None, "eval": None}
+_MARKERS = {
+    "data": {
+        "poi_path",
+        "aef_tif",
+        "pix_radius",
+        "aug_pix_radius",
+        "feat_mode",
+        "split_seed",
+        "val_ratio",
+        "test_ratio",
+        "crs",
+    },
+    "text": {"hf_model", "openai_model", "emb_dim"},
+    "model": {"ae_type", "text_type", "out_dim", "lambda", "tau_img", "tau_xt", "suffix"},
+    "logging": None,
+    "eval": None,
+}
 
 
 def is_reference_config(raw: dict) -> bool:
@@ -76,13 +119,15 @@ def run_folder_name(raw: dict) -> str:
         except (TypeError, ValueError):
             return str(value)
 
-    name = (f"tri2_{str(m.get('ae_type') or 'AE').strip()}-{str(m.get('text_type') or 'Text').strip()}_"
-            f"{str(m.get('suffix') or 'nosuf').strip().replace(' ', '')}_"
-            f"pix{num(d, 'pix_radius', 0, 'd')}-aug{num(d, 'aug_pix_radius', 2, 'd')}_"
-            f"tau{num(m, 'tau_img', 0.07, '.2f')}-{num(m, 'tau_xt', 0.07, '.2f')}_"
-            f"lam{num(m, 'lambda', 0.0, '.2f')}_"
-            f"h{num(m, 'hidden_dim', 0, 'd')}_l{num(m, 'layers', 1, 'd')}_d{num(m, 'out_dim', 128, 'd')}_"
-            f"bs{num(t, 'batch_size', 0, 'd')}_lr{num(m, 'lr', 0.0, '.0e')}_epo{num(t, 'epochs', 0, 'd')}")
+    name = (
+        f"tri2_{str(m.get('ae_type') or 'AE').strip()}-{str(m.get('text_type') or 'Text').strip()}_"
+        f"{str(m.get('suffix') or 'nosuf').strip().replace(' ', '')}_"
+        f"pix{num(d, 'pix_radius', 0, 'd')}-aug{num(d, 'aug_pix_radius', 2, 'd')}_"
+        f"tau{num(m, 'tau_img', 0.07, '.2f')}-{num(m, 'tau_xt', 0.07, '.2f')}_"
+        f"lam{num(m, 'lambda', 0.0, '.2f')}_"
+        f"h{num(m, 'hidden_dim', 0, 'd')}_l{num(m, 'layers', 1, 'd')}_d{num(m, 'out_dim', 128, 'd')}_"
+        f"bs{num(t, 'batch_size', 0, 'd')}_lr{num(m, 'lr', 0.0, '.0e')}_epo{num(t, 'epochs', 0, 'd')}"
+    )
     return name.replace(os.sep, "_")
 
 
@@ -131,9 +176,11 @@ class _Translation:
                 raise ValueError
             return kind(value) if kind is float else _whole(value)
         except (TypeError, ValueError):
-            self.refuse(f"{section}.{key}",
-                        f"expected a {'number' if kind is float else 'whole number'}, got {shown(value)}",
-                        essential=True)
+            self.refuse(
+                f"{section}.{key}",
+                f"expected a {'number' if kind is float else 'whole number'}, got {shown(value)}",
+                essential=True,
+            )
 
 
 def _whole(value) -> int:
@@ -155,8 +202,10 @@ def translate_config(raw: dict, say: Callable[[str], None] | None = None, lenien
         raw = {section: values for section, values in raw.items() if isinstance(values, dict)}
     for section, values in raw.items():
         if section not in ("data", "text", "model", "train", "eval", "logging") and not lenient:
-            raise AetherError(f"reference config: unknown section {shown(section)} (the reference has data, text, "
-                              f"model, train, eval, logging)")
+            raise AetherError(
+                f"reference config: unknown section {shown(section)} (the reference has data, text, "
+                f"model, train, eval, logging)"
+            )
         if not isinstance(values, dict):
             raise AetherError(f"reference config {section}: must be a mapping, got {shown(values)}")
     tr = _Translation(raw, say, lenient)
@@ -183,10 +232,14 @@ def _data(tr: _Translation) -> None:
         tr.drop(f"data.crs: {tr.get('data', 'crs')}", "POIs are reprojected from their file's own CRS to the raster's")
     mode = tr.get("data", "feat_mode", "pixel")
     if str(mode).lower() != "pixel":  # the reference compares it lower-cased
-        tr.refuse("data.feat_mode", f"{shown(mode)} is not a mode of the reference code; its only mode is 'pixel' "
-                                    f"(a window mean of pixels)")
+        tr.refuse(
+            "data.feat_mode",
+            f"{shown(mode)} is not a mode of the reference code; its only mode is 'pixel' (a window mean of pixels)",
+        )
     if not tr.has("data", "pix_radius"):
-        tr.refuse("data.pix_radius", "is missing; the reference's train.py needs it (4: a 9 x 9 window)", essential=True)
+        tr.refuse(
+            "data.pix_radius", "is missing; the reference's train.py needs it (4: a 9 x 9 window)", essential=True
+        )
     base = tr.number("data", "pix_radius", int)
     aug = tr.number("data", "aug_pix_radius", int, REFERENCE_DEFAULTS["aug_pix_radius"])
     for key, r in (("pix_radius", base), ("aug_pix_radius", aug)):
@@ -194,25 +247,40 @@ def _data(tr: _Translation) -> None:
             tr.refuse(f"data.{key}", f"must be >= 0 pixels, got {r}", essential=True)
     tr.put("data.base_radius_m", radius_m(base), f"data.pix_radius: {base}", window_text(base))
     if aug < base:
-        tr.refuse("data.aug_pix_radius", f"{aug} is smaller than data.pix_radius {base}"
-                  + ("" if tr.has("data", "aug_pix_radius") else " (the reference's default is 2)")
-                  + ": the augmented view is the larger window; set aug_pix_radius >= pix_radius")
+        tr.refuse(
+            "data.aug_pix_radius",
+            f"{aug} is smaller than data.pix_radius {base}"
+            + ("" if tr.has("data", "aug_pix_radius") else " (the reference's default is 2)")
+            + ": the augmented view is the larger window; set aug_pix_radius >= pix_radius",
+        )
         aug = base  # lenient: a checkpoint's record; inference uses its base window alone
     tr.put("data.aug_radius_m", radius_m(aug), f"data.aug_pix_radius: {aug}", window_text(aug))
     if tr.has("data", "split_seed"):
-        tr.put("train.seed", tr.number("data", "split_seed", int), "data.split_seed",
-               "seeds the spatial split and the training, as the reference's one seed did")
+        tr.put(
+            "train.seed",
+            tr.number("data", "split_seed", int),
+            "data.split_seed",
+            "seeds the spatial split and the training, as the reference's one seed did",
+        )
     if tr.has("data", "val_ratio"):
         ratio = tr.number("data", "val_ratio")
         if not 0.0 <= ratio < 1.0:
             tr.refuse("data.val_ratio", f"must be in [0, 1), got {ratio}")
-        tr.put("data.val_fraction", ratio, "data.val_ratio",
-               "no validation: last.pt holds the final weights, no best.pt is written" if ratio == 0
-               else "held out in spatial blocks of data.val_block_m, not at random: random splits leak neighbours")
+        tr.put(
+            "data.val_fraction",
+            ratio,
+            "data.val_ratio",
+            "no validation: last.pt holds the final weights, no best.pt is written"
+            if ratio == 0
+            else "held out in spatial blocks of data.val_block_m, not at random: random splits leak neighbours",
+        )
     if tr.has("data", "test_ratio") and tr.number("data", "test_ratio") > 0:
-        tr.refuse("data.test_ratio", f"{tr.get('data', 'test_ratio')} is not supported: AETHER holds out one "
-                                     f"spatial validation split (data.val_fraction), which evaluate.py scores; "
-                                     f"set test_ratio: 0 and use val_ratio")
+        tr.refuse(
+            "data.test_ratio",
+            f"{tr.get('data', 'test_ratio')} is not supported: AETHER holds out one "
+            f"spatial validation split (data.val_fraction), which evaluate.py scores; "
+            f"set test_ratio: 0 and use val_ratio",
+        )
 
 
 def _text(tr: _Translation) -> None:
@@ -220,20 +288,32 @@ def _text(tr: _Translation) -> None:
     if backend == "openai":
         model = tr.get("text", "openai_model")
         if not model:
-            tr.refuse("text.openai_model", "the openai backend needs a model name, e.g. text-embedding-3-large",
-                      essential=True)
+            tr.refuse(
+                "text.openai_model",
+                "the openai backend needs a model name, e.g. text-embedding-3-large",
+                essential=True,
+            )
         tr.put("text.backend", "openai", "text.backend: openai")
         tr.put("text.model", str(model), "text.openai_model")
         if tr.has("text", "emb_dim"):
-            tr.put("text.dimensions", tr.number("text", "emb_dim", int), "text.emb_dim",
-                   "sent to OpenAI as dimensions=")
+            tr.put(
+                "text.dimensions", tr.number("text", "emb_dim", int), "text.emb_dim", "sent to OpenAI as dimensions="
+            )
         tr.ignore("text", "hf_model")
     elif backend == "hf":
         model = tr.get("text", "hf_model", "sentence-transformers/all-MiniLM-L6-v2")
-        tr.put("text.backend", "sentence-transformers", "text.backend: hf",
-               "mean-pooled, normalised token embeddings, as the reference's HF encoder")
-        tr.put("text.model", str(model), "text.hf_model",
-               "texts are cut at the model's own limit (256 word pieces for all-MiniLM-L6-v2), the reference's at 128")
+        tr.put(
+            "text.backend",
+            "sentence-transformers",
+            "text.backend: hf",
+            "mean-pooled, normalised token embeddings, as the reference's HF encoder",
+        )
+        tr.put(
+            "text.model",
+            str(model),
+            "text.hf_model",
+            "texts are cut at the model's own limit (256 word pieces for all-MiniLM-L6-v2), the reference's at 128",
+        )
         if tr.has("text", "emb_dim"):
             tr.drop(f"text.emb_dim: {tr.get('text', 'emb_dim')}", "the hf model's own dimension is used")
         tr.ignore("text", "openai_model")
@@ -255,16 +335,29 @@ def _model(tr: _Translation) -> None:
         tr.drop(f"model.suffix: {tr.get('model', 'suffix')}", "it only names the reference's output folder")
     if tr.has("model", "layers"):
         tr.drop(f"model.layers: {tr.get('model', 'layers')}", "it only names the reference's output folder")
-    for key, target, kind in (("hidden_dim", "model.hidden_dim", int), ("out_dim", "model.latent_dim", int),
-                              ("lambda", "loss.lam", float), ("lr", "train.lr", float),
-                              ("weight_decay", "train.weight_decay", float)):
-        tr.put(target, tr.number("model", key, kind, REFERENCE_DEFAULTS[key]),
-               f"model.{key}" + ("" if tr.has("model", key) else " (absent: the reference's default)"))
+    for key, target, kind in (
+        ("hidden_dim", "model.hidden_dim", int),
+        ("out_dim", "model.latent_dim", int),
+        ("lambda", "loss.lam", float),
+        ("lr", "train.lr", float),
+        ("weight_decay", "train.weight_decay", float),
+    ):
+        tr.put(
+            target,
+            tr.number("model", key, kind, REFERENCE_DEFAULTS[key]),
+            f"model.{key}" + ("" if tr.has("model", key) else " (absent: the reference's default)"),
+        )
     for key, target in (("tau_xt", "loss.temperature"), ("tau_img", "loss.ae_ae_temperature")):
         tau = tr.number("model", key, float, REFERENCE_DEFAULTS[key])
         used = clipped_temperature(tau)
-        tr.put(target, used, f"model.{key}", "" if used == tau else
-               f"{tau:g} clipped to [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], as the reference clips 1 / tau")
+        tr.put(
+            target,
+            used,
+            f"model.{key}",
+            ""
+            if used == tau
+            else f"{tau:g} clipped to [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], as the reference clips 1 / tau",
+        )
     tr.put("loss.learn_temperature", False)
     betas = tr.get("model", "betas", REFERENCE_DEFAULTS["betas"])
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2):
@@ -276,8 +369,12 @@ def _train(tr: _Translation) -> None:
     if tr.has("train", "device"):
         device = str(tr.get("train", "device"))
         ours = "cpu" if device == "cpu" else "auto"
-        tr.put("train.device", ours, f"train.device: {device}",
-               "CUDA when present, else the CPU, as the reference falls back" if ours == "auto" else "")
+        tr.put(
+            "train.device",
+            ours,
+            f"train.device: {device}",
+            "CUDA when present, else the CPU, as the reference falls back" if ours == "auto" else "",
+        )
     for key, target in (("batch_size", "train.batch_size"), ("epochs", "train.epochs")):
         if tr.has("train", key):
             tr.put(target, tr.number("train", key, int), f"train.{key}")
@@ -285,8 +382,10 @@ def _train(tr: _Translation) -> None:
     tr.put("train.min_lr_ratio", ratio, "train.eta_min_ratio", "cosine schedule per step down to this x lr")
     tr.put("train.warmup_epochs", 0)  # the reference's schedule has no warmup
     if tr.has("train", "num_workers"):
-        tr.drop(f"train.num_workers: {tr.get('train', 'num_workers')}",
-                "features are pooled once and held in memory; there is no data loader")
+        tr.drop(
+            f"train.num_workers: {tr.get('train', 'num_workers')}",
+            "features are pooled once and held in memory; there is no data loader",
+        )
 
 
 def _eval_and_logging(tr: _Translation) -> None:
@@ -296,12 +395,23 @@ def _eval_and_logging(tr: _Translation) -> None:
     if tr.has("logging", "run_dir"):
         tr.put("train.run_dir", str(tr.get("logging", "run_dir")), "logging.run_dir")
     else:  # the reference's train.py writes there whatever logging.ckpt_path says
-        tr.put("train.run_dir", f"outputs/{run_folder_name(tr.raw)}", f"logging.ckpt_path: {shown(ckpt_path)}",
-               "the folder the reference's train.py names" + ("" if ckpt_path == "auto" else "; it ignores ckpt_path"))
+        tr.put(
+            "train.run_dir",
+            f"outputs/{run_folder_name(tr.raw)}",
+            f"logging.ckpt_path: {shown(ckpt_path)}",
+            "the folder the reference's train.py names" + ("" if ckpt_path == "auto" else "; it ignores ckpt_path"),
+        )
     if tr.has("logging", "cache_dir"):
-        tr.put("text.cache_dir", str(tr.get("logging", "cache_dir")), "logging.cache_dir",
-               "text embeddings are cached there; pooled windows are recomputed, they take seconds")
-    for key, why in (("save_every", "last.pt is written every epoch"), ("save_last", "last.pt is written every epoch"),
-                     ("print_val_ii_sims", "metrics.jsonl records both loss terms on the validation split")):
+        tr.put(
+            "text.cache_dir",
+            str(tr.get("logging", "cache_dir")),
+            "logging.cache_dir",
+            "text embeddings are cached there; pooled windows are recomputed, they take seconds",
+        )
+    for key, why in (
+        ("save_every", "last.pt is written every epoch"),
+        ("save_last", "last.pt is written every epoch"),
+        ("print_val_ii_sims", "metrics.jsonl records both loss terms on the validation split"),
+    ):
         if tr.has("logging", key):
             tr.drop(f"logging.{key}: {tr.get('logging', key)}", why)

@@ -4,12 +4,14 @@ Each task does one independent piece (a tile, or a band of rows of one large ras
 writes its own output atomically, so a lost worker costs only its task and a rerun skips
 what is finished. Without a cluster the same tasks run here, one after another.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -39,12 +41,15 @@ class Cluster:
         if workers is not None and workers < 1:
             raise AetherError(f"--workers must be 1 or more, got {workers}")
         if workers is not None and workers > usable_cores():
-            raise AetherError(f"--workers {workers} is more worker processes than the {usable_cores()} cores this "
-                              f"process may use; give at most {usable_cores()} (more machines: --scheduler with a "
-                              f"Dask cluster)")
+            raise AetherError(
+                f"--workers {workers} is more worker processes than the {usable_cores()} cores this "
+                f"process may use; give at most {usable_cores()} (more machines: --scheduler with a "
+                f"Dask cluster)"
+            )
         if scheduler is not None and "://" not in scheduler:
-            raise AetherError(f"--scheduler must be a Dask scheduler address such as tcp://HOST:8786, got "
-                              f"{scheduler!r}")
+            raise AetherError(
+                f"--scheduler must be a Dask scheduler address such as tcp://HOST:8786, got {scheduler!r}"
+            )
         return self
 
 
@@ -76,8 +81,14 @@ def dask_client(cluster: Cluster | None = None) -> Iterator[Any]:
     threads = str(max(1, usable_cores() // cluster.workers))
     env = {name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     env["GDAL_NUM_THREADS"] = threads
-    local = LocalCluster(n_workers=cluster.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                         silence_logs=logging.ERROR, env=env)
+    local = LocalCluster(
+        n_workers=cluster.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+        env=env,
+    )
     client = Client(local)
     logger.info(f"Dask: local cluster of {cluster.workers} worker processes, {threads} threads each")
     try:
@@ -94,9 +105,16 @@ def _in_worker(fn: Callable, *args):
     return fn(*args)
 
 
-def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[float] | None = None,
-              desc: str = "tasks", unit: str = "task", progress: bool = True,
-              on_result: Callable | None = None) -> list:
+def run_tasks(
+    client,
+    fn: Callable,
+    tasks: Sequence[tuple],
+    weights: Sequence[float] | None = None,
+    desc: str = "tasks",
+    unit: str = "task",
+    progress: bool = True,
+    on_result: Callable | None = None,
+) -> list:
     """fn(*task) for every task, on the cluster's workers (or here when `client` is None); the
     results in task order. As each task ends, `on_result(task_index, result)` runs here and the
     bar advances by its weight (e.g. its pixels). The first task to fail cancels the rest and its
@@ -125,8 +143,10 @@ def run_tasks(client, fn: Callable, tasks: Sequence[tuple], weights: Sequence[fl
                 except AetherError:
                     raise
                 except Exception as exc:  # a lost worker, a worker without aether, a bug in a task
-                    raise AetherError(f"a Dask task failed ({type(exc).__name__}: {first_line(exc)}); "
-                                      f"run the same command again: finished outputs are skipped") from exc
+                    raise AetherError(
+                        f"a Dask task failed ({type(exc).__name__}: {first_line(exc)}); "
+                        f"run the same command again: finished outputs are skipped"
+                    ) from exc
                 results[i] = result
                 if on_result is not None:
                     on_result(i, result)

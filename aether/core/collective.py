@@ -1,6 +1,7 @@
 """Operations across the processes of a torchrun launch once they have joined a process group
 (`aether.train.distributed.process_group`); without one, each passes its input through or does
 nothing, so one process is the whole world."""
+
 from __future__ import annotations
 
 import torch

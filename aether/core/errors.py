@@ -1,4 +1,5 @@
 """The one error type users see: a message that names the problem and the fix."""
+
 import reprlib
 
 DISTRIBUTION = "aether-alphaearth"  # the package's name on the package index

@@ -2,6 +2,7 @@
 renamed over it at the end), so that two runs never write the same one (an exclusive lock held for
 the whole run), and never over a file the run reads. No heavy imports, so any module (and any
 picture) can use it."""
+
 from __future__ import annotations
 
 import errno
@@ -11,9 +12,10 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
 from aether.core.errors import AetherError
 
@@ -67,8 +69,10 @@ def raise_if_disk_full(exc: BaseException, path: str | Path) -> None:
     except OSError:
         free = None
     if getattr(exc, "errno", None) == errno.ENOSPC or (free is not None and free < DISK_FULL_BYTES):
-        raise AetherError(f"cannot write {path}: no space left on device ({free if free is not None else '?'} bytes "
-                          f"free in {folder}); free some space or write elsewhere") from None
+        raise AetherError(
+            f"cannot write {path}: no space left on device ({free if free is not None else '?'} bytes "
+            f"free in {folder}); free some space or write elsewhere"
+        ) from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -99,28 +103,31 @@ class RunLock:
         self.path, self.what, self.fix = Path(path), what, fix
         self._fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         import fcntl
 
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             except IsADirectoryError:
-                raise AetherError(f"the lock file {self.path} of {self.what} is a folder; remove it, or "
-                                  f"{self.fix}") from None
+                raise AetherError(
+                    f"the lock file {self.path} of {self.what} is a folder; remove it, or {self.fix}"
+                ) from None
             except OSError as exc:
                 raise_if_disk_full(exc, self.path)
-                raise AetherError(f"cannot make the lock file {self.path} of {self.what}: "
-                                  f"{(exc.strerror or str(exc)).lower()}; {self.fix}") from None
+                raise AetherError(
+                    f"cannot make the lock file {self.path} of {self.what}: "
+                    f"{(exc.strerror or str(exc)).lower()}; {self.fix}"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 256).decode("utf-8", "replace").split()
                 os.close(fd)
-                raise AetherError(f"{self.what} is being written by another run ({_holder(holder)}); wait for it "
-                                  f"or {self.fix}") from None
+                raise AetherError(
+                    f"{self.what} is being written by another run ({_holder(holder)}); wait for it or {self.fix}"
+                ) from None
             except OSError as exc:  # a file system without locks (some network mounts): go on, and say so
-                
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
                 logger.warning(f"cannot lock {self.path} ({exc.strerror}); make sure no other run writes {self.what}")
@@ -148,7 +155,7 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -187,8 +194,9 @@ def folder_lock(folder: str | Path, name: str, what: str, fix: str) -> Iterator[
             if made.is_dir() and not any(made.iterdir()):
                 made.rmdir()
         raise_if_disk_full(exc, folder / name)
-        raise AetherError(f"cannot make the {what}: {(exc.strerror or str(exc)).lower()} ({exc.filename or folder}); "
-                          f"{fix}") from None
+        raise AetherError(
+            f"cannot make the {what}: {(exc.strerror or str(exc)).lower()} ({exc.filename or folder}); {fix}"
+        ) from None
     try:
         with RunLock(folder / name, what, fix):
             yield folder
@@ -223,8 +231,13 @@ def check_inputs_kept(outputs: Iterable[str | Path], inputs: dict[str, str], fix
             raise AetherError(f"output {out} is {what}; {fix}")
 
 
-def check_output_file(out: Path, inputs: dict[str, str] | None = None, example: str = "output.tif",
-                      suffixes: tuple[str, ...] | None = None, fix: str = "choose another file name") -> None:
+def check_output_file(
+    out: Path,
+    inputs: dict[str, str] | None = None,
+    example: str = "output.tif",
+    suffixes: tuple[str, ...] | None = None,
+    fix: str = "choose another file name",
+) -> None:
     """Refuse, before any work, an output file path that cannot be written (a folder, a missing or
     read-only folder, a name too long for the partial files beside it, another suffix than
     `suffixes`) or that is one of `inputs`, the files the run reads (`check_inputs_kept`)."""
@@ -254,9 +267,11 @@ def check_name_length(out: Path) -> None:
         limit = 255
     length = len(os.fsencode(out.name))
     if length + PARTIAL_NAME_EXTRA > limit:
-        raise AetherError(f"output name {out.name[:40]}... is {length} bytes long; this file system allows "
-                          f"{limit}, and the run's partial files add {PARTIAL_NAME_EXTRA}: choose a name of at most "
-                          f"{limit - PARTIAL_NAME_EXTRA} bytes")
+        raise AetherError(
+            f"output name {out.name[:40]}... is {length} bytes long; this file system allows "
+            f"{limit}, and the run's partial files add {PARTIAL_NAME_EXTRA}: choose a name of at most "
+            f"{limit - PARTIAL_NAME_EXTRA} bytes"
+        )
 
 
 def check_output_folder(out: Path) -> None:

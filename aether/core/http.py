@@ -8,6 +8,7 @@ GDAL's own requests (the tiles' blocks) are bounded by GDAL_HTTP_TIMEOUT, which 
 the whole request. urllib (with the proxies of the environment) does the HTTP itself; only its
 connections are watched.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -17,8 +18,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from aether.core.errors import AetherError, shown
 
@@ -37,8 +38,10 @@ def env_number(name: str, default: float) -> float:
     except ValueError:
         number = float("nan")
     if not number > 0 or number == float("inf"):
-        raise AetherError(f"environment variable {name}={shown(value)} is not a positive number (of seconds for "
-                          f"timeouts, e.g. {name}={default:g}); fix or unset it")
+        raise AetherError(
+            f"environment variable {name}={shown(value)} is not a positive number (of seconds for "
+            f"timeouts, e.g. {name}={default:g}); fix or unset it"
+        )
     return number
 
 
@@ -90,8 +93,9 @@ class _Watchdog:
                 if not self._body:
                     self.reason = f"no answer within {self.limit_s:g} s"
                 elif self._received < MIN_RATE_BPS * self.limit_s:
-                    self.reason = (f"it sent {self._received:,} bytes in {elapsed:.0f} s, less than "
-                                   f"{MIN_RATE_BPS // 1024} KiB/s")
+                    self.reason = (
+                        f"it sent {self._received:,} bytes in {elapsed:.0f} s, less than {MIN_RATE_BPS // 1024} KiB/s"
+                    )
                 else:
                     self._mark, self._received = time.monotonic(), 0
                     continue
@@ -112,6 +116,7 @@ def _close(sock: socket.socket) -> None:
 
 def _opener(watch: _Watchdog) -> urllib.request.OpenerDirector:
     """urllib's opener whose connections report their sockets to `watch` (proxies as usual)."""
+
     class Connection(http.client.HTTPConnection):
         def connect(self):
             super().connect()
@@ -155,14 +160,16 @@ class Response:
 
     def _failure(self, exc: BaseException | None) -> AetherError:
         if self.watch.reason is not None:
-            return TooSlow(f"{self.url} answered too slowly ({self.watch.reason}); GDAL_HTTP_TIMEOUT sets the "
-                           f"seconds to wait")
+            return TooSlow(
+                f"{self.url} answered too slowly ({self.watch.reason}); GDAL_HTTP_TIMEOUT sets the seconds to wait"
+            )
         return AetherError(f"lost the connection to {self.url} ({exc})")
 
 
 @contextmanager
-def request(url: str, headers: dict[str, str] | None = None, method: str = "GET",
-            limit_s: float | None = None) -> Iterator[Response]:
+def request(
+    url: str, headers: dict[str, str] | None = None, method: str = "GET", limit_s: float | None = None
+) -> Iterator[Response]:
     """The answer to one HTTP request, within the deadlines above (`limit_s`: default
     GDAL_HTTP_TIMEOUT). An HTTP error status raises urllib's HTTPError (the caller knows what a
     304 or a 403 means); a host that cannot be reached, or answers too slowly, raises
@@ -171,14 +178,16 @@ def request(url: str, headers: dict[str, str] | None = None, method: str = "GET"
     watch = _Watchdog(limit_s)
     try:
         try:
-            raw = _opener(watch).open(urllib.request.Request(url, headers=headers or {}, method=method),
-                                      timeout=limit_s)
+            raw = _opener(watch).open(
+                urllib.request.Request(url, headers=headers or {}, method=method), timeout=limit_s
+            )
         except urllib.error.HTTPError:
             raise
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             if watch.reason is not None:
-                raise TooSlow(f"{url} answered too slowly ({watch.reason}); GDAL_HTTP_TIMEOUT sets the seconds to "
-                              f"wait") from None
+                raise TooSlow(
+                    f"{url} answered too slowly ({watch.reason}); GDAL_HTTP_TIMEOUT sets the seconds to wait"
+                ) from None
             reason = getattr(exc, "reason", exc)
             raise AetherError(f"cannot reach {url} ({reason})") from None
         watch.headers_received()

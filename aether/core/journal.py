@@ -1,5 +1,6 @@
 """What an interrupted run had finished: a small JSON journal beside its partial output, so
 `--resume` (or a rerun of a Dask task, or of a fetch) continues where it stopped."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ class OtherWork(AetherError):
     """The journal is of another run (other input, options or checkpoint): `changed` names what differs."""
 
     def __init__(self, changed: list[str]):
-        super().__init__(f"cannot resume: the interrupted run had other {', '.join(changed)}; "
-                         f"run without --resume to start over")
+        super().__init__(
+            f"cannot resume: the interrupted run had other {', '.join(changed)}; run without --resume to start over"
+        )
         self.changed = changed
 
 
@@ -41,8 +43,10 @@ class Journal:
         """The finished pieces and their blocks; AetherError when there is nothing to resume or the
         journal is damaged, `OtherWork` when it is another run's."""
         if not self.exists(partial):
-            raise AetherError(f"nothing to resume: no interrupted run of this output ({partial.name} and "
-                              f"{self.path.name} beside it); run without --resume")
+            raise AetherError(
+                f"nothing to resume: no interrupted run of this output ({partial.name} and "
+                f"{self.path.name} beside it); run without --resume"
+            )
         try:
             saved = json.loads(self.path.read_text())
             old, done, blocks = saved["fingerprint"], _pieces(saved["done"]), saved.get("blocks", {})
@@ -57,8 +61,11 @@ class Journal:
         return done, blocks
 
     def save(self, done: set[int], blocks: dict[int, list] | None = None) -> None:
-        record = {"fingerprint": self.fingerprint, "done": sorted(done),
-                  "blocks": {str(k): v for k, v in sorted((blocks or {}).items())}}
+        record = {
+            "fingerprint": self.fingerprint,
+            "done": sorted(done),
+            "blocks": {str(k): v for k, v in sorted((blocks or {}).items())},
+        }
         atomic_write_text(self.path, json.dumps(record, separators=(",", ":")))
 
     def remove(self) -> None:
@@ -91,8 +98,11 @@ def _pieces(values) -> set[int]:
 
 def _block(value) -> tuple[int, int, int, int]:
     """(index, offset, size, CRC-32) of one recorded block."""
-    if not isinstance(value, list) or len(value) != 4 or \
-            not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        not isinstance(value, list)
+        or len(value) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         raise TypeError
     return tuple(value)
 

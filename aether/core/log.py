@@ -2,6 +2,7 @@
 (`logging.getLogger(__name__)`), and nothing is shown until someone shows it. The command line
 calls `show_messages`, which prints them one line each on stdout, above any active progress bar,
 from rank 0 alone under torchrun; a notebook may call it too, or configure logging its own way."""
+
 from __future__ import annotations
 
 import logging

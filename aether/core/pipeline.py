@@ -5,20 +5,25 @@ GIL, so they overlap with the NumPy/PyTorch compute in between. Queues are short
 most a few work items are in memory at once, and an error in any stage stops the others
 and is raised in the caller's thread.
 """
+
 from __future__ import annotations
 
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any
 
 QUEUE_SIZE = 2
 
 
-def run_pipeline(produce: Callable[[], Iterator[tuple[Any, Any]]],
-                 compute: Callable[[Any, Any], Any],
-                 consume: Callable[[Any, Any], None], workers: int = 1) -> None:
+def run_pipeline(
+    produce: Callable[[], Iterator[tuple[Any, Any]]],
+    compute: Callable[[Any, Any], Any],
+    consume: Callable[[Any, Any], None],
+    workers: int = 1,
+) -> None:
     """Run `produce()` (yielding (task, data)) in a reader thread, `compute(task, data)` here
     (or in `workers` threads, that many tasks at a time), and `consume(task, result)` in a
     writer thread, in task order."""

@@ -1,6 +1,7 @@
 """Which process this is in a launch of several (torchrun's environment), read from the environment
 alone, so that any module may ask without importing torch. The collective operations between the
 processes are `aether.core.collective`'s."""
+
 from __future__ import annotations
 
 import os

@@ -15,6 +15,7 @@ memory for reuse makes inference in a Dask worker as fast as in a plain process 
 slower) and pooling about 5% faster (benchmarks/bench_pooling.py: 94,000 to 104,000 POIs/s in
 four runs, against 85,000 to 99,000 before), for about 60 MiB more peak memory.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,8 +40,9 @@ def keep_tile_buffers() -> bool:
         libc = None
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-                and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 def usable_cores() -> int:

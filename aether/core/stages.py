@@ -4,6 +4,7 @@ summed over the threads that do them, for the benchmark's table of where time go
 Off unless `measure()` is active: then each `stage(name)` block adds the CPU time its thread
 spent in it (time.thread_time, so other threads' work and waiting do not count).
 """
+
 from __future__ import annotations
 
 import contextlib

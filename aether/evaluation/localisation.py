@@ -1,5 +1,6 @@
 """Localisation: each held-out POI's own description against every pixel of the AETHER map within
 a search radius of the POI; how far the best pixel lies from the POI."""
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,17 @@ def _disc_pixels(info: RasterInfo, x0: float, y0: float, lat_deg: float, radius_
     return rr[inside], cc[inside], dist[inside]
 
 
-def localisation(info: RasterInfo, x: np.ndarray, y: np.ndarray, lat: np.ndarray, base_radius_m: float,
-                 text_z: dict[str, np.ndarray], pairs: dict[str, ProjectorPair], radius_m: float,
-                 progress: bool = True) -> dict[str, dict[str, float]]:
+def localisation(
+    info: RasterInfo,
+    x: np.ndarray,
+    y: np.ndarray,
+    lat: np.ndarray,
+    base_radius_m: float,
+    text_z: dict[str, np.ndarray],
+    pairs: dict[str, ProjectorPair],
+    radius_m: float,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
     """Distance from the best-scoring pixel within `radius_m` of each POI to the POI, per pair, and chance.
 
     Pixel vectors are the base-window means the inference command computes (pooled at
@@ -70,7 +79,7 @@ def localisation(info: RasterInfo, x: np.ndarray, y: np.ndarray, lat: np.ndarray
         scores = {name: pair.ae(pooled.views[0]) @ text_z[name][batch].T for name, pair in pairs.items()}
         offset = 0
         for j, (i, (_, _, dist)) in enumerate(zip(batch, discs)):
-            idx = inverse[offset:offset + len(dist)]
+            idx = inverse[offset : offset + len(dist)]
             offset += len(dist)
             ok = pooled.valid[idx]
             if not ok.any():
@@ -81,7 +90,9 @@ def localisation(info: RasterInfo, x: np.ndarray, y: np.ndarray, lat: np.ndarray
             for d in DISTANCES_M:
                 chance_acc[d][i] = float(np.mean(dist <= d))
             chance_mean[i] = float(dist.mean())
-            bins += np.bincount(np.minimum(dist, radius_m).astype(np.int64), minlength=len(bins))[:len(bins)] / len(dist)
+            bins += np.bincount(np.minimum(dist, radius_m).astype(np.int64), minlength=len(bins))[: len(bins)] / len(
+                dist
+            )
         bar.update(len(batch))
     bar.close()
     scored = ~np.isnan(chance_mean)
@@ -90,11 +101,16 @@ def localisation(info: RasterInfo, x: np.ndarray, y: np.ndarray, lat: np.ndarray
     out = {}
     for name, dists in best_m.items():
         d = dists[scored]
-        out[name] = {"median_m": float(np.median(d)), "mean_m": float(d.mean()),
-                     **{f"acc_{t}m": float(np.mean(d <= t)) for t in DISTANCES_M}}
+        out[name] = {
+            "median_m": float(np.median(d)),
+            "mean_m": float(d.mean()),
+            **{f"acc_{t}m": float(np.mean(d <= t)) for t in DISTANCES_M},
+        }
     cumulative = np.cumsum(bins) / bins.sum()
-    out["chance"] = {"median_m": float(np.searchsorted(cumulative, 0.5) + 0.5),
-                     "mean_m": float(chance_mean[scored].mean()),
-                     **{f"acc_{t}m": float(chance_acc[t][scored].mean()) for t in DISTANCES_M}}
+    out["chance"] = {
+        "median_m": float(np.searchsorted(cumulative, 0.5) + 0.5),
+        "mean_m": float(chance_mean[scored].mean()),
+        **{f"acc_{t}m": float(chance_acc[t][scored].mean()) for t in DISTANCES_M},
+    }
     out["n"] = int(scored.sum())
     return out

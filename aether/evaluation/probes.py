@@ -1,5 +1,6 @@
 """Linear probes: AlphaEarth against AETHER (and an untrained AETHER) features on the same points
 and the same spatially blocked folds, for the POI's category group and for land use per pixel."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,10 @@ class ProjectorPair:
 
     @torch.no_grad()
     def ae(self, vectors: np.ndarray, batch: int = 65536) -> np.ndarray:
-        out = [self.model.ae(torch.from_numpy(np.ascontiguousarray(vectors[i:i + batch], dtype=np.float32)))
-               for i in range(0, len(vectors), batch)]
+        out = [
+            self.model.ae(torch.from_numpy(np.ascontiguousarray(vectors[i : i + batch], dtype=np.float32)))
+            for i in range(0, len(vectors), batch)
+        ]
         return torch.cat(out).numpy() if out else np.zeros((0, self.model.ae.out_dim), np.float32)
 
     @torch.no_grad()
@@ -80,8 +83,9 @@ def spatial_folds(lon: np.ndarray, lat: np.ndarray, block_m: float, n_folds: int
     return fold_of_block[block_of]
 
 
-def linear_probe(features: dict[str, np.ndarray], labels: np.ndarray, folds: np.ndarray,
-                 progress: bool = False, desc: str = "probe") -> dict[str, float]:
+def linear_probe(
+    features: dict[str, np.ndarray], labels: np.ndarray, folds: np.ndarray, progress: bool = False, desc: str = "probe"
+) -> dict[str, float]:
     """Macro-F1 of out-of-fold predictions of standardised logistic regression, per feature set.
 
     Every feature set is fitted and tested on the same folds (one `folds` array for all);
@@ -140,8 +144,15 @@ def read_landuse(path: str | Path, column: str):
     return layer
 
 
-def landuse_samples(layer, column: str, info: RasterInfo, per_class: int, min_pixels: int, seed: int,
-                    window_rows: int = LANDUSE_WINDOW_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def landuse_samples(
+    layer,
+    column: str,
+    info: RasterInfo,
+    per_class: int,
+    min_pixels: int,
+    seed: int,
+    window_rows: int = LANDUSE_WINDOW_ROWS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows, columns and class labels of up to `per_class` pixels of each class with at least
     `min_pixels` pixels, the polygons burnt into the raster's grid (pixel centres; a smaller
     polygon wins where polygons overlap), sampled with `seed`, `window_rows` rows at a time."""
@@ -159,8 +170,13 @@ def landuse_samples(layer, column: str, info: RasterInfo, per_class: int, min_pi
     counts = np.zeros(len(classes) + 1, dtype=np.int64)
     for r0 in range(0, info.height, window_rows):
         h = min(window_rows, info.height - r0)
-        window = rasterize(shapes, out_shape=(h, info.width), fill=0, dtype="uint16",
-                           transform=rasterio.windows.transform(Window(0, r0, info.width, h), transform))
+        window = rasterize(
+            shapes,
+            out_shape=(h, info.width),
+            fill=0,
+            dtype="uint16",
+            transform=rasterio.windows.transform(Window(0, r0, info.width, h), transform),
+        )
         flat = window.reshape(-1)
         r = rng.random(flat.size)
         counts += np.bincount(flat, minlength=len(classes) + 1)
@@ -185,8 +201,16 @@ def landuse_samples(layer, column: str, info: RasterInfo, per_class: int, min_pi
     return np.concatenate(rows), np.concatenate(cols), np.array(labels, dtype=object)
 
 
-def category_group_probe(keys: np.ndarray, lon: np.ndarray, lat: np.ndarray, features: dict[str, np.ndarray],
-                          min_pois: int, block_m: float, folds: int, progress: bool) -> dict | None:
+def category_group_probe(
+    keys: np.ndarray,
+    lon: np.ndarray,
+    lat: np.ndarray,
+    features: dict[str, np.ndarray],
+    min_pois: int,
+    block_m: float,
+    folds: int,
+    progress: bool,
+) -> dict | None:
     """Macro-F1 of predicting the category group (OSM key) of held-out POIs from each feature set."""
     groups = sorted(g for g in set(keys) if g and int(np.sum(keys == g)) >= min_pois)
     if len(groups) < 2:
@@ -195,18 +219,26 @@ def category_group_probe(keys: np.ndarray, lon: np.ndarray, lat: np.ndarray, fea
     fold_of = spatial_folds(lon[rows], lat[rows], block_m, folds, PROBE_SEED)
     if len(np.unique(fold_of)) < 2:
         return None
-    scores = linear_probe({name: x[rows] for name, x in features.items()}, keys[rows], fold_of, progress,
-                          "probe: POI category group")
+    scores = linear_probe(
+        {name: x[rows] for name, x in features.items()}, keys[rows], fold_of, progress, "probe: POI category group"
+    )
     return {"n": len(rows), "classes": groups, "folds": int(len(np.unique(fold_of))), "macro_f1": scores}
 
 
-def landuse_probe(layer, column: str, info: RasterInfo, base_radius_m: float, pairs: dict[str, ProjectorPair],
-                   block_m: float, folds: int, progress: bool) -> dict | None:
+def landuse_probe(
+    layer,
+    column: str,
+    info: RasterInfo,
+    base_radius_m: float,
+    pairs: dict[str, ProjectorPair],
+    block_m: float,
+    folds: int,
+    progress: bool,
+) -> dict | None:
     """Macro-F1 of predicting land use per pixel from the base-window AlphaEarth mean and its projections."""
     from pyproj import Transformer
 
-    rows, cols, labels = landuse_samples(layer, column, info, LANDUSE_PIXELS_PER_CLASS, LANDUSE_MIN_PIXELS,
-                                         PROBE_SEED)
+    rows, cols, labels = landuse_samples(layer, column, info, LANDUSE_PIXELS_PER_CLASS, LANDUSE_MIN_PIXELS, PROBE_SEED)
     if len(np.unique(labels)) < 2:
         return None
     px, py = info.xy(rows, cols)
@@ -217,8 +249,16 @@ def landuse_probe(layer, column: str, info: RasterInfo, base_radius_m: float, pa
     if len(np.unique(fold_of)) < 2 or len(np.unique(labels[ok])) < 2:
         return None
     feats = pooled.views[0][ok]
-    scores = linear_probe({"alphaearth": feats, "aether": pairs["trained"].ae(feats),
-                           "untrained": pairs["untrained"].ae(feats)}, labels[ok], fold_of, progress,
-                          "probe: land use")
-    return {"n": int(ok.sum()), "classes": sorted(set(labels[ok])), "folds": int(len(np.unique(fold_of))),
-            "macro_f1": scores}
+    scores = linear_probe(
+        {"alphaearth": feats, "aether": pairs["trained"].ae(feats), "untrained": pairs["untrained"].ae(feats)},
+        labels[ok],
+        fold_of,
+        progress,
+        "probe: land use",
+    )
+    return {
+        "n": int(ok.sum()),
+        "classes": sorted(set(labels[ok])),
+        "folds": int(len(np.unique(fold_of))),
+        "macro_f1": scores,
+    }

@@ -12,6 +12,7 @@ same shape (initialised as training initialises it, seed `train.seed`) and for c
 - linear probes, AlphaEarth versus AETHER features on the same points and the same spatially
   blocked folds: the POI's category group (OSM key), and land use per pixel when a layer is given.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,6 +69,7 @@ FOLDS = 5
 
 # ----- the command -----
 
+
 def _poi_categories(cfg, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(key, value) of each POI id from the POI file, or None when it has no such columns."""
     frame = read_poi_frame(cfg.data.poi, cfg.data.lon_column, cfg.data.lat_column, cfg.data.poi_crs)
@@ -81,8 +83,9 @@ def _poi_categories(cfg, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Non
 
     def column(name: str) -> np.ndarray:
         values = frame[name].to_numpy()[rows]
-        return np.array(["" if v is None or (isinstance(v, float) and v != v) else str(v).strip() for v in values],
-                        dtype=object)
+        return np.array(
+            ["" if v is None or (isinstance(v, float) and v != v) else str(v).strip() for v in values], dtype=object
+        )
 
     return column("key"), column("value")
 
@@ -107,8 +110,9 @@ class EvalOptions:
     def check(self) -> EvalOptions:
         """Refuse, before any work, options evaluation cannot run with; returns itself."""
         if not 0 < self.search_radius_m <= MAX_SEARCH_RADIUS_M:
-            raise AetherError(f"--search-radius-m must be in (0, {MAX_SEARCH_RADIUS_M:,.0f}] metres, got "
-                              f"{self.search_radius_m}")
+            raise AetherError(
+                f"--search-radius-m must be in (0, {MAX_SEARCH_RADIUS_M:,.0f}] metres, got {self.search_radius_m}"
+            )
         if self.min_category_pois < 2:
             raise AetherError(f"--min-category-pois must be at least 2, got {self.min_category_pois}")
         if self.folds < 2:
@@ -124,8 +128,9 @@ class EvalOptions:
         return self
 
 
-def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, options: EvalOptions | None = None,
-             progress: bool = True) -> dict:
+def evaluate(
+    ckpt: str | Path, out_dir: str | Path | None = None, options: EvalOptions | None = None, progress: bool = True
+) -> dict:
     """Evaluate `ckpt` on its own held-out POIs, as `options` ask; write metrics.json and metrics.md
     into `out_dir` (default: `eval` beside the checkpoint) and return the metrics."""
     started = time.time()
@@ -142,10 +147,14 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, options: EvalO
             setattr(cfg.data, key, str(Path(value).resolve()))
         path = getattr(cfg.data, key)
         if key == "ae_tif" and is_tile_set(path):
-            raise AetherError(f"evaluate.py works on one raster, and {path} names a set of tiles; pass --ae_tif with "
-                              f"one tile (or a VRT of tiles in one UTM zone)")
+            raise AetherError(
+                f"evaluate.py works on one raster, and {path} names a set of tiles; pass --ae_tif with "
+                f"one tile (or a VRT of tiles in one UTM zone)"
+            )
         if not Path(path).exists():
-            origin = "given" if value is not None else "named by the checkpoint's config; pass --" + key + " if it moved"
+            origin = (
+                "given" if value is not None else "named by the checkpoint's config; pass --" + key + " if it moved"
+            )
             raise AetherError(f"{key} file {path} does not exist ({origin})")
     layer = read_landuse(landuse, landuse_column) if landuse is not None else None
     info = open_raster(cfg.data.ae_tif, projector.n_bands)
@@ -155,24 +164,36 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, options: EvalO
     encoder = text_encoder_of(projector.checkpoint)
     dataset, info, encoder = build_dataset(cfg, encoder=encoder, progress=progress)
     if dataset.text.shape[1] != projector.checkpoint.text.dim:
-        raise AetherError(f"text embeddings have {dataset.text.shape[1]} dimensions; the checkpoint expects "
-                          f"{projector.checkpoint.text.dim}")
+        raise AetherError(
+            f"text embeddings have {dataset.text.shape[1]} dimensions; the checkpoint expects "
+            f"{projector.checkpoint.text.dim}"
+        )
     if cfg.data.val_fraction == 0 or projector.checkpoint.origin == "reference":
         # trained without validation, or with the reference code's own random split, which is not rebuilt here
         val = np.arange(len(dataset))
-        why = ("the checkpoint was trained without a validation split (data.val_fraction = 0)"
-               if cfg.data.val_fraction == 0 else "the reference code's random validation split is not rebuilt here")
-        logger.info(f"{why}: evaluating on all {len(val)} POIs of {cfg.data.poi}; on the POIs it was trained on, these are "
-            f"training figures")
+        why = (
+            "the checkpoint was trained without a validation split (data.val_fraction = 0)"
+            if cfg.data.val_fraction == 0
+            else "the reference code's random validation split is not rebuilt here"
+        )
+        logger.info(
+            f"{why}: evaluating on all {len(val)} POIs of {cfg.data.poi}; on the POIs it was trained on, these are "
+            f"training figures"
+        )
     else:
         val = np.flatnonzero(dataset.is_val)
-        logger.info(f"evaluating on {len(val)} held-out POIs (of {len(dataset)}; spatial blocks of {cfg.data.val_block_m:g} m, "
-            f"seed {cfg.train.seed})")
+        logger.info(
+            f"evaluating on {len(val)} held-out POIs (of {len(dataset)}; spatial blocks of {cfg.data.val_block_m:g} m, "
+            f"seed {cfg.train.seed})"
+        )
     if len(val) < 2:
         raise AetherError(f"the checkpoint's split holds {len(val)} held-out POIs; evaluation needs at least 2")
-    pairs = {"trained": ProjectorPair("trained", projector.checkpoint.build_model()),
-             "untrained": ProjectorPair("untrained", untrained_model(projector.n_bands, dataset.text.shape[1], cfg,
-                                                                    cfg.train.seed))}
+    pairs = {
+        "trained": ProjectorPair("trained", projector.checkpoint.build_model()),
+        "untrained": ProjectorPair(
+            "untrained", untrained_model(projector.n_bands, dataset.text.shape[1], cfg, cfg.train.seed)
+        ),
+    }
     base, text = dataset.base[val], dataset.text[val]
     ae_z = {name: pair.ae(base) for name, pair in pairs.items()}
     text_z = {name: pair.text(text) for name, pair in pairs.items()}
@@ -187,27 +208,46 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, options: EvalO
         notes.append(f"POI file has no {' and '.join(CATEGORY_FIELDS)} columns: no category retrieval or probe.")
     else:
         keys, values = categories
-        category_result = category_retrieval(keys, values, ae_z, pairs, encoder, cfg, category_template,
-                                             min_category_pois)
+        category_result = category_retrieval(
+            keys, values, ae_z, pairs, encoder, cfg, category_template, min_category_pois
+        )
         if category_result is None:
             notes.append(f"no category has {min_category_pois} or more held-out POIs: no category retrieval.")
-        probe_group = category_group_probe(keys, dataset.pois.lon[val], dataset.pois.lat[val],
-                                            {"alphaearth": base, "aether": ae_z["trained"],
-                                             "untrained": ae_z["untrained"]},
-                                            min_category_pois, cfg.data.val_block_m, folds, progress)
+        probe_group = category_group_probe(
+            keys,
+            dataset.pois.lon[val],
+            dataset.pois.lat[val],
+            {"alphaearth": base, "aether": ae_z["trained"], "untrained": ae_z["untrained"]},
+            min_category_pois,
+            cfg.data.val_block_m,
+            folds,
+            progress,
+        )
         if probe_group is None:
             notes.append("too few held-out POIs, category groups or spatial blocks for the category-group probe.")
 
-    loc = localisation(info, dataset.pois.x[val], dataset.pois.y[val], dataset.pois.lat[val], projector.base_radius_m,
-                       text_z, pairs, search_radius_m, progress)
+    loc = localisation(
+        info,
+        dataset.pois.x[val],
+        dataset.pois.y[val],
+        dataset.pois.lat[val],
+        projector.base_radius_m,
+        text_z,
+        pairs,
+        search_radius_m,
+        progress,
+    )
 
     probe_landuse = None
     if layer is not None:
-        probe_landuse = landuse_probe(layer, landuse_column, info, projector.base_radius_m, pairs,
-                                       cfg.data.val_block_m, folds, progress)
+        probe_landuse = landuse_probe(
+            layer, landuse_column, info, projector.base_radius_m, pairs, cfg.data.val_block_m, folds, progress
+        )
         if probe_landuse is None:
-            notes.append(f"land-use layer {landuse}: fewer than 2 classes with {LANDUSE_MIN_PIXELS} pixels on the "
-                         f"raster, or one spatial block: no land-use probe.")
+            notes.append(
+                f"land-use layer {landuse}: fewer than 2 classes with {LANDUSE_MIN_PIXELS} pixels on the "
+                f"raster, or one spatial block: no land-use probe."
+            )
         else:
             probe_landuse.update(file=str(Path(landuse).resolve()), column=landuse_column)
 
@@ -216,13 +256,24 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, options: EvalO
         "checkpoint": str(ckpt.resolve()),
         "checkpoint_sha256": file_sha256(ckpt),
         "epoch": projector.checkpoint.epoch,
-        "data": {"ae_tif": cfg.data.ae_tif, "poi": cfg.data.poi, "pois": len(dataset), "held_out": int(len(val)),
-                 "val_block_m": cfg.data.val_block_m, "val_fraction": cfg.data.val_fraction, "seed": cfg.train.seed},
+        "data": {
+            "ae_tif": cfg.data.ae_tif,
+            "poi": cfg.data.poi,
+            "pois": len(dataset),
+            "held_out": int(len(val)),
+            "val_block_m": cfg.data.val_block_m,
+            "val_fraction": cfg.data.val_fraction,
+            "seed": cfg.train.seed,
+        },
         "retrieval": retrieval,
         "category_retrieval": category_result,
         "localisation": {"search_radius_m": search_radius_m, **loc},
-        "probes": {"poi_category_group": probe_group, "landuse": probe_landuse,
-                   "seed": PROBE_SEED, "block_m": cfg.data.val_block_m},
+        "probes": {
+            "poi_category_group": probe_group,
+            "landuse": probe_landuse,
+            "seed": PROBE_SEED,
+            "block_m": cfg.data.val_block_m,
+        },
         "notes": notes,
         "elapsed_s": round(time.time() - started, 1),
     }
@@ -234,8 +285,16 @@ def evaluate(ckpt: str | Path, out_dir: str | Path | None = None, options: EvalO
     return metrics
 
 
-def category_retrieval(keys: np.ndarray, values: np.ndarray, ae_z: dict[str, np.ndarray],
-                       pairs: dict[str, ProjectorPair], encoder, cfg, template: str, min_pois: int) -> dict | None:
+def category_retrieval(
+    keys: np.ndarray,
+    values: np.ndarray,
+    ae_z: dict[str, np.ndarray],
+    pairs: dict[str, ProjectorPair],
+    encoder,
+    cfg,
+    template: str,
+    min_pois: int,
+) -> dict | None:
     """Average precision of each category's template query over all held-out POI locations, per pair
     and chance; None when no category has `min_pois` held-out POIs."""
     counts: dict[tuple[str, str], int] = {}
@@ -258,8 +317,10 @@ def category_retrieval(keys: np.ndarray, values: np.ndarray, ae_z: dict[str, np.
         ap = {name: average_precision(ae_z[name] @ pair.text(emb[None])[0], relevant) for name, pair in pairs.items()}
         ap["chance"] = chance_average_precision(n, int(relevant.sum()))
         per_category.append({"category": f"{k}={v}", "n": int(relevant.sum()), "query": query, "ap": ap})
-    return {"n_categories": len(per_category), "min_pois": min_pois, "template": template,
-            "categories": per_category,
-            "map": {m: float(np.mean([c["ap"][m] for c in per_category])) for m in MODELS}}
-
-
+    return {
+        "n_categories": len(per_category),
+        "min_pois": min_pois,
+        "template": template,
+        "categories": per_category,
+        "map": {m: float(np.mean([c["ap"][m] for c in per_category])) for m in MODELS},
+    }

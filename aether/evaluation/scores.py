@@ -1,4 +1,5 @@
 """Retrieval scores and what chance scores, computed exactly (not sampled)."""
+
 from __future__ import annotations
 
 import numpy as np

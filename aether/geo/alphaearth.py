@@ -6,6 +6,7 @@ q = round(127.5 * sign(x) * sqrt(|x|)), nodata -128, de-quantized as
 x = sign(q) * (q / 127.5) ** 2. Data: CC-BY 4.0, with the attribution text Google's
 README of the bucket requires (ATTRIBUTION).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -11,6 +11,7 @@ place, size and CRC-32 are returned by `sync`, so a journal can record them and 
 check them (`BlockFile.intact`) before trusting the blocks: a file cut short, or bytes changed
 inside a block, is found there rather than published.
 """
+
 from __future__ import annotations
 
 import errno
@@ -164,16 +165,23 @@ class BlockFile:
         caller goes on with the next window; `sync` waits for them, and raises what failed.
         Returns the indices of the blocks written."""
         h, w, count = array.shape
-        ends = ((row0 + h) % self.block_h == 0 or row0 + h == self.height) and \
-               ((col0 + w) % self.block_w == 0 or col0 + w == self.width)
-        if row0 % self.block_h or col0 % self.block_w or count != self.count or not ends or \
-                row0 + h > self.height or col0 + w > self.width:
+        ends = ((row0 + h) % self.block_h == 0 or row0 + h == self.height) and (
+            (col0 + w) % self.block_w == 0 or col0 + w == self.width
+        )
+        if (
+            row0 % self.block_h
+            or col0 % self.block_w
+            or count != self.count
+            or not ends
+            or row0 + h > self.height
+            or col0 + w > self.width
+        ):
             raise ValueError(f"a window of {count} bands at ({row0}, {col0}) is not whole blocks of {self.path}")
         indices = []
         for r in range(0, h, self.block_h):
             for c in range(0, w, self.block_w):
                 index = (row0 + r) // self.block_h * self.blocks_across + (col0 + c) // self.block_w
-                block = array[r:r + self.block_h, c:c + self.block_w]
+                block = array[r : r + self.block_h, c : c + self.block_w]
                 self._pending.append(self._pool.submit(self._append, index, block))
                 indices.append(index)
         self._wait(keep=2 * self.threads)
@@ -188,7 +196,9 @@ class BlockFile:
         if not self.big and offset + len(data) >= 2**32:
             raise AetherError(f"{self.path} grew past 4 GiB, the most a classic TIFF can hold")
         if len(data) >= 1 << (8 * self.count_size):
-            raise AetherError(f"a compressed block of {self.path} is {len(data):,} bytes, more than its block index holds")
+            raise AetherError(
+                f"a compressed block of {self.path} is {len(data):,} bytes, more than its block index holds"
+            )
         with stage("write"):
             _write_all(self.fd, data, offset)
         checksum = zlib.crc32(data)
@@ -226,10 +236,14 @@ class BlockFile:
         for index, offset, size, checksum in blocks:
             if not 0 <= index < n_blocks or offset < 0 or size <= 0 or offset + size > end:
                 return False
-            pointed = (struct.unpack("<" + off_code, os.pread(self.fd, self.offset_size,
-                                                               self.offsets_at + index * self.offset_size))[0],
-                       struct.unpack("<" + count_code, os.pread(self.fd, self.count_size,
-                                                                 self.counts_at + index * self.count_size))[0])
+            pointed = (
+                struct.unpack(
+                    "<" + off_code, os.pread(self.fd, self.offset_size, self.offsets_at + index * self.offset_size)
+                )[0],
+                struct.unpack(
+                    "<" + count_code, os.pread(self.fd, self.count_size, self.counts_at + index * self.count_size)
+                )[0],
+            )
             if pointed != (offset, size) or zlib.crc32(os.pread(self.fd, size, offset)) != checksum:
                 return False
         return True
@@ -272,8 +286,16 @@ class CheckpointedBlocks:
     and checksums; `done` is the set of pieces an earlier run finished (updated in place), and
     `blocks` what the journal recorded of their blocks. What a run resumes from."""
 
-    def __init__(self, path: Path, journal, done: set[int], checkpoint_s: float, level: int = 1, threads: int = 1,
-                 blocks: dict[int, list] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        journal,
+        done: set[int],
+        checkpoint_s: float,
+        level: int = 1,
+        threads: int = 1,
+        blocks: dict[int, list] | None = None,
+    ):
         self.file = BlockFile(path, level, threads)
         self.journal, self.done, self.pending = journal, done, {}
         self.blocks = dict(blocks or {})
@@ -282,8 +304,9 @@ class CheckpointedBlocks:
     def damaged(self) -> set[int]:
         """The finished pieces whose blocks are not in the file as the journal recorded them (a file
         cut short, bytes changed, an index entry lost): they are no longer finished."""
-        bad = {piece for piece in self.done if not self.file.intact(self.blocks.get(piece, ()))
-               or piece not in self.blocks}
+        bad = {
+            piece for piece in self.done if not self.file.intact(self.blocks.get(piece, ())) or piece not in self.blocks
+        }
         self.done -= bad
         for piece in bad:
             self.blocks.pop(piece, None)

@@ -1,6 +1,7 @@
 """GDAL's side of AETHER: which paths are remote and how GDAL opens them, and the settings remote
 reads need. Importing this changes nothing; `configure()` applies the settings to the process
 (the command line calls it; a notebook may too)."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,13 @@ _OBJECT_STORES = (("s3://", "/vsis3/"), ("gs://", "/vsigs/"))
 # up after these seconds and is retried a few times, then the read fails with one line. The
 # environment overrides them (e.g. GDAL_HTTP_TIMEOUT=120 for a slow link). Opening a remote file
 # must not list its "folder" (a bucket can hold thousands of tiles).
-DEFAULTS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_CONNECTTIMEOUT": "30", "GDAL_HTTP_TIMEOUT": "30",
-            "GDAL_HTTP_MAX_RETRY": "3", "GDAL_HTTP_RETRY_DELAY": "1"}
+DEFAULTS = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_CONNECTTIMEOUT": "30",
+    "GDAL_HTTP_TIMEOUT": "30",
+    "GDAL_HTTP_MAX_RETRY": "3",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+}
 
 
 def configure() -> None:
@@ -43,8 +49,10 @@ def remote_hint(path: str) -> str:
         return ""
     timeout = os.environ.get("GDAL_HTTP_TIMEOUT", DEFAULTS["GDAL_HTTP_TIMEOUT"])
     retries = os.environ.get("GDAL_HTTP_MAX_RETRY", DEFAULTS["GDAL_HTTP_MAX_RETRY"])
-    return (f" (each request waits up to GDAL_HTTP_TIMEOUT = {timeout} s and is retried GDAL_HTTP_MAX_RETRY = "
-            f"{retries} times; set them in the environment for a slow server)")
+    return (
+        f" (each request waits up to GDAL_HTTP_TIMEOUT = {timeout} s and is retried GDAL_HTTP_MAX_RETRY = "
+        f"{retries} times; set them in the environment for a slow server)"
+    )
 
 
 def gdal_path(path: str) -> str:
@@ -56,7 +64,7 @@ def gdal_path(path: str) -> str:
         return "/vsicurl/" + path
     for prefix, vsi in _OBJECT_STORES:
         if path.startswith(prefix):
-            return vsi + path[len(prefix):]
+            return vsi + path[len(prefix) :]
     return path
 
 

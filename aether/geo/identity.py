@@ -1,4 +1,5 @@
 """What a run reads, by content, so that a resume can tell whether it changed since the run began."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,7 @@ def content_identity(path: str) -> dict[str, str]:
 def remote_identity(path: str) -> str:
     """An identity of a remote raster's content: ETag or Last-Modified from an HTTP HEAD for
     http(s) URLs, else (or when the host gives neither) `block_sizes_identity`."""
-    url = path[len("/vsicurl/"):] if path.startswith("/vsicurl/") else path
+    url = path[len("/vsicurl/") :] if path.startswith("/vsicurl/") else path
     if url.startswith(("http://", "https://")):
         try:
             with request(url, method="HEAD") as answer:

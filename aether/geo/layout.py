@@ -1,5 +1,6 @@
 """How AETHER lays out the GeoTIFFs it writes, declared once: tiled blocks, ZSTD at one level, a
 predictor where it pays; and the tags it reads back from them."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,16 @@ def geotiff_layout(dtype: str, block_px: int) -> dict:
     barely compresses), pixel-interleaved, BigTIFF when needed, and a predictor where it pays:
     the floating-point one for float32, horizontal differencing for int16 (whose low bits follow
     the smooth window means)."""
-    layout = dict(tiled=True, blockxsize=block_px, blockysize=block_px, compress="zstd",
-                  zstd_level=ZSTD_LEVEL, interleave="pixel", bigtiff="if_safer", num_threads="ALL_CPUS")
+    layout = dict(
+        tiled=True,
+        blockxsize=block_px,
+        blockysize=block_px,
+        compress="zstd",
+        zstd_level=ZSTD_LEVEL,
+        interleave="pixel",
+        bigtiff="if_safer",
+        num_threads="ALL_CPUS",
+    )
     if dtype != "int8":
         layout["predictor"] = {"float32": 3, "int16": 2}.get(dtype, 1)
     return layout
@@ -50,8 +59,9 @@ def raster_tag(path: Path, name: str) -> str | None:
 def cog_options(dtype: str) -> dict:
     """rasterio creation options of the Cloud-Optimized GeoTIFFs AETHER writes (`--cog`): the same
     compression as its GeoTIFFs, 256 px blocks, averaged overviews, a predictor where it pays."""
-    options = dict(compress="ZSTD", level=ZSTD_LEVEL, blocksize=OUTPUT_BLOCK_PX, overview_resampling="average",
-                   bigtiff="if_safer")
+    options = dict(
+        compress="ZSTD", level=ZSTD_LEVEL, blocksize=OUTPUT_BLOCK_PX, overview_resampling="average", bigtiff="if_safer"
+    )
     if dtype != "int8":
         options["predictor"] = "YES"
     return options

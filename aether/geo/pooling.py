@@ -7,6 +7,7 @@ points, in raster order; each chunk (plus a halo of the largest radius) gets one
 summed-area table of values and one of valid counts, so a window of any size costs
 four lookups, and memory is bounded by the chunk, not by the raster.
 """
+
 from __future__ import annotations
 
 import threading
@@ -87,7 +88,9 @@ def pool_points(
             box -= np.take(flat, corners[2], axis=0)
             box += np.take(flat, corners[3], axis=0)
             box = box.astype(np.float32)
-            count = flat_counts[corners[0]] - flat_counts[corners[1]] - flat_counts[corners[2]] + flat_counts[corners[3]]
+            count = (
+                flat_counts[corners[0]] - flat_counts[corners[1]] - flat_counts[corners[2]] + flat_counts[corners[3]]
+            )
             norm = np.linalg.norm(box, axis=1)
             ok = (count > 0) & (norm > 0)
             # the mean's scale (1 / count, and 1 / 127.5**2 for int8) cancels in the renormalisation
@@ -114,8 +117,11 @@ def pool_points(
                 chunk_top = (int(r[0]) // chunk_px) * chunk_px
                 chunk_left = (int(c.min()) // chunk_px) * chunk_px
                 next_row_top = chunk_top + chunk_px - hy_max
-                blocks.evict(lambda br0, br1, bc0, bc1: br1 > chunk_top - hy_max
-                             and (br1 > next_row_top or bc1 > chunk_left - hx_max))
+                blocks.evict(  # called here, while the loop's values are this chunk's
+                    lambda br0, br1, bc0, bc1: (
+                        br1 > chunk_top - hy_max and (br1 > next_row_top or bc1 > chunk_left - hx_max)  # noqa: B023
+                    )
+                )
                 pending.append(pool.submit(work, members, blocks.read(r0, r1, c0, c1), r0, c0))
                 while len(pending) > max(1, threads):
                     bar.update(pending.popleft().result())
@@ -159,8 +165,9 @@ def _scratch(shape: tuple[int, ...], dtype, name: str = "table") -> np.ndarray:
     return buf[:size].view(dtype).reshape(shape)
 
 
-def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
-                        max_window_px: int) -> tuple[np.ndarray, np.ndarray]:
+def _summed_area_tables(
+    grid: list[list[np.ndarray]], info: RasterInfo, max_window_px: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed-area tables (h+1, w+1, C) of a block's values and (h+1, w+1) of its valid pixels.
 
     The block is a grid of band-major (C, h, w) pieces (`BlockCache.read`; one array is [[array]]).
@@ -194,7 +201,7 @@ def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
     i = 0
     for row_of_pieces, piece_h in zip(grid, heights):
         for piece, b0, b1 in zip(row_of_pieces, col_starts[:-1], col_starts[1:]):
-            invalid[i:i + piece_h, b0:b1] = invalid_pixels(piece, info, axis=0)
+            invalid[i : i + piece_h, b0:b1] = invalid_pixels(piece, info, axis=0)
         for k in range(piece_h):
             for piece, b0, b1 in zip(row_of_pieces, col_starts[:-1], col_starts[1:]):
                 line[:, b0:b1] = piece[:, k]
@@ -216,8 +223,9 @@ def _summed_area_tables(grid: list[list[np.ndarray]], info: RasterInfo,
     return table, valid
 
 
-def window_means(bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray,
-                 hx: int, hy: int) -> tuple[np.ndarray, np.ndarray]:
+def window_means(
+    bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_rows: np.ndarray, hx: int, hy: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Dense window pooling of a tile: the unit-length masked mean around every pixel.
 
     `bands` is the band-major (C, h, w) tile with a halo of `hy` rows and `hx` columns on each
@@ -254,9 +262,17 @@ def window_means(bands: np.ndarray, info: RasterInfo, rx_rows: np.ndarray, ry_ro
 POINTS_PER_TASK = 50_000  # points per Dask task when one raster's points are split
 
 
-def pool_at_scale(infos: list[RasterInfo], lon: np.ndarray, lat: np.ndarray, radii_m: list[float], client=None,
-                  xy: tuple[np.ndarray, np.ndarray] | None = None, chunk_px: int = CHUNK_PX,
-                  points_per_task: int = POINTS_PER_TASK, progress: bool = False) -> PooledViews:
+def pool_at_scale(
+    infos: list[RasterInfo],
+    lon: np.ndarray,
+    lat: np.ndarray,
+    radii_m: list[float],
+    client=None,
+    xy: tuple[np.ndarray, np.ndarray] | None = None,
+    chunk_px: int = CHUNK_PX,
+    points_per_task: int = POINTS_PER_TASK,
+    progress: bool = False,
+) -> PooledViews:
     """`pool_points` for points in lon/lat over one raster or a set of tiles (`infos`), as Dask
     tasks on `client` (or here, one after another, when it is None). `xy` gives the points in
     the raster's CRS when there is one raster (otherwise each tile's are computed from lon/lat).
@@ -287,8 +303,9 @@ def pool_at_scale(infos: list[RasterInfo], lon: np.ndarray, lat: np.ndarray, rad
             groups = groups[take:]
             tasks.append((info, x[select], y[select], radii_m, lat[members][select], chunk_px))
             points_of.append(members[select])
-    results = run_tasks(client, pool_points, tasks, [len(p) for p in points_of], desc="pooling POIs", unit="POI",
-                        progress=progress)
+    results = run_tasks(
+        client, pool_points, tasks, [len(p) for p in points_of], desc="pooling POIs", unit="POI", progress=progress
+    )
     views = [np.zeros((n, channels), dtype=np.float32) for _ in radii_m]
     valid = np.zeros(n, dtype=bool)
     inside = np.zeros(n, dtype=bool)

@@ -4,6 +4,7 @@ Accepts what users actually have: Earth Engine exports (float32/float64, NaN or 
 declared nodata), the Cloud Storage int8 encoding (-128 masked), any CRS, north-up
 or bottom-up rows, and VRT mosaics.
 """
+
 from __future__ import annotations
 
 import math
@@ -94,7 +95,9 @@ class RasterInfo:
         with np.errstate(divide="ignore", invalid="ignore"):
             fx, fy = radius_m / sx_m, radius_m / sy_m
         # at or beyond a pole there is no pixel size: clipped so the cast stays quiet (check_window refuses it)
-        rx, ry = (np.floor(np.clip(np.nan_to_num(f, nan=2.0**40), 0, 2.0**40) + 1e-6).astype(np.int64) for f in (fx, fy))
+        rx, ry = (
+            np.floor(np.clip(np.nan_to_num(f, nan=2.0**40), 0, 2.0**40) + 1e-6).astype(np.int64) for f in (fx, fy)
+        )
         return rx, ry
 
     def latitude_range(self) -> np.ndarray | None:
@@ -104,8 +107,9 @@ class RasterInfo:
             return None
         return self.xy(np.array([0, self.height - 1]), np.array([0, 0]))[1]
 
-    def check_window(self, radius_m: float, lat_deg: np.ndarray | float | None = None,
-                     fix: str = "use a smaller radius") -> None:
+    def check_window(
+        self, radius_m: float, lat_deg: np.ndarray | float | None = None, fix: str = "use a smaller radius"
+    ) -> None:
         """Refuse a window of ground radius `radius_m` more than MAX_WINDOW_HALF_PX pixels each way from its
         centre (at the latitudes `lat_deg` of a geographic raster; default: all its rows), before any
         memory is asked for it: 1 mm pixels would make a 45 m window 90,001 pixels across, and so would
@@ -116,8 +120,10 @@ class RasterInfo:
         if lat is not None and not len(lat):
             return
         if lat is not None and not (np.abs(lat) <= 90).all():
-            raise AetherError(f"raster {self.path} has pixel centres at latitude {float(np.max(np.abs(lat))):.6g}, "
-                              f"beyond a pole; fix its georeferencing (gdal_edit.py -a_ullr) and retry")
+            raise AetherError(
+                f"raster {self.path} has pixel centres at latitude {float(np.max(np.abs(lat))):.6g}, "
+                f"beyond a pole; fix its georeferencing (gdal_edit.py -a_ullr) and retry"
+            )
         sx_m, sy_m = self.pixel_size_m(lat)
         check_window_px(f"raster {self.path}", radius_m, sx_m, sy_m, lat, fix)
 
@@ -147,10 +153,12 @@ def check_window_px(source: str, radius_m: float, sx_m, sy_m, lat_deg=None, fix:
         return
     where = f" at latitude {float(np.atleast_1d(lat_deg)[worst]):.6g}" if lat_deg is not None else ""
     across = f"{2 * int(half[worst]) + 1:,} pixels" if math.isfinite(half[worst]) else "unboundedly many pixels"
-    raise AetherError(f"{source} has pixels of {float(sx_m[worst]):.3g} x {float(sy_m[worst]):.3g} m{where}: a window "
-                      f"of radius {radius_m:g} m would be {across} across, more than the {2 * MAX_WINDOW_HALF_PX + 1:,} "
-                      f"AETHER allows; resample the raster to coarser pixels (gdalwarp -tr; near a pole, into a polar "
-                      f"CRS such as EPSG:3413 or EPSG:3976) or {fix}")
+    raise AetherError(
+        f"{source} has pixels of {float(sx_m[worst]):.3g} x {float(sy_m[worst]):.3g} m{where}: a window "
+        f"of radius {radius_m:g} m would be {across} across, more than the {2 * MAX_WINDOW_HALF_PX + 1:,} "
+        f"AETHER allows; resample the raster to coarser pixels (gdalwarp -tr; near a pole, into a polar "
+        f"CRS such as EPSG:3413 or EPSG:3976) or {fix}"
+    )
 
 
 def metres_per_degree(lat_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,8 +170,15 @@ def metres_per_degree(lat_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return meridian * math.pi / 180.0, normal * np.cos(phi) * math.pi / 180.0
 
 
-def ground_distances_m(x0: float, y0: float, x: np.ndarray, y: np.ndarray, geographic: bool,
-                       unit_m: float = 1.0, lat_deg: float | None = None) -> np.ndarray:
+def ground_distances_m(
+    x0: float,
+    y0: float,
+    x: np.ndarray,
+    y: np.ndarray,
+    geographic: bool,
+    unit_m: float = 1.0,
+    lat_deg: float | None = None,
+) -> np.ndarray:
     """Ground distances in metres from (x0, y0) to points (x, y) in one CRS: `unit_m` is a projected
     CRS's unit in metres; a geographic CRS is scaled at `lat_deg` (default: each pair's mid-latitude)."""
     if not geographic:
@@ -226,18 +241,26 @@ def open_raster(path: str, n_bands: int | None = N_BANDS) -> RasterInfo:
     if info.crs is None:
         raise AetherError(f"raster {path} has no CRS; assign one (e.g. gdal_edit.py -a_srs EPSG:32635) and retry")
     if n_bands is not None and info.count != n_bands:
-        raise AetherError(f"raster {path} has {info.count} bands, expected {n_bands} (set data.n_bands if this is intended)")
+        raise AetherError(
+            f"raster {path} has {info.count} bands, expected {n_bands} (set data.n_bands if this is intended)"
+        )
     if len(dtypes) != 1:
         raise AetherError(f"raster {path} mixes band types {sorted(dtypes)}; expected one type for all bands")
     if info.dtype not in ("int8", "int16", "float16", "float32", "float64"):
-        raise AetherError(f"raster {path} has type {info.dtype}; expected int8 (AlphaEarth Cloud Storage), int16 "
-                          f"(AETHER's int16 output) or float16/float32/float64")
+        raise AetherError(
+            f"raster {path} has type {info.dtype}; expected int8 (AlphaEarth Cloud Storage), int16 "
+            f"(AETHER's int16 output) or float16/float32/float64"
+        )
     if info.transform.b != 0 or info.transform.d != 0:
         raise AetherError(f"raster {path} is rotated or sheared; warp it to a north-up grid first (gdalwarp)")
     if info.is_int8 and info.nodata is not None and info.nodata != NODATA_INT8:
-        raise AetherError(f"raster {path} is int8 with nodata {info.nodata}; the AlphaEarth encoding uses {NODATA_INT8}")
+        raise AetherError(
+            f"raster {path} is int8 with nodata {info.nodata}; the AlphaEarth encoding uses {NODATA_INT8}"
+        )
     if info.is_int16 and info.nodata is not None and info.nodata != NODATA_INT16:
-        raise AetherError(f"raster {path} is int16 with nodata {info.nodata}; AETHER's int16 encoding uses {NODATA_INT16}")
+        raise AetherError(
+            f"raster {path} is int16 with nodata {info.nodata}; AETHER's int16 encoding uses {NODATA_INT16}"
+        )
     return info
 
 
@@ -275,8 +298,9 @@ def read_pixels(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo
     try:
         src.read(window=window, out=pixels.transpose(2, 0, 1))
     except rasterio.errors.RasterioIOError as exc:
-        raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}"
-                          f"{remote_hint(info.path)}") from None
+        raise AetherError(
+            f"cannot read raster {info.path} at {window}: {first_line(exc)}{remote_hint(info.path)}"
+        ) from None
     return pixels
 
 
@@ -287,8 +311,9 @@ def read_bands(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo)
     try:
         return src.read(window=window)
     except rasterio.errors.RasterioIOError as exc:
-        raise AetherError(f"cannot read raster {info.path} at {window}: {first_line(exc)}"
-                          f"{remote_hint(info.path)}") from None
+        raise AetherError(
+            f"cannot read raster {info.path} at {window}: {first_line(exc)}{remote_hint(info.path)}"
+        ) from None
 
 
 def read_vectors(src: rasterio.io.DatasetReader, window: Window, info: RasterInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -356,13 +381,19 @@ class BlockCache:
         grid = []
         for i in rows:
             ur0 = i * self.unit_h
-            grid.append([self.units[(i, j)][:, max(r0 - ur0, 0):r1 - ur0, max(c0 - j * self.unit_w, 0):c1 - j * self.unit_w]
-                         for j in cols])
+            grid.append(
+                [
+                    self.units[(i, j)][
+                        :, max(r0 - ur0, 0) : r1 - ur0, max(c0 - j * self.unit_w, 0) : c1 - j * self.unit_w
+                    ]
+                    for j in cols
+                ]
+            )
         return grid
 
     def evict(self, keep) -> None:
         """Drop cached blocks for which keep(row_start, row_end, col_start, col_end) is False."""
-        for (i, j) in list(self.units):
+        for i, j in list(self.units):
             r, c = i * self.unit_h, j * self.unit_w
             if not keep(r, r + self.unit_h, c, c + self.unit_w):
                 del self.units[(i, j)]
@@ -372,5 +403,3 @@ class BlockCache:
         for src in self._handles:
             src.close()
         self.units.clear()
-
-

@@ -9,12 +9,13 @@ the pieces that fail, so a partial file cut short or changed is never published.
 fails keeps what it resumed from (a full disk must not throw away an earlier run's work), and
 removes what it started itself.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import rasterio
@@ -38,9 +39,18 @@ class ResumableOutput:
     resumed it, and removes it otherwise.
     """
 
-    def __init__(self, out: Path, fingerprint: dict, create: Callable[[Path], None], *, what: str = "tiles",
-                 checkpoint_s: float = 5.0, level: int = 1, threads: int = 1,
-                 keep_on: tuple[type[BaseException], ...] = ()):
+    def __init__(
+        self,
+        out: Path,
+        fingerprint: dict,
+        create: Callable[[Path], None],
+        *,
+        what: str = "tiles",
+        checkpoint_s: float = 5.0,
+        level: int = 1,
+        threads: int = 1,
+        keep_on: tuple[type[BaseException], ...] = (),
+    ):
         self.out = Path(out)
         self.partial, journal_path = partial_paths(self.out)
         self.journal = Journal(journal_path, fingerprint)
@@ -87,13 +97,16 @@ class ResumableOutput:
         self.resumed = True
         damaged = self.blocks.damaged()
         if damaged:
-            logger.info(f"{len(damaged)} of the {len(done) + len(damaged)} finished {self.what} failed their check in "
-                f"{self.partial.name} (the file was cut short or changed since it was written): they are done again")
+            logger.info(
+                f"{len(damaged)} of the {len(done) + len(damaged)} finished {self.what} failed their check in "
+                f"{self.partial.name} (the file was cut short or changed since it was written): they are done again"
+            )
         return self.blocks.done
 
     def _open(self, done: set[int], recorded: dict[int, list]) -> CheckpointedBlocks:
-        return CheckpointedBlocks(self.partial, self.journal, set(done), self.checkpoint_s, self.level, self.threads,
-                                  recorded)
+        return CheckpointedBlocks(
+            self.partial, self.journal, set(done), self.checkpoint_s, self.level, self.threads, recorded
+        )
 
     def write(self, piece: int, array: np.ndarray, row0: int, col0: int) -> None:
         """Write one finished piece: pixel-major (h, w, bands) whole blocks at (row0, col0)."""
@@ -116,7 +129,7 @@ class ResumableOutput:
             logger.info(f"replaced the earlier {self.out}")
         return self.out
 
-    def __enter__(self) -> "ResumableOutput":
+    def __enter__(self) -> ResumableOutput:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
@@ -133,5 +146,6 @@ class ResumableOutput:
         try:
             raise_if_disk_full(exc, self.out)
         except AetherError as full:
-            raise AetherError(f"{full} (the partial output {self.partial.name} is kept: resume once there is room)") \
-                from None
+            raise AetherError(
+                f"{full} (the partial output {self.partial.name} is kept: resume once there is room)"
+            ) from None

@@ -9,6 +9,7 @@ A point goes to exactly one tile (tiles from neighbouring zones overlap): the ti
 lies farthest, in metres, from the tile's edge, so its windows are the least clipped; equal
 distances go to the tile listed first.
 """
+
 from __future__ import annotations
 
 import glob
@@ -132,8 +133,14 @@ def write_mosaic_vrt(tiles: list[str], out: Path) -> Path:
     bottom, top = min(b[0].bottom for b in boxes), max(b[0].top for b in boxes)
     width, height = int(round((right - left) / res_x)), int(round((top - bottom) / res_y))
     nodata_xml = "" if nodata is None else f"    <NoDataValue>{nodata!r}</NoDataValue>\n"
-    vrt_type = {"int8": "Int8", "int16": "Int16", "float32": "Float32", "float64": "Float64", "float16": "Float16",
-                "uint8": "Byte"}.get(dtype, dtype)
+    vrt_type = {
+        "int8": "Int8",
+        "int16": "Int16",
+        "float32": "Float32",
+        "float64": "Float64",
+        "float16": "Float16",
+        "uint8": "Byte",
+    }.get(dtype, dtype)
     bands = []
     for b in range(1, count + 1):
         parts = [f'  <VRTRasterBand dataType="{vrt_type}" band="{b}">\n']
@@ -144,18 +151,23 @@ def write_mosaic_vrt(tiles: list[str], out: Path) -> Path:
             dx, dy = round((bounds.left - left) / res_x, 6), round((top - bounds.top) / res_y, 6)
             dw, dh = round((bounds.right - bounds.left) / res_x, 6), round((bounds.top - bounds.bottom) / res_y, 6)
             rel = os.path.relpath(path, out.parent)
-            parts.append(f'    <ComplexSource>\n      <SourceFilename relativeToVRT="1">{escape(rel)}</SourceFilename>\n'
-                         f"      <SourceBand>{b}</SourceBand>\n"
-                         f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>\n'
-                         f'      <DstRect xOff="{dx!r}" yOff="{dy!r}" xSize="{dw!r}" ySize="{dh!r}"/>\n'
-                         + (f"      <NODATA>{nodata!r}</NODATA>\n" if nodata is not None else "")
-                         + "    </ComplexSource>\n")
+            parts.append(
+                f'    <ComplexSource>\n      <SourceFilename relativeToVRT="1">{escape(rel)}</SourceFilename>\n'
+                f"      <SourceBand>{b}</SourceBand>\n"
+                f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>\n'
+                f'      <DstRect xOff="{dx!r}" yOff="{dy!r}" xSize="{dw!r}" ySize="{dh!r}"/>\n'
+                + (f"      <NODATA>{nodata!r}</NODATA>\n" if nodata is not None else "")
+                + "    </ComplexSource>\n"
+            )
         parts.append("  </VRTRasterBand>\n")
         bands.append("".join(parts))
-    doc = (f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
-           f"  <SRS>{escape(crs0.to_wkt())}</SRS>\n"
-           f"  <GeoTransform>{left!r}, {res_x!r}, 0.0, {top!r}, 0.0, {-res_y!r}</GeoTransform>\n"
-           + "".join(bands) + "</VRTDataset>\n")
+    doc = (
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
+        f"  <SRS>{escape(crs0.to_wkt())}</SRS>\n"
+        f"  <GeoTransform>{left!r}, {res_x!r}, 0.0, {top!r}, 0.0, {-res_y!r}</GeoTransform>\n"
+        + "".join(bands)
+        + "</VRTDataset>\n"
+    )
     atomic_write_text(out, doc)
     return out
 
@@ -185,8 +197,17 @@ def _warped_sources(tiles: list[str], crs, folder: Path) -> list[str]:
         height = math.ceil((top - bounds.bottom) / res)
         target = folder / f"{i:04d}_{Path(path).stem}.vrt"
         partial = folder / f".{target.name}.partial"
-        with rasterio.open(path) as src, WarpedVRT(src, crs=crs, resampling=Resampling.nearest, width=width,
-                                                    height=height, transform=Affine(res, 0, left, 0, -res, top)) as vrt:
+        with (
+            rasterio.open(path) as src,
+            WarpedVRT(
+                src,
+                crs=crs,
+                resampling=Resampling.nearest,
+                width=width,
+                height=height,
+                transform=Affine(res, 0, left, 0, -res, top),
+            ) as vrt,
+        ):
             rio_copy(vrt, str(partial), driver="VRT")
         _relative_sources(partial, target)
         sources.append(str(target))
@@ -207,7 +228,7 @@ def _relative_sources(written: Path, vrt: Path) -> None:
             name = os.path.relpath(name, vrt.parent)
         return f'{match.group(1)} relativeToVRT="1">{escape(name)}<'
 
-    text = re.sub(r'(<SourceDataset)[^>]*>([^<]*)<', relative, text)
+    text = re.sub(r"(<SourceDataset)[^>]*>([^<]*)<", relative, text)
     atomic_write_text(vrt, text)
 
 

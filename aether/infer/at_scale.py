@@ -1,6 +1,7 @@
 """Inference at scale: a set of tiles (one output each, and a mosaic VRT) or one large raster in
 bands of rows, as Dask tasks on a local or existing cluster; each task is an `embed_raster` run
 that writes its own output atomically and skips one the same run already finished."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,17 @@ def row_bands(info: RasterInfo, tile_px: int, band_px: int) -> list[tuple[int, i
     return [(r, min(info.height, r + step)) for r in range(0, info.height, step)]
 
 
-def embed_at_scale(ae_tif: str, ckpt: str, out: str, options: EmbedOptions | None = None,
-                   cluster: Cluster | None = None, *, band_px: int = BAND_PX, progress: bool = True,
-                   resume: bool = False) -> Path:
+def embed_at_scale(
+    ae_tif: str,
+    ckpt: str,
+    out: str,
+    options: EmbedOptions | None = None,
+    cluster: Cluster | None = None,
+    *,
+    band_px: int = BAND_PX,
+    progress: bool = True,
+    resume: bool = False,
+) -> Path:
     """Embed one raster or a set of tiles, as Dask tasks when a `cluster` is given (local worker
     processes, or an existing scheduler), with `embed_raster`'s `options`.
 
@@ -53,8 +62,10 @@ def embed_at_scale(ae_tif: str, ckpt: str, out: str, options: EmbedOptions | Non
     if not tile_set and not cluster.given:
         return embed_raster(ae_tif, ckpt, out, options, progress=progress, resume=resume)
     if resume:
-        raise AetherError("--resume is for a single-process run of one raster; with a set of tiles or a cluster, "
-                          "run the same command again: finished outputs are skipped")
+        raise AetherError(
+            "--resume is for a single-process run of one raster; with a set of tiles or a cluster, "
+            "run the same command again: finished outputs are skipped"
+        )
     ae_tif, ckpt, out = local_absolute(ae_tif), local_absolute(ckpt), local_absolute(out)  # workers have other cwds
     if tile_set:
         return _embed_tile_set(ae_tif, ckpt, Path(out), options, cluster, progress)
@@ -76,8 +87,9 @@ def _embed_task(ae_tif: str, ckpt: str, out: str, options: EmbedOptions, rows: t
     return str(embed_raster(ae_tif, ckpt, out, options, progress=False, skip_finished=True, rows=rows))
 
 
-def _embed_tile_set(spec: str, ckpt: str, out_dir: Path, options: EmbedOptions, cluster: Cluster,
-                    progress: bool) -> Path:
+def _embed_tile_set(
+    spec: str, ckpt: str, out_dir: Path, options: EmbedOptions, cluster: Cluster, progress: bool
+) -> Path:
     """Each tile of the set `spec` into its own output in `out_dir`, and mosaic.vrt over them."""
     paths = expand_tiles(spec, "AlphaEarth tile")
     stems = tile_stems(paths)
@@ -94,25 +106,39 @@ def _embed_tile_set(spec: str, ckpt: str, out_dir: Path, options: EmbedOptions, 
     tasks = [(p, ckpt, str(out), options) for p, out in zip(paths, outputs)]  # each task locks its own output
     with output_lock(out_dir / "mosaic.vrt", "choose another --out folder"):
         with dask_client(cluster) as client:
-            outputs = run_tasks(client, _embed_task, tasks, [i.width * i.height for i in infos],
-                                desc=f"embedding {len(paths)} tiles", unit="px", progress=progress)
+            outputs = run_tasks(
+                client,
+                _embed_task,
+                tasks,
+                [i.width * i.height for i in infos],
+                desc=f"embedding {len(paths)} tiles",
+                unit="px",
+                progress=progress,
+            )
         mosaic = write_mosaic_vrt(outputs, out_dir / "mosaic.vrt")
     logger.info(f"{len(outputs)} tiles in {out_dir}; mosaic: {mosaic}")
     return out_dir
 
 
-def _embed_in_bands(ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client, band_px: int, progress: bool,
-                    options: EmbedOptions) -> Path:
+def _embed_in_bands(
+    ae_tif: str, ckpt: str, out: Path, info: RasterInfo, client, band_px: int, progress: bool, options: EmbedOptions
+) -> Path:
     """One raster as bands of rows on a cluster, each task writing its own band, assembled into
     `out` (then a COG if asked)."""
     bands = row_bands(info, options.tile_px, band_px)
     parts_dir = out.parent / f".{out.name}.parts"
     parts_dir.mkdir(exist_ok=True)
     band_options = EmbedOptions(**{**options.as_dict(), "cog": False})  # the joined file becomes the COG
-    tasks = [(ae_tif, ckpt, str(parts_dir / f"rows_{r0:06d}_{r1:06d}.tif"), band_options, (r0, r1))
-             for r0, r1 in bands]
-    parts = run_tasks(client, _embed_task, tasks, [info.width * (r1 - r0) for r0, r1 in bands],
-                      desc=f"embedding in {len(bands)} bands", unit="px", progress=progress)
+    tasks = [(ae_tif, ckpt, str(parts_dir / f"rows_{r0:06d}_{r1:06d}.tif"), band_options, (r0, r1)) for r0, r1 in bands]
+    parts = run_tasks(
+        client,
+        _embed_task,
+        tasks,
+        [info.width * (r1 - r0) for r0, r1 in bands],
+        desc=f"embedding in {len(bands)} bands",
+        unit="px",
+        progress=progress,
+    )
     with rasterio.open(parts[0]) as src:  # the run as the workers did it (their device and precision)
         run = json.loads(src.tags()["AETHER_RUN"])
     run.update(rows=[0, info.height], cog=options.cog)

@@ -14,6 +14,7 @@ renormalisation. int8 codes are summed exactly as the integers sign(q) * q**2 (i
 partial sum can reach 2**31, else int64), other rasters in float64, as `aether.geo.pooling` does.
 On a GPU, each calling thread has its own CUDA stream and pinned staging buffer (`_CudaLane`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,17 +64,19 @@ class DeviceTileComputer:
         lane = self._lane()
         with lane.active():
             tile = lane.upload(bands)
-            out = torch.empty((height * width, self.projector.latent_dim), dtype=getattr(torch, dtype),
-                              device=self.device)
+            out = torch.empty(
+                (height * width, self.projector.latent_dim), dtype=getattr(torch, dtype), device=self.device
+            )
             step = max(1, self.strip_px // width)
             for start in range(0, height, step):
                 stop = min(height, start + step)
                 if self.pooling == "window":
-                    means, valid = self._window_means(tile[:, start:stop + 2 * hy], rx_rows[start:stop],
-                                                      ry_rows[start:stop], hx, hy)
+                    means, valid = self._window_means(
+                        tile[:, start : stop + 2 * hy], rx_rows[start:stop], ry_rows[start:stop], hx, hy
+                    )
                 else:
                     means, valid = self._pixel_vectors(tile[:, start:stop])
-                self._project_into(means, valid, dtype, out[start * width:stop * width])
+                self._project_into(means, valid, dtype, out[start * width : stop * width])
             return lane.download(out).reshape(height, width, -1)
 
     def _invalid(self, bands: torch.Tensor) -> torch.Tensor:
@@ -87,8 +90,9 @@ class DeviceTileComputer:
             bad |= (bands == nodata).any(dim=0)
         return bad
 
-    def _window_means(self, bands: torch.Tensor, rx_rows: np.ndarray, ry_rows: np.ndarray,
-                      hx: int, hy: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window_means(
+        self, bands: torch.Tensor, rx_rows: np.ndarray, ry_rows: np.ndarray, hx: int, hy: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(n * w, C) float32 unit-length window means of the rows of a strip (given with `hy` halo
         rows above and below and `hx` columns each side) and their (n * w,) valid mask; `rx_rows`/
         `ry_rows` are each row's half-widths."""
@@ -133,8 +137,8 @@ class DeviceTileComputer:
         valid, `batch_px` at a time (on a CPU, a batch's latents stay in cache until encoded)."""
         batch_px = self.projector.batch_px
         for start in range(0, len(means), batch_px):
-            latent = self.projector.project_on_device(means[start:start + batch_px])
-            out[start:start + batch_px] = encode_latent(latent, dtype)
+            latent = self.projector.project_on_device(means[start : start + batch_px])
+            out[start : start + batch_px] = encode_latent(latent, dtype)
         out.masked_fill_(~valid[:, None], self.nodata[dtype])
 
     def _lane(self) -> _HostLane | _CudaLane:
@@ -169,8 +173,7 @@ def _runs(rx_rows: np.ndarray, ry_rows: np.ndarray) -> list[tuple[int, int, int,
     return [(i, j, int(rx_rows[i]), int(ry_rows[i])) for i, j in zip(bounds[:-1], bounds[1:])]
 
 
-def _box_sums(table: torch.Tensor, runs: list[tuple[int, int, int, int]], hx: int, hy: int,
-              width: int) -> torch.Tensor:
+def _box_sums(table: torch.Tensor, runs: list[tuple[int, int, int, int]], hx: int, hy: int, width: int) -> torch.Tensor:
     """(n, width, K) window sums of the (rows, cols, K) values held in `table` below its zero first
     row (overwritten), the strip's n rows in `runs`: cumulative sums down the columns, each row's
     window of rows as a difference of two of them (right of a zero column), cumulative sums of those
@@ -181,11 +184,13 @@ def _box_sums(table: torch.Tensor, runs: list[tuple[int, int, int, int]], hx: in
     windows = table.new_empty((n, cols + 1, channels))
     windows[:, 0] = 0
     for i, j, _, ry in runs:
-        torch.sub(table[hy + i + ry + 1:hy + j + ry + 1], table[hy + i - ry:hy + j - ry], out=windows[i:j, 1:])
+        torch.sub(table[hy + i + ry + 1 : hy + j + ry + 1], table[hy + i - ry : hy + j - ry], out=windows[i:j, 1:])
     windows.cumsum_(1)  # windows[i, k]: row i's window of rows, summed over the columns left of column k
     box = table.new_empty((n, width, channels))
     for i, j, rx, _ in runs:
-        torch.sub(windows[i:j, hx + rx + 1:hx + rx + 1 + width], windows[i:j, hx - rx:hx - rx + width], out=box[i:j])
+        torch.sub(
+            windows[i:j, hx + rx + 1 : hx + rx + 1 + width], windows[i:j, hx - rx : hx - rx + width], out=box[i:j]
+        )
     return box
 
 
@@ -229,7 +234,7 @@ class _CudaLane:
         self.stream.synchronize()  # the last upload from the buffer is done (normally it is already)
         if self.staging.numel() < array.nbytes:
             self.staging = torch.empty(array.nbytes, dtype=torch.uint8, pin_memory=True)
-        staged = self.staging.numpy()[:array.nbytes].view(array.dtype).reshape(array.shape)
+        staged = self.staging.numpy()[: array.nbytes].view(array.dtype).reshape(array.shape)
         np.copyto(staged, array)
         return torch.from_numpy(staged).to(self.device, non_blocking=True)
 

@@ -7,6 +7,7 @@ overlap in a three-stage pipeline, and memory is bounded by the tile. The output
 resumable partial file (`aether.geo.resumable`); the Dask fan-out over tiles or bands of rows is
 `aether.infer.at_scale`'s.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,9 +60,19 @@ class _TileWriter:
         self.bar.update(tile.width * tile.height)
 
 
-def embed_raster(ae_tif: str, ckpt: str, out: str, options: EmbedOptions | None = None, *, progress: bool = True,
-                 resume: bool = False, rows: tuple[int, int] | None = None, skip_finished: bool = False,
-                 threads: Threads | None = None, strip_px: int = STRIP_PX) -> Path:
+def embed_raster(
+    ae_tif: str,
+    ckpt: str,
+    out: str,
+    options: EmbedOptions | None = None,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    rows: tuple[int, int] | None = None,
+    skip_finished: bool = False,
+    threads: Threads | None = None,
+    strip_px: int = STRIP_PX,
+) -> Path:
     """Write the AETHER raster of `ae_tif` to `out` (GeoTIFF), atomically, as `options` ask.
 
     Until the run ends, the output grows in a partial file beside `out`, with a journal of
@@ -84,8 +95,7 @@ def embed_raster(ae_tif: str, ckpt: str, out: str, options: EmbedOptions | None 
     check_output_file(out, input_files([ae_tif], ckpt), example="aether.tif")
     with output_lock(out):  # a second run into `out` is refused while this one lives
         projector = Projector(ckpt, device=options.device, precision=options.precision)
-        return _embed_raster(ae_tif, projector, out, options, progress, resume, rows, skip_finished, threads,
-                             strip_px)
+        return _embed_raster(ae_tif, projector, out, options, progress, resume, rows, skip_finished, threads, strip_px)
 
 
 def output_tags(ae_tif: str, projector: Projector, options: EmbedOptions, fingerprint: dict) -> dict[str, str]:
@@ -106,22 +116,41 @@ def output_tags(ae_tif: str, projector: Projector, options: EmbedOptions, finger
     }
 
 
-def _embed_raster(ae_tif: str, projector: Projector, out: Path, options: EmbedOptions, progress: bool, resume: bool,
-                  rows: tuple[int, int] | None, skip_finished: bool, threads: Threads | None,
-                  strip_px: int) -> Path:
+def _embed_raster(
+    ae_tif: str,
+    projector: Projector,
+    out: Path,
+    options: EmbedOptions,
+    progress: bool,
+    resume: bool,
+    rows: tuple[int, int] | None,
+    skip_finished: bool,
+    threads: Threads | None,
+    strip_px: int,
+) -> Path:
     """`embed_raster` once the options and paths are checked and `out` is locked."""
     info = open_raster(ae_tif, n_bands=None)
     check_raster(projector, info, options.pooling)
     tile_px, dtype = options.tile_px, options.dtype
     if rows is not None and not (0 <= rows[0] < rows[1] <= info.height and rows[0] % tile_px == 0):
-        raise AetherError(f"rows {rows[0]}:{rows[1]} are not a band of whole tiles of {ae_tif} "
-                          f"({info.height} rows, tiles of {tile_px})")
+        raise AetherError(
+            f"rows {rows[0]}:{rows[1]} are not a band of whole tiles of {ae_tif} "
+            f"({info.height} rows, tiles of {tile_px})"
+        )
     r_start, r_stop = rows if rows is not None else (0, info.height)
     first_row = info.north_up_rows(r_start, r_stop - r_start)
     # output blocks tile the tiles (of a north-up input), so each block is written once, whole
-    profile = dict(driver="GTiff", width=info.width, height=r_stop - r_start, count=projector.latent_dim, dtype=dtype,
-                   crs=info.crs, transform=info.north_up_transform @ Affine.translation(0, first_row),
-                   nodata=NODATA[dtype], **geotiff_layout(dtype, output_block_px(tile_px)))
+    profile = dict(
+        driver="GTiff",
+        width=info.width,
+        height=r_stop - r_start,
+        count=projector.latent_dim,
+        dtype=dtype,
+        crs=info.crs,
+        transform=info.north_up_transform @ Affine.translation(0, first_row),
+        nodata=NODATA[dtype],
+        **geotiff_layout(dtype, output_block_px(tile_px)),
+    )
     fingerprint = run_fingerprint(ae_tif, projector, options, (r_start, r_stop))
     tags = output_tags(ae_tif, projector, options, fingerprint)
     if skip_finished and finished_output(out, tags["AETHER_RUN"]):
@@ -132,25 +161,43 @@ def _embed_raster(ae_tif: str, projector: Projector, out: Path, options: EmbedOp
     reader = PooledTileReader(info, projector, options.pooling, strip_px)
     workers = contextlib.nullcontext(threads) if threads is not None else tile_workers(projector.device, tile_px, dtype)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), workers as threads:
-        output = ResumableOutput(out, fingerprint, lambda path: create_sparse(path, profile, descriptions, tags),
-                                 what="tiles", checkpoint_s=options.checkpoint_s, level=ZSTD_LEVEL,
-                                 threads=threads.compress)
+        output = ResumableOutput(
+            out,
+            fingerprint,
+            lambda path: create_sparse(path, profile, descriptions, tags),
+            what="tiles",
+            checkpoint_s=options.checkpoint_s,
+            level=ZSTD_LEVEL,
+            threads=threads.compress,
+        )
         with output:
             done = output.start(True if resume else None if skip_finished else False)
             todo = [t for t in tiles if t.index not in done]
             if output.resumed:
                 logger.info(f"resuming: {len(tiles) - len(todo)} of {len(tiles)} tiles were done")
-            bar = tqdm(total=info.width * (r_stop - r_start), desc="embedding", unit="px", unit_scale=True,
-                       disable=not progress, initial=sum(t.width * t.height for t in tiles if t.index in done))
+            bar = tqdm(
+                total=info.width * (r_stop - r_start),
+                desc="embedding",
+                unit="px",
+                unit_scale=True,
+                disable=not progress,
+                initial=sum(t.width * t.height for t in tiles if t.index in done),
+            )
             try:
                 compute = tile_computer(reader)
-                run_pipeline(lambda: reader.produce(todo, threads.read), lambda tile, data: compute(data, dtype),
-                             _TileWriter(output, info, bar, first_row), workers=threads.compute)
+                run_pipeline(
+                    lambda: reader.produce(todo, threads.read),
+                    lambda tile, data: compute(data, dtype),
+                    _TileWriter(output, info, bar, first_row),
+                    workers=threads.compute,
+                )
                 reader.report_implausible()
                 output.finish(to_cog if options.cog else None)
             except KeyboardInterrupt:
-                logger.info(f"interrupted; finished tiles are kept in {output.partial}. "
-                            + ("Run the same command again to continue" if skip_finished else "Continue with --resume"))
+                logger.info(
+                    f"interrupted; finished tiles are kept in {output.partial}. "
+                    + ("Run the same command again to continue" if skip_finished else "Continue with --resume")
+                )
                 raise
             finally:
                 bar.close()
@@ -226,15 +273,21 @@ def run_fingerprint(ae_tif: str, projector: Projector, options: EmbedOptions, ro
     """What makes two runs write the same output: the input and what it holds (`content_identity`:
     each file read, a VRT's sources included, by content), checkpoint, options, and which rows."""
     local = Path(ae_tif).exists()
-    return {"input": str(Path(ae_tif).resolve()) if local else ae_tif,
-            "input content": content_identity(ae_tif),
-            "checkpoint": projector.ckpt_sha256, "pooling": options.pooling, "dtype": options.dtype,
-            "precision": projector.precision, "device": projector.device.type, "tile size": options.tile_px,
-            "rows": list(rows), "cog": options.cog, "layout": OUTPUT_LAYOUT}
+    return {
+        "input": str(Path(ae_tif).resolve()) if local else ae_tif,
+        "input content": content_identity(ae_tif),
+        "checkpoint": projector.ckpt_sha256,
+        "pooling": options.pooling,
+        "dtype": options.dtype,
+        "precision": projector.precision,
+        "device": projector.device.type,
+        "tile size": options.tile_px,
+        "rows": list(rows),
+        "cog": options.cog,
+        "layout": OUTPUT_LAYOUT,
+    }
 
 
 def finished_output(out: Path, run_tag: str) -> bool:
     """Is `out` a finished output of the run that `run_tag` (its AETHER_RUN tag) describes?"""
     return raster_tag(out, "AETHER_RUN") == run_tag
-
-

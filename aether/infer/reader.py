@@ -1,6 +1,7 @@
 """Reading an AlphaEarth raster tile by tile for inference: tiles with the halo window pooling
 needs, decoded by several threads, pooled and projected (on a CPU with NumPy and the projector,
 on a GPU by `aether.infer.device_tiles`)."""
+
 from __future__ import annotations
 
 import logging
@@ -82,7 +83,7 @@ class PooledTileReader:
             hx, hy = int(self.rx[rows].max()), int(self.ry[rows].max())
             with stage("decode"):
                 bands = _read_with_halo(src, self.info, tile, hx, hy)
-            odd = implausible_pixels(bands[:, hy:hy + tile.height, hx:hx + tile.width], self.info, axis=0)
+            odd = implausible_pixels(bands[:, hy : hy + tile.height, hx : hx + tile.width], self.info, axis=0)
             return (bands, self.rx[rows], self.ry[rows], hx, hy), odd  # odd: the tile's own, each pixel once
 
         pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="read")
@@ -109,8 +110,10 @@ class PooledTileReader:
     def report_implausible(self) -> None:
         """One line saying how many pixels read held values no embedding has, if any did."""
         if self.implausible:
-            logger.info(f"raster {self.info.path}: {self.implausible:,} pixels hold values no AlphaEarth vector has "
-                f"(beyond +-{MAX_ABS_VALUE:g}, or infinite); they count as nodata")
+            logger.info(
+                f"raster {self.info.path}: {self.implausible:,} pixels hold values no AlphaEarth vector has "
+                f"(beyond +-{MAX_ABS_VALUE:g}, or infinite); they count as nodata"
+            )
 
     def pooled(self, data, strip_px: int | None = None):
         """(start, stop, means, valid) for the rows start:stop of one tile, `strip_px` pixels at a
@@ -123,8 +126,9 @@ class PooledTileReader:
             stop = min(height, start + step)
             with stage("pool"):
                 if self.pooling == "window":  # the strip's own summed-area tables: a few MiB, not the tile's ~70
-                    means, valid = window_means(bands[:, start:stop + 2 * hy], self.info, rx_rows[start:stop],
-                                                ry_rows[start:stop], hx, hy)
+                    means, valid = window_means(
+                        bands[:, start : stop + 2 * hy], self.info, rx_rows[start:stop], ry_rows[start:stop], hx, hy
+                    )
                 else:
                     pixels = bands[:, start:stop].transpose(1, 2, 0)
                     valid = ~invalid_pixels(pixels, self.info)
@@ -144,7 +148,7 @@ class PooledTileReader:
         height, width = bands.shape[1] - 2 * hy, bands.shape[2] - 2 * hx
         block = torch.empty((height * width, self.projector.latent_dim), dtype=getattr(torch, dtype))
         for start, stop, means, valid in self.pooled(data, self.strip_px):
-            rows = block[start * width:stop * width]
+            rows = block[start * width : stop * width]
             _latent_tile(self.projector, means, valid, dtype, out=rows, band_major=False)
             invalid = torch.from_numpy(~valid.reshape(-1))
             if invalid.any():
@@ -172,12 +176,18 @@ def _read_with_halo(src, info: RasterInfo, tile: Tile, hx: int, hy: int) -> np.n
         return inner
     fill = NODATA_INT8 if info.is_int8 else NODATA_INT16 if info.is_int16 else np.nan
     bands = np.full((info.count, r1 - r0, c1 - c0), fill, dtype=info.dtype)
-    bands[:, rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = inner
+    bands[:, rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = inner
     return bands
 
 
-def _latent_tile(projector: Projector, means: np.ndarray, valid: np.ndarray, dtype: str = "float32",
-                 out: torch.Tensor | None = None, band_major: bool = True) -> torch.Tensor:
+def _latent_tile(
+    projector: Projector,
+    means: np.ndarray,
+    valid: np.ndarray,
+    dtype: str = "float32",
+    out: torch.Tensor | None = None,
+    band_major: bool = True,
+) -> torch.Tensor:
     """(h, w, bands) pooled vectors -> (latent, h * w) AETHER vectors in `dtype` (int8: quantized),
     or (h * w, latent) when not `band_major`; zeros where not valid; into `out` if given."""
     h, w, bands = means.shape

@@ -1,6 +1,7 @@
 """What an AETHER raster is and how inference may be asked for it, declared once: output types with
 their nodata and encodings, pooling modes, tile sizes, and `EmbedOptions` with its checks, for
 the pipeline, the GPU tile path and the runs at scale alike."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -12,8 +13,10 @@ from aether.geo.alphaearth import NODATA_INT8, NODATA_INT16
 
 OUTPUT_DTYPES = ("int8", "int16", "float16", "float32")
 NODATA = {"int8": NODATA_INT8, "int16": NODATA_INT16, "float16": float("nan"), "float32": float("nan")}
-ENCODINGS = {"int8": "AlphaEarth int8: value = sign(q) * (q / 127.5)**2, nodata -128, unit vectors",
-             "int16": "AETHER int16: value = q / 32767, nodata -32768, unit vectors"}
+ENCODINGS = {
+    "int8": "AlphaEarth int8: value = sign(q) * (q / 127.5)**2, nodata -128, unit vectors",
+    "int16": "AETHER int16: value = q / 32767, nodata -32768, unit vectors",
+}
 # int16 by default: retrieval ranks from it as from vectors computed on the fly (scores within 5e-5);
 # int8 (AlphaEarth's own encoding, half the size) moves scores by up to 0.007, which reorders close places
 DEFAULT_DTYPE = "int16"
@@ -38,9 +41,11 @@ def check_tile_px(tile_px: int) -> None:
     if tile_px < 16 or tile_px % 16:
         raise AetherError(f"tile size must be a multiple of 16 pixels (GeoTIFF blocks), got {tile_px}")
     if tile_px > MAX_TILE_PX:
-        raise AetherError(f"--tile {tile_px} is over the largest tile, {MAX_TILE_PX:,} pixels (several tiles are in "
-                          f"memory at once, each {tile_px}^2 x the bands); the tile is only the unit of work, the "
-                          f"output is the same: use {TILE_PX} (the default) or at most {MAX_TILE_PX:,}")
+        raise AetherError(
+            f"--tile {tile_px} is over the largest tile, {MAX_TILE_PX:,} pixels (several tiles are in "
+            f"memory at once, each {tile_px}^2 x the bands); the tile is only the unit of work, the "
+            f"output is the same: use {TILE_PX} (the default) or at most {MAX_TILE_PX:,}"
+        )
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,10 @@ class EmbedOptions:
         if self.dtype not in OUTPUT_DTYPES:
             raise AetherError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {self.dtype!r}")
         if self.dtype == "float16" and not rasterio.dtypes.check_dtype("float16"):
-            raise AetherError(f"--dtype float16 needs GDAL 3.11 or newer (this rasterio has GDAL "
-                              f"{rasterio.__gdal_version__}); use int16, int8 or float32")
+            raise AetherError(
+                f"--dtype float16 needs GDAL 3.11 or newer (this rasterio has GDAL "
+                f"{rasterio.__gdal_version__}); use int16, int8 or float32"
+            )
         check_tile_px(self.tile_px)
         if not self.checkpoint_s >= 0:
             raise AetherError(f"checkpoint interval must be 0 or more seconds, got {self.checkpoint_s}")

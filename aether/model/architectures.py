@@ -11,6 +11,7 @@ Every projector has `forward` (unit vectors), `head` (the same before the last n
 what bf16/fp16 inference computes under autocast) and, for the AE side, `forward_into`: a fused
 fp32 inference path writing into buffers from `workspace`, reused batch after batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,7 @@ class MLPProjector(nn.Module):
     def forward_into(self, x: torch.Tensor, workspace: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
         """`forward` for inference (dropout off, no autograd) into `out` (N, out_dim), using the
         first N rows of `workspace`: bias and GELU in place, no temporaries."""
-        return _normalize_(_gelu_mlp_into(self.net, x, workspace[0][:len(x)], out))
+        return _normalize_(_gelu_mlp_into(self.net, x, workspace[0][: len(x)], out))
 
 
 class AEProjector(nn.Module):
@@ -99,8 +100,11 @@ class AEProjector(nn.Module):
 
     def workspace(self, n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The buffers `forward_into` needs for batches of up to `n` vectors."""
-        return (torch.empty((n, AE_INNER_DIM), device=device), torch.empty((n, self.out_dim), device=device),
-                torch.empty((n, self.post_mlp[0].out_features), device=device))
+        return (
+            torch.empty((n, AE_INNER_DIM), device=device),
+            torch.empty((n, self.out_dim), device=device),
+            torch.empty((n, self.post_mlp[0].out_features), device=device),
+        )
 
     @torch.no_grad()
     def forward_into(self, x: torch.Tensor, workspace: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
@@ -142,9 +146,19 @@ class AetherModel(nn.Module):
     and the two contrastive temperatures, kept as log logit scales: `log_logit_scale` for the
     AE-POI term, `log_logit_scale_ae_ae` for the AE-AE term (the reference's tau_xt and tau_img)."""
 
-    def __init__(self, n_bands: int, text_dim: int, latent_dim: int = 128, hidden_dim: int = 256,
-                 dropout: float = 0.0, temperature: float = 0.07, learn_temperature: bool = False,
-                 arch: str = "aether", gate: bool = True, ae_ae_temperature: float | None = None):
+    def __init__(
+        self,
+        n_bands: int,
+        text_dim: int,
+        latent_dim: int = 128,
+        hidden_dim: int = 256,
+        dropout: float = 0.0,
+        temperature: float = 0.07,
+        learn_temperature: bool = False,
+        arch: str = "aether",
+        gate: bool = True,
+        ae_ae_temperature: float | None = None,
+    ):
         super().__init__()
         if arch == "aether":
             self.ae = AEProjector(n_bands, hidden_dim, latent_dim, dropout, gate)
@@ -160,11 +174,21 @@ class AetherModel(nn.Module):
         self.log_logit_scale_ae_ae = nn.Parameter(torch.tensor(math.log(1.0 / tau_ae)), requires_grad=learn_temperature)
 
     @classmethod
-    def from_config(cls, cfg, n_bands: int, text_dim: int) -> "AetherModel":
+    def from_config(cls, cfg, n_bands: int, text_dim: int) -> AetherModel:
         """The model a Config (aether.config.schema) describes, for `n_bands` inputs and `text_dim` texts."""
         m, lo = cfg.model, cfg.loss
-        return cls(n_bands, text_dim, m.latent_dim, m.hidden_dim, m.dropout, lo.temperature, lo.learn_temperature,
-                   m.arch, m.gate, lo.ae_ae_temperature)
+        return cls(
+            n_bands,
+            text_dim,
+            m.latent_dim,
+            m.hidden_dim,
+            m.dropout,
+            lo.temperature,
+            lo.learn_temperature,
+            m.arch,
+            m.gate,
+            lo.ae_ae_temperature,
+        )
 
     def forward(self, base: torch.Tensor, aug: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Latent vectors of a batch's base views, augmented views and texts (one call, as DDP wants)."""

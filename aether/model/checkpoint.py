@@ -10,6 +10,7 @@ Two formats are read, without executing pickled code (torch.load with weights_on
   translated on reading into this project's form, marked "origin": "reference".
 Either is checked (keys, types, tensor shapes, finite weights) before anything uses it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,21 +91,35 @@ class Checkpoint:
     path: Path | None = None  # the file it was read from
 
     @classmethod
-    def of(cls, model: AetherModel, cfg: Config, text: TextSpec, epoch: int, metrics: dict,
-           resume: dict | None = None) -> Checkpoint:
+    def of(
+        cls, model: AetherModel, cfg: Config, text: TextSpec, epoch: int, metrics: dict, resume: dict | None = None
+    ) -> Checkpoint:
         """A checkpoint of `model` trained with `cfg`: `epoch` is the last finished epoch and `metrics`
         its record; `resume` (last.pt only) the training state."""
-        return cls({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg, cfg.data.n_bands,
-                   cfg.data.base_radius_m, cfg.data.aug_radius_m, text, epoch, metrics, resume)
+        return cls(
+            {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            cfg,
+            cfg.data.n_bands,
+            cfg.data.base_radius_m,
+            cfg.data.aug_radius_m,
+            text,
+            epoch,
+            metrics,
+            resume,
+        )
 
     def to_dict(self) -> dict:
         """The file's contents (format version FORMAT_VERSION)."""
-        raw = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.weights,
-               "config": self.config.to_dict(),
-               "input": {"n_bands": self.n_bands, "base_radius_m": self.base_radius_m,
-                         "aug_radius_m": self.aug_radius_m},
-               "text_encoder": {**self.text.identity, "dim": self.text.dim},
-               "epoch": self.epoch, "metrics": self.metrics}
+        raw = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": self.weights,
+            "config": self.config.to_dict(),
+            "input": {"n_bands": self.n_bands, "base_radius_m": self.base_radius_m, "aug_radius_m": self.aug_radius_m},
+            "text_encoder": {**self.text.identity, "dim": self.text.dim},
+            "epoch": self.epoch,
+            "metrics": self.metrics,
+        }
         if self.resume is not None:
             raw["resume"] = self.resume
         if self.origin != "aether":
@@ -122,8 +137,10 @@ class Checkpoint:
         path = Path(path)
         if path.is_dir():
             held = [name for name in ("best.pt", "last.pt") if (path / name).is_file()]
-            raise AetherError(f"checkpoint {path} is a folder; give a checkpoint file"
-                              + (f" such as {path / held[0]}" if held else ""))
+            raise AetherError(
+                f"checkpoint {path} is a folder; give a checkpoint file"
+                + (f" such as {path / held[0]}" if held else "")
+            )
         if not path.is_file():
             raise AetherError(f"checkpoint {path} does not exist")
         try:
@@ -131,25 +148,40 @@ class Checkpoint:
                 warnings.simplefilter("ignore")
                 raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:  # weights_only met something other than tensors and plain data
-            raise AetherError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): it holds more than "
-                              f"tensors and plain data (pickled code or objects are refused, never run)") from None
+            raise AetherError(
+                f"checkpoint {path} cannot be read (truncated or not a checkpoint): it holds more than "
+                f"tensors and plain data (pickled code or objects are refused, never run)"
+            ) from None
         except Exception as exc:  # torch raises several types for a damaged file
-            raise AetherError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): "
-                              f"{first_line(exc)}") from None
+            raise AetherError(
+                f"checkpoint {path} cannot be read (truncated or not a checkpoint): {first_line(exc)}"
+            ) from None
         if isinstance(raw, dict) and raw.get("format") == FORMAT:
             raw = _upgrade(raw, path)
         elif is_reference_checkpoint(raw):
             raw = from_reference(raw, path)
         else:
-            raise AetherError(f"checkpoint {path} is neither an AETHER checkpoint (format {FORMAT!r}) nor one of the "
-                              f"reference code's (a dict with {', '.join(REFERENCE_KEYS)})")
+            raise AetherError(
+                f"checkpoint {path} is neither an AETHER checkpoint (format {FORMAT!r}) nor one of the "
+                f"reference code's (a dict with {', '.join(REFERENCE_KEYS)})"
+            )
         _check_structure(raw, path)
         encoder = raw["text_encoder"]
-        return cls(raw["model"], validate_config(raw["config"]), raw["input"]["n_bands"],
-                   float(raw["input"]["base_radius_m"]), float(raw["input"]["aug_radius_m"]),
-                   TextSpec(encoder["backend"], encoder["model"], encoder.get("dimensions"), encoder["dim"]),
-                   raw.get("epoch"), raw.get("metrics") or {}, raw.get("resume"), raw.get("origin", "aether"),
-                   raw.get("reference"), raw.get("upgraded_from"), path)
+        return cls(
+            raw["model"],
+            validate_config(raw["config"]),
+            raw["input"]["n_bands"],
+            float(raw["input"]["base_radius_m"]),
+            float(raw["input"]["aug_radius_m"]),
+            TextSpec(encoder["backend"], encoder["model"], encoder.get("dimensions"), encoder["dim"]),
+            raw.get("epoch"),
+            raw.get("metrics") or {},
+            raw.get("resume"),
+            raw.get("origin", "aether"),
+            raw.get("reference"),
+            raw.get("upgraded_from"),
+            path,
+        )
 
     def build_model(self) -> AetherModel:
         """The model (eval mode) with these weights."""
@@ -157,8 +189,9 @@ class Checkpoint:
         try:
             model.load_state_dict(self.weights)
         except RuntimeError as exc:
-            raise AetherError(f"checkpoint weights do not match its config (model.arch {self.config.model.arch}): "
-                              f"{first_line(exc)}") from None
+            raise AetherError(
+                f"checkpoint weights do not match its config (model.arch {self.config.model.arch}): {first_line(exc)}"
+            ) from None
         return model.eval()
 
     def identity(self) -> dict[str, str]:
@@ -176,8 +209,12 @@ class Checkpoint:
                 h.update(tensor.numpy().tobytes())
             return h.hexdigest()[:16]
 
-        return {"AE projector": digest("ae."), "text projector": digest("text."),
-                "base window": f"radius {self.base_radius_m:g} m", "text encoder": self.text.describe()}
+        return {
+            "AE projector": digest("ae."),
+            "text projector": digest("text."),
+            "base window": f"radius {self.base_radius_m:g} m",
+            "text encoder": self.text.describe(),
+        }
 
     def window(self) -> str | None:
         """For a reference checkpoint, its base window in the reference's terms and in metres."""
@@ -190,8 +227,9 @@ def _upgrade(ckpt: dict, path: Path) -> dict:
     if version == FORMAT_VERSION:
         return ckpt
     if version != 1:
-        raise AetherError(f"checkpoint {path} has format version {version!r}; this AETHER reads versions 1 and "
-                          f"{FORMAT_VERSION}")
+        raise AetherError(
+            f"checkpoint {path} has format version {version!r}; this AETHER reads versions 1 and {FORMAT_VERSION}"
+        )
     config, weights = ckpt.get("config"), ckpt.get("model")
     if isinstance(config, dict) and isinstance(config.get("model"), dict):
         config = {**config, "model": {**config["model"], "arch": "mlp"}}  # version 1 had only the MLP
@@ -203,6 +241,7 @@ def _upgrade(ckpt: dict, path: Path) -> dict:
 
 def _check_structure(ckpt: dict, path: Path) -> None:
     """Refuse a checkpoint whose entries are missing, of the wrong type or not finite, naming the entry."""
+
     def need(container: dict, key: str, types, where: str):
         if not isinstance(container, dict) or key not in container:
             raise AetherError(f"checkpoint {path} has no {where}{key}; it is damaged or was not written by AETHER")
@@ -226,5 +265,7 @@ def _check_structure(ckpt: dict, path: Path) -> None:
         if not isinstance(value, torch.Tensor):
             raise AetherError(f"checkpoint {path}: weight {key} is a {type(value).__name__}, not a tensor")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise AetherError(f"checkpoint {path}: weight {key} holds NaN or infinite values (training diverged); "
-                              f"use an earlier checkpoint")
+            raise AetherError(
+                f"checkpoint {path}: weight {key} holds NaN or infinite values (training diverged); "
+                f"use an earlier checkpoint"
+            )

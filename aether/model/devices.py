@@ -1,6 +1,7 @@
 """Where a model runs: the torch device a name picks and the precision that is fast there. (The
 cores this process may use are `aether.core.runtime`'s; how inference spreads over them is
 `aether.infer.pipeline.tile_workers`.)"""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,10 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and launched():
         n_local, n_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
         if n_gpus < n_local:
-            raise AetherError(f"torchrun started {n_local} processes on this machine but PyTorch sees {n_gpus} "
-                              f"CUDA GPUs (one each); use --nproc_per_node {n_gpus} or set train.device=cpu")
+            raise AetherError(
+                f"torchrun started {n_local} processes on this machine but PyTorch sees {n_gpus} "
+                f"CUDA GPUs (one each); use --nproc_per_node {n_gpus} or set train.device=cpu"
+            )
         return torch.device("cuda", local_rank())
     return torch.device(name)
 

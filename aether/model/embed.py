@@ -1,6 +1,7 @@
 """AETHER vectors for what a user holds: points on a raster (pooled exactly as in training), an
 in-memory array, free texts; and the check that a raster fits a checkpoint. Plain functions over
 a `Projector` (aether.model.projector)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,14 @@ def text_encoder_of(checkpoint: Checkpoint) -> TextEncoder:
     """The text encoder a checkpoint was trained with, built and checked (its package, key or model
     is there) before use."""
     cfg = checkpoint.config.text
-    encoder = build_text_encoder(checkpoint.text.backend, checkpoint.text.model, checkpoint.text.dimensions,
-                                 cfg.base_url, max_retries=cfg.max_retries, request_timeout_s=cfg.request_timeout_s)
+    encoder = build_text_encoder(
+        checkpoint.text.backend,
+        checkpoint.text.model,
+        checkpoint.text.dimensions,
+        cfg.base_url,
+        max_retries=cfg.max_retries,
+        request_timeout_s=cfg.request_timeout_s,
+    )
     encoder.check()
     return encoder
 
@@ -34,8 +41,10 @@ def embed_texts(projector: Projector, texts: list[str], encoder: TextEncoder | N
     if encoder is None:
         encoder = text_encoder_of(projector.checkpoint)
     elif encoder.identity != spec.identity:
-        raise AetherError(f"text encoder {describe_encoder(encoder.identity)} differs from the checkpoint's "
-                          f"({spec.describe()}); queries must use the encoder it was trained with")
+        raise AetherError(
+            f"text encoder {describe_encoder(encoder.identity)} differs from the checkpoint's "
+            f"({spec.describe()}); queries must use the encoder it was trained with"
+        )
     if not texts:
         return np.zeros((0, projector.latent_dim), dtype=np.float32)
     return projector.project_texts(encoder.encode_batch(list(texts)))
@@ -45,14 +54,18 @@ def check_raster(projector: Projector, info: RasterInfo, pooling: str = "window"
     """Refuse a raster whose bands or grid do not fit the checkpoint (for window pooling, also one
     whose pixels are so small that the base window would be too many pixels across)."""
     if info.count != projector.n_bands:
-        raise AetherError(f"raster {info.path} has {info.count} bands but checkpoint {projector.name} was trained "
-                          f"on {projector.n_bands}")
+        raise AetherError(
+            f"raster {info.path} has {info.count} bands but checkpoint {projector.name} was trained "
+            f"on {projector.n_bands}"
+        )
     lat = info.latitude_range()
     sx, sy = info.pixel_size_m(lat)
     radius = projector.base_radius_m
     if np.max(sx) > 2 * radius + 1e-6 or np.max(sy) > 2 * radius + 1e-6:
-        raise AetherError(f"raster {info.path} has pixels of {float(np.max(sx)):.0f} m, coarser than the "
-                          f"checkpoint's base window ({2 * radius:g} m across)")
+        raise AetherError(
+            f"raster {info.path} has pixels of {float(np.max(sx)):.0f} m, coarser than the "
+            f"checkpoint's base window ({2 * radius:g} m across)"
+        )
     if pooling == "window":
         info.check_window(radius, lat, fix=f"use --pooling pixel (the checkpoint's base radius is {radius:g} m)")
 
@@ -68,8 +81,13 @@ def embed_points(projector: Projector, ae_tif: str, x: np.ndarray, y: np.ndarray
     return z, pooled.valid
 
 
-def embed_array(projector: Projector, pixels: np.ndarray, valid: np.ndarray | None = None,
-                pixel_size_m: float = PIXEL_M, pooling: str = "window") -> np.ndarray:
+def embed_array(
+    projector: Projector,
+    pixels: np.ndarray,
+    valid: np.ndarray | None = None,
+    pixel_size_m: float = PIXEL_M,
+    pooling: str = "window",
+) -> np.ndarray:
     """Embed an in-memory (h, w, bands) float array; invalid pixels (or all-nodata windows) are NaN."""
     pixels = np.asarray(pixels, dtype=np.float32)
     if valid is None:

@@ -1,4 +1,5 @@
 """The AETHER loss: L = lambda * L_AE-AE + (1 - lambda) * L_AE-POI, both symmetric InfoNCE."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,14 @@ class AetherLoss(nn.Module):
     def logit_scale(self, log_logit_scale: torch.Tensor) -> torch.Tensor:
         return log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
 
-    def forward(self, base: torch.Tensor, aug: torch.Tensor, text: torch.Tensor, log_scale_ae_poi: torch.Tensor,
-                log_scale_ae_ae: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(
+        self,
+        base: torch.Tensor,
+        aug: torch.Tensor,
+        text: torch.Tensor,
+        log_scale_ae_poi: torch.Tensor,
+        log_scale_ae_ae: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         ae_ae = info_nce(base, aug, self.logit_scale(log_scale_ae_ae))
         ae_poi = info_nce(base, text, self.logit_scale(log_scale_ae_poi))
         total = self.lam * ae_ae + (1.0 - self.lam) * ae_poi

@@ -1,4 +1,5 @@
 """Cross-modal retrieval metrics."""
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 vectors (and text embeddings into the same space) with the device, precision and batching that
 are fast there, in reused buffers. What inference, retrieval and evaluation project with; the
 plain functions built on it (points, arrays, free texts, raster checks) are `aether.model.embed`'s."""
+
 from __future__ import annotations
 
 import functools
@@ -58,13 +59,17 @@ class Projector:
         """(N, bands) unit vectors -> (N, latent) unit vectors, float32."""
         return self._project(vectors, band_major=False).numpy()
 
-    def project_bands(self, vectors: np.ndarray, dtype: str = "float32", out: torch.Tensor | None = None) -> torch.Tensor:
+    def project_bands(
+        self, vectors: np.ndarray, dtype: str = "float32", out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(N, bands) unit vectors -> (latent, N) unit vectors on the CPU (into `out` if given): the
         layout a GeoTIFF band write wants, transposed (and for dtype int8, quantized) batch by
         batch while each batch is in cache, so no float32 copy of the whole output is ever held."""
         return self._project(vectors, band_major=True, dtype=dtype, out=out)
 
-    def project_pixels(self, vectors: np.ndarray, dtype: str = "float32", out: torch.Tensor | None = None) -> torch.Tensor:
+    def project_pixels(
+        self, vectors: np.ndarray, dtype: str = "float32", out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(N, bands) unit vectors -> (N, latent) unit vectors on the CPU in `dtype` (int8 and int16:
         quantized), into `out` if given: the layout a pixel-interleaved GeoTIFF block stores."""
         return self._project(vectors, band_major=False, dtype=dtype, out=out)
@@ -79,7 +84,7 @@ class Projector:
             out = torch.empty((n, self.latent_dim), device=x.device)
         autocast = _AUTOCAST.get(self.precision)
         for start in range(0, n, self.batch_px):
-            xb, zb = x[start:start + self.batch_px], out[start:start + self.batch_px]
+            xb, zb = x[start : start + self.batch_px], out[start : start + self.batch_px]
             if autocast is None:
                 self.ae.forward_into(xb, self._workspace(len(xb)), zb)
             else:
@@ -101,26 +106,26 @@ class Projector:
         return held[1]
 
     @torch.no_grad()
-    def _project(self, vectors: np.ndarray, band_major: bool, dtype: str = "float32",
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+    def _project(
+        self, vectors: np.ndarray, band_major: bool, dtype: str = "float32", out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.n_bands:
             raise AetherError(f"expected vectors of shape (N, {self.n_bands}), got {vectors.shape}")
         n = len(vectors)
         if out is None:
-            out = torch.empty((self.latent_dim, n) if band_major else (n, self.latent_dim),
-                              dtype=getattr(torch, dtype))
+            out = torch.empty((self.latent_dim, n) if band_major else (n, self.latent_dim), dtype=getattr(torch, dtype))
         latent = torch.empty((min(self.batch_px, n), self.latent_dim), device=self.device)
         for start in range(0, n, self.batch_px):
-            x = torch.from_numpy(vectors[start:start + self.batch_px]).to(self.device, non_blocking=True)
+            x = torch.from_numpy(vectors[start : start + self.batch_px]).to(self.device, non_blocking=True)
             with stage("project"):
-                z = self.project_on_device(x, latent[:len(x)])
+                z = self.project_on_device(x, latent[: len(x)])
             with stage("quantize"):
                 z = encode_latent(z, dtype).cpu()
             if band_major:
-                out[:, start:start + len(z)] = z.T
+                out[:, start : start + len(z)] = z.T
             else:
-                out[start:start + len(z)] = z
+                out[start : start + len(z)] = z
         return out
 
     @functools.cached_property
@@ -141,8 +146,10 @@ class Projector:
         """(N, text dim) text embeddings -> (N, latent) unit vectors in the space the AE projector maps into."""
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.checkpoint.text.dim:
-            raise AetherError(f"text encoder gave {embeddings.shape[-1]}-dimensional embeddings; the checkpoint "
-                              f"expects {self.checkpoint.text.dim}")
+            raise AetherError(
+                f"text encoder gave {embeddings.shape[-1]}-dimensional embeddings; the checkpoint "
+                f"expects {self.checkpoint.text.dim}"
+            )
         return self.text(torch.from_numpy(embeddings).to(self.device)).float().cpu().numpy()
 
 

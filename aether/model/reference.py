@@ -2,6 +2,7 @@
 `hyper_parameters`, ...), read into this project's checkpoint format: every tensor's shape checked
 against its AEProj and TextProj, its training config translated leniently (`aether.config.reference`),
 and its window reported once in the metres it means."""
+
 from __future__ import annotations
 
 import logging
@@ -22,18 +23,27 @@ REFERENCE_KEYS = ("ae_state_dict", "txt_state_dict", "hyper_parameters")
 
 
 # The reference AEProj's tensors by size name (its shortcut is the identity, with no tensors, when bands == d).
-AE_SHAPES = {"proj.0.weight": ("256", "bands"), "proj.0.bias": ("256",), "proj.2.weight": ("d", "256"),
-             "proj.2.bias": ("d",), "shortcut.weight": ("d", "bands"), "shortcut.bias": ("d",),
-             "post_mlp.0.weight": ("hidden", "d"), "post_mlp.0.bias": ("hidden",), "post_mlp.3.weight": ("d", "hidden"),
-             "post_mlp.3.bias": ("d",)}
+AE_SHAPES = {
+    "proj.0.weight": ("256", "bands"),
+    "proj.0.bias": ("256",),
+    "proj.2.weight": ("d", "256"),
+    "proj.2.bias": ("d",),
+    "shortcut.weight": ("d", "bands"),
+    "shortcut.bias": ("d",),
+    "post_mlp.0.weight": ("hidden", "d"),
+    "post_mlp.0.bias": ("hidden",),
+    "post_mlp.3.weight": ("d", "hidden"),
+    "post_mlp.3.bias": ("d",),
+}
 
 
 _announced: set[str] = set()  # reference checkpoints whose window was already reported
 
 
 def _shape_error(path: Path, part: str, key: str, got, expected: str) -> AetherError:
-    return AetherError(f"checkpoint {path}: {part} {key} has shape {tuple(got)}, expected {expected} "
-                       f"(the reference's AEProj/TextProj)")
+    return AetherError(
+        f"checkpoint {path}: {part} {key} has shape {tuple(got)}, expected {expected} (the reference's AEProj/TextProj)"
+    )
 
 
 def _reference_shapes(path: Path, ae: dict, txt: dict) -> tuple[int, int, int, int, bool]:
@@ -45,8 +55,10 @@ def _reference_shapes(path: Path, ae: dict, txt: dict) -> tuple[int, int, int, i
 
     def tensor(part: str, state: dict, key: str, ndim: int) -> torch.Tensor:
         if key not in state:
-            raise AetherError(f"checkpoint {path}: {part} has no {key} (the reference's "
-                              f"{'AEProj' if part == 'ae_state_dict' else 'TextProj'} needs it)")
+            raise AetherError(
+                f"checkpoint {path}: {part} has no {key} (the reference's "
+                f"{'AEProj' if part == 'ae_state_dict' else 'TextProj'} needs it)"
+            )
         if state[key].dim() != ndim:
             raise AetherError(f"checkpoint {path}: {part} {key} has {state[key].dim()} dimensions, expected {ndim}")
         return state[key]
@@ -62,8 +74,13 @@ def _reference_shapes(path: Path, ae: dict, txt: dict) -> tuple[int, int, int, i
     for key, shape in expected.items():
         got = tensor("ae_state_dict", ae, key, len(shape)).shape
         if tuple(got) != shape:
-            raise _shape_error(path, "ae_state_dict", key, got, f"({', '.join(symbolic[key])}) = {shape} with "
-                                                                f"bands = {n_bands}, d = {d}, hidden = {hidden}")
+            raise _shape_error(
+                path,
+                "ae_state_dict",
+                key,
+                got,
+                f"({', '.join(symbolic[key])}) = {shape} with bands = {n_bands}, d = {d}, hidden = {hidden}",
+            )
     has_gate = "gate" in ae
     if has_gate and tuple(ae["gate"].shape) != (1,):
         raise _shape_error(path, "ae_state_dict", "gate", ae["gate"].shape, "(1,)")
@@ -96,8 +113,10 @@ def from_reference(raw: dict, path: Path) -> dict:
     tensors, the rest from its hyper_parameters), for `aether.model.checkpoint.Checkpoint` to read."""
     hp = raw.get("hyper_parameters")
     if not isinstance(hp, dict) or not isinstance(hp.get("data", {}), dict):
-        raise AetherError(f"checkpoint {path}: hyper_parameters must be the reference's training config (a dict); "
-                          f"it names the text encoder and the window")
+        raise AetherError(
+            f"checkpoint {path}: hyper_parameters must be the reference's training config (a dict); "
+            f"it names the text encoder and the window"
+        )
     n_bands, d, hidden, text_dim, has_gate = _reference_shapes(path, raw["ae_state_dict"], raw["txt_state_dict"])
     try:
         config = translate_config(hp, lenient=True)  # how it was trained: read to use it, not to train again
@@ -122,19 +141,28 @@ def from_reference(raw: dict, path: Path) -> dict:
     pix_radius = int(hp["data"]["pix_radius"])  # translate_config has checked it
     ckpt = {
         "origin": "reference",
-        "reference": {"pix_radius": pix_radius, "model_types": raw.get("model_types"),
-                      "created_at": raw.get("created_at"), "cfg_hash": raw.get("cfg_hash")},
+        "reference": {
+            "pix_radius": pix_radius,
+            "model_types": raw.get("model_types"),
+            "created_at": raw.get("created_at"),
+            "cfg_hash": raw.get("cfg_hash"),
+        },
         "model": weights,
         "config": cfg.to_dict(),
-        "input": {"n_bands": n_bands, "base_radius_m": cfg.data.base_radius_m,
-                  "aug_radius_m": cfg.data.aug_radius_m},
-        "text_encoder": {"backend": cfg.text.backend, "model": cfg.text.model, "dimensions": cfg.text.dimensions,
-                         "dim": text_dim},
+        "input": {"n_bands": n_bands, "base_radius_m": cfg.data.base_radius_m, "aug_radius_m": cfg.data.aug_radius_m},
+        "text_encoder": {
+            "backend": cfg.text.backend,
+            "model": cfg.text.model,
+            "dimensions": cfg.text.dimensions,
+            "dim": text_dim,
+        },
         "epoch": raw.get("epoch"),
         "metrics": {"train": raw.get("train_metrics"), "val": raw.get("val_metrics")},
     }
     if str(path.resolve()) not in _announced:
         _announced.add(str(path.resolve()))
-        logger.info(f"reference checkpoint {path.name}: {describe_window(pix_radius)} (a window of ground radius "
-                    f"(pix_radius + 0.5) x {PIXEL_M:g} m, in each raster's own pixels)")
+        logger.info(
+            f"reference checkpoint {path.name}: {describe_window(pix_radius)} (a window of ground radius "
+            f"(pix_radius + 0.5) x {PIXEL_M:g} m, in each raster's own pixels)"
+        )
     return ckpt

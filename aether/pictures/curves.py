@@ -1,6 +1,7 @@
 """A training run's curves (losses, validation recall, learning rate and temperatures) from its
 metrics.jsonl (one JSON object per epoch, as training writes it), as one PNG. matplotlib is used
 without pyplot (a Figure on the Agg canvas), so no global backend changes."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,11 @@ from aether.model.metrics import KS
 
 # which metrics.jsonl keys go in which panel, and how each is drawn
 LOSS_KEYS = [("loss", "total"), ("ae_ae", "AE-AE"), ("ae_poi", "AE-POI")]
-RECALL_KEYS = [(f"val_{direction}_r{k}", f"{name} R@{k}") for k in KS
-               for direction, name in (("t2ae", "text→AE"), ("ae2t", "AE→text"))]
+RECALL_KEYS = [
+    (f"val_{direction}_r{k}", f"{name} R@{k}")
+    for k in KS
+    for direction, name in (("t2ae", "text→AE"), ("ae2t", "AE→text"))
+]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -28,11 +32,13 @@ def read_metrics(path: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise AetherError(f"{path} line {number} is not JSON ({exc.msg}); expected one JSON object per epoch, "
-                              "as train.py writes") from None
+            raise AetherError(
+                f"{path} line {number} is not JSON ({exc.msg}); expected one JSON object per epoch, as train.py writes"
+            ) from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), (int, float)):
-            raise AetherError(f"{path} line {number} has no numeric 'epoch'; expected one JSON object per epoch, "
-                              "as train.py writes")
+            raise AetherError(
+                f"{path} line {number} has no numeric 'epoch'; expected one JSON object per epoch, as train.py writes"
+            )
         rows.append(row)
     if not rows:
         raise AetherError(f"metrics file {path} is empty; train it first (python train.py --cfg config.yaml)")
@@ -69,8 +75,9 @@ def plot_training_curves(metrics: str | Path, out: str | Path) -> Path:
     for i, (key, name) in enumerate(RECALL_KEYS):
         epochs, values = _series(rows, key)
         if epochs:
-            recall_ax.plot(epochs, values, "-" if i % 2 == 0 else "--", color=recall_colours[i // 2], marker=".",
-                           label=name)
+            recall_ax.plot(
+                epochs, values, "-" if i % 2 == 0 else "--", color=recall_colours[i // 2], marker=".", label=name
+            )
             drawn = True
     recall_ax.set(title="validation recall", xlabel="epoch", ylabel="recall")
     if drawn:

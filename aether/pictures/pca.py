@@ -9,6 +9,7 @@ middle pixel of each cell), so memory is bounded by the picture, not by the rast
 
 matplotlib is used without pyplot (a Figure on the Agg canvas), so no global backend changes.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,9 @@ def open_embedding(path: str | Path) -> RasterInfo:
     except rasterio.errors.RasterioIOError as exc:
         raise AetherError(f"cannot open raster {path}: {first_line(exc)}") from None
     if count < 3:
-        raise AetherError(f"raster {path} has {count} band(s); a PCA picture needs an embedding raster (64 or 128 bands)")
+        raise AetherError(
+            f"raster {path} has {count} band(s); a PCA picture needs an embedding raster (64 or 128 bands)"
+        )
     return open_raster(str(path), n_bands=count)
 
 
@@ -84,8 +87,10 @@ def check_picture_px(height: int, width: int, scale: int = 1) -> None:
     side = max(height, width) * scale
     if side > MAX_PICTURE_PX:
         shown_as = f" (--scale {scale} of a {width} x {height} picture)" if scale > 1 else ""
-        raise AetherError(f"the picture would be {width * scale:,} x {height * scale:,} pixels{shown_as}, over the "
-                          f"{MAX_PICTURE_PX:,} allowed on its longer side; lower --scale or --max-px")
+        raise AetherError(
+            f"the picture would be {width * scale:,} x {height * scale:,} pixels{shown_as}, over the "
+            f"{MAX_PICTURE_PX:,} allowed on its longer side; lower --scale or --max-px"
+        )
 
 
 def _sampled(size: int, step: int) -> np.ndarray:
@@ -152,8 +157,9 @@ def fit_pca(tif: str | Path, max_px: int = MAX_PX, sample_px: int = FIT_SAMPLE_P
         chunks.append(vectors[keep].astype(np.float64))
     sample = np.concatenate(chunks)[np.argsort(np.concatenate(positions))]
     if len(sample) < 3:
-        raise AetherError(f"raster {tif} has {len(sample)} valid pixels in its sample; a PCA needs at least 3 "
-                          "(is it all nodata?)")
+        raise AetherError(
+            f"raster {tif} has {len(sample)} valid pixels in its sample; a PCA needs at least 3 (is it all nodata?)"
+        )
     mean = sample.mean(axis=0)
     centred = sample - mean
     _, eigenvectors = np.linalg.eigh(centred.T @ centred)
@@ -163,8 +169,14 @@ def fit_pca(tif: str | Path, max_px: int = MAX_PX, sample_px: int = FIT_SAMPLE_P
     scores = centred @ components.T
     low, high = np.percentile(scores, STRETCH_PERCENTILES, axis=0)
     high = np.where(high - low <= 1e-12, low + 1.0, high)  # a constant component shows as black, not as 0 / 0
-    return PcaFit(source=str(tif), mean=mean.astype(np.float32), components=components.astype(np.float32),
-                  low=low.astype(np.float32), high=high.astype(np.float32), n_samples=len(sample))
+    return PcaFit(
+        source=str(tif),
+        mean=mean.astype(np.float32),
+        components=components.astype(np.float32),
+        low=low.astype(np.float32),
+        high=high.astype(np.float32),
+        n_samples=len(sample),
+    )
 
 
 def pca_image(tif: str | Path, fit: PcaFit | None = None, max_px: int = MAX_PX) -> np.ndarray:
@@ -184,8 +196,9 @@ def pca_image(tif: str | Path, fit: PcaFit | None = None, max_px: int = MAX_PX) 
     return image
 
 
-def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = None, max_px: int = MAX_PX,
-               scale: int | None = None) -> Path:
+def render_pca(
+    tif: str | Path, out: str | Path, fit_on: str | Path | None = None, max_px: int = MAX_PX, scale: int | None = None
+) -> Path:
     """Write a PCA false-colour PNG of `tif` (colours fitted on `fit_on` if given); returns the path.
 
     `scale` repeats each picture pixel scale x scale times, for small rasters shown large; None
@@ -215,8 +228,9 @@ def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = Non
     if info.is_geographic:
         lat = float(np.mean(info.latitude_range()))
         sx_m, sy_m = info.pixel_size_m(lat)
-        picture = picture.resize((max(1, round(picture.width * float(sx_m) / float(sy_m))), picture.height),
-                                 Image.Resampling.NEAREST)
+        picture = picture.resize(
+            (max(1, round(picture.width * float(sx_m) / float(sy_m))), picture.height), Image.Resampling.NEAREST
+        )
     with atomic_write(out) as f:
         picture.save(f, format="PNG", optimize=True)
     return out
@@ -224,9 +238,7 @@ def render_pca(tif: str | Path, out: str | Path, fit_on: str | Path | None = Non
 
 def _check_same_bands(tif: str | Path, n_bands: int, fit_source: str | Path, n_fit_bands: int) -> None:
     if n_bands != n_fit_bands:
-        raise AetherError(f"cannot colour {tif} ({n_bands} bands) with a PCA fitted on {fit_source} ({n_fit_bands} "
-                          "bands); fit on a raster with the same bands (AlphaEarth has 64, AETHER 128)")
-
-
-
-
+        raise AetherError(
+            f"cannot colour {tif} ({n_bands} bands) with a PCA fitted on {fit_source} ({n_fit_bands} "
+            "bands); fit on a raster with the same bands (AlphaEarth has 64, AETHER 128)"
+        )

@@ -1,5 +1,6 @@
 """Retrieval at scale: a set of tiles (one folder of maps per tile, a mosaic VRT per query, top-k
 merged exactly over all tiles) or one large raster in bands of rows, as Dask tasks."""
+
 from __future__ import annotations
 
 import json
@@ -45,9 +46,18 @@ from aether.retrieval.topk import (
 logger = logging.getLogger(__name__)
 
 
-def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, *, emb_tif: str | None = None,
-                      ae_tif: str | None = None, options: SearchOptions | None = None, cluster: Cluster | None = None,
-                      band_px: int = BAND_PX, progress: bool = True) -> list[QueryResult]:
+def retrieve_at_scale(
+    queries: list[str],
+    ckpt: str,
+    out_dir: str,
+    *,
+    emb_tif: str | None = None,
+    ae_tif: str | None = None,
+    options: SearchOptions | None = None,
+    cluster: Cluster | None = None,
+    band_px: int = BAND_PX,
+    progress: bool = True,
+) -> list[QueryResult]:
     """`retrieve` over one raster or a set of tiles (aether.geo.tiles), as Dask tasks when a
     `cluster` is given (local worker processes, or an existing scheduler).
 
@@ -70,8 +80,11 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, *, emb_tif: s
     paths = expand_tiles(source, "raster tile") if tile_set else [source]
     stems = tile_stems(paths)
     out = Path(out_dir)
-    written = [f for folder in [out, *(out / "tiles" / stem for stem in stems)]
-               for f in output_files(folder, query_names(queries))]
+    written = [
+        f
+        for folder in [out, *(out / "tiles" / stem for stem in stems)]
+        for f in output_files(folder, query_names(queries))
+    ]
     check_inputs_kept(written, input_files(paths, ckpt, source if tile_set else None), "choose another --out folder")
     with output_folder_lock(out):  # each task locks its own folder too
         remove_stale_partials(out)
@@ -80,26 +93,48 @@ def retrieve_at_scale(queries: list[str], ckpt: str, out_dir: str, *, emb_tif: s
         infos = [open_source(path, emb_tif is not None, projector) for path in paths]  # all, before any work
         encoder = requested_encoder(projector, options.text_backend, options.text_model)
         vectors = embed_texts(projector, queries, encoder)  # once, here
-        run = {"queries": queries, "top_k": top_k, "nms_m": nms_m, "checkpoint": projector.ckpt_sha256,
-               "tile_px": options.tile_px, "precision": options.precision}
+        run = {
+            "queries": queries,
+            "top_k": top_k,
+            "nms_m": nms_m,
+            "checkpoint": projector.ckpt_sha256,
+            "tile_px": options.tile_px,
+            "precision": options.precision,
+        }
         task_options = SearchOptions(**{**options.as_dict(), "heatmaps": False})
         if tile_set:
-            pieces = [(str(out / "tiles" / stem), {key: path}, dict(run, source=path))
-                      for path, stem in zip(paths, stems)]
+            pieces = [
+                (str(out / "tiles" / stem), {key: path}, dict(run, source=path)) for path, stem in zip(paths, stems)
+            ]
             sizes = [info.width * info.height for info in infos]
         else:
             info = infos[0]
             tile_px = pass_tile_px(info, options.tile_px, len(queries), top_k, nms_m)
             bands = row_bands(info, tile_px, band_px)
-            pieces = [(str(out / ".bands" / f"rows_{r0:06d}_{r1:06d}"), {key: source, "rows": (r0, r1)},
-                       dict(run, source=source, rows=[r0, r1])) for r0, r1 in bands]
+            pieces = [
+                (
+                    str(out / ".bands" / f"rows_{r0:06d}_{r1:06d}"),
+                    {key: source, "rows": (r0, r1)},
+                    dict(run, source=source, rows=[r0, r1]),
+                )
+                for r0, r1 in bands
+            ]
             sizes = [info.width * (r1 - r0) for r0, r1 in bands]
-        tasks = [(queries, ckpt, folder, {"options": task_options, "query_vectors": vectors, **where}, tag)
-                 for folder, where, tag in pieces]
+        tasks = [
+            (queries, ckpt, folder, {"options": task_options, "query_vectors": vectors, **where}, tag)
+            for folder, where, tag in pieces
+        ]
         Path(pieces[0][0]).parent.mkdir(parents=True, exist_ok=True)
         with dask_client(cluster) as client:
-            folders = run_tasks(client, _retrieve_task, tasks, sizes, desc=f"scoring {len(tasks)} "
-                                f"{'tiles' if tile_set else 'bands'}", unit="px", progress=progress)
+            folders = run_tasks(
+                client,
+                _retrieve_task,
+                tasks,
+                sizes,
+                desc=f"scoring {len(tasks)} {'tiles' if tile_set else 'bands'}",
+                unit="px",
+                progress=progress,
+            )
         names = query_names(queries)
         results = []
         temps: list[Path] = []
@@ -148,7 +183,9 @@ def _retrieve_task(queries: list[str], ckpt: str, tile_dir: str, arguments: dict
     return tile_dir
 
 
-def merged_places(paths: list[Path], stems: list[str], query: int, top_k: int, nms_m: float, mosaic: Path) -> list[dict]:
+def merged_places(
+    paths: list[Path], stems: list[str], query: int, top_k: int, nms_m: float, mosaic: Path
+) -> list[dict]:
     """The top-k places of one query over all tiles, from each tile's saved candidates."""
     scores, lon, lat, tile, order = [], [], [], [], []
     for t, path in enumerate(paths):
@@ -160,11 +197,21 @@ def merged_places(paths: list[Path], stems: list[str], query: int, top_k: int, n
             tile.append(np.full(len(scores[-1]), t, dtype=np.int64))
     scores, lon, lat, tile, order = map(np.concatenate, (scores, lon, lat, tile, order))
     # ties: the tile listed first, then raster order
-    chosen = non_max_suppression(scores, lon, lat, top_k, nms_m, geographic=True,
-                                 tiebreak=tile * (int(order.max(initial=0)) + 1) + order)
+    chosen = non_max_suppression(
+        scores, lon, lat, top_k, nms_m, geographic=True, tiebreak=tile * (int(order.max(initial=0)) + 1) + order
+    )
     with rasterio.open(mosaic) as src:
         crs = src.crs
     x, y = warp_transform("EPSG:4326", crs, lon[chosen].tolist(), lat[chosen].tolist()) if len(chosen) else ([], [])
-    return [{"rank": rank, "score": round(float(scores[i]), 6), "lon": float(lon[i]), "lat": float(lat[i]),
-             "x": float(xi), "y": float(yi), "tile": stems[int(tile[i])]}
-            for rank, (i, xi, yi) in enumerate(zip(chosen, x, y), start=1)]
+    return [
+        {
+            "rank": rank,
+            "score": round(float(scores[i]), 6),
+            "lon": float(lon[i]),
+            "lat": float(lat[i]),
+            "x": float(xi),
+            "y": float(yi),
+            "tile": stems[int(tile[i])],
+        }
+        for rank, (i, xi, yi) in enumerate(zip(chosen, x, y), start=1)
+    ]

@@ -1,5 +1,6 @@
 """A query's similarity map as a PNG: averaged to at most HEATMAP_MAX_PX across, at its ground
 shape, with a colour bar, axes in the raster's CRS and the best places marked."""
+
 from __future__ import annotations
 
 import math
@@ -34,15 +35,29 @@ def write_heatmap(tif: Path, path: Path, query: str, hits: list[dict], temps: li
     fig, ax = plt.subplots(figsize=(7, min(max(height_in, 2.5), 14) + 0.6), dpi=110)
     cmap = plt.get_cmap("magma").with_extremes(bad="#d0d0d0")
     finite = img[np.isfinite(img)]
-    vmin, vmax = (np.percentile(finite, [2, 99.8]) if finite.size else (0.0, 1.0))
-    im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, extent=(b.left, b.right, b.bottom, b.top),
-                   interpolation="nearest")
+    vmin, vmax = np.percentile(finite, [2, 99.8]) if finite.size else (0.0, 1.0)
+    im = ax.imshow(
+        img, cmap=cmap, vmin=vmin, vmax=vmax, extent=(b.left, b.right, b.bottom, b.top), interpolation="nearest"
+    )
     if hits:
-        ax.scatter([h["x"] for h in hits], [h["y"] for h in hits], s=60, facecolors="none", edgecolors="#00e5ff",
-                   linewidths=1.5)
+        ax.scatter(
+            [h["x"] for h in hits],
+            [h["y"] for h in hits],
+            s=60,
+            facecolors="none",
+            edgecolors="#00e5ff",
+            linewidths=1.5,
+        )
         for h in hits:
-            ax.annotate(str(h["rank"]), (h["x"], h["y"]), xytext=(4, 4), textcoords="offset points", color="#00e5ff",
-                        fontsize=8, weight="bold")
+            ax.annotate(
+                str(h["rank"]),
+                (h["x"], h["y"]),
+                xytext=(4, 4),
+                textcoords="offset points",
+                color="#00e5ff",
+                fontsize=8,
+                weight="bold",
+            )
     ax.set_title(query if len(query) <= 70 else query[:67] + "...", fontsize=11)
     ax.set_aspect(aspect)
     ax.tick_params(labelsize=7)

@@ -1,6 +1,7 @@
 """What a search writes into its output folder: per query a similarity GeoTIFF, the best places
 as GeoJSON and a PNG heatmap (`aether.retrieval.heatmap`), an index of the queries, and for a
 task of a search at scale its candidates; all written atomically, under the folder's lock."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def slug(text: str, max_len: int = 40) -> str:
     return s[:max_len].rstrip("-") or "query"
 
 
-_PARTIAL = re.compile(r"\.(q\d+_[a-z0-9-]*\.(tif|geojson|png)\.\w{8}\.partial\.(tif|geojson|png)"
-                      r"|(q\d+_[a-z0-9-]*\.vrt|queries\.json|candidates\.npz|run\.json)\.\w{8}\.tmp)")
+_PARTIAL = re.compile(
+    r"\.(q\d+_[a-z0-9-]*\.(tif|geojson|png)\.\w{8}\.partial\.(tif|geojson|png)"
+    r"|(q\d+_[a-z0-9-]*\.vrt|queries\.json|candidates\.npz|run\.json)\.\w{8}\.tmp)"
+)
 
 
 def remove_stale_partials(out: Path) -> None:
@@ -63,7 +66,7 @@ class CandidateFile:
     def __init__(self, path: Path, info: RasterInfo):
         self.path, self.info = path, info
 
-    def __enter__(self) -> "CandidateFile":
+    def __enter__(self) -> CandidateFile:
         import zipfile
 
         self._file = atomic_write(self.path)
@@ -109,9 +112,14 @@ def query_names(queries: list[str]) -> list[str]:
 
 
 def write_geojson(path: Path, query: str, hits: list[dict], temps: list[Path]) -> Path:
-    features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [h["lon"], h["lat"]]},
-                 "properties": {"query": query, **{k: v for k, v in h.items() if k not in ("lon", "lat")}}}
-                for h in hits]
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [h["lon"], h["lat"]]},
+            "properties": {"query": query, **{k: v for k, v in h.items() if k not in ("lon", "lat")}},
+        }
+        for h in hits
+    ]
     fd, tmp = temp_file_beside(path, ".partial.geojson")
     temps.append(tmp)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -120,8 +128,20 @@ def write_geojson(path: Path, query: str, hits: list[dict], temps: list[Path]) -
 
 
 def write_index(out: Path, results: list[QueryResult], source: str, ckpt: str, top_k: int, nms_m: float) -> None:
-    index = {"source": str(source), "checkpoint": str(ckpt), "top_k": top_k, "nms_radius_m": nms_m,
-             "queries": [{"query": r.query, "tif": r.tif.name, "geojson": r.geojson.name,
-                          "png": r.png.name if r.png else None, "best_score": r.hits[0]["score"] if r.hits else None}
-                         for r in results]}
+    index = {
+        "source": str(source),
+        "checkpoint": str(ckpt),
+        "top_k": top_k,
+        "nms_radius_m": nms_m,
+        "queries": [
+            {
+                "query": r.query,
+                "tif": r.tif.name,
+                "geojson": r.geojson.name,
+                "png": r.png.name if r.png else None,
+                "best_score": r.hits[0]["score"] if r.hits else None,
+            }
+            for r in results
+        ],
+    }
     atomic_write_text(out / "queries.json", json.dumps(index, ensure_ascii=False, indent=1))

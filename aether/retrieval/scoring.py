@@ -2,6 +2,7 @@
 computed on the fly from an AlphaEarth raster exactly as inference does) against each query's,
 in one streaming pass per group of queries, writing each query's similarity GeoTIFF (through
 `aether.geo.blocks`) and keeping its best pixels."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,17 @@ class Scoring:
     """One raster's pixels (AETHER vectors read, or AlphaEarth vectors embedded on the fly) scored
     against a group of queries in one pass: a similarity GeoTIFF per query, and its best pixels."""
 
-    def __init__(self, out: Path, info: RasterInfo, projector: Projector, emb_tif: str | None,
-                 ae_tif: str | None, tiles: list[Tile], profile: dict, first_row: int):
+    def __init__(
+        self,
+        out: Path,
+        info: RasterInfo,
+        projector: Projector,
+        emb_tif: str | None,
+        ae_tif: str | None,
+        tiles: list[Tile],
+        profile: dict,
+        first_row: int,
+    ):
         self.out, self.info, self.projector, self.tiles, self.profile = out, info, projector, tiles, profile
         self.first_row = first_row
         self.emb_tif, self.source = emb_tif, Path(emb_tif or ae_tif).name
@@ -50,6 +60,7 @@ class Scoring:
         info = self.info
         if self.reader is not None:
             self.reader.implausible = 0  # each pass reads every tile: report one pass's count
+
             def produce():
                 return self.reader.produce(self.tiles, read_threads(self.projector.device))
 
@@ -75,8 +86,9 @@ class Scoring:
 
         return produce, latent
 
-    def run(self, queries: list[str], names: list[str], vectors: np.ndarray, keep: int,
-            bar) -> tuple[list[Path], list[TopCandidates]]:
+    def run(
+        self, queries: list[str], names: list[str], vectors: np.ndarray, keep: int, bar
+    ) -> tuple[list[Path], list[TopCandidates]]:
         """Score the queries: their finished similarity maps, as partial GeoTIFFs beside their final
         names (removed if the pass fails), and their candidates."""
         info, first_row = self.info, self.first_row
@@ -91,9 +103,16 @@ class Scoring:
                 fd, tmp = temp_file_beside(self.out / f"{name}.tif", ".partial.tif")
                 os.close(fd)
                 temps.append(tmp)
-                create_sparse(tmp, self.profile, [f"cosine similarity: {query}"],
-                              {"AETHER_QUERY": query, "AETHER_CHECKPOINT_SHA256": self.projector.ckpt_sha256,
-                               "AETHER_SOURCE": self.source})
+                create_sparse(
+                    tmp,
+                    self.profile,
+                    [f"cosine similarity: {query}"],
+                    {
+                        "AETHER_QUERY": query,
+                        "AETHER_CHECKPOINT_SHA256": self.projector.ckpt_sha256,
+                        "AETHER_SOURCE": self.source,
+                    },
+                )
                 files.append(BlockFile(tmp, ZSTD_LEVEL, threads, pool))
             produce, latent = self._produce_and_latent()
 
@@ -141,8 +160,9 @@ def requested_encoder(projector: Projector, backend: str | None, model: str | No
         return None
     ident = projector.checkpoint.text.identity
     same_backend = (backend or ident["backend"]) == ident["backend"]
-    return build_text_encoder(backend or ident["backend"], model or ident["model"],
-                              ident["dimensions"] if same_backend else None)
+    return build_text_encoder(
+        backend or ident["backend"], model or ident["model"], ident["dimensions"] if same_backend else None
+    )
 
 
 def open_source(path: str, is_aether: bool, projector: Projector) -> RasterInfo:
@@ -152,12 +172,16 @@ def open_source(path: str, is_aether: bool, projector: Projector) -> RasterInfo:
         check_raster(projector, info)
         return info
     if info.count != projector.latent_dim:
-        raise AetherError(f"AETHER raster {path} has {info.count} bands but checkpoint {projector.name} has a "
-                          f"{projector.latent_dim}-dimensional latent space (an AlphaEarth raster? use --ae_tif)")
+        raise AetherError(
+            f"AETHER raster {path} has {info.count} bands but checkpoint {projector.name} has a "
+            f"{projector.latent_dim}-dimensional latent space (an AlphaEarth raster? use --ae_tif)"
+        )
     _check_aether_raster(path, projector)
     if info.is_int8:
-        logger.warning(f"{Path(path).name} is int8: its scores are up to about 0.007 off, enough to reorder close "
-            f"places; for the ranks of --ae_tif, embed with --dtype int16 (the default; within 1e-4)")
+        logger.warning(
+            f"{Path(path).name} is int8: its scores are up to about 0.007 off, enough to reorder close "
+            f"places; for the ranks of --ae_tif, embed with --dtype int16 (the default; within 1e-4)"
+        )
     return info
 
 
@@ -173,17 +197,25 @@ def _check_aether_raster(path: str, projector: Projector) -> None:
         ours = projector.identity
         differ = [part for part in ours if made_by.get(part) != ours[part]]
         if differ:
-            detail = "; ".join(f"{part}: {made_by.get(part, '?')} there, {ours[part]} here" if part in
-                               ("base window", "text encoder") else f"{part} weights differ" for part in differ)
-            raise AetherError(f"AETHER raster {path} was made with another model than checkpoint {projector.name} "
-                              f"({detail}); query it with the checkpoint that made it "
-                              f"({tags.get('AETHER_CHECKPOINT', '?')}), or pass --ae_tif to embed the AlphaEarth "
-                              f"raster with this one")
+            detail = "; ".join(
+                f"{part}: {made_by.get(part, '?')} there, {ours[part]} here"
+                if part in ("base window", "text encoder")
+                else f"{part} weights differ"
+                for part in differ
+            )
+            raise AetherError(
+                f"AETHER raster {path} was made with another model than checkpoint {projector.name} "
+                f"({detail}); query it with the checkpoint that made it "
+                f"({tags.get('AETHER_CHECKPOINT', '?')}), or pass --ae_tif to embed the AlphaEarth "
+                f"raster with this one"
+            )
         return
     made_with = tags.get("AETHER_CHECKPOINT_SHA256")
     if made_with is None:
         logger.warning(f"{path} does not say which checkpoint made it; assuming {projector.name}")
         return
     if made_with != projector.ckpt_sha256:
-        raise AetherError(f"AETHER raster {path} was made with another checkpoint ({tags.get('AETHER_CHECKPOINT', '?')}); "
-                          f"query it with that checkpoint, or pass --ae_tif to embed the AlphaEarth raster with this one")
+        raise AetherError(
+            f"AETHER raster {path} was made with another checkpoint ({tags.get('AETHER_CHECKPOINT', '?')}); "
+            f"query it with that checkpoint, or pass --ae_tif to embed the AlphaEarth raster with this one"
+        )

@@ -8,6 +8,7 @@ on the raster's grid, the top-k places as GeoJSON (greedy non-maximum suppressio
 hits are distinct places rather than neighbouring pixels: `aether.retrieval.topk`) and a PNG
 heatmap (`aether.retrieval.outputs`, `aether.retrieval.heatmap`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,9 +95,19 @@ def read_queries(path: str | Path) -> list[str]:
     return queries
 
 
-def retrieve(queries: list[str], ckpt: str, out_dir: str, *, emb_tif: str | None = None, ae_tif: str | None = None,
-             options: SearchOptions | None = None, progress: bool = True, query_vectors: np.ndarray | None = None,
-             save_candidates: bool = False, rows: tuple[int, int] | None = None) -> list[QueryResult]:
+def retrieve(
+    queries: list[str],
+    ckpt: str,
+    out_dir: str,
+    *,
+    emb_tif: str | None = None,
+    ae_tif: str | None = None,
+    options: SearchOptions | None = None,
+    progress: bool = True,
+    query_vectors: np.ndarray | None = None,
+    save_candidates: bool = False,
+    rows: tuple[int, int] | None = None,
+) -> list[QueryResult]:
     """Score every pixel of an AETHER raster (`emb_tif`) or of an AlphaEarth raster (`ae_tif`, embedded
     on the fly) against each query, as `options` ask; write each query's GeoTIFF, GeoJSON and PNG
     into `out_dir`.
@@ -114,16 +125,25 @@ def retrieve(queries: list[str], ckpt: str, out_dir: str, *, emb_tif: str | None
     options = (options or SearchOptions()).check()
     out = Path(out_dir)
     queries = check_request(queries, emb_tif, ae_tif, out)
-    check_inputs_kept(output_files(out, query_names(queries)), input_files([emb_tif or ae_tif], ckpt),
-                      "choose another --out folder")
+    check_inputs_kept(
+        output_files(out, query_names(queries)), input_files([emb_tif or ae_tif], ckpt), "choose another --out folder"
+    )
     with output_folder_lock(out):
-        return _retrieve(queries, ckpt, out, emb_tif, ae_tif, options, progress, save_candidates, query_vectors,
-                         rows)
+        return _retrieve(queries, ckpt, out, emb_tif, ae_tif, options, progress, save_candidates, query_vectors, rows)
 
 
-def _retrieve(queries: list[str], ckpt: str, out: Path, emb_tif: str | None, ae_tif: str | None,
-              options: SearchOptions, progress: bool, save_candidates: bool, query_vectors: np.ndarray | None,
-              rows: tuple[int, int] | None) -> list[QueryResult]:
+def _retrieve(
+    queries: list[str],
+    ckpt: str,
+    out: Path,
+    emb_tif: str | None,
+    ae_tif: str | None,
+    options: SearchOptions,
+    progress: bool,
+    save_candidates: bool,
+    query_vectors: np.ndarray | None,
+    rows: tuple[int, int] | None,
+) -> list[QueryResult]:
     """`retrieve` once the request is checked and `out` is locked (and exists). Queries are scored in
     passes over the raster of at most `queries_per_pass` each, so open files and memory stay bounded
     however many there are; each pass's files are finished before the next begins."""
@@ -143,31 +163,63 @@ def _retrieve(queries: list[str], ckpt: str, out: Path, emb_tif: str | None, ae_
         raise AetherError(f"rows {rows[0]}:{rows[1]} are not a band of whole tiles ({tile_px} px) of {info.path}")
     r_start, r_stop = rows if rows is not None else (0, info.height)
     first_row = info.north_up_rows(r_start, r_stop - r_start)
-    profile = dict(driver="GTiff", width=info.width, height=r_stop - r_start, count=1, dtype="float32", crs=info.crs,
-                   transform=info.north_up_transform @ Affine.translation(0, first_row), nodata=float("nan"),
-                   **geotiff_layout("float32", output_block_px(tile_px)))
+    profile = dict(
+        driver="GTiff",
+        width=info.width,
+        height=r_stop - r_start,
+        count=1,
+        dtype="float32",
+        crs=info.crs,
+        transform=info.north_up_transform @ Affine.translation(0, first_row),
+        nodata=float("nan"),
+        **geotiff_layout("float32", output_block_px(tile_px)),
+    )
     tiles = tile_grid(info, tile_px, rows)
     remove_stale_partials(out)
     starts = range(0, len(queries), per_pass)
     if len(starts) > 1:
-        logger.info(f"{len(queries):,} queries: {len(starts)} passes over the raster of at most {per_pass} queries each"
-            + ("" if emb_tif is not None else " (each embeds the raster again: for many queries, embed it once "
-               "with infer_aether_raster.py and search it with --emb)"))
+        logger.info(
+            f"{len(queries):,} queries: {len(starts)} passes over the raster of at most {per_pass} queries each"
+            + (
+                ""
+                if emb_tif is not None
+                else " (each embeds the raster again: for many queries, embed it once "
+                "with infer_aether_raster.py and search it with --emb)"
+            )
+        )
     scoring = Scoring(out, info, projector, emb_tif, ae_tif, tiles, profile, first_row)
-    bar = tqdm(total=info.width * (r_stop - r_start) * len(starts), desc="scoring", unit="px", unit_scale=True,
-               disable=not progress)
+    bar = tqdm(
+        total=info.width * (r_stop - r_start) * len(starts),
+        desc="scoring",
+        unit="px",
+        unit_scale=True,
+        disable=not progress,
+    )
     results = []
     try:
         with contextlib.ExitStack() as stack:
-            saved = (stack.enter_context(CandidateFile(out / CANDIDATES, info))
-                     if save_candidates or rows is not None else None)
+            saved = (
+                stack.enter_context(CandidateFile(out / CANDIDATES, info))
+                if save_candidates or rows is not None
+                else None
+            )
             for start in starts:
                 group = slice(start, start + per_pass)
                 maps, candidates = scoring.run(queries[group], names[group], query_vectors[group], keep, bar)
                 if saved is not None:
                     saved.add(start, candidates)
-                results += _finish_pass(out, info, queries[group], names[group], maps, candidates, top_k, nms_m,
-                                        options.heatmaps, band=rows is not None)
+                results += _finish_pass(
+                    out,
+                    info,
+                    queries[group],
+                    names[group],
+                    maps,
+                    candidates,
+                    top_k,
+                    nms_m,
+                    options.heatmaps,
+                    band=rows is not None,
+                )
         if rows is None:
             write_index(out, results, emb_tif or ae_tif, ckpt, top_k, nms_m)
         scoring.report_implausible()
@@ -176,9 +228,18 @@ def _retrieve(queries: list[str], ckpt: str, out: Path, emb_tif: str | None, ae_
         bar.close()
 
 
-def _finish_pass(out: Path, info: RasterInfo, queries: list[str], names: list[str], maps: list[Path],
-                 candidates: list[TopCandidates], top_k: int, nms_m: float, heatmaps: bool,
-                 band: bool) -> list[QueryResult]:
+def _finish_pass(
+    out: Path,
+    info: RasterInfo,
+    queries: list[str],
+    names: list[str],
+    maps: list[Path],
+    candidates: list[TopCandidates],
+    top_k: int,
+    nms_m: float,
+    heatmaps: bool,
+    band: bool,
+) -> list[QueryResult]:
     """Give one pass's queries their final files: each map renamed into place with, unless this is a
     band of a raster (whose maps and candidates `retrieve_at_scale` joins), its places and heatmap."""
     temps = list(maps)
@@ -214,5 +275,3 @@ def check_request(queries: list[str], emb_tif: str | None, ae_tif: str | None, o
         raise AetherError("give exactly one raster: --emb (an AETHER raster) or --ae_tif (an AlphaEarth raster)")
     check_output_folder(out)
     return queries
-
-

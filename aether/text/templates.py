@@ -1,5 +1,6 @@
 """Description templates: how a place's fields become the text a language model encodes, in the
 paper's style by default ("A place of cafe, a type of amenity, named Kahvila.")."""
+
 from __future__ import annotations
 
 import re
@@ -21,19 +22,24 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise AetherError(f"description template {shown(template)} is malformed ({exc}); "
-                          "write fields as {name}, {key}, {value}") from None
+        raise AetherError(
+            f"description template {shown(template)} is malformed ({exc}); write fields as {{name}}, {{key}}, {{value}}"
+        ) from None
     for _, name, spec, _ in parsed:
         if not spec:
             continue
         if "{" in spec or "}" in spec:
-            raise AetherError(f"description template {shown(template)}: the format of field {{{name}}} holds "
-                              f"another field; give widths as numbers, e.g. {{{name}:>20}}")
+            raise AetherError(
+                f"description template {shown(template)}: the format of field {{{name}}} holds "
+                f"another field; give widths as numbers, e.g. {{{name}:>20}}"
+            )
         for number in re.findall(r"\d+", spec):
             digits = number.lstrip("0")
             if len(digits) > len(str(MAX_TEMPLATE_WIDTH)) or int(digits or 0) > MAX_TEMPLATE_WIDTH:
-                raise AetherError(f"description template {shown(template)}: field {{{name}:{shown(spec)[1:-1]}}} asks "
-                                  f"for a width or precision over {MAX_TEMPLATE_WIDTH:,} characters; use a smaller one")
+                raise AetherError(
+                    f"description template {shown(template)}: field {{{name}:{shown(spec)[1:-1]}}} asks "
+                    f"for a width or precision over {MAX_TEMPLATE_WIDTH:,} characters; use a smaller one"
+                )
     return [f for _, f, _, _ in parsed if f]
 
 

@@ -14,6 +14,7 @@ N processes take the steps that one process takes with the whole batch (up to fl
 That holds with model.dropout 0; with dropout each rank draws its own masks (`seed_own_stream`),
 which trains as well but not identically.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,9 +37,24 @@ from aether.core.collective import (
 )
 from aether.core.ranks import is_main, launched, local_rank
 
-__all__ = ["active", "barrier", "gather_objects", "gather_rows", "is_main", "launched", "local_rank", "max_over_ranks",
-           "my_rows", "process_group", "raise_if_any_failed", "rank", "seed_own_stream", "shard_sizes", "world_size",
-           "wrap"]
+__all__ = [
+    "active",
+    "barrier",
+    "gather_objects",
+    "gather_rows",
+    "is_main",
+    "launched",
+    "local_rank",
+    "max_over_ranks",
+    "my_rows",
+    "process_group",
+    "raise_if_any_failed",
+    "rank",
+    "seed_own_stream",
+    "shard_sizes",
+    "world_size",
+    "wrap",
+]
 
 
 @contextlib.contextmanager
@@ -76,7 +92,7 @@ def shard_sizes(n_rows: int) -> list[int]:
 def my_rows(n_rows: int) -> slice:
     """This rank's rows of `n_rows` (by `shard_sizes`)."""
     sizes = shard_sizes(n_rows)
-    start = sum(sizes[:rank()])
+    start = sum(sizes[: rank()])
     return slice(start, start + sizes[rank()])
 
 

@@ -6,6 +6,7 @@ exact resume, and a clean stop on SIGINT / SIGTERM.
 optimizer steps, stopping cleanly on a signal) and `end_of_epoch` (validation, metrics.jsonl,
 best.pt, last.pt), with one way out when the loss or weights stop being finite (`diverged`).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,6 +60,7 @@ def seed_everything(seed: int) -> None:
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
     """The learning-rate factor at each step: linear warmup, then a cosine from 1 down to
     `min_ratio` (with no warmup, the reference's CosineAnnealingLR with eta_min = min_ratio x lr)."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -87,9 +89,15 @@ def temperature_scales(model: AetherModel) -> tuple[torch.Tensor, torch.Tensor]:
     return model.log_logit_scale, model.log_logit_scale_ae_ae
 
 
-def global_batch_loss(net: torch.nn.Module, loss_fn: AetherLoss, scales: tuple[torch.Tensor, torch.Tensor],
-                      base: torch.Tensor, aug: torch.Tensor, text: torch.Tensor,
-                      shares: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+def global_batch_loss(
+    net: torch.nn.Module,
+    loss_fn: AetherLoss,
+    scales: tuple[torch.Tensor, torch.Tensor],
+    base: torch.Tensor,
+    aug: torch.Tensor,
+    text: torch.Tensor,
+    shares: list[int],
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of a global batch of which this process holds the rows `base`, `aug`, `text`
     (rank r holds shares[r] rows): projected here, joined across processes with their gradients.
     `scales`: the log logit scales of the AE-POI and AE-AE terms."""
@@ -108,7 +116,7 @@ class StopOnSignal:
         self.signum: int | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -125,9 +133,15 @@ class StopOnSignal:
         self.signum = signum
 
 
-def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
-          resume: str | Path | None = None, command: str | None = None, cluster: Cluster | None = None,
-          overwrite: bool = False) -> Path:
+def train(
+    cfg: Config,
+    progress: bool = True,
+    dataset: PoiDataset | None = None,
+    resume: str | Path | None = None,
+    command: str | None = None,
+    cluster: Cluster | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Train on the data `cfg` names; return the path of the best checkpoint.
 
     `resume` (a run folder, meaning its last.pt, or a checkpoint file) continues that run where
@@ -152,12 +166,16 @@ def train(cfg: Config, progress: bool = True, dataset: PoiDataset | None = None,
     init = init_checkpoint(cfg) if resumed is None else None  # a resumed run has its own weights
     device = pick_device(cfg.train.device)
     if cfg.train.batch_size < distributed.world_size():
-        raise AetherError(f"config train.batch_size is {cfg.train.batch_size} but torchrun started "
-                          f"{distributed.world_size()} processes, each needing rows of every batch; "
-                          f"use train.batch_size >= {distributed.world_size()} or fewer processes")
+        raise AetherError(
+            f"config train.batch_size is {cfg.train.batch_size} but torchrun started "
+            f"{distributed.world_size()} processes, each needing rows of every batch; "
+            f"use train.batch_size >= {distributed.world_size()} or fewer processes"
+        )
     if distributed.world_size() > 1 and cluster.given:
-        raise AetherError("--workers / --scheduler pool POIs in one training process; under torchrun every process "
-                          "pools its own copy, so run torchrun without them")
+        raise AetherError(
+            "--workers / --scheduler pool POIs in one training process; under torchrun every process "
+            "pools its own copy, so run torchrun without them"
+        )
     with distributed.process_group(device), hold_run_dir(run_dir):  # before any heavy work (text encoding)
         check_run_dir_free(run_dir, resumed.path if resumed else None, overwrite)
         run = _Training(cfg, device, progress and distributed.is_main(), command)
@@ -200,8 +218,9 @@ class _Training:
 
     # ---- prepare ---------------------------------------------------------------------------------
 
-    def prepare(self, dataset: PoiDataset | None, cluster: Cluster, resumed: Checkpoint | None,
-                init: Checkpoint | None) -> None:
+    def prepare(
+        self, dataset: PoiDataset | None, cluster: Cluster, resumed: Checkpoint | None, init: Checkpoint | None
+    ) -> None:
         """The data (pooled, encoded, split), the model (from `init`'s projectors if given), the
         optimizer and the learning-rate schedule; a new run's folder."""
         cfg = self.cfg
@@ -209,23 +228,37 @@ class _Training:
         encoder = None
         if dataset is None:
             with dask_client(cluster) as client:
-                dataset, _, encoder = build_dataset(cfg, progress=self.progress, client=client,
-                                                    min_train_pois=max(2, distributed.world_size()))
-        identity = encoder.identity if encoder is not None else {"backend": cfg.text.backend, "model": cfg.text.model,
-                                                                 "dimensions": cfg.text.dimensions}
+                dataset, _, encoder = build_dataset(
+                    cfg, progress=self.progress, client=client, min_train_pois=max(2, distributed.world_size())
+                )
+        identity = (
+            encoder.identity
+            if encoder is not None
+            else {"backend": cfg.text.backend, "model": cfg.text.model, "dimensions": cfg.text.dimensions}
+        )
         self.fingerprint = data_fingerprint(dataset)
         if resumed is not None:
             check_resume_data(resumed, dataset, self.fingerprint, encoder.identity if encoder else None)
         seed_everything(cfg.train.seed)
         self.train_rows = np.flatnonzero(~dataset.is_val)
         self.val_rows = np.flatnonzero(dataset.is_val)
-        logger.info(f"split: {len(self.train_rows)} train, {len(self.val_rows)} validation POIs "
-                    + (f"(spatial blocks of {cfg.data.val_block_m:g} m)" if cfg.data.val_fraction > 0
-                       else "(data.val_fraction = 0)"))
+        logger.info(
+            f"split: {len(self.train_rows)} train, {len(self.val_rows)} validation POIs "
+            + (
+                f"(spatial blocks of {cfg.data.val_block_m:g} m)"
+                if cfg.data.val_fraction > 0
+                else "(data.val_fraction = 0)"
+            )
+        )
         if len(self.train_rows) < max(2, distributed.world_size()):
-            raise AetherError(f"only {len(self.train_rows)} training POIs; contrastive training needs at least 2"
-                              + (f", and one for each of the {distributed.world_size()} processes"
-                                 if distributed.world_size() > 2 else ""))
+            raise AetherError(
+                f"only {len(self.train_rows)} training POIs; contrastive training needs at least 2"
+                + (
+                    f", and one for each of the {distributed.world_size()} processes"
+                    if distributed.world_size() > 2
+                    else ""
+                )
+            )
         if self.main:  # only now: a refusal above leaves no empty run folder
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.base, self.aug, self.text = (self._tensor(a) for a in (dataset.base, dataset.aug, dataset.text))
@@ -238,14 +271,19 @@ class _Training:
         self.net = distributed.wrap(self.model, self.device)
         distributed.seed_own_stream(cfg.train.seed)
         self.loss_fn = AetherLoss(cfg.loss.lam, cfg.loss.min_temperature)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                           betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=cfg.train.lr,
+            betas=tuple(cfg.train.betas),
+            weight_decay=cfg.train.weight_decay,
+        )
         self.batch = min(cfg.train.batch_size, len(self.train_rows))
         self.steps_per_epoch = max(1, len(self.train_rows) // self.batch)  # full batches: InfoNCE needs negatives
         self.shares, self.mine = distributed.shard_sizes(self.batch), distributed.my_rows(self.batch)
         total, warmup = cfg.train.epochs * self.steps_per_epoch, cfg.train.warmup_epochs * self.steps_per_epoch
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                          cosine_with_warmup(total, warmup, cfg.train.min_lr_ratio))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(total, warmup, cfg.train.min_lr_ratio)
+        )
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.keep_best = len(self.val_rows) >= 2  # "best" needs a validation score; training loss would mean nothing
         if resumed is None and self.main:
@@ -284,9 +322,15 @@ class _Training:
         if self.main:
             carry_over_run_files(resumed.path.parent, self.run_dir, self.at.epoch - 1)
         saved_epochs, epochs = resumed.config.train.epochs, self.cfg.train.epochs
-        logger.info(f"resuming {resumed.path} at epoch {self.at.epoch}, step {self.at.step} of {self.steps_per_epoch}"
-                    + (f" (train.epochs is {epochs} here, {saved_epochs} in the checkpoint: the learning-rate "
-                       f"schedule follows {epochs})" if saved_epochs != epochs else ""))
+        logger.info(
+            f"resuming {resumed.path} at epoch {self.at.epoch}, step {self.at.step} of {self.steps_per_epoch}"
+            + (
+                f" (train.epochs is {epochs} here, {saved_epochs} in the checkpoint: the learning-rate "
+                f"schedule follows {epochs})"
+                if saved_epochs != epochs
+                else ""
+            )
+        )
         if self.at.epoch > epochs:
             logger.info(f"nothing to train: the checkpoint is past train.epochs = {epochs}")
             return False
@@ -297,8 +341,14 @@ class _Training:
     def run(self) -> Path:
         """Every epoch left, then the summary; the path of the checkpoint to use."""
         cfg = self.cfg
-        self.bar = tqdm(range(self.at.epoch, cfg.train.epochs + 1), initial=self.at.epoch - 1, total=cfg.train.epochs,
-                        desc="training", unit="epoch", disable=not self.progress)
+        self.bar = tqdm(
+            range(self.at.epoch, cfg.train.epochs + 1),
+            initial=self.at.epoch - 1,
+            total=cfg.train.epochs,
+            desc="training",
+            unit="epoch",
+            disable=not self.progress,
+        )
         with StopOnSignal() as stop:
             for epoch in self.bar:
                 self.epoch(epoch, stop)
@@ -318,9 +368,16 @@ class _Training:
             signum = distributed.max_over_ranks(stop.signum or 0)  # all ranks stop at the same step
             if signum:
                 self.stop(epoch, step, signum)
-            idx = order[step * self.batch:(step + 1) * self.batch][self.mine].to(self.device)
-            loss, parts = global_batch_loss(self.net, self.loss_fn, temperature_scales(self.model), self.base[idx],
-                                            self.aug[idx], self.text[idx], self.shares)
+            idx = order[step * self.batch : (step + 1) * self.batch][self.mine].to(self.device)
+            loss, parts = global_batch_loss(
+                self.net,
+                self.loss_fn,
+                temperature_scales(self.model),
+                self.base[idx],
+                self.aug[idx],
+                self.text[idx],
+                self.shares,
+            )
             if not math.isfinite(parts["loss"]):  # the same global loss on every rank: all stop here
                 self.diverged(epoch, step + 1, f"the loss is {parts['loss']}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -338,11 +395,16 @@ class _Training:
             self.diverged(epoch, step, "the weights are not finite")
         self.save_last(epoch, step, self.epoch_generator, self.at.totals)
         self.bar.close()
-        how = (f"{self.command} --resume {shlex.quote(str(self.run_dir))}" if self.command
-               else f"train(cfg, resume={str(self.run_dir)!r})")
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name} at epoch {epoch}, step {step} of "
-                          f"{self.steps_per_epoch}; checkpoint saved to {self.last_path}; resume with: {how}",
-                          128 + signum)
+        how = (
+            f"{self.command} --resume {shlex.quote(str(self.run_dir))}"
+            if self.command
+            else f"train(cfg, resume={str(self.run_dir)!r})"
+        )
+        raise Interrupted(
+            f"interrupted by {signal.Signals(signum).name} at epoch {epoch}, step {step} of "
+            f"{self.steps_per_epoch}; checkpoint saved to {self.last_path}; resume with: {how}",
+            128 + signum,
+        )
 
     def diverged(self, epoch: int, step: int, what: str) -> None:
         """Stop a run whose loss or weights stopped being finite, in one line saying what last.pt still
@@ -354,16 +416,21 @@ class _Training:
             kept = f"{self.last_path} is unchanged since this run resumed"
         else:
             kept = "no checkpoint was written"
-        raise AetherError(f"training diverged at epoch {epoch}, step {step} of {self.steps_per_epoch}: {what}; "
-                          f"{kept}; lower train.lr (now {self.cfg.train.lr:g}) or check the inputs")
+        raise AetherError(
+            f"training diverged at epoch {epoch}, step {step} of {self.steps_per_epoch}: {what}; "
+            f"{kept}; lower train.lr (now {self.cfg.train.lr:g}) or check the inputs"
+        )
 
     def end_of_epoch(self, epoch: int) -> None:
         """The epoch's record, validation, metrics.jsonl and best.pt (rank 0's), then last.pt."""
         model, totals = self.model, self.at.totals
-        record = {"epoch": epoch, **{f"train_{k}": v for k, v in totals.items()},
-                  "lr": self.schedule.get_last_lr()[0],
-                  "temperature": 1.0 / float(self.loss_fn.logit_scale(model.log_logit_scale.detach())),
-                  "temperature_ae_ae": 1.0 / float(self.loss_fn.logit_scale(model.log_logit_scale_ae_ae.detach()))}
+        record = {
+            "epoch": epoch,
+            **{f"train_{k}": v for k, v in totals.items()},
+            "lr": self.schedule.get_last_lr()[0],
+            "temperature": 1.0 / float(self.loss_fn.logit_scale(model.log_logit_scale.detach())),
+            "temperature_ae_ae": 1.0 / float(self.loss_fn.logit_scale(model.log_logit_scale_ae_ae.detach())),
+        }
         self.at.record = record
         if self.main:
             if len(self.val_rows) >= 2:
@@ -377,8 +444,10 @@ class _Training:
                 self.at.best_score = score
                 self._checkpoint(epoch, record).save(self.best_path)
         self.save_last(epoch + 1, 0, self.generator.get_state(), {k: 0.0 for k in totals})
-        self.bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                             **({"R@10": f"{record['val_t2ae_r10']:.3f}"} if "val_t2ae_r10" in record else {}))
+        self.bar.set_postfix(
+            loss=f"{record['train_loss']:.3f}",
+            **({"R@10": f"{record['val_t2ae_r10']:.3f}"} if "val_t2ae_r10" in record else {}),
+        )
 
     def _checkpoint(self, epoch: int, record: dict, resume: dict | None = None) -> Checkpoint:
         return Checkpoint.of(self.model, self.cfg, self.text_spec, epoch, record, resume)
@@ -389,11 +458,19 @@ class _Training:
         rngs = distributed.gather_objects(rng_states())
         if not self.main:
             return
-        state = {"epoch": epoch, "step": step, "steps_per_epoch": self.steps_per_epoch,
-                 "epoch_generator": epoch_generator, "totals": dict(totals),
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
-                 "rng": rngs[0], "best_score": self.at.best_score, "elapsed_s": time.time() - self.start,
-                 "data": self.fingerprint}
+        state = {
+            "epoch": epoch,
+            "step": step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epoch_generator": epoch_generator,
+            "totals": dict(totals),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "rng": rngs[0],
+            "best_score": self.at.best_score,
+            "elapsed_s": time.time() - self.start,
+            "data": self.fingerprint,
+        }
         if len(rngs) > 1:
             state["rng_by_rank"] = rngs
         self._checkpoint(epoch - 1, self.at.record, state).save(self.last_path)
@@ -401,14 +478,21 @@ class _Training:
     def summary(self) -> None:
         cfg, final = self.cfg, self.at.record
         if not self.keep_best:
-            why = ("no validation split (data.val_fraction = 0)" if cfg.data.val_fraction == 0 else
-                   f"the spatial split holds {len(self.val_rows)} validation POIs (data.val_fraction = "
-                   f"{cfg.data.val_fraction:g}, blocks of {cfg.data.val_block_m:g} m), too few to score")
+            why = (
+                "no validation split (data.val_fraction = 0)"
+                if cfg.data.val_fraction == 0
+                else f"the spatial split holds {len(self.val_rows)} validation POIs (data.val_fraction = "
+                f"{cfg.data.val_fraction:g}, blocks of {cfg.data.val_block_m:g} m), too few to score"
+            )
             logger.info(f"{why}: no best.pt is written; last.pt holds the weights after the last epoch")
         if "val_t2ae_r10" in final:
             chance = min(1.0, 10 / len(self.val_rows))
-            logger.info(f"validation ({len(self.val_rows)} POIs): text-to-AE R@1/5/10 = {final['val_t2ae_r1']:.3f} / "
-                        f"{final['val_t2ae_r5']:.3f} / {final['val_t2ae_r10']:.3f} (chance R@10 = {chance:.3f}); "
-                        f"best R@10 = {self.at.best_score:.3f}")
-        logger.info(f"checkpoints: {f'{self.best_path} (best), ' if self.keep_best else ''}{self.last_path} (last); "
-                    f"metrics: {self.metrics_path}; {time.time() - self.start:.1f} s")
+            logger.info(
+                f"validation ({len(self.val_rows)} POIs): text-to-AE R@1/5/10 = {final['val_t2ae_r1']:.3f} / "
+                f"{final['val_t2ae_r5']:.3f} / {final['val_t2ae_r10']:.3f} (chance R@10 = {chance:.3f}); "
+                f"best R@10 = {self.at.best_score:.3f}"
+            )
+        logger.info(
+            f"checkpoints: {f'{self.best_path} (best), ' if self.keep_best else ''}{self.last_path} (last); "
+            f"metrics: {self.metrics_path}; {time.time() - self.start:.1f} s"
+        )

@@ -1,6 +1,7 @@
 """What a training run starts from and continues: the run folder (locked, and not one that holds
 another model), a checkpoint to resume exactly (same config, same data) or to start from
 (`train.init_from`), and the random-number states and data digests a resume checks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,11 +32,30 @@ RUN_LOCK = ".train.lock"  # held in train.run_dir while a training run writes th
 # train.epochs may change (the schedule then follows the new count); file paths may move, the
 # data themselves are compared by fingerprint once read.
 RESUME_MUST_MATCH = (
-    "data.n_bands", "data.base_radius_m", "data.aug_radius_m", "data.val_fraction", "data.val_block_m",
-    "text.backend", "text.model", "text.dimensions",
-    "model.arch", "model.latent_dim", "model.hidden_dim", "model.dropout", "model.gate",
-    "loss.lam", "loss.temperature", "loss.ae_ae_temperature", "loss.learn_temperature", "loss.min_temperature",
-    "train.batch_size", "train.lr", "train.weight_decay", "train.betas", "train.warmup_epochs", "train.min_lr_ratio",
+    "data.n_bands",
+    "data.base_radius_m",
+    "data.aug_radius_m",
+    "data.val_fraction",
+    "data.val_block_m",
+    "text.backend",
+    "text.model",
+    "text.dimensions",
+    "model.arch",
+    "model.latent_dim",
+    "model.hidden_dim",
+    "model.dropout",
+    "model.gate",
+    "loss.lam",
+    "loss.temperature",
+    "loss.ae_ae_temperature",
+    "loss.learn_temperature",
+    "loss.min_temperature",
+    "train.batch_size",
+    "train.lr",
+    "train.weight_decay",
+    "train.betas",
+    "train.warmup_epochs",
+    "train.min_lr_ratio",
     "train.seed",
 )
 
@@ -54,8 +74,9 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
         error = None
         if distributed.is_main():
             try:
-                stack.enter_context(folder_lock(run_dir, RUN_LOCK, f"run folder {run_dir}",
-                                                "set another train.run_dir"))
+                stack.enter_context(
+                    folder_lock(run_dir, RUN_LOCK, f"run folder {run_dir}", "set another train.run_dir")
+                )
             except AetherError as exc:
                 error = str(exc)
         distributed.raise_if_any_failed(error)
@@ -67,9 +88,12 @@ def rng_states() -> dict:
     np_state = np.random.get_state(legacy=False)
     return {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -79,16 +103,22 @@ def set_rng_states(states: dict) -> None:
     """Restore what `rng_states` returned."""
     random.setstate(states["python"])
     saved = states["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
-                         "has_gauss": saved["has_gauss"], "gauss": saved["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]},
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+        }
+    )
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"][:torch.cuda.device_count()])
+        torch.cuda.set_rng_state_all(states["cuda"][: torch.cuda.device_count()])
 
 
 def data_fingerprint(dataset: PoiDataset) -> dict[str, str]:
     """SHA-256 digests of what training sees, by part: a resumed run must see the same."""
+
     def digest(*parts: bytes) -> str:
         h = hashlib.sha256()
         for part in parts:
@@ -101,8 +131,9 @@ def data_fingerprint(dataset: PoiDataset) -> dict[str, str]:
     return {
         "POI ids": digest(text(dataset.pois.ids)),
         "descriptions": digest(text(dataset.pois.texts)),
-        "AlphaEarth windows": digest(np.ascontiguousarray(dataset.base).tobytes(),
-                                     np.ascontiguousarray(dataset.aug).tobytes()),
+        "AlphaEarth windows": digest(
+            np.ascontiguousarray(dataset.base).tobytes(), np.ascontiguousarray(dataset.aug).tobytes()
+        ),
         "train/validation split": digest(np.ascontiguousarray(dataset.is_val).tobytes()),
     }
 
@@ -132,17 +163,23 @@ def resume_checkpoint(target: str | Path, cfg: Config) -> Checkpoint:
         raise AetherError(f"cannot resume: {target} does not exist (give a run folder or its last.pt)")
     ckpt = Checkpoint.load(path)
     if ckpt.resume is None:
-        raise AetherError(f"cannot resume from {path}: it holds weights but no training state "
-                          f"(best.pt never does); resume from the run folder or its last.pt")
+        raise AetherError(
+            f"cannot resume from {path}: it holds weights but no training state "
+            f"(best.pt never does); resume from the run folder or its last.pt"
+        )
     if ckpt.upgraded_from == 1 and cfg.loss.learn_temperature:
-        raise AetherError(f"cannot resume from {path}: it was written by an AETHER with one learned temperature, "
-                          f"this one learns two; start a new run (train.init_from={path} keeps its weights)")
+        raise AetherError(
+            f"cannot resume from {path}: it was written by an AETHER with one learned temperature, "
+            f"this one learns two; start a new run (train.init_from={path} keeps its weights)"
+        )
     mismatch = first_mismatch(ckpt, cfg, RESUME_MUST_MATCH)
     if mismatch:
         key, theirs, ours = mismatch
-        raise AetherError(f"cannot resume from {path}: {key} is {ours!r} in this config but {theirs!r} in the "
-                          f"checkpoint; resume with the config (and --set overrides) the run started with, or start "
-                          f"a new run in another train.run_dir")
+        raise AetherError(
+            f"cannot resume from {path}: {key} is {ours!r} in this config but {theirs!r} in the "
+            f"checkpoint; resume with the config (and --set overrides) the run started with, or start "
+            f"a new run in another train.run_dir"
+        )
     return ckpt
 
 
@@ -154,32 +191,43 @@ def init_checkpoint(cfg: Config) -> Checkpoint | None:
         return None
     path = cfg.train.init_from
     run_dir = Path(cfg.train.run_dir)
-    check_inputs_kept([run_dir / "best.pt", run_dir / "last.pt"], {path: "the checkpoint train.init_from starts from"},
-                      "set train.run_dir to another folder, or copy the checkpoint elsewhere first")
+    check_inputs_kept(
+        [run_dir / "best.pt", run_dir / "last.pt"],
+        {path: "the checkpoint train.init_from starts from"},
+        "set train.run_dir to another folder, or copy the checkpoint elsewhere first",
+    )
     ckpt = Checkpoint.load(path)
     mismatch = first_mismatch(ckpt, cfg, INIT_MUST_MATCH)
     if mismatch:
         key, theirs, ours = mismatch
-        raise AetherError(f"config train.init_from: checkpoint {path} has {key} {theirs!r}, this config {ours!r}; "
-                          f"set {key}={theirs} to start from its weights")
+        raise AetherError(
+            f"config train.init_from: checkpoint {path} has {key} {theirs!r}, this config {ours!r}; "
+            f"set {key}={theirs} to start from its weights"
+        )
     if ckpt.n_bands != cfg.data.n_bands:
-        raise AetherError(f"config train.init_from: checkpoint {path} takes {ckpt.n_bands} AlphaEarth "
-                          f"bands, this config data.n_bands = {cfg.data.n_bands}")
+        raise AetherError(
+            f"config train.init_from: checkpoint {path} takes {ckpt.n_bands} AlphaEarth "
+            f"bands, this config data.n_bands = {cfg.data.n_bands}"
+        )
     identity = build_text_encoder(cfg.text.backend, cfg.text.model, cfg.text.dimensions, cfg.text.base_url).identity
     theirs = ckpt.text.identity
     if theirs != identity:
-        raise AetherError(f"config train.init_from: checkpoint {path} was trained with text encoder "
-                          f"{describe_encoder(theirs)}, this config uses {describe_encoder(identity)}; its text "
-                          f"projector only fits its own encoder: set text.backend, text.model and text.dimensions "
-                          f"to match")
+        raise AetherError(
+            f"config train.init_from: checkpoint {path} was trained with text encoder "
+            f"{describe_encoder(theirs)}, this config uses {describe_encoder(identity)}; its text "
+            f"projector only fits its own encoder: set text.backend, text.model and text.dimensions "
+            f"to match"
+        )
     return ckpt
 
 
 def start_from(model: AetherModel, ckpt: Checkpoint, text_dim: int) -> None:
     """Load the projectors of an init_from checkpoint (the temperatures stay the config's)."""
     if ckpt.text.dim != text_dim:
-        raise AetherError(f"config train.init_from: its text projector takes {ckpt.text.dim}-dimensional "
-                          f"embeddings, the text encoder gives {text_dim}")
+        raise AetherError(
+            f"config train.init_from: its text projector takes {ckpt.text.dim}-dimensional "
+            f"embeddings, the text encoder gives {text_dim}"
+        )
     weights = {k: v for k, v in ckpt.weights.items() if not k.startswith("log_logit_scale")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     wrong = [k for k in missing if not k.startswith("log_logit_scale")] + list(unexpected)
@@ -187,24 +235,30 @@ def start_from(model: AetherModel, ckpt: Checkpoint, text_dim: int) -> None:
         raise AetherError(f"config train.init_from: its weights do not fit this model ({wrong[0]})")
 
 
-def check_resume_data(ckpt: Checkpoint, dataset: PoiDataset, fingerprint: dict[str, str],
-                      text_identity: dict | None) -> None:
+def check_resume_data(
+    ckpt: Checkpoint, dataset: PoiDataset, fingerprint: dict[str, str], text_identity: dict | None
+) -> None:
     """Refuse to resume on other data than the checkpoint was trained on."""
     path = ckpt.path
     n_bands, text_dim = dataset.base.shape[1], dataset.text.shape[1]
     if ckpt.n_bands != n_bands:
-        raise AetherError(f"cannot resume from {path}: it was trained on {ckpt.n_bands} AlphaEarth bands, "
-                          f"this raster has {n_bands}")
+        raise AetherError(
+            f"cannot resume from {path}: it was trained on {ckpt.n_bands} AlphaEarth bands, this raster has {n_bands}"
+        )
     saved = ckpt.text
     current = TextSpec(**(text_identity or saved.identity), dim=text_dim)
     if current != saved:
-        raise AetherError(f"cannot resume from {path}: it was trained with text encoder {saved.model} "
-                          f"({saved.dim} dimensions), this run uses {current.model} ({text_dim} dimensions)")
+        raise AetherError(
+            f"cannot resume from {path}: it was trained with text encoder {saved.model} "
+            f"({saved.dim} dimensions), this run uses {current.model} ({text_dim} dimensions)"
+        )
     changed = [part for part, digest in fingerprint.items() if ckpt.resume["data"].get(part) != digest]
     if changed:
-        raise AetherError(f"cannot resume from {path}: the training data changed since it was written "
-                          f"({', '.join(changed)} differ); resume with the same data.ae_tif, data.poi and column "
-                          f"settings, or start a new run in another train.run_dir")
+        raise AetherError(
+            f"cannot resume from {path}: the training data changed since it was written "
+            f"({', '.join(changed)} differ); resume with the same data.ae_tif, data.poi and column "
+            f"settings, or start a new run in another train.run_dir"
+        )
 
 
 def carry_over_run_files(source_dir: Path, run_dir: Path, last_epoch: int) -> None:
@@ -238,6 +292,8 @@ def check_run_dir_free(run_dir: Path, resume_from: Path | None, overwrite: bool)
         return
     held = [name for name in ("best.pt", "last.pt") if (run_dir / name).exists()]
     if held:
-        raise AetherError(f"run folder {run_dir} already holds a trained model ({', '.join(held)}); continue it with "
-                          f"--resume {run_dir}, train into another folder (--set train.run_dir=...), or replace it "
-                          f"with --overwrite")
+        raise AetherError(
+            f"run folder {run_dir} already holds a trained model ({', '.join(held)}); continue it with "
+            f"--resume {run_dir}, train into another folder (--set train.run_dir=...), or replace it "
+            f"with --overwrite"
+        )

@@ -5,6 +5,7 @@ Every case builds its own tiny inputs (20 x 20 pixels, 20 POIs) and returns the 
 arguments. A few cases run the real script in a subprocess (each costs ~5 s of imports); the
 rest call the same entry point in-process through `aether.cli.run.run`, which is what the script runs.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,6 +34,7 @@ N_POIS = 20
 
 # ---- tiny inputs ---------------------------------------------------------------------------
 
+
 def _raster(tmp: Path, name: str = "ae.tif", bands: int = 64, **kwargs) -> Path:
     return write_raster(tmp / name, unit_field(SIZE_PX, SIZE_PX, bands=bands), **kwargs)
 
@@ -55,8 +57,9 @@ def _args(tmp: Path, ae_tif: Path | None = None, poi: Path | None = None, **sect
     return [TRAIN, "--cfg", str(write_config(tmp / "config.yaml", ae_tif, poi, **sections))]
 
 
-def _infer(tmp: Path, ae_tif: Path | None = None, ckpt: Path | None = None, out: Path | None = None,
-           *extra: str) -> list[str]:
+def _infer(
+    tmp: Path, ae_tif: Path | None = None, ckpt: Path | None = None, out: Path | None = None, *extra: str
+) -> list[str]:
     """Valid infer_aether_raster.py arguments unless replaced."""
     ae_tif = _raster(tmp) if ae_tif is None else ae_tif
     ckpt = write_untrained_checkpoint(tmp / "best.pt") if ckpt is None else ckpt
@@ -64,8 +67,9 @@ def _infer(tmp: Path, ae_tif: Path | None = None, ckpt: Path | None = None, out:
     return [INFER, "--ae_tif", str(ae_tif), "--ckpt", str(ckpt), "--out", str(out), *extra]
 
 
-def _retrieve(tmp: Path, *extra: str, emb: Path | None = None, ckpt: Path | None = None,
-              query: list[str] | None = None) -> list[str]:
+def _retrieve(
+    tmp: Path, *extra: str, emb: Path | None = None, ckpt: Path | None = None, query: list[str] | None = None
+) -> list[str]:
     """Valid retrieve.py arguments unless replaced; the AETHER raster is made by the checkpoint."""
     ckpt = write_untrained_checkpoint(tmp / "best.pt") if ckpt is None else ckpt
     if emb is None:
@@ -77,6 +81,7 @@ def _retrieve(tmp: Path, *extra: str, emb: Path | None = None, ckpt: Path | None
 
 
 # ---- one builder per case: tmp folder -> [script, arguments...] -------------------------------
+
 
 def missing_raster(tmp):
     return _args(tmp, ae_tif=tmp / "nowhere.tif")
@@ -134,8 +139,9 @@ def empty_geojson(tmp):
 
 
 def csv_without_lonlat(tmp):
-    records = [{k: v for k, v in r.items() if k not in ("lon", "lat")} | {"x": r["lon"], "y": r["lat"]}
-               for r in _records()]
+    records = [
+        {k: v for k, v in r.items() if k not in ("lon", "lat")} | {"x": r["lon"], "y": r["lat"]} for r in _records()
+    ]
     return _args(tmp, poi=write_csv(tmp / "pois.csv", records))
 
 
@@ -157,8 +163,9 @@ def duplicate_ids(tmp):
 
 def latin1_csv(tmp):
     path = tmp / "pois.csv"
-    lines = ["osm_id,description,lon,lat"] + [f"node/{i},Caf\xe9 {i},{r['lon']},{r['lat']}"
-                                              for i, r in enumerate(_records())]
+    lines = ["osm_id,description,lon,lat"] + [
+        f"node/{i},Caf\xe9 {i},{r['lon']},{r['lat']}" for i, r in enumerate(_records())
+    ]
     path.write_bytes("\n".join(lines).encode("latin-1"))
     return _args(tmp, poi=path)
 
@@ -212,6 +219,7 @@ def dimensions_with_sentence_transformers(tmp):
 
 # infer_aether_raster.py
 
+
 def infer_missing_raster(tmp):
     return _infer(tmp, ae_tif=tmp / "nowhere.tif")
 
@@ -263,6 +271,7 @@ def infer_bottom_up_float_raster_without_crs(tmp):
 
 
 # retrieve.py
+
 
 def retrieve_raster_from_other_checkpoint(tmp):
     args = _retrieve(tmp)
@@ -346,6 +355,7 @@ def retrieve_empty_tile_list(tmp):
 
 
 SUBPROCESS, IN_PROCESS = "subprocess", "in-process"
+
 
 def infer_lock_file_is_a_folder(tmp):
     (tmp / ".out.tif.lock").mkdir()
@@ -445,11 +455,13 @@ CASES = [
 
 # ---- running the scripts ---------------------------------------------------------------------
 
+
 def _run_subprocess(script: str, args: list[str]) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, script, *args, "--no-progress"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, script, *args, "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     return proc.returncode, proc.stderr
 
 

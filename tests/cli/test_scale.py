@@ -1,6 +1,7 @@
 """Running at scale: sets of tiles in several UTM zones, routing points to tiles, mosaics, and
 Dask tasks on a real local cluster of 2 worker processes giving the single-process result bit
 for bit (inference, retrieval and POI pooling)."""
+
 from __future__ import annotations
 
 import json
@@ -73,6 +74,7 @@ def _lonlat(path: Path, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray,
 
 # ---- naming a set of tiles ------------------------------------------------------------------
 
+
 def test_a_set_of_tiles_is_a_glob_or_a_list_file(tmp_path, zone_tiles):
     folder = zone_tiles[0].parent
     assert expand_tiles(str(folder / "tile_*.tif")) == [str(p) for p in sorted(zone_tiles)]
@@ -99,7 +101,7 @@ def test_points_go_to_the_tile_where_they_lie_farthest_from_the_edge(zone_tiles)
     owner = route_points(infos, lon, lat)
     # independently: each tile's ground distance to its nearest edge, from pixel coordinates
     distances = []
-    for path, info in zip(zone_tiles, infos):
+    for _path, info in zip(zone_tiles, infos):
         x, y = Transformer.from_crs("EPSG:4326", info.crs, always_xy=True).transform(lon, lat)
         col, row = ~info.transform @ (np.asarray(x), np.asarray(y))
         d = 10.0 * np.minimum.reduce([col, info.width - col, row, info.height - row])
@@ -136,10 +138,18 @@ def test_the_mosaic_of_tiles_in_two_zones_reads_each_tile(tmp_path, zone_tiles, 
 
 # ---- Dask equals one process, bit for bit -----------------------------------------------------
 
+
 def test_inference_over_tiles_on_two_workers_equals_one_process(tmp_path, zone_tiles, ckpt, scheduler):
     spec = str(zone_tiles[0].parent / "tile_*.tif")
     serial = embed_at_scale(spec, str(ckpt), str(tmp_path / "serial"), progress=False, options=EmbedOptions(tile_px=32))
-    dask = embed_at_scale(spec, str(ckpt), str(tmp_path / "dask"), progress=False, options=EmbedOptions(tile_px=32), cluster=Cluster(scheduler=scheduler))
+    dask = embed_at_scale(
+        spec,
+        str(ckpt),
+        str(tmp_path / "dask"),
+        progress=False,
+        options=EmbedOptions(tile_px=32),
+        cluster=Cluster(scheduler=scheduler),
+    )
     for path in zone_tiles:
         with rasterio.open(serial / path.name) as a, rasterio.open(dask / path.name) as b:
             assert a.crs == b.crs == rasterio.open(path).crs and a.transform == rasterio.open(path).transform
@@ -150,11 +160,25 @@ def test_inference_over_tiles_on_two_workers_equals_one_process(tmp_path, zone_t
         np.testing.assert_array_equal(a.read(), b.read())
     # a rerun skips the finished tiles: nothing is rewritten, and a lost tile is the only one redone
     stamps = {p: p.stat().st_mtime_ns for p in dask.glob("*.tif")}
-    embed_at_scale(spec, str(ckpt), str(dask), progress=False, options=EmbedOptions(tile_px=32), cluster=Cluster(scheduler=scheduler))
+    embed_at_scale(
+        spec,
+        str(ckpt),
+        str(dask),
+        progress=False,
+        options=EmbedOptions(tile_px=32),
+        cluster=Cluster(scheduler=scheduler),
+    )
     assert {p: p.stat().st_mtime_ns for p in dask.glob("*.tif")} == stamps
     lost = dask / zone_tiles[1].name
     lost.unlink()
-    embed_at_scale(spec, str(ckpt), str(dask), progress=False, options=EmbedOptions(tile_px=32), cluster=Cluster(scheduler=scheduler))
+    embed_at_scale(
+        spec,
+        str(ckpt),
+        str(dask),
+        progress=False,
+        options=EmbedOptions(tile_px=32),
+        cluster=Cluster(scheduler=scheduler),
+    )
     assert (dask / zone_tiles[0].name).stat().st_mtime_ns == stamps[dask / zone_tiles[0].name]
     with rasterio.open(lost) as a, rasterio.open(tmp_path / "moved" / lost.name) as b:
         np.testing.assert_array_equal(a.read(), b.read())
@@ -164,8 +188,18 @@ def test_one_raster_in_bands_on_two_workers_equals_one_process(tmp_path, ckpt, s
     values = unit_field(150, 110, seed=5)
     values[:, 60:70, :30] = np.nan
     src = write_raster(tmp_path / "big.tif", values, bottom_up=True)
-    single = embed_raster(str(src), str(ckpt), str(tmp_path / "single.tif"), progress=False, options=EmbedOptions(tile_px=32))
-    split = embed_at_scale(str(src), str(ckpt), str(tmp_path / "split.tif"), band_px=64, progress=False, options=EmbedOptions(tile_px=32), cluster=Cluster(scheduler=scheduler))
+    single = embed_raster(
+        str(src), str(ckpt), str(tmp_path / "single.tif"), progress=False, options=EmbedOptions(tile_px=32)
+    )
+    split = embed_at_scale(
+        str(src),
+        str(ckpt),
+        str(tmp_path / "split.tif"),
+        band_px=64,
+        progress=False,
+        options=EmbedOptions(tile_px=32),
+        cluster=Cluster(scheduler=scheduler),
+    )
     with rasterio.open(single) as a, rasterio.open(split) as b:
         np.testing.assert_array_equal(a.read(), b.read())
         assert a.profile == b.profile and a.tags() == b.tags() and a.descriptions == b.descriptions
@@ -220,13 +254,28 @@ def test_pooling_one_raster_in_tasks_equals_pool_points(tmp_path, scheduler):
 def test_retrieval_over_tiles_on_two_workers_is_the_exact_global_top_k(tmp_path, zone_tiles, ckpt, scheduler):
     spec = str(zone_tiles[0].parent / "tile_*.tif")
     queries = ["a quiet cafe", "a park"]
-    serial = retrieve_at_scale(queries, str(ckpt), str(tmp_path / "serial"), ae_tif=spec, progress=False, options=SearchOptions(top_k=5, nms_m=60, tile_px=32))
-    dask = retrieve_at_scale(queries, str(ckpt), str(tmp_path / "dask"), ae_tif=spec, progress=False, options=SearchOptions(top_k=5, nms_m=60, tile_px=32), cluster=Cluster(scheduler=scheduler))
+    serial = retrieve_at_scale(
+        queries,
+        str(ckpt),
+        str(tmp_path / "serial"),
+        ae_tif=spec,
+        progress=False,
+        options=SearchOptions(top_k=5, nms_m=60, tile_px=32),
+    )
+    dask = retrieve_at_scale(
+        queries,
+        str(ckpt),
+        str(tmp_path / "dask"),
+        ae_tif=spec,
+        progress=False,
+        options=SearchOptions(top_k=5, nms_m=60, tile_px=32),
+        cluster=Cluster(scheduler=scheduler),
+    )
     for a, b in zip(serial, dask):
         assert a.hits == b.hits and len(a.hits) == 5
         assert a.tif.suffix == ".vrt" and a.png.is_file() and a.geojson.is_file()
     # the merged top-k is the greedy suppression over every pixel of both tiles
-    for i, result in enumerate(serial):
+    for _i, result in enumerate(serial):
         scores, lon, lat, tile = [], [], [], []
         for t, path in enumerate(sorted(zone_tiles)):
             with rasterio.open(tmp_path / "serial" / "tiles" / path.stem / result.tif.with_suffix(".tif").name) as src:
@@ -245,19 +294,41 @@ def test_retrieval_over_tiles_on_two_workers_is_the_exact_global_top_k(tmp_path,
 
 # ---- the real commands ------------------------------------------------------------------------
 
+
 def test_infer_command_on_a_scheduler_embeds_a_list_of_tiles(tmp_path, zone_tiles, ckpt, scheduler):
     listing = tmp_path / "tiles.txt"
     listing.write_text("".join(f"{p}\n" for p in zone_tiles))
     out = tmp_path / "aether"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "infer_aether_raster.py", "--ae_tif", str(listing), "--ckpt", str(ckpt),
-                           "--out", str(out), "--scheduler", scheduler, "--tile", "32", "--no-progress"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "infer_aether_raster.py",
+            "--ae_tif",
+            str(listing),
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--scheduler",
+            scheduler,
+            "--tile",
+            "32",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.glob("*.tif")) == sorted(p.name for p in zone_tiles)
     assert (out / "mosaic.vrt").is_file() and f"scheduler {scheduler} with 2 workers" in proc.stdout
     for path in zone_tiles:
-        reference = embed_raster(str(path), str(ckpt), str(tmp_path / f"ref_{path.name}"), progress=False, options=EmbedOptions(tile_px=32))
+        reference = embed_raster(
+            str(path), str(ckpt), str(tmp_path / f"ref_{path.name}"), progress=False, options=EmbedOptions(tile_px=32)
+        )
         with rasterio.open(out / path.name) as a, rasterio.open(reference) as b:
             np.testing.assert_array_equal(a.read(), b.read())
 
@@ -275,8 +346,9 @@ def test_text_encoding_on_two_workers_fills_one_cache(tmp_path, scheduler):
     cache = EmbeddingCache(tmp_path / "cache")
     try:
         with Client(scheduler) as client:  # 5 texts a task: 3 tasks for 12 unique texts
-            vectors, n_encoded = encode_texts_on_cluster(client, encoder, texts, cache, progress=False,
-                                                         texts_per_task=5)
+            vectors, n_encoded = encode_texts_on_cluster(
+                client, encoder, texts, cache, progress=False, texts_per_task=5
+            )
             again, n_again = encode_texts_on_cluster(client, encoder, texts, cache, progress=False, texts_per_task=5)
         assert n_encoded == 12 and n_again == 0
         assert len(cache.get([EmbeddingCache.key(encoder.identity, t) for t in set(texts)])) == 12
@@ -293,15 +365,31 @@ def test_retrieval_of_one_raster_in_bands_on_two_workers_equals_one_process(tmp_
     values[:, 30:45, 20:60] = np.nan
     src = write_raster(tmp_path / "ae.tif", values, bottom_up=True)
     queries = ["a quiet cafe", "a park"]
-    one = retrieve(queries, str(ckpt), str(tmp_path / "one"), ae_tif=str(src), progress=False, options=SearchOptions(top_k=4, nms_m=50, tile_px=32))
-    two = retrieve_at_scale(queries, str(ckpt), str(tmp_path / "two"), ae_tif=str(src), progress=False,
-                            options=SearchOptions(top_k=4, nms_m=50, tile_px=32), cluster=Cluster(scheduler=scheduler),
-                            band_px=64)  # 3 bands of 64, 64 and 12 rows
+    one = retrieve(
+        queries,
+        str(ckpt),
+        str(tmp_path / "one"),
+        ae_tif=str(src),
+        progress=False,
+        options=SearchOptions(top_k=4, nms_m=50, tile_px=32),
+    )
+    two = retrieve_at_scale(
+        queries,
+        str(ckpt),
+        str(tmp_path / "two"),
+        ae_tif=str(src),
+        progress=False,
+        options=SearchOptions(top_k=4, nms_m=50, tile_px=32),
+        cluster=Cluster(scheduler=scheduler),
+        band_px=64,
+    )  # 3 bands of 64, 64 and 12 rows
     for a, b in zip(one, two):
         assert a.hits == b.hits and len(a.hits) == 4
         with rasterio.open(a.tif) as x, rasterio.open(b.tif) as y:
             np.testing.assert_array_equal(x.read(), y.read())
-            assert {**x.profile, "nodata": 0} == {**y.profile, "nodata": 0} and np.isnan(x.nodata) and np.isnan(y.nodata)
+            assert (
+                {**x.profile, "nodata": 0} == {**y.profile, "nodata": 0} and np.isnan(x.nodata) and np.isnan(y.nodata)
+            )
             assert x.tags() == y.tags() and x.descriptions == y.descriptions
         assert json.loads(a.geojson.read_text()) == json.loads(b.geojson.read_text())
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

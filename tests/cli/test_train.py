@@ -1,4 +1,5 @@
 """The real train.py on a tiny generated data set, with the real packaged text model."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_train(cfg: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "train.py", "--cfg", str(cfg), "--no-progress", *extra],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "train.py", "--cfg", str(cfg), "--no-progress", *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_train_end_to_end_then_cached(tmp_path):
@@ -38,15 +45,27 @@ def test_train_end_to_end_then_cached(tmp_path):
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    for key in ("train_loss", "val_ae_ae", "val_ae_poi", "val_t2ae_r1", "val_t2ae_r5", "val_t2ae_r10",
-                "val_ae2t_r10", "lr"):
+    for key in (
+        "train_loss",
+        "val_ae_ae",
+        "val_ae_poi",
+        "val_t2ae_r1",
+        "val_t2ae_r5",
+        "val_t2ae_r10",
+        "val_ae2t_r10",
+        "lr",
+    ):
         assert all(np.isfinite(r[key]) for r in rows), key
 
     ckpt = Checkpoint.load(run / "last.pt")
     assert ckpt.epoch == 3
     assert (ckpt.n_bands, ckpt.base_radius_m, ckpt.aug_radius_m) == (64, 45.0, 95.0)
-    assert {**ckpt.text.identity, "dim": ckpt.text.dim} == {"backend": "sentence-transformers",
-                                    "model": "sentence-transformers/all-MiniLM-L6-v2", "dimensions": None, "dim": 384}
+    assert {**ckpt.text.identity, "dim": ckpt.text.dim} == {
+        "backend": "sentence-transformers",
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "dimensions": None,
+        "dim": 384,
+    }
     assert ckpt.config.train.epochs == 3 and ckpt.metrics == rows[-1]
     best = Checkpoint.load(run / "best.pt")
     assert best.metrics["val_t2ae_r10"] == max(r["val_t2ae_r10"] for r in rows)
@@ -62,7 +81,8 @@ def test_train_end_to_end_then_cached(tmp_path):
     refused = run_train(cfg, "--set", "train.epochs=1")  # a trained model is data: not replaced without a word
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         f"error: run folder {run} already holds a trained model (best.pt, last.pt); continue it with --resume {run}, "
-        f"train into another folder (--set train.run_dir=...), or replace it with --overwrite"]
+        f"train into another folder (--set train.run_dir=...), or replace it with --overwrite"
+    ]
     assert Checkpoint.load(run / "last.pt").epoch == 3
     second = run_train(cfg, "--set", "train.epochs=1", "--overwrite")
     assert second.returncode == 0, second.stderr
@@ -78,8 +98,12 @@ def test_training_is_reproducible_and_works_below_one_batch(tmp_path):
     pois = write_csv(tmp_path / "pois.csv", poi_records(12, 20, 20, seed=3))
     weights = []
     for name in ("a", "b"):
-        cfg = write_config(tmp_path / f"{name}.yaml", raster, pois, train={"batch_size": 256, "epochs": 2,
-                                                                         "run_dir": str(tmp_path / name)})
+        cfg = write_config(
+            tmp_path / f"{name}.yaml",
+            raster,
+            pois,
+            train={"batch_size": 256, "epochs": 2, "run_dir": str(tmp_path / name)},
+        )
         from aether.config.load import load_config
         from aether.train.loop import train
 

@@ -1,4 +1,5 @@
 """aether.config.load_config: defaults, --set overrides, path resolution, and one clear error per mistake."""
+
 from __future__ import annotations
 
 import re
@@ -37,6 +38,7 @@ def _with(cfg_file: Path, section: str, **values) -> Path:
 
 # ---- what loads ------------------------------------------------------------------------------
 
+
 def test_defaults_load_without_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, check_files=False)
@@ -63,17 +65,20 @@ def test_bundled_config_loads():
 
 
 def test_overrides_parse_yaml_scalars(cfg_file):
-    cfg = load_config(cfg_file, [
-        "train.epochs=3",
-        "loss.lam=0.5",
-        "loss.temperature=1",  # an int where a float is expected is fine
-        "loss.learn_temperature=true",
-        "text.dimensions=null",
-        "text.model=my-model",
-        "data.poi_crs=EPSG:4326",
-        "data.template=A {value} called {name}",
-        " model.dropout = 0 ",
-    ])
+    cfg = load_config(
+        cfg_file,
+        [
+            "train.epochs=3",
+            "loss.lam=0.5",
+            "loss.temperature=1",  # an int where a float is expected is fine
+            "loss.learn_temperature=true",
+            "text.dimensions=null",
+            "text.model=my-model",
+            "data.poi_crs=EPSG:4326",
+            "data.template=A {value} called {name}",
+            " model.dropout = 0 ",
+        ],
+    )
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert cfg.loss.lam == 0.5
     assert cfg.loss.temperature == 1.0 and isinstance(cfg.loss.temperature, float)
@@ -194,15 +199,18 @@ def test_bad_override_names_the_key(cfg_file, override, message):
         load_config(cfg_file, [override])
 
 
-@pytest.mark.parametrize("section, values, message", [
-    ("train", {"epoch": 3}, "unknown key train.epoch (did you mean train.epochs?)"),
-    ("trainer", {"epochs": 3}, "unknown key trainer (did you mean train?)"),
-    ("train", {"epochs": "3"}, "config train.epochs: expected int, got '3'"),
-    ("train", {"batch_size": True}, "config train.batch_size: expected int, got True"),
-    ("loss", {"temperature": [0.1]}, "config loss.temperature: expected float, got [0.1]"),
-    ("data", {"base_radius_m": -1}, "config data.base_radius_m:"),
-    ("data", {"template": "{name"}, "config data.template:"),
-])
+@pytest.mark.parametrize(
+    "section, values, message",
+    [
+        ("train", {"epoch": 3}, "unknown key train.epoch (did you mean train.epochs?)"),
+        ("trainer", {"epochs": 3}, "unknown key trainer (did you mean train?)"),
+        ("train", {"epochs": "3"}, "config train.epochs: expected int, got '3'"),
+        ("train", {"batch_size": True}, "config train.batch_size: expected int, got True"),
+        ("loss", {"temperature": [0.1]}, "config loss.temperature: expected float, got [0.1]"),
+        ("data", {"base_radius_m": -1}, "config data.base_radius_m:"),
+        ("data", {"template": "{name"}, "config data.template:"),
+    ],
+)
 def test_bad_file_value_names_the_key(cfg_file, section, values, message):
     _with(cfg_file, section, **values)
     with pytest.raises(AetherError, match=re.escape(message)):
@@ -230,7 +238,9 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nowhere.yaml")
 
 
-@pytest.mark.parametrize("content", [b"data: [unclosed\n  poi: {", b"\xff\xfe\x00garbage\x80"], ids=["syntax", "binary"])
+@pytest.mark.parametrize(
+    "content", [b"data: [unclosed\n  poi: {", b"\xff\xfe\x00garbage\x80"], ids=["syntax", "binary"]
+)
 def test_a_file_that_is_not_yaml(tmp_path, content):
     path = tmp_path / "config.yaml"
     path.write_bytes(content)

@@ -1,4 +1,5 @@
 """The read -> compute -> write pipeline: task order, and errors from any stage."""
+
 import threading
 import time
 
@@ -16,8 +17,12 @@ def test_results_are_written_in_task_order(workers):
         time.sleep(0.001 * ((7 * task) % 5))  # later tasks often finish first
         return data * 2
 
-    run_pipeline(lambda: ((i, i) for i in range(40)), compute, lambda task, result: written.append((task, result)),
-                 workers=workers)
+    run_pipeline(
+        lambda: ((i, i) for i in range(40)),
+        compute,
+        lambda task, result: written.append((task, result)),
+        workers=workers,
+    )
     assert written == [(i, 2 * i) for i in range(40)]
     assert (len(threads) > 1) == (workers > 1)
 

@@ -2,6 +2,7 @@
 hosts cannot be reached from the tests): an index Parquet with the real columns and two tiles in
 adjacent UTM zones, one stored bottom-up, under the real folder layout. Values are checked against
 a brute-force reading of the tiles (pyproj and numpy), bytes against the range server's count."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def served(mini, tmp_path, monkeypatch):
 
 
 def fetch(server, args, monkeypatch, capsys):
-    return run_script_in_process("fetch_ae.py", [*args, "--source", index_url(server.url), "--no-progress"],
-                                 monkeypatch, capsys)
+    return run_script_in_process(
+        "fetch_ae.py", [*args, "--source", index_url(server.url), "--no-progress"], monkeypatch, capsys
+    )
 
 
 def bbox_args(bbox) -> list[str]:
@@ -84,8 +86,9 @@ def check_grid(path: Path, bbox, tile) -> None:
     assert (t.a, t.b, t.d, t.e) == (10.0, 0.0, 0.0, -10.0)
     assert crs.to_epsg() == tile.epsg
     assert (t.c - tile.transform.c) % 10 == 0 and (t.f - tile.transform.f) % 10 == 0
-    minx, miny, maxx, maxy = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform_bounds(*bbox,
-                                                                                                   densify_pts=21)
+    minx, miny, maxx, maxy = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform_bounds(
+        *bbox, densify_pts=21
+    )
     assert bounds.left <= minx < bounds.left + 10 and bounds.right - 10 < maxx <= bounds.right
     assert bounds.bottom <= miny < bounds.bottom + 10 and bounds.top - 10 < maxy <= bounds.top
 
@@ -93,8 +96,12 @@ def check_grid(path: Path, bbox, tile) -> None:
 def test_a_fetched_raster_trains_embeds_and_answers_queries(served, tmp_path, monkeypatch, capsys):
     server, tiles = served
     ae = tmp_path / "fetched.tif"
-    code, _, stderr = fetch(server, [*bbox_args((24.0100, 60.1640, 24.0300, 60.1750)), "--year", "2024", "--out",
-                                     str(ae)], monkeypatch, capsys)
+    code, _, stderr = fetch(
+        server,
+        [*bbox_args((24.0100, 60.1640, 24.0300, 60.1750)), "--year", "2024", "--out", str(ae)],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, stderr
     with rasterio.open(ae) as dst:
         valid = ~(dst.read(1) == NODATA_INT8)
@@ -105,25 +112,51 @@ def test_a_fetched_raster_trains_embeds_and_answers_queries(served, tmp_path, mo
     x, y = transform @ (cols[pick] + 10.5, rows[pick] + 10.5)
     lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
     kinds = [("amenity", "cafe"), ("shop", "books"), ("leisure", "park")]
-    records = [{"osm_id": f"node/{i}", "name": f"Place {i}", "key": kinds[i % 3][0], "value": kinds[i % 3][1],
-                "description": f"A place of {kinds[i % 3][1]}, a type of {kinds[i % 3][0]}, named Place {i}.",
-                "lon": a, "lat": b} for i, (a, b) in enumerate(zip(lon, lat))]
+    records = [
+        {
+            "osm_id": f"node/{i}",
+            "name": f"Place {i}",
+            "key": kinds[i % 3][0],
+            "value": kinds[i % 3][1],
+            "description": f"A place of {kinds[i % 3][1]}, a type of {kinds[i % 3][0]}, named Place {i}.",
+            "lon": a,
+            "lat": b,
+        }
+        for i, (a, b) in enumerate(zip(lon, lat))
+    ]
     pois = write_geojson(tmp_path / "pois.geojson", records)
-    cfg = write_config(tmp_path / "cfg.yaml", ae, pois, train={"epochs": 2, "batch_size": 16,
-                                                               "run_dir": str(tmp_path / "run")})
+    cfg = write_config(
+        tmp_path / "cfg.yaml", ae, pois, train={"epochs": 2, "batch_size": 16, "run_dir": str(tmp_path / "run")}
+    )
     code, stdout, stderr = run_script_in_process("train.py", ["--cfg", str(cfg), "--no-progress"], monkeypatch, capsys)
     assert code == 0, stderr
     ckpt = tmp_path / "run" / "best.pt"
     emb = tmp_path / "aether.tif"
-    code, _, stderr = run_script_in_process("infer_aether_raster.py", ["--ae_tif", str(ae), "--ckpt", str(ckpt),
-                                                                       "--out", str(emb), "--no-progress"],
-                                            monkeypatch, capsys)
+    code, _, stderr = run_script_in_process(
+        "infer_aether_raster.py",
+        ["--ae_tif", str(ae), "--ckpt", str(ckpt), "--out", str(emb), "--no-progress"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, stderr
     with rasterio.open(emb) as e, rasterio.open(ae) as a:
         assert e.transform == a.transform and e.crs == a.crs and e.count == 16
-    code, stdout, stderr = run_script_in_process("retrieve.py", ["--ckpt", str(ckpt), "--emb", str(emb), "--query",
-                                                                 "a quiet cafe", "--out", str(tmp_path / "found"),
-                                                                 "--no-progress"], monkeypatch, capsys)
+    code, stdout, stderr = run_script_in_process(
+        "retrieve.py",
+        [
+            "--ckpt",
+            str(ckpt),
+            "--emb",
+            str(emb),
+            "--query",
+            "a quiet cafe",
+            "--out",
+            str(tmp_path / "found"),
+            "--no-progress",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, stderr
     assert (tmp_path / "found" / "queries.json").is_file() and "best" in stdout
 
@@ -132,8 +165,9 @@ def test_a_bbox_inside_one_bottom_up_tile_reads_only_its_blocks(served, tmp_path
     server, tiles = served
     tile34, tile35 = tiles[0], tiles[1]
     out = tmp_path / "inside.tif"
-    code, stdout, stderr = fetch(server, [*bbox_args(INSIDE_35), "--year", "2024", "--out", str(out), "--tile", "64"],
-                                 monkeypatch, capsys)
+    code, stdout, stderr = fetch(
+        server, [*bbox_args(INSIDE_35), "--year", "2024", "--out", str(out), "--tile", "64"], monkeypatch, capsys
+    )
     assert code == 0, stderr
     assert ATTRIBUTION in stdout
     check_grid(out, INSIDE_35, tile35)
@@ -145,7 +179,7 @@ def test_a_bbox_inside_one_bottom_up_tile_reads_only_its_blocks(served, tmp_path
         # the tile's own pixels: its rows flipped to north-up, its columns as they are
         c0 = round((dst.transform.c - tile35.transform.c) / 10)
         r0 = round((tile35.transform.f - dst.transform.f) / 10)
-    np.testing.assert_array_equal(data, tile35.north_up[:, r0:r0 + data.shape[1], c0:c0 + data.shape[2]])
+    np.testing.assert_array_equal(data, tile35.north_up[:, r0 : r0 + data.shape[1], c0 : c0 + data.shape[2]])
     np.testing.assert_array_equal(data, expected_pixels(out, [tile35]))
     assert tags["AEF_YEAR"] == "2024" and tags["AEF_SOURCE_TILES"] == f"{BUCKET}/{tile35.key}"
     assert tags["AEF_ATTRIBUTION"] == ATTRIBUTION and tags["AEF_LICENSE"] == LICENSE
@@ -162,8 +196,10 @@ def test_a_bbox_inside_one_bottom_up_tile_reads_only_its_blocks(served, tmp_path
     in_chunks = sum((math.ceil(size / chunk) + 1) * chunk for size in sizes)
     sent, size = server.bytes_by_path[tile35.key], tile35.local.stat().st_size
     with capsys.disabled():
-        print(f"\nfetch inside one block read {sent:,} of {size:,} bytes ({sent / size:.1%}); its blocks are "
-              f"{needed:,} bytes")
+        print(
+            f"\nfetch inside one block read {sent:,} of {size:,} bytes ({sent / size:.1%}); its blocks are "
+            f"{needed:,} bytes"
+        )
     assert len(blocks) == 1
     assert needed <= sent <= in_chunks + 4 * chunk  # and the directory
     assert sent < 0.25 * size
@@ -175,8 +211,9 @@ def test_a_bbox_across_two_zones_warps_the_other_by_nearest_neighbour(served, tm
     tile34, tile35 = tiles[0], tiles[1]
     out = tmp_path / "across.tif"
     extra = ["--crs", crs] if crs else []
-    code, stdout, stderr = fetch(server, [*bbox_args(ACROSS), "--year", "2024", "--out", str(out), "--tile", "64",
-                                          *extra], monkeypatch, capsys)
+    code, stdout, stderr = fetch(
+        server, [*bbox_args(ACROSS), "--year", "2024", "--out", str(out), "--tile", "64", *extra], monkeypatch, capsys
+    )
     assert code == 0, stderr
     home, other = (tile35, tile34) if crs is None else (tile34, tile35)
     assert f"warped into EPSG:{home.epsg} by nearest neighbour" in stdout
@@ -201,8 +238,9 @@ def test_per_zone_writes_one_file_per_zone_and_a_set_of_tiles(served, tmp_path, 
 
     server, tiles = served
     out = tmp_path / "zones"
-    code, _, stderr = fetch(server, [*bbox_args(ACROSS), "--year", "2024", "--out", str(out), "--per-zone"],
-                            monkeypatch, capsys)
+    code, _, stderr = fetch(
+        server, [*bbox_args(ACROSS), "--year", "2024", "--out", str(out), "--per-zone"], monkeypatch, capsys
+    )
     assert code == 0, stderr
     paths = expand_tiles(str(out / "tiles.txt"))
     assert [Path(p).name for p in paths] == ["alphaearth_2024_34N.tif", "alphaearth_2024_35N.tif"]
@@ -220,12 +258,14 @@ def test_like_a_poi_file_fetches_its_extent_and_the_augmented_window(served, tmp
     """The extent plus 95 m (data.aug_radius_m) by default, or plus --margin-m."""
     server, tiles = served
     lon, lat = np.array([24.015, 24.02, 24.03]), np.array([60.166, 60.172, 60.169])
-    pois = write_geojson(tmp_path / "pois.geojson", [{"name": f"p{i}", "lon": a, "lat": b}
-                                                      for i, (a, b) in enumerate(zip(lon, lat))])
+    pois = write_geojson(
+        tmp_path / "pois.geojson", [{"name": f"p{i}", "lon": a, "lat": b} for i, (a, b) in enumerate(zip(lon, lat))]
+    )
     out = tmp_path / "like.tif"
     extra = [] if margin is None else ["--margin-m", str(margin)]
-    code, _, stderr = fetch(server, ["--like", str(pois), "--year", "2024", "--out", str(out), *extra], monkeypatch,
-                            capsys)
+    code, _, stderr = fetch(
+        server, ["--like", str(pois), "--year", "2024", "--out", str(out), *extra], monkeypatch, capsys
+    )
     assert code == 0, stderr
     with rasterio.open(out) as dst:
         bounds, crs = dst.bounds, dst.crs
@@ -242,17 +282,23 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case, args, message", [
-    ("outside both tiles", [*bbox_args((30.0, 10.0, 30.1, 10.1)), "--year", "2024"], "no AlphaEarth tile of 2024"),
-    ("inverted", [*bbox_args((24.02, 60.16, 23.98, 60.18)), "--year", "2024"], "is not west of east"),
-    ("not a latitude", [*bbox_args((24.0, 60.1, 24.1, 95.0)), "--year", "2024"], "is not a latitude"),
-    ("too large", [*bbox_args((0.0, 0.0, 60.0, 70.0)), "--year", "2024"], "GiB AETHER fetches at once"),
-    ("year not in the index", [*bbox_args(INSIDE_35), "--year", "2030"], "(it has 2023-2024)"),
-    ("no tile of that year there", [*bbox_args(INSIDE_35), "--year", "2023"], "no AlphaEarth tile of 2023"),
-    ("unreachable host", [*bbox_args(INSIDE_35), "--year", "2024", "--source", "UNREACHABLE"], "cannot reach"),
-    ("gcs without a billing project", [*bbox_args(INSIDE_35), "--year", "2024", "--source", "gcs"],
-     "give your Google Cloud billing project"),
-])
+@pytest.mark.parametrize(
+    "case, args, message",
+    [
+        ("outside both tiles", [*bbox_args((30.0, 10.0, 30.1, 10.1)), "--year", "2024"], "no AlphaEarth tile of 2024"),
+        ("inverted", [*bbox_args((24.02, 60.16, 23.98, 60.18)), "--year", "2024"], "is not west of east"),
+        ("not a latitude", [*bbox_args((24.0, 60.1, 24.1, 95.0)), "--year", "2024"], "is not a latitude"),
+        ("too large", [*bbox_args((0.0, 0.0, 60.0, 70.0)), "--year", "2024"], "GiB AETHER fetches at once"),
+        ("year not in the index", [*bbox_args(INSIDE_35), "--year", "2030"], "(it has 2023-2024)"),
+        ("no tile of that year there", [*bbox_args(INSIDE_35), "--year", "2023"], "no AlphaEarth tile of 2023"),
+        ("unreachable host", [*bbox_args(INSIDE_35), "--year", "2024", "--source", "UNREACHABLE"], "cannot reach"),
+        (
+            "gcs without a billing project",
+            [*bbox_args(INSIDE_35), "--year", "2024", "--source", "gcs"],
+            "give your Google Cloud billing project",
+        ),
+    ],
+)
 def test_refusals_are_one_line_and_leave_nothing(served, tmp_path, monkeypatch, capsys, case, args, message):
     server, _ = served
     folder = tmp_path / "out"
@@ -260,8 +306,9 @@ def test_refusals_are_one_line_and_leave_nothing(served, tmp_path, monkeypatch, 
     args = [a.replace("UNREACHABLE", f"http://127.0.0.1:{closed_port()}/aef_index.parquet") for a in args]
     if "--source" not in args:
         args += ["--source", index_url(server.url)]
-    code, _, stderr = run_script_in_process("fetch_ae.py", [*args, "--out", str(folder / "ae.tif"), "--no-progress"],
-                                            monkeypatch, capsys)
+    code, _, stderr = run_script_in_process(
+        "fetch_ae.py", [*args, "--out", str(folder / "ae.tif"), "--no-progress"], monkeypatch, capsys
+    )
     assert code == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
@@ -273,8 +320,12 @@ def test_the_index_is_cached_and_revalidated(served, tmp_path, monkeypatch, caps
     key = "tge-labs/aef/v1/annual/aef_index.parquet"
     size = (tiles[0].local.parents[2] / "aef_index.parquet").stat().st_size
     for name in ("a", "b"):
-        code, _, stderr = fetch(server, [*bbox_args(INSIDE_35), "--year", "2024", "--out", str(tmp_path / f"{name}.tif")],
-                                monkeypatch, capsys)
+        code, _, stderr = fetch(
+            server,
+            [*bbox_args(INSIDE_35), "--year", "2024", "--out", str(tmp_path / f"{name}.tif")],
+            monkeypatch,
+            capsys,
+        )
         assert code == 0, stderr
     assert server.bytes_by_path[key] == size  # the second run asked, and was told it had not changed
     assert "not modified" in server.requests
@@ -288,8 +339,13 @@ def test_an_interrupted_fetch_continues_where_it_stopped(served, mini, tmp_path,
     partial, journal = partial_paths(out)
     args = [*bbox_args(ACROSS), "--year", "2024", "--out", str(out), "--tile", "32", "--checkpoint-every", "0"]
     server.delay_s = 0.01
-    proc = subprocess.Popen([sys.executable, "fetch_ae.py", *args, "--source", index_url(server.url), "--no-progress"],
-                            cwd=ROOT, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "fetch_ae.py", *args, "--source", index_url(server.url), "--no-progress"],
+        cwd=ROOT,
+        env={**os.environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -314,8 +370,9 @@ def test_an_interrupted_fetch_continues_where_it_stopped(served, mini, tmp_path,
 
     with RangeServer(mini[0]) as fresh:  # the same fetch from the start, under another URL (no GDAL cache)
         whole = tmp_path / "whole.tif"
-        code, _, stderr = fetch(fresh, [*bbox_args(ACROSS), "--year", "2024", "--out", str(whole), "--tile", "32"],
-                                monkeypatch, capsys)
+        code, _, stderr = fetch(
+            fresh, [*bbox_args(ACROSS), "--year", "2024", "--out", str(whole), "--tile", "32"], monkeypatch, capsys
+        )
         assert code == 0, stderr
         assert resumed < fresh.bytes_sent
     code, stdout, _ = fetch(server, args, monkeypatch, capsys)  # the same command once more: nothing to do

@@ -1,4 +1,5 @@
 """POI descriptions and the POI GeoJSON file, on a tiny hand-made table (no pyrosm)."""
+
 import json
 
 import geopandas as gpd

@@ -1,4 +1,5 @@
 """The stand-in raster's pure parts on tiny hand-made arrays and layers (no pyrosm, no network)."""
+
 import geopandas as gpd
 import numpy as np
 import rasterio
@@ -21,7 +22,7 @@ def _blocks(n_feat: int = 3, side_px: int = 12) -> np.ndarray:
     """(F, H, W) stack of F side-by-side blocks, channel k covering only block k."""
     features = np.zeros((n_feat, side_px, n_feat * side_px), np.float32)
     for k in range(n_feat):
-        features[k, :, k * side_px:(k + 1) * side_px] = 1.0
+        features[k, :, k * side_px : (k + 1) * side_px] = 1.0
     return features
 
 
@@ -66,17 +67,27 @@ def test_building_groups_use_the_building_value_only():
 def _layers(amenity: str) -> dict:
     """Tiny OSM layers near Helsinki as pyrosm lays them out; buildings carry POI tags."""
     lon, lat = 24.94, 60.17
+
     def gdf(**cols):
         return gpd.GeoDataFrame(cols, crs="EPSG:4326")
+
     sq = lambda dx, dy, s=0.0005: box(lon + dx, lat + dy, lon + dx + s, lat + dy + s)  # noqa: E731
     return {
         "landuse": gdf(landuse=["residential", "grass"], geometry=[sq(0, 0, 0.002), sq(0.003, 0)]),
         "natural": gdf(natural=["tree", "water"], geometry=[Point(lon + 0.001, lat + 0.003), sq(0, 0.004)]),
-        "buildings": gdf(building=["apartments", "church", "yes"], amenity=[amenity, "place_of_worship", None],
-                         shop=["bakery", None, amenity], geometry=[sq(0, 0), sq(0.001, 0), sq(0.002, 0.001)]),
-        "network": gdf(highway=["primary", "footway"],
-                       geometry=[LineString([(lon, lat - 0.001), (lon + 0.004, lat - 0.001)]),
-                                 LineString([(lon, lat + 0.002), (lon + 0.003, lat + 0.003)])]),
+        "buildings": gdf(
+            building=["apartments", "church", "yes"],
+            amenity=[amenity, "place_of_worship", None],
+            shop=["bakery", None, amenity],
+            geometry=[sq(0, 0), sq(0.001, 0), sq(0.002, 0.001)],
+        ),
+        "network": gdf(
+            highway=["primary", "footway"],
+            geometry=[
+                LineString([(lon, lat - 0.001), (lon + 0.004, lat - 0.001)]),
+                LineString([(lon, lat + 0.002), (lon + 0.003, lat + 0.003)]),
+            ],
+        ),
         "waterway": None,
     }
 

@@ -1,5 +1,6 @@
 """evaluate.py and its metrics: hand-computed ranking and chance values, the probe folds, and the
 real command end to end on a tiny model trained by the real train.py."""
+
 import itertools
 import json
 import os
@@ -23,11 +24,13 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 # ----- ranking metrics -----
+
 
 def test_average_precision_hand_cases():
     # relevant at ranks 1 and 3: (1/1 + 2/3) / 2
@@ -62,12 +65,15 @@ def test_chance_values_by_hand_and_by_enumeration():
     assert chance_average_precision(6, 6) == pytest.approx(1.0)
     # every distinct ranking of 6 items, 1..6 of them relevant, is equally likely
     for n_rel in range(1, 7):
-        aps = [average_precision(-np.arange(6.0), np.isin(np.arange(6), pos))
-               for pos in itertools.combinations(range(6), n_rel)]
+        aps = [
+            average_precision(-np.arange(6.0), np.isin(np.arange(6), pos))
+            for pos in itertools.combinations(range(6), n_rel)
+        ]
         assert chance_average_precision(6, n_rel) == pytest.approx(np.mean(aps))
 
 
 # ----- probe folds -----
+
 
 def _lonlat(x_m: np.ndarray, y_m: np.ndarray):
     """Points given in metres from lon/lat (0, 0), as lon/lat: near the equator the folds' metric
@@ -124,6 +130,7 @@ def test_pixel_folds_are_blocked_and_probe_uses_one_fold_array():
 
 # ----- end to end -----
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained by the real train.py, and its inputs."""
@@ -131,8 +138,9 @@ def trained(tmp_path_factory):
     height, width = 40, 40
     raster = write_raster(tmp / "ae.tif", unit_field(height, width, seed=7))
     pois = write_csv(tmp / "pois.csv", poi_records(80, height, width, seed=1))
-    cfg = write_config(tmp / "cfg.yaml", raster, pois, data={"val_block_m": 100, "val_fraction": 0.3},
-                       train={"epochs": 2})
+    cfg = write_config(
+        tmp / "cfg.yaml", raster, pois, data={"val_block_m": 100, "val_fraction": 0.3}, train={"epochs": 2}
+    )
     result = run_script("train.py", "--cfg", str(cfg), "--no-progress")
     assert result.returncode == 0, result.stderr
     return tmp
@@ -153,9 +161,22 @@ def write_landuse(path: Path, column: str = "landuse") -> Path:
 def test_evaluate_end_to_end(trained):
     landuse = write_landuse(trained / "landuse.geojson")
     out = trained / "report"
-    result = run_script("evaluate.py", "--ckpt", str(trained / "run" / "best.pt"), "--out", str(out),
-                        "--landuse", str(landuse), "--search-radius-m", "100", "--min-category-pois", "3",
-                        "--folds", "3", "--no-progress")
+    result = run_script(
+        "evaluate.py",
+        "--ckpt",
+        str(trained / "run" / "best.pt"),
+        "--out",
+        str(out),
+        "--landuse",
+        str(landuse),
+        "--search-radius-m",
+        "100",
+        "--min-category-pois",
+        "3",
+        "--folds",
+        "3",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "metrics.md"]  # no temporary files left
     m = json.loads((out / "metrics.json").read_text())
@@ -192,7 +213,13 @@ def test_localisation_scores_the_inference_output(trained):
     from aether.model.projector import Projector
 
     ckpt = trained / "run" / "best.pt"
-    embed_raster(str(trained / "ae.tif"), str(ckpt), str(trained / "aether.tif"), progress=False, options=EmbedOptions(dtype="float32"))
+    embed_raster(
+        str(trained / "ae.tif"),
+        str(ckpt),
+        str(trained / "aether.tif"),
+        progress=False,
+        options=EmbedOptions(dtype="float32"),
+    )
     with rasterio.open(trained / "aether.tif") as src:
         aether = src.read().transpose(1, 2, 0)
     projector = Projector(ckpt, device="cpu", precision="fp32")
@@ -201,11 +228,20 @@ def test_localisation_scores_the_inference_output(trained):
     rng = np.random.default_rng(0)
     rows_all, cols_all = np.meshgrid(np.arange(info.height), np.arange(info.width), indexing="ij")
     px, py = info.xy(rows_all, cols_all)
-    for i in range(3):
+    for _i in range(3):
         x0, y0 = ORIGIN[0] + rng.uniform(50, 350), ORIGIN[1] - rng.uniform(50, 350)
         query = rng.standard_normal((1, projector.latent_dim)).astype(np.float32)  # any latent vector will do
-        got = localisation(info, np.array([x0]), np.array([y0]), np.array([60.17]), projector.base_radius_m,
-                           {"trained": query}, {"trained": pair}, 80.0, progress=False)
+        got = localisation(
+            info,
+            np.array([x0]),
+            np.array([y0]),
+            np.array([60.17]),
+            projector.base_radius_m,
+            {"trained": query},
+            {"trained": pair},
+            80.0,
+            progress=False,
+        )
         dist = np.hypot(px - x0, py - y0)
         scores = np.where(dist <= 80.0, aether @ query[0], -np.inf)
         best = np.unravel_index(np.argmax(scores), scores.shape)
@@ -222,8 +258,17 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(trained, tmp_path):
     assert missing.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"]
 
     landuse = write_landuse(tmp_path / "landuse.geojson", column="class")
-    no_column = run_script("evaluate.py", "--ckpt", str(trained / "run" / "best.pt"), "--out", str(out),
-                           "--landuse", str(landuse), "--landuse-column", "landuse")
+    no_column = run_script(
+        "evaluate.py",
+        "--ckpt",
+        str(trained / "run" / "best.pt"),
+        "--out",
+        str(out),
+        "--landuse",
+        str(landuse),
+        "--landuse-column",
+        "landuse",
+    )
     assert no_column.returncode == 2
     lines = no_column.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: land-use file") and "'landuse'" in lines[0]
@@ -245,10 +290,14 @@ def test_landuse_samples_windowed_match_pixel_centres(tmp_path, monkeypatch, bot
     height, width = 30, 40
     info = open_raster(str(write_raster(tmp_path / "ae.tif", unit_field(height, width), bottom_up=bottom_up)))
     x0, y0 = ORIGIN
-    polys = [box(x0 + 12, y0 - 183, x0 + 157, y0 - 21), box(x0 + 201, y0 - 297, x0 + 388, y0 - 144)]  # no edge on a centre
+    polys = [
+        box(x0 + 12, y0 - 183, x0 + 157, y0 - 21),
+        box(x0 + 201, y0 - 297, x0 + 388, y0 - 144),
+    ]  # no edge on a centre
     layer = gpd.GeoDataFrame({"landuse": ["park", "retail"]}, geometry=polys, crs=info.crs)
-    rows, cols, labels = evaluation.landuse_samples(layer, "landuse", info, per_class=10_000, min_pixels=1, seed=0,
-                                                     window_rows=7)
+    rows, cols, labels = evaluation.landuse_samples(
+        layer, "landuse", info, per_class=10_000, min_pixels=1, seed=0, window_rows=7
+    )
     xs, ys = info.xy(rows, cols)
     expected = {}
     for r in range(height):

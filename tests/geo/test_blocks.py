@@ -1,6 +1,7 @@
 """The GeoTIFF block writer: what it writes reads back through GDAL exactly, at the ZSTD level the
 output was created with (GDAL's update mode would compress at its default, 9), and blocks made
 durable by `sync` survive a SIGKILL."""
+
 from __future__ import annotations
 
 import subprocess
@@ -22,11 +23,26 @@ from tests.helpers.fixtures import unit_field, write_raster, write_untrained_che
 NODATA = {"int8": -128, "int16": -32768, "float32": float("nan")}
 
 
-def sparse_file(path: Path, dtype: str, width: int = 100, height: int = 70, count: int = 8, block: int = 32,
-                bigtiff: str = "if_safer") -> Path:
-    profile = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, crs="EPSG:32635",
-                   transform=from_origin(385000, 6673000, 10, 10), nodata=NODATA[dtype],
-                   **geotiff_layout(dtype, block))
+def sparse_file(
+    path: Path,
+    dtype: str,
+    width: int = 100,
+    height: int = 70,
+    count: int = 8,
+    block: int = 32,
+    bigtiff: str = "if_safer",
+) -> Path:
+    profile = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=dtype,
+        crs="EPSG:32635",
+        transform=from_origin(385000, 6673000, 10, 10),
+        nodata=NODATA[dtype],
+        **geotiff_layout(dtype, block),
+    )
     profile["bigtiff"] = bigtiff
     create_sparse(path, profile, [f"E{i:03d}" for i in range(count)], {"AETHER_TEST": "yes"})
     return path
@@ -52,8 +68,8 @@ def test_blocks_read_back_exactly_with_edges_and_unwritten_blocks_as_nodata(tmp_
     written = np.zeros((70, 100), dtype=bool)
     out = BlockFile(path, ZSTD_LEVEL, threads=2)
     for r0, c0, h, w in [(0, 0, 64, 64), (0, 64, 64, 36), (64, 0, 6, 64)]:  # (64, 64) is left out
-        out.write(data[r0:r0 + h, c0:c0 + w], r0, c0)
-        written[r0:r0 + h, c0:c0 + w] = True
+        out.write(data[r0 : r0 + h, c0 : c0 + w], r0, c0)
+        written[r0 : r0 + h, c0 : c0 + w] = True
     out.close()
     with rasterio.open(path) as src:
         back = src.read().transpose(1, 2, 0)
@@ -95,14 +111,16 @@ def test_embedded_output_is_compressed_at_its_own_level_not_gdals_update_default
 
     ae = write_raster(tmp_path / "ae.tif", unit_field(96, 96, smooth=8))
     ckpt = write_untrained_checkpoint(tmp_path / "ckpt.pt")
-    out = embed_raster(str(ae), str(ckpt), str(tmp_path / "aether.tif"), progress=False, options=EmbedOptions(tile_px=32, dtype="int8"))
+    out = embed_raster(
+        str(ae), str(ckpt), str(tmp_path / "aether.tif"), progress=False, options=EmbedOptions(tile_px=32, dtype="int8")
+    )
     with rasterio.open(out) as src:
         profile, pixels = src.profile, src.read()
         block_h, block_w = src.block_shapes[0]
     expected = []
     for r in range(0, 96, block_h):
         for c in range(0, 96, block_w):
-            block = np.ascontiguousarray(pixels[:, r:r + block_h, c:c + block_w].transpose(1, 2, 0))
+            block = np.ascontiguousarray(pixels[:, r : r + block_h, c : c + block_w].transpose(1, 2, 0))
             expected.append(len(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(block.tobytes())))
     assert stored_block_sizes(out) == expected
     rewritten = tmp_path / "rewritten.tif"

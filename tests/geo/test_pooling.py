@@ -1,4 +1,5 @@
 """Window pooling against a brute-force masked mean, computed independently per point."""
+
 import numpy as np
 import pytest
 from rasterio.transform import from_origin
@@ -23,8 +24,14 @@ def test_pooling_matches_brute_force(tmp_path, monkeypatch, dtype, bottom_up, ch
     # unit_px 16: each chunk and its halo span several cached blocks, cut at odd rows and columns
     monkeypatch.setattr(BlockCache, "UNIT_PX", unit_px)
     height, width = 40, 50
-    path = write_raster(tmp_path / "ae.tif", field_with_holes(height, width), dtype=dtype,
-                        nodata=None if dtype == "int8" else -9999.0, bottom_up=bottom_up, block=16)
+    path = write_raster(
+        tmp_path / "ae.tif",
+        field_with_holes(height, width),
+        dtype=dtype,
+        nodata=None if dtype == "int8" else -9999.0,
+        bottom_up=bottom_up,
+        block=16,
+    )
     info = open_raster(str(path))
     values, invalid = stored_values(path)
     rng = np.random.default_rng(1)
@@ -144,7 +151,7 @@ def test_window_means_in_strips_match_brute_force(dtype):
     ry_rows = np.array([3] * 12 + [3, 1, 2, 2, 3, 0] * 4)[:th]
     whole = window_means(bands, info, rx_rows, ry_rows, hx, hy)
     cuts = [(0, 1), (1, 14), (14, 15), (15, 33)]
-    strips = [window_means(bands[:, a:b + 2 * hy], info, rx_rows[a:b], ry_rows[a:b], hx, hy) for a, b in cuts]
+    strips = [window_means(bands[:, a : b + 2 * hy], info, rx_rows[a:b], ry_rows[a:b], hx, hy) for a, b in cuts]
     means, valid = np.concatenate([m for m, _ in strips]), np.concatenate([v for _, v in strips])
     np.testing.assert_array_equal(valid, whole[1])
     np.testing.assert_allclose(means, whole[0], atol=1e-7)

@@ -27,8 +27,6 @@ def test_metres_per_degree_known_values():
     np.testing.assert_allclose(m_lon, [111320, 55800], rtol=2e-3)
 
 
-
-
 def test_open_checks(tmp_path):
     v = unit_field(10, 10)
     info = open_raster(str(write_raster(tmp_path / "ok.tif", v)))

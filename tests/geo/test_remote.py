@@ -1,5 +1,6 @@
 """Remote rasters through GDAL's virtual file systems, against a range-request HTTP server on
 127.0.0.1: pooling a few POIs reads only the blocks around them, and results equal local reads."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,8 +47,10 @@ def test_pooling_a_few_pois_reads_only_their_blocks(served, capsys):
     here = pool_points(open_raster(str(local)), x, y, [45.0, 95.0])
     size = local.stat().st_size
     with capsys.disabled():
-        print(f"\nremote pooling of 5 POIs read {sent:,} of {size:,} bytes ({sent / size:.1%}) "
-              f"in {len(server.requests)} requests")
+        print(
+            f"\nremote pooling of 5 POIs read {sent:,} of {size:,} bytes ({sent / size:.1%}) "
+            f"in {len(server.requests)} requests"
+        )
     assert remote.valid.all()
     for a, b in zip(remote.views, here.views):
         np.testing.assert_array_equal(a, b)
@@ -57,8 +60,16 @@ def test_pooling_a_few_pois_reads_only_their_blocks(served, capsys):
 def test_inference_from_a_url_equals_local(served, tmp_path):
     server, local = served
     ckpt = write_untrained_checkpoint(tmp_path / "best.pt")
-    a = embed_raster(f"{server.url}/tile.tif", str(ckpt), str(tmp_path / "remote.tif"), progress=False, options=EmbedOptions(precision="fp32"))
-    b = embed_raster(str(local), str(ckpt), str(tmp_path / "local.tif"), progress=False, options=EmbedOptions(precision="fp32"))
+    a = embed_raster(
+        f"{server.url}/tile.tif",
+        str(ckpt),
+        str(tmp_path / "remote.tif"),
+        progress=False,
+        options=EmbedOptions(precision="fp32"),
+    )
+    b = embed_raster(
+        str(local), str(ckpt), str(tmp_path / "local.tif"), progress=False, options=EmbedOptions(precision="fp32")
+    )
     with rasterio.open(a) as ra, rasterio.open(b) as rb:
         assert ra.transform == rb.transform and ra.crs == rb.crs
         np.testing.assert_array_equal(ra.read(), rb.read())

@@ -9,6 +9,7 @@ and overviews, as the real 8192 px tiles are (1024 px blocks there, TILE_PX and 
 Two tiles sit on either side of the UTM 34/35 seam (24 degrees east) near Helsinki and overlap;
 the zone 35 tile is stored bottom-up, as Source Cooperative stores its tiles.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,9 +57,20 @@ def _write_tile(path: Path, data: np.ndarray, transform: Affine, epsg: int, bott
         data = data[:, ::-1, :]
         transform = transform @ Affine.translation(0, data.shape[1]) @ Affine.scale(1, -1)
     plain = path.with_suffix(".plain.tif")
-    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=N_BANDS, dtype="int8",
-                   crs=f"EPSG:{epsg}", transform=transform, nodata=NODATA_INT8, tiled=True, blockxsize=BLOCK_PX,
-                   blockysize=BLOCK_PX, interleave="band")
+    profile = dict(
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=N_BANDS,
+        dtype="int8",
+        crs=f"EPSG:{epsg}",
+        transform=transform,
+        nodata=NODATA_INT8,
+        tiled=True,
+        blockxsize=BLOCK_PX,
+        blockysize=BLOCK_PX,
+        interleave="band",
+    )
     with rasterio.open(plain, "w", **profile) as dst:
         dst.write(data)
         for i, name in enumerate(band_names(), start=1):
@@ -66,8 +78,17 @@ def _write_tile(path: Path, data: np.ndarray, transform: Affine, epsg: int, bott
     with rasterio.open(plain, "r+") as dst:
         dst.build_overviews([2, 4, 8, 16, 32, 64, 128, 256], rasterio.enums.Resampling.nearest)
     # overviews and directories first, as in a COG
-    rio_copy(str(plain), str(path), driver="GTiff", COPY_SRC_OVERVIEWS="YES", TILED="YES", BLOCKXSIZE=BLOCK_PX,
-             BLOCKYSIZE=BLOCK_PX, INTERLEAVE="BAND", COMPRESS="ZSTD")
+    rio_copy(
+        str(plain),
+        str(path),
+        driver="GTiff",
+        COPY_SRC_OVERVIEWS="YES",
+        TILED="YES",
+        BLOCKXSIZE=BLOCK_PX,
+        BLOCKYSIZE=BLOCK_PX,
+        INTERLEAVE="BAND",
+        COMPRESS="ZSTD",
+    )
     plain.unlink()
 
 
@@ -87,7 +108,7 @@ def build_miniature(root: Path) -> list[MiniTile]:
         if epsg == 32635:
             data[:, :, :NODATA_COLS_35] = NODATA_INT8
         else:
-            data[:, NODATA_ROWS_34[0]:NODATA_ROWS_34[1], :] = NODATA_INT8
+            data[:, NODATA_ROWS_34[0] : NODATA_ROWS_34[1], :] = NODATA_INT8
         zone = f"{epsg - 32600}N"
         key = f"{PREFIX}/2024/{zone}/x{seed}mini{epsg}aef-0000000000-0000000000.tiff"
         path = root / key
@@ -107,10 +128,25 @@ def build_miniature(root: Path) -> list[MiniTile]:
         ring = box(w, s, e, n).segmentize(TILE_PX * 10 / 8)
         footprint = shape(transform_geom(f"EPSG:{t.epsg}", "EPSG:4326", ring.__geo_interface__))
         ww, ss, ee, nn = transform_bounds(f"EPSG:{t.epsg}", "EPSG:4326", w, s, e, n, densify_pts=21)
-        rows.append({"fid": fid, "path": f"{BUCKET}/{t.key}", "year": t.year, "utm_zone": f"{t.epsg - 32600}N",
-                     "crs": f"EPSG:{t.epsg}", "utm_west": w, "utm_south": s, "utm_east": e, "utm_north": n,
-                     "wgs84_west": ww, "wgs84_south": ss, "wgs84_east": ee, "wgs84_north": nn, "location": None,
-                     "geom": footprint})
+        rows.append(
+            {
+                "fid": fid,
+                "path": f"{BUCKET}/{t.key}",
+                "year": t.year,
+                "utm_zone": f"{t.epsg - 32600}N",
+                "crs": f"EPSG:{t.epsg}",
+                "utm_west": w,
+                "utm_south": s,
+                "utm_east": e,
+                "utm_north": n,
+                "wgs84_west": ww,
+                "wgs84_south": ss,
+                "wgs84_east": ee,
+                "wgs84_north": nn,
+                "location": None,
+                "geom": footprint,
+            }
+        )
     frame = geopandas.GeoDataFrame(rows, geometry="geom", crs="EPSG:4326")
     frame["year"] = frame["year"].astype("int32")
     frame.to_parquet(root / PREFIX / "aef_index.parquet")

@@ -1,4 +1,5 @@
 """Small generated inputs for the tests: AlphaEarth-like rasters and POI files (a few KB each)."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,17 @@ def unit_field(height: int, width: int, bands: int = N_BANDS, seed: int = 0, smo
     return (field / np.linalg.norm(field, axis=0, keepdims=True)).astype(np.float32)
 
 
-def write_raster(path: Path, values: np.ndarray, *, dtype: str = "int8", crs: str | None = UTM,
-                 transform: Affine | None = None, nodata=None, bottom_up: bool = False,
-                 block: int | None = None) -> Path:
+def write_raster(
+    path: Path,
+    values: np.ndarray,
+    *,
+    dtype: str = "int8",
+    crs: str | None = UTM,
+    transform: Affine | None = None,
+    nodata=None,
+    bottom_up: bool = False,
+    block: int | None = None,
+) -> Path:
     """Write (bands, h, w) float vectors as an int8 (AlphaEarth encoding) or float GeoTIFF.
 
     NaN pixels become nodata. `bottom_up` stores rows south-first with a positive y
@@ -46,8 +55,9 @@ def write_raster(path: Path, values: np.ndarray, *, dtype: str = "int8", crs: st
     if bottom_up:
         data = data[:, ::-1, :]
         transform = transform @ Affine.translation(0, height) @ Affine.scale(1, -1)
-    profile = dict(driver="GTiff", width=width, height=height, count=bands, dtype=dtype, transform=transform,
-                   nodata=nodata)
+    profile = dict(
+        driver="GTiff", width=width, height=height, count=bands, dtype=dtype, transform=transform, nodata=nodata
+    )
     if crs is not None:
         profile["crs"] = crs
     if block:
@@ -72,14 +82,29 @@ def poi_records(n: int, height: int, width: int, seed: int = 0, margin_px: int =
         y = ORIGIN[1] - 10.0 * rng.uniform(margin_px, height - margin_px)
         lon, lat = to_lonlat.transform(x, y)
         key, value = CATEGORIES[i % len(CATEGORIES)]
-        out.append({"osm_id": f"node/{i}", "name": f"Place {i}", "key": key, "value": value,
-                    "description": f"A place of {value}, a type of {key}, named Place {i}.", "lon": lon, "lat": lat})
+        out.append(
+            {
+                "osm_id": f"node/{i}",
+                "name": f"Place {i}",
+                "key": key,
+                "value": value,
+                "description": f"A place of {value}, a type of {key}, named Place {i}.",
+                "lon": lon,
+                "lat": lat,
+            }
+        )
     return out
 
 
 def write_geojson(path: Path, records: list[dict]) -> Path:
-    features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
-                 "properties": {k: v for k, v in r.items() if k not in ("lon", "lat")}} for r in records]
+    features = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
+            "properties": {k: v for k, v in r.items() if k not in ("lon", "lat")},
+        }
+        for r in records
+    ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}), encoding="utf-8")
     return path
 
@@ -119,9 +144,11 @@ def write_vrt_mosaic(path: Path, parts: list[Path]) -> Path:
     right, bottom = max(b.right for b in bounds), min(b.bottom for b in bounds)
     width, height = round((right - left) / res[0]), round((top - bottom) / res[1])
     gdal_type = {"int8": "Int8", "float32": "Float32", "float64": "Float64"}[dtype]
-    lines = [f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
-             f"  <SRS>{crs.to_wkt()}</SRS>",
-             f"  <GeoTransform>{left}, {res[0]}, 0, {top}, 0, {-res[1]}</GeoTransform>"]
+    lines = [
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+        f"  <SRS>{crs.to_wkt()}</SRS>",
+        f"  <GeoTransform>{left}, {res[0]}, 0, {top}, 0, {-res[1]}</GeoTransform>",
+    ]
     for band in range(1, count + 1):
         lines.append(f'  <VRTRasterBand dataType="{gdal_type}" band="{band}">')
         if nodata is not None:
@@ -129,10 +156,14 @@ def write_vrt_mosaic(path: Path, parts: list[Path]) -> Path:
         for p, b in zip(parts, bounds):
             w, h = round((b.right - b.left) / res[0]), round((b.top - b.bottom) / res[1])
             x0, y0 = round((b.left - left) / res[0]), round((top - b.top) / res[1])
-            lines += ["    <SimpleSource>", f"      <SourceFilename>{p}</SourceFilename>",
-                      f"      <SourceBand>{band}</SourceBand>",
-                      f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>',
-                      f'      <DstRect xOff="{x0}" yOff="{y0}" xSize="{w}" ySize="{h}"/>', "    </SimpleSource>"]
+            lines += [
+                "    <SimpleSource>",
+                f"      <SourceFilename>{p}</SourceFilename>",
+                f"      <SourceBand>{band}</SourceBand>",
+                f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>',
+                f'      <DstRect xOff="{x0}" yOff="{y0}" xSize="{w}" ySize="{h}"/>',
+                "    </SimpleSource>",
+            ]
         lines.append("  </VRTRasterBand>")
     lines.append("</VRTDataset>")
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -167,8 +198,15 @@ def brute_force(values: np.ndarray, invalid: np.ndarray, row: int, col: int, ry:
     return total / np.linalg.norm(total)
 
 
-def write_untrained_checkpoint(path: Path, latent_dim: int = 16, hidden_dim: int = 32, text_dim: int = 384,
-                               seed: int = 0, n_bands: int = N_BANDS, arch: str = "aether") -> Path:
+def write_untrained_checkpoint(
+    path: Path,
+    latent_dim: int = 16,
+    hidden_dim: int = 32,
+    text_dim: int = 384,
+    seed: int = 0,
+    n_bands: int = N_BANDS,
+    arch: str = "aether",
+) -> Path:
     """A checkpoint of a randomly initialised model (architecture `arch`) whose text side is the
     packaged MiniLM (384-d)."""
     import torch
@@ -217,6 +255,13 @@ def write_zone_tiles(folder: Path, size: int = 96, seed: int = 0, **kwargs) -> l
         # tile 0 ends 100 m east of the seam, tile 1 starts 100 m west of it: they overlap
         left = round(x / 10) * 10 - (size * 10 - 100 if i == 0 else 100)
         top = round(y / 10) * 10 + size * 5
-        paths.append(write_raster(folder / f"tile_{epsg}.tif", unit_field(size, size, seed=seed + i),
-                                  transform=from_origin(left, top, 10.0, 10.0), crs=f"EPSG:{epsg}", **kwargs))
+        paths.append(
+            write_raster(
+                folder / f"tile_{epsg}.tif",
+                unit_field(size, size, seed=seed + i),
+                transform=from_origin(left, top, 10.0, 10.0),
+                crs=f"EPSG:{epsg}",
+                **kwargs,
+            )
+        )
     return paths

@@ -10,6 +10,7 @@ request limits it is given, counts what it receives, and serves scripted failure
         server.fail_after_batches = 2            # then: 500 for good after two more successes
         OpenAIEncoder(base_url=server.base_url)  # OPENAI_API_KEY must equal server.api_key
 """
+
 from __future__ import annotations
 
 import base64
@@ -26,7 +27,7 @@ MODEL_DIMENSIONS = {"text-embedding-3-small": 1536, "text-embedding-3-large": 30
 
 def fake_embedding(model: str, text: str, dimensions: int) -> np.ndarray:
     """The unit vector the server returns for `text`: seeded by a SHA-256 of model and text."""
-    seed = int.from_bytes(hashlib.sha256(f"{model}\0{text}".encode("utf-8")).digest()[:8], "little")
+    seed = int.from_bytes(hashlib.sha256(f"{model}\0{text}".encode()).digest()[:8], "little")
     vec = np.random.default_rng(seed).standard_normal(dimensions).astype(np.float32)
     return vec / np.linalg.norm(vec)
 
@@ -34,8 +35,15 @@ def fake_embedding(model: str, text: str, dimensions: int) -> np.ndarray:
 class OpenAIServer:
     """The server, its counters and its failure script (see the module docstring)."""
 
-    def __init__(self, api_key: str = "sk-test", max_inputs: int = 2048, max_request_tokens: int = 300_000,
-                 max_input_tokens: int = 8191, retry_after: str = "0.2", slow_s: float = 2.0):
+    def __init__(
+        self,
+        api_key: str = "sk-test",
+        max_inputs: int = 2048,
+        max_request_tokens: int = 300_000,
+        max_input_tokens: int = 8191,
+        retry_after: str = "0.2",
+        slow_s: float = 2.0,
+    ):
         self.api_key = api_key
         self.max_inputs = max_inputs
         self.max_request_tokens = max_request_tokens  # counted as UTF-8 bytes, like the client's bound
@@ -52,8 +60,7 @@ class OpenAIServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False  # a "slow" request's thread must not hold up close()
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -84,43 +91,71 @@ class OpenAIServer:
             time.sleep(self.slow_s)
             action = None
         if action == "429":
-            return 429, {"Retry-After": self.retry_after}, _error(
-                "Rate limit reached for requests", "requests", "rate_limit_exceeded")
+            return (
+                429,
+                {"Retry-After": self.retry_after},
+                _error("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
+            )
         if action in ("500", "503"):
             return int(action), {}, _error("The server had an error while processing your request.", "server_error")
         if action == "401" or auth != f"Bearer {self.api_key}":
             return 401, {}, _error("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         model, texts, dims = body.get("model"), body.get("input"), body.get("dimensions")
         if model not in MODEL_DIMENSIONS:
-            return 404, {}, _error(f"The model `{model}` does not exist or you do not have access to it.",
-                                   "invalid_request_error", "model_not_found")
+            return (
+                404,
+                {},
+                _error(
+                    f"The model `{model}` does not exist or you do not have access to it.",
+                    "invalid_request_error",
+                    "model_not_found",
+                ),
+            )
         if isinstance(texts, str):
             texts = [texts]
         sizes = [len(t.encode("utf-8")) for t in texts] if isinstance(texts, list) else []
         if not sizes or not all(isinstance(t, str) and t for t in texts):
             return 400, {}, _error("'$.input' is invalid.", "invalid_request_error")
         if len(texts) > self.max_inputs or sum(sizes) > self.max_request_tokens or max(sizes) > self.max_input_tokens:
-            return 400, {}, _error(f"Request over the limits: {len(texts)} inputs, {sum(sizes)} tokens, "
-                                   f"longest {max(sizes)}.", "invalid_request_error")
+            return (
+                400,
+                {},
+                _error(
+                    f"Request over the limits: {len(texts)} inputs, {sum(sizes)} tokens, longest {max(sizes)}.",
+                    "invalid_request_error",
+                ),
+            )
         dims = MODEL_DIMENSIONS[model] if dims is None else int(dims)
         data = []
         for i, text in enumerate(texts):
             vec = fake_embedding(model, text, dims)
-            coded = base64.b64encode(vec.astype("<f4").tobytes()).decode() if body.get(
-                "encoding_format") == "base64" else vec.tolist()
+            coded = (
+                base64.b64encode(vec.astype("<f4").tobytes()).decode()
+                if body.get("encoding_format") == "base64"
+                else vec.tolist()
+            )
             data.append({"object": "embedding", "index": i, "embedding": coded})
         data.reverse()  # rows may come in any order; `index` says which is which
         with self._lock:
             self.batches.append(list(texts))
         tokens = sum(sizes)
-        return 200, {}, {"object": "list", "data": data, "model": model,
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return (
+            200,
+            {},
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
 
     def _handler(self):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -135,8 +170,11 @@ class OpenAIServer:
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
-                    for key, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
-                                       **headers}.items():
+                    for key, value in {
+                        "Content-Type": "application/json",
+                        "Content-Length": str(len(data)),
+                        **headers,
+                    }.items():
                         self.send_header(key, value)
                     self.end_headers()
                     self.wfile.write(data)

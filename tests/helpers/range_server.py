@@ -1,5 +1,6 @@
 """A static file server on 127.0.0.1 that answers HTTP range requests and counts the bytes it sends,
 standing in for a Cloud Storage bucket or the Source Cooperative mirror of AlphaEarth."""
+
 from __future__ import annotations
 
 import re
@@ -89,7 +90,7 @@ class RangeServer:
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "RangeServer":
+    def __enter__(self) -> RangeServer:
         self._thread.start()
         return self
 

@@ -9,6 +9,7 @@ values no embedding has, and a geographic raster whose windows change width betw
 of 16 or 32 px leave edge tiles whose halos lie partly off the raster. The CUDA tests run only
 where PyTorch sees a GPU.
 """
+
 from __future__ import annotations
 
 import threading
@@ -117,8 +118,9 @@ RASTERS = {
 
 def in_threads(n_threads: int, n_items: int, work) -> None:
     """work(i) for every item, item i in thread i % n_threads, all threads at once."""
-    threads = [threading.Thread(target=lambda k=k: [work(i) for i in range(k, n_items, n_threads)])
-               for k in range(n_threads)]
+    threads = [
+        threading.Thread(target=lambda k=k: [work(i) for i in range(k, n_items, n_threads)]) for k in range(n_threads)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -141,8 +143,15 @@ def assert_same_block(got: np.ndarray, want: np.ndarray, what: str) -> None:
         assert diff.max(initial=0) <= 1, f"{what}: codes {diff.max()} apart"
 
 
-def compare_tiles(info: RasterInfo, projector: Projector, pooling: str, tile_px: int, strip_px: int | None = None,
-                  dtypes=OUTPUT_DTYPES, device_embedder: Projector | None = None) -> int:
+def compare_tiles(
+    info: RasterInfo,
+    projector: Projector,
+    pooling: str,
+    tile_px: int,
+    strip_px: int | None = None,
+    dtypes=OUTPUT_DTYPES,
+    device_embedder: Projector | None = None,
+) -> int:
     """Every tile's block from both paths, for each output dtype; returns the pixels compared."""
     reader = PooledTileReader(info, projector, pooling)
     computer = DeviceTileComputer(device_embedder or projector, info, pooling, strip_px)
@@ -231,7 +240,6 @@ def test_refuses_an_unknown_pooling(tmp_path, projector):
         DeviceTileComputer(projector, info, "average")
 
 
-
 def read_output(path: Path) -> np.ndarray:
     with rasterio.open(path) as src:
         return src.read().transpose(1, 2, 0)
@@ -247,10 +255,25 @@ def test_whole_runs_through_the_device_path_equal_todays_output(tmp_path, ckpt, 
     from aether.infer.pipeline import embed_raster
 
     ae = RASTERS[kind](tmp_path)
-    numpy_out = embed_raster(str(ae), str(ckpt), str(tmp_path / "numpy.tif"), progress=False, options=EmbedOptions(tile_px=32, dtype=dtype, device="cpu"))
-    monkeypatch.setattr(aether.infer.pipeline, "tile_computer",
-                        lambda reader: DeviceTileComputer(reader.projector, reader.info, reader.pooling).block)
-    torch_out = embed_raster(str(ae), str(ckpt), str(tmp_path / "torch.tif"), progress=False, options=EmbedOptions(tile_px=32, dtype=dtype, device="cpu"))
+    numpy_out = embed_raster(
+        str(ae),
+        str(ckpt),
+        str(tmp_path / "numpy.tif"),
+        progress=False,
+        options=EmbedOptions(tile_px=32, dtype=dtype, device="cpu"),
+    )
+    monkeypatch.setattr(
+        aether.infer.pipeline,
+        "tile_computer",
+        lambda reader: DeviceTileComputer(reader.projector, reader.info, reader.pooling).block,
+    )
+    torch_out = embed_raster(
+        str(ae),
+        str(ckpt),
+        str(tmp_path / "torch.tif"),
+        progress=False,
+        options=EmbedOptions(tile_px=32, dtype=dtype, device="cpu"),
+    )
     assert_same_block(read_output(torch_out), read_output(numpy_out), f"{kind} {dtype}")
 
 
@@ -306,5 +329,14 @@ def test_cuda_run_equals_the_cpu_run(tmp_path, ckpt, dtype):
     from aether.infer.pipeline import embed_raster
 
     ae = int8_raster(tmp_path)
-    runs = [embed_raster(str(ae), str(ckpt), str(tmp_path / f"{device}.tif"), progress=False, options=EmbedOptions(tile_px=32, dtype=dtype, device=device, precision="fp32")) for device in ("cpu", "cuda")]
+    runs = [
+        embed_raster(
+            str(ae),
+            str(ckpt),
+            str(tmp_path / f"{device}.tif"),
+            progress=False,
+            options=EmbedOptions(tile_px=32, dtype=dtype, device=device, precision="fp32"),
+        )
+        for device in ("cpu", "cuda")
+    ]
     assert_same_block(read_output(runs[1]), read_output(runs[0]), f"cuda {dtype}")

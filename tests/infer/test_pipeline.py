@@ -8,6 +8,7 @@ Rasters are tiny (40 x 50 px at 10 m, one 120 x 130 px geographic raster and one
 320 x 320 px raster for overviews). Run with `-s` to see the measured dtype and
 precision errors.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,6 +55,7 @@ RUN_TIMEOUT_S = 4.0  # a 40 x 50 px run takes ~0.2 s (~1.2 s with the slowed rea
 
 # ---- a checkpoint without training ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     return write_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", LATENT_DIM, HIDDEN_DIM, TEXT_DIM)
@@ -65,7 +67,6 @@ def projector(ckpt) -> Projector:
 
 
 # ---- independent reference computations ----------------------------------------------------
-
 
 
 def brute_force_all(values: np.ndarray, invalid: np.ndarray, half_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +100,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ---- running inference ---------------------------------------------------------------------
+
 
 def embed(ckpt: Path, ae: Path, out: Path, **kwargs) -> Path:
     """embed_raster on the CPU (the NumPy path these tests patch; the GPU path has
@@ -151,6 +153,7 @@ def partials(folder: Path) -> list[Path]:
 
 # ---- 1. georeferencing round trip ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("out_dtype", ["float32", "int8"])
 @pytest.mark.parametrize("in_kind", ["int8", "float32"])
 @pytest.mark.parametrize("bottom_up", [False, True], ids=["north_up", "bottom_up"])
@@ -186,8 +189,9 @@ def test_geographic_raster_uses_ground_window(tmp_path, ckpt, projector):
     dx, dy = pixel_m / float(m_lon), pixel_m / float(m_lat)
     height, width = 120, 130
     transform = from_origin(24.93, lat0 + height * dy / 2, dx, dy)
-    ae = write_raster(tmp_path / "geo.tif", unit_field(height, width, seed=5, smooth=8), crs="EPSG:4326",
-                      transform=transform)
+    ae = write_raster(
+        tmp_path / "geo.tif", unit_field(height, width, seed=5, smooth=8), crs="EPSG:4326", transform=transform
+    )
     out = embed(ckpt, ae, tmp_path / "out.tif")
     values, invalid = stored_values(ae)
     z, valid = read_output(out)
@@ -208,6 +212,7 @@ def test_geographic_raster_uses_ground_window(tmp_path, ckpt, projector):
 
 # ---- 2. output grid and metadata -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("out_dtype", ["int8", "float32"])
 @pytest.mark.parametrize("bottom_up", [False, True], ids=["north_up", "bottom_up"])
 def test_output_grid_and_tags(tmp_path, ckpt, bottom_up, out_dtype):
@@ -218,10 +223,14 @@ def test_output_grid_and_tags(tmp_path, ckpt, bottom_up, out_dtype):
         assert dst.crs == src.crs
         assert (dst.width, dst.height, dst.count) == (src.width, src.height, LATENT_DIM)
         assert dst.transform.almost_equals(north_up)
-        for transform, width, height in ((src.transform, src.width, src.height), (dst.transform, dst.width, dst.height)):
+        for transform, width, height in (
+            (src.transform, src.width, src.height),
+            (dst.transform, dst.width, dst.height),
+        ):
             xs, ys = transform @ (np.array([0.0, width]), np.array([0.0, height]))
             assert (xs.min(), ys.min(), xs.max(), ys.max()) == pytest.approx(
-                (ORIGIN[0], ORIGIN[1] - HEIGHT_PX * PIXEL_M, ORIGIN[0] + WIDTH_PX * PIXEL_M, ORIGIN[1]))
+                (ORIGIN[0], ORIGIN[1] - HEIGHT_PX * PIXEL_M, ORIGIN[0] + WIDTH_PX * PIXEL_M, ORIGIN[1])
+            )
         if not bottom_up:
             assert dst.transform == src.transform
         assert dst.dtypes == (out_dtype,) * LATENT_DIM
@@ -266,6 +275,7 @@ def test_output_file_has_ordinary_permissions(tmp_path, ckpt):
 
 # ---- 3. nodata -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("out_dtype", ["int8", "float32"])
 @pytest.mark.parametrize("in_kind", ["int8", "float32", "float32-declared"])
 def test_nodata_follows_the_windows(tmp_path, ckpt, projector, in_kind, out_dtype):
@@ -299,11 +309,16 @@ def test_pixel_pooling_maps_nodata_pixel_to_pixel(tmp_path, ckpt, projector, in_
 FLOAT16_WRITABLE = bool(rasterio.dtypes.check_dtype("float16"))
 
 
-@pytest.mark.parametrize("dtype", [
-    "int8",
-    "int16",
-    pytest.param("float16", marks=pytest.mark.skipif(not FLOAT16_WRITABLE, reason="GDAL < 3.11 cannot write float16")),
-])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "int8",
+        "int16",
+        pytest.param(
+            "float16", marks=pytest.mark.skipif(not FLOAT16_WRITABLE, reason="GDAL < 3.11 cannot write float16")
+        ),
+    ],
+)
 def test_output_dtypes_agree_with_float32(tmp_path, ckpt, dtype):
     ae = ae_raster(tmp_path, "int8")
     z32, v32 = read_output(embed(ckpt, ae, tmp_path / "f32.tif", dtype="float32"))
@@ -323,6 +338,7 @@ def test_output_dtypes_agree_with_float32(tmp_path, ckpt, dtype):
 
 
 # ---- 5. tile seams -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bottom_up", [False, True], ids=["north_up", "bottom_up"])
 @pytest.mark.parametrize("in_kind", ["int8", "float32"])
@@ -354,14 +370,20 @@ def test_strips_and_parallel_tiles_change_no_byte(tmp_path, ckpt, monkeypatch, i
 
     ae = geographic_with_varying_windows(tmp_path) if in_kind == "geographic" else ae_raster(tmp_path, in_kind)
     if in_kind == "geographic":
-        reader = PooledTileReader(open_raster(str(ae), n_bands=None),
-                                                   Projector(ckpt), "window")
+        reader = PooledTileReader(open_raster(str(ae), n_bands=None), Projector(ckpt), "window")
         assert set(np.unique(reader.rx)) == {3, 4}, "the windows should change width between rows"
     outputs = []
     for strip_px, workers in [(10**6, 1), (37, 2), (150, 2), (150, 3)]:
         threads = Threads(compute=workers, read=workers, compress=workers)
-        out = embed(ckpt, ae, tmp_path / f"out_{strip_px}_{workers}.tif", tile_px=32, dtype="int8", threads=threads,
-                    strip_px=strip_px)
+        out = embed(
+            ckpt,
+            ae,
+            tmp_path / f"out_{strip_px}_{workers}.tif",
+            tile_px=32,
+            dtype="int8",
+            threads=threads,
+            strip_px=strip_px,
+        )
         with rasterio.open(out) as src:
             outputs.append(src.read())
     for other in outputs[1:]:
@@ -372,8 +394,9 @@ def test_strips_and_parallel_tiles_change_no_byte(tmp_path, ckpt, monkeypatch, i
 def test_fused_projector_matches_forward(arch, tmp_path):
     import torch
 
-    projector = Projector(write_untrained_checkpoint(tmp_path / "c.pt", LATENT_DIM, HIDDEN_DIM, arch=arch),
-                              precision="fp32")
+    projector = Projector(
+        write_untrained_checkpoint(tmp_path / "c.pt", LATENT_DIM, HIDDEN_DIM, arch=arch), precision="fp32"
+    )
     x = torch.from_numpy(unit_field(30, 40, seed=2).reshape(64, -1).T.copy())
     workspace, out = projector.ae.workspace(len(x), torch.device("cpu")), torch.empty(len(x), LATENT_DIM)
     with torch.no_grad():
@@ -419,6 +442,7 @@ def test_tile_workers_use_one_torch_thread_each_and_restore():
 
 # ---- 6. arithmetic precision -------------------------------------------------------------------
 
+
 def test_bf16_agrees_with_fp32(tmp_path, ckpt):
     ae = ae_raster(tmp_path, "int8")
     z32, v32 = read_output(embed(ckpt, ae, tmp_path / "fp32.tif"))
@@ -431,12 +455,20 @@ def test_bf16_agrees_with_fp32(tmp_path, ckpt):
 
 # ---- 7. refusals through the command line ------------------------------------------------------
 
-def _good_args(tmp: Path, ckpt: Path, ae_tif: Path | None = None, ckpt_path: Path | None = None,
-               out: Path | None = None) -> list[str]:
+
+def _good_args(
+    tmp: Path, ckpt: Path, ae_tif: Path | None = None, ckpt_path: Path | None = None, out: Path | None = None
+) -> list[str]:
     """Valid arguments (output in tmp/out/) unless replaced."""
     (tmp / "out").mkdir(exist_ok=True)
-    return ["--ae_tif", str(ae_tif or ae_raster(tmp, "int8")), "--ckpt", str(ckpt_path or ckpt),
-            "--out", str(out or tmp / "out" / "aether.tif")]
+    return [
+        "--ae_tif",
+        str(ae_tif or ae_raster(tmp, "int8")),
+        "--ckpt",
+        str(ckpt_path or ckpt),
+        "--out",
+        str(out or tmp / "out" / "aether.tif"),
+    ]
 
 
 def three_bands(tmp, ckpt):
@@ -453,7 +485,7 @@ def missing_checkpoint(tmp, ckpt):
 
 def truncated_checkpoint(tmp, ckpt):
     data = ckpt.read_bytes()
-    (tmp / "half.pt").write_bytes(data[:len(data) // 2])
+    (tmp / "half.pt").write_bytes(data[: len(data) // 2])
     return _good_args(tmp, ckpt, ckpt_path=tmp / "half.pt")
 
 
@@ -491,8 +523,14 @@ def _cli_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
 
 def _cli_subprocess(args: list[str]) -> tuple[int, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "infer_aether_raster.py", *args, "--no-progress"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "infer_aether_raster.py", *args, "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -513,6 +551,7 @@ def test_cli_refuses_with_one_error_line(tmp_path, ckpt, monkeypatch, capsys, bu
 
 
 # ---- 8. atomic output --------------------------------------------------------------------------
+
 
 def _run_guarded(fn) -> dict:
     """Call fn in a thread; report its result or exception, and whether it hung."""
@@ -548,7 +587,9 @@ def _fail_on_projection(nth: int):
 
 
 def _fail_in_writer(monkeypatch):
-    monkeypatch.setattr("aether.infer.reader.PooledTileReader.block", lambda self, data, dtype: None)  # dst.write(None) raises
+    monkeypatch.setattr(
+        "aether.infer.reader.PooledTileReader.block", lambda self, data, dtype: None
+    )  # dst.write(None) raises
 
 
 def _fail_in_writer_while_reading(monkeypatch):
@@ -599,13 +640,29 @@ def test_failed_run_without_earlier_output(tmp_path, ckpt, monkeypatch):
 
 # ---- 9. Cloud-Optimized GeoTIFF ----------------------------------------------------------------
 
+
 def test_cog_has_overviews_and_same_values(tmp_path, ckpt, monkeypatch, capsys):
     size_px = 320  # over one 256 px block: the COG driver adds a 2x overview
     ae = write_raster(tmp_path / "big.tif", unit_field(size_px, size_px, seed=4, smooth=16), block=256)
     plain = embed(ckpt, ae, tmp_path / "plain.tif", dtype="int8")
     cog = tmp_path / "cog.tif"
-    code, stderr = _cli_in_process(["--ae_tif", str(ae), "--ckpt", str(ckpt), "--out", str(cog), "--cog",
-                                    "--precision", "fp32", "--dtype", "int8"], monkeypatch, capsys)
+    code, stderr = _cli_in_process(
+        [
+            "--ae_tif",
+            str(ae),
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(cog),
+            "--cog",
+            "--precision",
+            "fp32",
+            "--dtype",
+            "int8",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, stderr
     with rasterio.open(cog) as c, rasterio.open(plain) as p:
         assert c.overviews(1), "no overviews"
@@ -617,6 +674,7 @@ def test_cog_has_overviews_and_same_values(tmp_path, ckpt, monkeypatch, capsys):
 
 
 # ---- 10. Python API ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("pooling", ["window", "pixel"])
 def test_embed_array_matches_raster(tmp_path, ckpt, projector, pooling):

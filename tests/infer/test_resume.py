@@ -5,6 +5,7 @@ What a resume checks before it trusts the interrupted run's work: a partial outp
 changed is redone (never published), an input that changed behind the run (a VRT's sources, a
 file replaced by another of the same size and time) is refused, a resume that fails keeps what it
 started from, and a damaged journal is one line."""
+
 import json
 import os
 import shutil
@@ -38,8 +39,24 @@ def inputs(tmp_path_factory):
 
 
 def command(ae: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "infer_aether_raster.py", "--ae_tif", str(ae), "--ckpt", str(ckpt), "--out", str(out),
-            "--tile", str(TILE_PX), "--precision", "fp32", "--checkpoint-every", "0", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "infer_aether_raster.py",
+        "--ae_tif",
+        str(ae),
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--tile",
+        str(TILE_PX),
+        "--precision",
+        "fp32",
+        "--checkpoint-every",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -49,8 +66,14 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 def start_and_interrupt(cmd: list[str], journal: Path, sig: int, min_done: int = 4) -> subprocess.Popen:
     """Start `cmd`, wait until its journal records `min_done` tiles, then send `sig`."""
     # a background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: restore it
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -84,8 +107,9 @@ def assert_same_output(path: Path, reference) -> None:
     assert profile == reference[1] and descriptions == reference[2] and tags == reference[3]
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)],
-                         ids=["sigkill", "sigint"])
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)], ids=["sigkill", "sigint"]
+)
 def test_interrupt_then_resume_equals_uninterrupted(tmp_path, inputs, reference, sig, code):
     ae, ckpt = inputs
     out = tmp_path / "aether.tif"
@@ -116,7 +140,8 @@ def test_resume_refuses_other_options_and_a_fresh_run_starts_over(tmp_path, inpu
     other = run(command(ae, ckpt, out, "--resume", "--dtype", "float32"))
     assert other.returncode == 2
     assert other.stderr.strip().splitlines() == [
-        "error: cannot resume: the interrupted run had other dtype; run without --resume to start over"]
+        "error: cannot resume: the interrupted run had other dtype; run without --resume to start over"
+    ]
     assert partial.exists() and journal.exists() and not out.exists()
 
     fresh = run(command(ae, ckpt, out))
@@ -137,11 +162,14 @@ def test_resume_without_an_interrupted_run_is_refused(tmp_path, inputs):
 
 # ---- what a resume checks -----------------------------------------------------------------------
 
+
 def block_offset(path: Path, row: int = 0, col: int = 0) -> tuple[int, int]:
     """Where GDAL says block (row, col) of `path` lies in the file, and its size."""
     with rasterio.open(path) as src:
-        return (int(src.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1)),
-                int(src.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1)))
+        return (
+            int(src.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1)),
+            int(src.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1)),
+        )
 
 
 def interrupted(tmp_path: Path, ae: Path, ckpt: Path, min_done: int = 8) -> tuple[Path, Path, Path]:
@@ -189,8 +217,9 @@ def test_a_journal_whose_done_list_holds_non_numbers_is_one_line(tmp_path, input
     journal.write_text(json.dumps(saved))
     result = run(command(ae, ckpt, out, "--resume"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: resume journal {journal} is damaged; run without --resume "
-                                                  f"to start over"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: resume journal {journal} is damaged; run without --resume to start over"
+    ]
     assert partial.exists() and journal.exists() and not out.exists()
 
 
@@ -214,7 +243,8 @@ def test_an_input_replaced_by_one_of_the_same_size_and_time_is_not_resumed(tmp_p
     result = run(command(ae, ckpt, out, "--resume"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: cannot resume: the interrupted run had other input content; run without --resume to start over"]
+        "error: cannot resume: the interrupted run had other input content; run without --resume to start over"
+    ]
     assert partial.exists() and journal.exists() and not out.exists()
 
 
@@ -222,20 +252,29 @@ def test_a_vrt_whose_sources_changed_is_not_resumed_into_a_mix(tmp_path, inputs)
     """The VRT file itself is the same; what it reads is not."""
     _, ckpt = inputs
     half = SIZE_PX // 2
-    parts = [write_raster(tmp_path / f"part{i}.tif", unit_field(half, SIZE_PX, seed=10 + i, smooth=8),
-                          transform=from_origin(ORIGIN[0], ORIGIN[1] - 10.0 * half * i, 10.0, 10.0))
-             for i in range(2)]
+    parts = [
+        write_raster(
+            tmp_path / f"part{i}.tif",
+            unit_field(half, SIZE_PX, seed=10 + i, smooth=8),
+            transform=from_origin(ORIGIN[0], ORIGIN[1] - 10.0 * half * i, 10.0, 10.0),
+        )
+        for i in range(2)
+    ]
     vrt = write_vrt_mosaic(tmp_path / "mosaic.vrt", parts)
     out, partial, journal = interrupted(tmp_path, vrt, ckpt)
     vrt_bytes = vrt.read_bytes()
-    replace_keeping_size_and_time(parts[1], unit_field(half, SIZE_PX, seed=99, smooth=8),
-                                  transform=from_origin(ORIGIN[0], ORIGIN[1] - 10.0 * half, 10.0, 10.0))
+    replace_keeping_size_and_time(
+        parts[1],
+        unit_field(half, SIZE_PX, seed=99, smooth=8),
+        transform=from_origin(ORIGIN[0], ORIGIN[1] - 10.0 * half, 10.0, 10.0),
+    )
     assert vrt.read_bytes() == vrt_bytes
 
     result = run(command(vrt, ckpt, out, "--resume"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: cannot resume: the interrupted run had other input content; run without --resume to start over"]
+        "error: cannot resume: the interrupted run had other input content; run without --resume to start over"
+    ]
     assert partial.exists() and journal.exists() and not out.exists()
 
 
@@ -244,8 +283,13 @@ def small_disk(tmp_path):
     """A 2 MiB tmpfs, unmounted afterwards (skipped where mounting is not allowed)."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)],
-                                                       capture_output=True).returncode != 0:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (not root, or not allowed)")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)

@@ -2,6 +2,7 @@
 checkpoints whose weights are not finite: each is refused by `load_checkpoint` with one line
 naming what is wrong, before anything uses it (the reference format's cases are in
 test_reference.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -28,6 +29,7 @@ def _drop(*keys):
         for k in keys[:-1]:
             target = target[k]
         del target[keys[-1]]
+
     return edit
 
 
@@ -37,6 +39,7 @@ def _set(value, *keys):
         for k in keys[:-1]:
             target = target[k]
         target[keys[-1]] = value
+
     return edit
 
 
@@ -96,9 +99,12 @@ def test_cli_refuses_a_nan_checkpoint_without_writing(tmp_path, good, monkeypatc
     torch.save(ckpt, path)
     ae = write_raster(tmp_path / "ae.tif", unit_field(20, 20))
     out = tmp_path / "out.tif"
-    code, _, err = run_script_in_process("infer_aether_raster.py", ["--ae_tif", str(ae), "--ckpt", str(path),
-                                                                   "--out", str(out), "--no-progress"],
-                                         monkeypatch, capsys)
+    code, _, err = run_script_in_process(
+        "infer_aether_raster.py",
+        ["--ae_tif", str(ae), "--ckpt", str(path), "--out", str(out), "--no-progress"],
+        monkeypatch,
+        capsys,
+    )
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "NaN" in lines[0], err
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["ae.tif", "nan.pt"]
@@ -124,9 +130,22 @@ def test_an_aether_raster_is_tied_to_the_model_not_the_file(tmp_path, monkeypatc
     emb = embed_raster(str(ae), str(first), str(tmp_path / "aether.tif"), progress=False)
 
     def retrieve(ckpt: str) -> tuple[int, str]:
-        code, _, err = run_script_in_process("retrieve.py", ["--ckpt", str(tmp_path / ckpt), "--emb", str(emb),
-                                                             "--query", "a cafe", "--out", str(tmp_path / ckpt[:-3]),
-                                                             "--no-progress"], monkeypatch, capsys)
+        code, _, err = run_script_in_process(
+            "retrieve.py",
+            [
+                "--ckpt",
+                str(tmp_path / ckpt),
+                "--emb",
+                str(emb),
+                "--query",
+                "a cafe",
+                "--out",
+                str(tmp_path / ckpt[:-3]),
+                "--no-progress",
+            ],
+            monkeypatch,
+            capsys,
+        )
         return code, err
 
     assert retrieve("same_weights.pt")[0] == 0

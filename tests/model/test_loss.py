@@ -53,8 +53,13 @@ def test_each_term_has_its_own_temperature():
     torch.manual_seed(2)
     base, aug, text = (F.normalize(torch.randn(5, 4, dtype=torch.float64), dim=1) for _ in range(3))
     tau_poi, tau_ae = 0.07, 0.2
-    total, parts = AetherLoss(0.3)(base, aug, text, torch.tensor(math.log(1 / tau_poi), dtype=torch.float64),
-                                   torch.tensor(math.log(1 / tau_ae), dtype=torch.float64))
+    total, parts = AetherLoss(0.3)(
+        base,
+        aug,
+        text,
+        torch.tensor(math.log(1 / tau_poi), dtype=torch.float64),
+        torch.tensor(math.log(1 / tau_ae), dtype=torch.float64),
+    )
     want = 0.3 * manual_info_nce(base, aug, 1 / tau_ae) + 0.7 * manual_info_nce(base, text, 1 / tau_poi)
     assert abs(float(total) - want) < 1e-9
     model = AetherModel(64, 384, temperature=tau_poi, ae_ae_temperature=tau_ae)
@@ -83,6 +88,7 @@ def test_projector_outputs_unit_vectors(arch):
 def test_weights_of_each_architecture():
     """The paper's projectors have 123,777 (AE, with the gate) and 49,280 (text, 384 -> 128) weights;
     the MLP's AE side 49,536."""
+
     def count(module):
         return sum(p.numel() for p in module.parameters())
 

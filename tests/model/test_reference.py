@@ -16,6 +16,7 @@ The AEProj formula (the reference model.py):
     (z = main + short without a gate),  z /= |z|,  p = P3 gelu(P0 z + pb0) + pb3 (erf GELU),
     out = p / |p|;  and TextProj: (Wt t + bt) / |Wt t + bt|.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,12 +53,14 @@ N_SAMPLES = 40
 
 # ---- the reference checkpoint ----------------------------------------------------------------
 
+
 def _normal(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
     return torch.from_numpy((scale * rng.standard_normal(shape)).astype(np.float32))
 
 
-def reference_state(*, gate: bool = True, d: int = LATENT_DIM, h: int = HIDDEN_DIM, text_dim: int = TEXT_DIM,
-                    seed: int = 0) -> tuple[dict, dict]:
+def reference_state(
+    *, gate: bool = True, d: int = LATENT_DIM, h: int = HIDDEN_DIM, text_dim: int = TEXT_DIM, seed: int = 0
+) -> tuple[dict, dict]:
     """Random (ae_state_dict, txt_state_dict) of the reference AEProj / TextProj, float32.
 
     Scales are chosen so every part matters: the shortcut is as large as the main branch,
@@ -75,18 +78,28 @@ def reference_state(*, gate: bool = True, d: int = LATENT_DIM, h: int = HIDDEN_D
     }
     if gate:
         ae["gate"] = torch.tensor([GATE], dtype=torch.float32)
-    ae.update({
-        "post_mlp.0.weight": _normal(rng, h, d, scale=2.0),  # z is unit length: P0 z ~ N(0, 2^2)
-        "post_mlp.0.bias": _normal(rng, h, scale=0.5),
-        "post_mlp.3.weight": _normal(rng, d, h, scale=1 / np.sqrt(h)),
-        "post_mlp.3.bias": _normal(rng, d, scale=0.3),
-    })
+    ae.update(
+        {
+            "post_mlp.0.weight": _normal(rng, h, d, scale=2.0),  # z is unit length: P0 z ~ N(0, 2^2)
+            "post_mlp.0.bias": _normal(rng, h, scale=0.5),
+            "post_mlp.3.weight": _normal(rng, d, h, scale=1 / np.sqrt(h)),
+            "post_mlp.3.bias": _normal(rng, d, scale=0.3),
+        }
+    )
     txt = {"proj.weight": _normal(rng, d, text_dim), "proj.bias": _normal(rng, d, scale=0.3)}
     return ae, txt
 
 
-def reference_dict(*, gate: bool = True, backend: str = "openai", d: int = LATENT_DIM, h: int = HIDDEN_DIM,
-                   text_dim: int = TEXT_DIM, seed: int = 0, pix_radius: int = PIX_RADIUS) -> dict:
+def reference_dict(
+    *,
+    gate: bool = True,
+    backend: str = "openai",
+    d: int = LATENT_DIM,
+    h: int = HIDDEN_DIM,
+    text_dim: int = TEXT_DIM,
+    seed: int = 0,
+    pix_radius: int = PIX_RADIUS,
+) -> dict:
     """Everything a reference train.py checkpoint holds, with random weights."""
     ae, txt = reference_state(gate=gate, d=d, h=h, text_dim=text_dim, seed=seed)
     return {
@@ -101,31 +114,63 @@ def reference_dict(*, gate: bool = True, backend: str = "openai", d: int = LATEN
         "created_at": "2025-06-01 12:00:00",
         "cfg_hash": "0123456789abcdef",
         "hyper_parameters": {
-            "data": {"poi_path": "data/poi/poi_example.geojson", "aef_tif": "data/aef/singapore_2024.tif",
-                     "crs": "EPSG:4326", "feat_mode": "pixel", "pix_radius": pix_radius, "aug_pix_radius": 9,
-                     "split_seed": 42, "val_ratio": 0.0, "test_ratio": 0.0},
-            "text": {"backend": backend, "hf_model": "sentence-transformers/all-MiniLM-L6-v2",
-                     "openai_model": "text-embedding-3-large", "emb_dim": text_dim, "batch_size": 1024},
-            "model": {"ae_type": "AEProj", "text_type": "TextProj", "suffix": "SG_t3l", "hidden_dim": h,
-                      "out_dim": d, "lambda": 0.2, "tau_img": 0.07, "tau_xt": 0.07, "lr": 0.001,
-                      "weight_decay": 0.0001, "betas": [0.9, 0.999]},
-            "train": {"device": "cuda:0", "batch_size": 512, "num_workers": 4, "epochs": 100,
-                      "eta_min_ratio": 0.01},
+            "data": {
+                "poi_path": "data/poi/poi_example.geojson",
+                "aef_tif": "data/aef/singapore_2024.tif",
+                "crs": "EPSG:4326",
+                "feat_mode": "pixel",
+                "pix_radius": pix_radius,
+                "aug_pix_radius": 9,
+                "split_seed": 42,
+                "val_ratio": 0.0,
+                "test_ratio": 0.0,
+            },
+            "text": {
+                "backend": backend,
+                "hf_model": "sentence-transformers/all-MiniLM-L6-v2",
+                "openai_model": "text-embedding-3-large",
+                "emb_dim": text_dim,
+                "batch_size": 1024,
+            },
+            "model": {
+                "ae_type": "AEProj",
+                "text_type": "TextProj",
+                "suffix": "SG_t3l",
+                "hidden_dim": h,
+                "out_dim": d,
+                "lambda": 0.2,
+                "tau_img": 0.07,
+                "tau_xt": 0.07,
+                "lr": 0.001,
+                "weight_decay": 0.0001,
+                "betas": [0.9, 0.999],
+            },
+            "train": {"device": "cuda:0", "batch_size": 512, "num_workers": 4, "epochs": 100, "eta_min_ratio": 0.01},
             "eval": {"topk": [1, 5, 10]},
             "logging": {"ckpt_path": "auto", "cache_dir": "cache"},
         },
     }
 
 
-def write_reference_checkpoint(path: Path, *, gate: bool = True, backend: str = "openai", d: int = LATENT_DIM,
-                               h: int = HIDDEN_DIM, text_dim: int = TEXT_DIM, seed: int = 0,
-                               pix_radius: int = PIX_RADIUS) -> Path:
-    torch.save(reference_dict(gate=gate, backend=backend, d=d, h=h, text_dim=text_dim, seed=seed,
-                              pix_radius=pix_radius), path)
+def write_reference_checkpoint(
+    path: Path,
+    *,
+    gate: bool = True,
+    backend: str = "openai",
+    d: int = LATENT_DIM,
+    h: int = HIDDEN_DIM,
+    text_dim: int = TEXT_DIM,
+    seed: int = 0,
+    pix_radius: int = PIX_RADIUS,
+) -> Path:
+    torch.save(
+        reference_dict(gate=gate, backend=backend, d=d, h=h, text_dim=text_dim, seed=seed, pix_radius=pix_radius), path
+    )
     return path
 
 
 # ---- the independent formulas (float64) ---------------------------------------------------------
+
 
 def _f64(state: dict) -> dict:
     return {k: v.detach().double().numpy() for k, v in state.items()}
@@ -145,7 +190,7 @@ def ae_formula(ae_state: dict, x: np.ndarray, *, tanh_gelu: bool = False) -> np.
     z = _unit(main + g * short)
     a = z @ p["post_mlp.0.weight"].T + p["post_mlp.0.bias"]
     if tanh_gelu:
-        act = 0.5 * a * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (a + 0.044715 * a ** 3)))
+        act = 0.5 * a * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (a + 0.044715 * a**3)))
     else:
         act = 0.5 * a * (1.0 + erf(a / np.sqrt(2.0)))
     return _unit(act @ p["post_mlp.3.weight"].T + p["post_mlp.3.bias"])
@@ -207,15 +252,37 @@ def ae_raster(path: Path, kind: str, seed: int = 0, bottom_up: bool = False) -> 
 def sample_pixels(seed: int) -> list[tuple[int, int]]:
     """40 (row, col) pixels of the north-up geography: corners, edges, nodata cases and random ones."""
     last_r, last_c = HEIGHT_PX - 1, WIDTH_PX - 1
-    fixed = [(0, 0), (0, last_c), (last_r, 0), (last_r, last_c),  # corners: clipped windows
-             (0, 17), (last_r, 20), (15, 0), (14, last_c), (1, 1), (last_r - 1, last_c - 2),  # edges
-             STRAY, (2, 32), (3, 33),  # a lone nodata pixel and its neighbours
-             (15, 17), (12, 14), (17, 19),  # inside the patch: the whole window is nodata
-             (8, 10), (11, 13), (21, 23), (8, 23),  # nodata pixels whose windows reach valid pixels
-             (7, 10), (22, 15)]  # valid pixels beside the patch
+    fixed = [
+        (0, 0),
+        (0, last_c),
+        (last_r, 0),
+        (last_r, last_c),  # corners: clipped windows
+        (0, 17),
+        (last_r, 20),
+        (15, 0),
+        (14, last_c),
+        (1, 1),
+        (last_r - 1, last_c - 2),  # edges
+        STRAY,
+        (2, 32),
+        (3, 33),  # a lone nodata pixel and its neighbours
+        (15, 17),
+        (12, 14),
+        (17, 19),  # inside the patch: the whole window is nodata
+        (8, 10),
+        (11, 13),
+        (21, 23),
+        (8, 23),  # nodata pixels whose windows reach valid pixels
+        (7, 10),
+        (22, 15),
+    ]  # valid pixels beside the patch
     rng = np.random.default_rng(seed)
-    rand = [(int(r), int(c)) for r, c in zip(rng.integers(0, HEIGHT_PX, N_SAMPLES - len(fixed)),
-                                            rng.integers(0, WIDTH_PX, N_SAMPLES - len(fixed)))]
+    rand = [
+        (int(r), int(c))
+        for r, c in zip(
+            rng.integers(0, HEIGHT_PX, N_SAMPLES - len(fixed)), rng.integers(0, WIDTH_PX, N_SAMPLES - len(fixed))
+        )
+    ]
     return fixed + rand
 
 
@@ -233,16 +300,34 @@ def cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
 
 
 def infer_args(ae: Path, ckpt: Path, out: Path, pooling: str) -> list[str]:
-    return ["--ae_tif", str(ae), "--ckpt", str(ckpt), "--out", str(out), "--dtype", "float32",
-            "--pooling", pooling, "--precision", "fp32", "--device", "cpu"]
+    return [
+        "--ae_tif",
+        str(ae),
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--dtype",
+        "float32",
+        "--pooling",
+        pooling,
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+    ]
 
 
 # ---- 1. what load_checkpoint makes of a reference file ----------------------------------------
 
 TEXT_ENCODERS = {
     "openai": {"backend": "openai", "model": "text-embedding-3-large", "dimensions": 384, "dim": 384},
-    "hf": {"backend": "sentence-transformers", "model": "sentence-transformers/all-MiniLM-L6-v2",
-           "dimensions": None, "dim": 384},
+    "hf": {
+        "backend": "sentence-transformers",
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "dimensions": None,
+        "dim": 384,
+    },
 }
 
 
@@ -257,6 +342,7 @@ def test_reference_file_is_read(tmp_path, backend, pix_radius, radius_m):
 
 
 # ---- 2. the projectors against the formula -----------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", GATES)
@@ -331,11 +417,22 @@ def test_embed_texts_refuses_another_text_encoder(ckpts, backend):
 
 # ---- 3. rasters through infer_aether_raster.py -------------------------------------------------
 
-RASTER_CASES = [pytest.param(gate, backend, bottom_up, "int8",
-                             id=f"{'gate' if gate else 'no_gate'}-{backend}-{'bottom_up' if bottom_up else 'north_up'}")
-                for gate in (True, False) for backend in BACKENDS for bottom_up in (False, True)]
-RASTER_CASES += [pytest.param(True, "hf", False, "float32", id="gate-hf-north_up-float32"),
-                 pytest.param(False, "openai", True, "float32-declared", id="no_gate-openai-bottom_up-float32-declared")]
+RASTER_CASES = [
+    pytest.param(
+        gate,
+        backend,
+        bottom_up,
+        "int8",
+        id=f"{'gate' if gate else 'no_gate'}-{backend}-{'bottom_up' if bottom_up else 'north_up'}",
+    )
+    for gate in (True, False)
+    for backend in BACKENDS
+    for bottom_up in (False, True)
+]
+RASTER_CASES += [
+    pytest.param(True, "hf", False, "float32", id="gate-hf-north_up-float32"),
+    pytest.param(False, "openai", True, "float32-declared", id="no_gate-openai-bottom_up-float32-declared"),
+]
 
 
 @pytest.mark.parametrize("gate, backend, bottom_up, kind", RASTER_CASES)
@@ -371,8 +468,9 @@ def test_cli_raster_matches_the_formula(tmp_path, ckpts, monkeypatch, capsys, ga
         if pooling == "pixel":
             expected_invalid = invalid[in_all]
         else:
-            expected_invalid = np.array([brute_force(values, invalid, r, c, HALF_PX, HALF_PX) is None
-                                         for r, c in zip(*in_all)])
+            expected_invalid = np.array(
+                [brute_force(values, invalid, r, c, HALF_PX, HALF_PX) is None for r, c in zip(*in_all)]
+            )
         np.testing.assert_array_equal(nan[0][out_all], expected_invalid, err_msg=f"{pooling} nodata mask")
 
         # sampled pixels against the formula
@@ -389,8 +487,9 @@ def test_cli_raster_matches_the_formula(tmp_path, ckpts, monkeypatch, capsys, ga
                 continue
             expected = ae_formula(ae_state, x[None])[0]
             errors.append(float(np.abs(got - expected).max()))
-            np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0,
-                                       err_msg=f"{pooling}: sample {samples[i]} (geography row, col)")
+            np.testing.assert_allclose(
+                got, expected, atol=ATOL, rtol=0, err_msg=f"{pooling}: sample {samples[i]} (geography row, col)"
+            )
             checked += 1
         print(f"\n{pooling}: {checked} pixels checked, max error {max(errors):.1e}; {empty} NaN")
         assert checked >= 25 and empty >= (4 if pooling == "pixel" else 3)
@@ -412,33 +511,40 @@ def test_window_uses_the_checkpoint_pix_radius(tmp_path, monkeypatch, capsys):
         if x is None:
             assert np.isnan(z[:, r, c]).all()
             continue
-        np.testing.assert_allclose(z[:, r, c], ae_formula(ae_state, x[None])[0], atol=ATOL, rtol=0,
-                                   err_msg=f"pixel {(r, c)}")
+        np.testing.assert_allclose(
+            z[:, r, c], ae_formula(ae_state, x[None])[0], atol=ATOL, rtol=0, err_msg=f"pixel {(r, c)}"
+        )
     wide = ae_formula(ae_state, brute_force(values, invalid, 5, 5, 4, 4)[None])[0]
     assert np.abs(z[:, 5, 5] - wide).max() > 1e-3, "a 9 x 9 window would give something else"
 
 
 # ---- 4. refusals -------------------------------------------------------------------------------
 
+
 def _without(part: str, key: str):
     def edit(ckpt: dict) -> None:
         del ckpt[part][key]
+
     return edit
 
 
 def _reshaped(part: str, key: str, shape: tuple[int, ...]):
     def edit(ckpt: dict) -> None:
         ckpt[part][key] = torch.randn(shape)
+
     return edit
 
 
 D, Hd = LATENT_DIM, HIDDEN_DIM
 BAD_WEIGHTS = [
     pytest.param(_reshaped("ae_state_dict", "proj.2.weight", (D, 255)), "proj.2.weight", id="proj.2.weight_d_255"),
-    pytest.param(_reshaped("ae_state_dict", "proj.0.weight", (255, N_BANDS)), "proj.0.weight", id="proj.0.weight_255_64"),
+    pytest.param(
+        _reshaped("ae_state_dict", "proj.0.weight", (255, N_BANDS)), "proj.0.weight", id="proj.0.weight_255_64"
+    ),
     pytest.param(_reshaped("ae_state_dict", "shortcut.weight", (D, 63)), "shortcut.weight", id="shortcut.weight_d_63"),
-    pytest.param(_reshaped("ae_state_dict", "post_mlp.3.weight", (D, Hd + 1)), "post_mlp.3.weight",
-                 id="post_mlp.3.weight_d_h+1"),
+    pytest.param(
+        _reshaped("ae_state_dict", "post_mlp.3.weight", (D, Hd + 1)), "post_mlp.3.weight", id="post_mlp.3.weight_d_h+1"
+    ),
     pytest.param(_reshaped("txt_state_dict", "proj.bias", (D + 1,)), "proj.bias", id="txt_proj.bias_d+1"),
     pytest.param(_without("ae_state_dict", "post_mlp.3.bias"), "post_mlp.3.bias", id="missing_post_mlp.3.bias"),
     pytest.param(_without("ae_state_dict", "proj.0.bias"), "proj.0.bias", id="missing_proj.0.bias"),
@@ -526,8 +632,10 @@ def _malicious_dict(payload) -> dict:
     return ckpt
 
 
-MALICIOUS = [pytest.param(_SystemPayload, "torch", id="os.system-torch.save"),
-             pytest.param(_TouchPayload, "pickle", id="Path.touch-pickle.dump")]
+MALICIOUS = [
+    pytest.param(_SystemPayload, "torch", id="os.system-torch.save"),
+    pytest.param(_TouchPayload, "pickle", id="Path.touch-pickle.dump"),
+]
 
 
 def write_malicious(path: Path, payload_type, how: str, marker: Path) -> Path:

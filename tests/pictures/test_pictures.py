@@ -3,6 +3,7 @@
 The PCA is checked against an SVD of the same pixels read independently; orientation, shared colours
 (--fit-on) and refusals run through real GeoTIFFs, real PNGs and the real plot.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def two_regions(bands: int = 64, seed: int = 1) -> np.ndarray:
     a, b = rng.standard_normal((2, bands))
     values = np.empty((bands, HEIGHT, WIDTH), dtype=np.float32)
     values[:, :, : WIDTH // 2] = a[:, None, None]
-    values[:, :, WIDTH // 2:] = b[:, None, None]
+    values[:, :, WIDTH // 2 :] = b[:, None, None]
     values += 0.05 * rng.standard_normal(values.shape)
     values /= np.linalg.norm(values, axis=0, keepdims=True)
     values[:, :5, :4] = np.nan
@@ -55,7 +56,7 @@ def test_two_regions_get_distinct_colours_and_nodata_is_transparent(tmp_path):
     invalid = np.isnan(values).any(axis=0)
     assert (image[..., 3][invalid] == 0).all() and (image[..., 3][~invalid] == 255).all()
     west = image[5:, : WIDTH // 2, :3].reshape(-1, 3).astype(float)
-    east = image[:, WIDTH // 2 + 1:, :3].reshape(-1, 3).astype(float)
+    east = image[:, WIDTH // 2 + 1 :, :3].reshape(-1, 3).astype(float)
     assert np.linalg.norm(west.mean(axis=0) - east.mean(axis=0)) > 150
     # the first component (red) separates the regions completely; the others show the noise within them
     assert west[:, 0].max() < east[:, 0].min() or east[:, 0].max() < west[:, 0].min()
@@ -81,8 +82,15 @@ def test_pca_matches_svd_of_all_pixels_with_deterministic_signs(tmp_path):
     np.testing.assert_allclose(pictures.fit_pca(flipped).components, fit.components, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype, crs, max_px", [("int8", "EPSG:32635", 1024), ("float32", "EPSG:4326", 1024),
-                                                ("int8", "EPSG:32635", 15), ("float32", "EPSG:32635", 12)])
+@pytest.mark.parametrize(
+    "dtype, crs, max_px",
+    [
+        ("int8", "EPSG:32635", 1024),
+        ("float32", "EPSG:4326", 1024),
+        ("int8", "EPSG:32635", 15),
+        ("float32", "EPSG:32635", 12),
+    ],
+)
 def test_bottom_up_copy_gives_the_north_up_picture(tmp_path, dtype, crs, max_px):
     values = unit_field(HEIGHT, WIDTH, seed=5)
     values[:, 30:, :6] = np.nan
@@ -135,15 +143,15 @@ def test_small_rasters_are_enlarged_and_geographic_ones_drawn_at_their_ground_sh
     auto = read_png(pictures.render_pca(tif, tmp_path / "auto.png"))
     k = -(-pictures.MIN_PX // side)
     assert auto.shape[:2] == (k * HEIGHT, k * WIDTH) and max(auto.shape[:2]) >= pictures.MIN_PX
-    geo = write_raster(tmp_path / "geo.tif", unit_field(40, 40), crs="EPSG:4326",
-                       transform=from_origin(24.0, 60.002, 1e-4, 1e-4))
+    geo = write_raster(
+        tmp_path / "geo.tif", unit_field(40, 40), crs="EPSG:4326", transform=from_origin(24.0, 60.002, 1e-4, 1e-4)
+    )
     picture = read_png(pictures.render_pca(geo, tmp_path / "geo.png", scale=1))
     assert picture.shape[:2] == (40, 20)  # cos(60 degrees) = 0.5
 
 
 def run_plot(args: list[str]) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "plot.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "plot.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     return proc.returncode, proc.stderr
 
 
@@ -165,10 +173,19 @@ def test_fit_on_with_other_band_count_is_refused_by_the_script(tmp_path):
 
 
 METRICS = [
-    {"epoch": e, "train_loss": 5.0 - 0.2 * e, "train_ae_ae": 4.5 - 0.3 * e, "train_ae_poi": 5.2 - 0.1 * e,
-     "val_loss": 5.2 - 0.1 * e, "val_ae_ae": 4.6 - 0.2 * e, "val_ae_poi": 5.4 - 0.05 * e,
-     **{f"val_{d}_r{k}": 0.01 * k * e for d in ("t2ae", "ae2t") for k in (1, 5, 10)},
-     "lr": 1e-3 / e, "temperature": 0.07, "elapsed_s": 1.0}
+    {
+        "epoch": e,
+        "train_loss": 5.0 - 0.2 * e,
+        "train_ae_ae": 4.5 - 0.3 * e,
+        "train_ae_poi": 5.2 - 0.1 * e,
+        "val_loss": 5.2 - 0.1 * e,
+        "val_ae_ae": 4.6 - 0.2 * e,
+        "val_ae_poi": 5.4 - 0.05 * e,
+        **{f"val_{d}_r{k}": 0.01 * k * e for d in ("t2ae", "ae2t") for k in (1, 5, 10)},
+        "lr": 1e-3 / e,
+        "temperature": 0.07,
+        "elapsed_s": 1.0,
+    }
     for e in range(1, 5)
 ]
 
@@ -186,9 +203,11 @@ def test_training_curves_png(tmp_path, with_val):
     assert not partials(tmp_path)
 
 
-BAD_METRICS = [("empty.jsonl", "\n", "is empty"), ("broken.jsonl", '{"epoch": 1, "train_loss": 5.0}\n{"epoch": 2,\n',
-                                                  "line 2 is not JSON"),
-               ("no_epoch.jsonl", '{"train_loss": 5.0}\n', "line 1 has no numeric 'epoch'")]
+BAD_METRICS = [
+    ("empty.jsonl", "\n", "is empty"),
+    ("broken.jsonl", '{"epoch": 1, "train_loss": 5.0}\n{"epoch": 2,\n', "line 2 is not JSON"),
+    ("no_epoch.jsonl", '{"train_loss": 5.0}\n', "line 1 has no numeric 'epoch'"),
+]
 
 
 @pytest.mark.parametrize("name, text, expected", BAD_METRICS, ids=[b[0] for b in BAD_METRICS])
@@ -206,7 +225,8 @@ def test_malformed_metrics_exit_2_through_the_script(tmp_path, monkeypatch, caps
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"epoch": 1, "train_loss": 5.0}\nnot json\n', encoding="utf-8")
     out = tmp_path / "curves.png"
-    code, _, err = run_script_in_process("plot.py", ["curves", "--metrics", str(metrics), "--out", str(out)],
-                                         monkeypatch, capsys)
+    code, _, err = run_script_in_process(
+        "plot.py", ["curves", "--metrics", str(metrics), "--out", str(out)], monkeypatch, capsys
+    )
     assert_one_error_line(code, err, "line 2 is not JSON")
     assert not out.exists() and not partials(tmp_path)

@@ -1,5 +1,6 @@
 """Property tests (hypothesis): pooling against brute force on random rasters, masks and points;
 the int8 quantization round trip and its error bound; ranking and suppression invariants."""
+
 from __future__ import annotations
 
 import tempfile
@@ -22,11 +23,19 @@ FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 
 # ---- pooling --------------------------------------------------------------------------------
 
+
 @FAST
-@given(height=st.integers(3, 24), width=st.integers(3, 24), bands=st.integers(1, 8),
-       radius_px=st.integers(0, 6), dtype=st.sampled_from(["int8", "float32"]),
-       hole_fraction=st.floats(0.0, 0.9), bottom_up=st.booleans(), chunk_px=st.sampled_from([4, 8, 1024]),
-       seed=st.integers(0, 2**16))
+@given(
+    height=st.integers(3, 24),
+    width=st.integers(3, 24),
+    bands=st.integers(1, 8),
+    radius_px=st.integers(0, 6),
+    dtype=st.sampled_from(["int8", "float32"]),
+    hole_fraction=st.floats(0.0, 0.9),
+    bottom_up=st.booleans(),
+    chunk_px=st.sampled_from([4, 8, 1024]),
+    seed=st.integers(0, 2**16),
+)
 def test_pooling_equals_brute_force(height, width, bands, radius_px, dtype, hole_fraction, bottom_up, chunk_px, seed):
     rng = np.random.default_rng(seed)
     values = unit_field(height, width, bands=bands, seed=seed, smooth=2)
@@ -36,8 +45,14 @@ def test_pooling_equals_brute_force(height, width, bands, radius_px, dtype, hole
     x = ORIGIN[0] + rng.uniform(-2, width + 2, n) * PIXEL_M
     y = ORIGIN[1] - rng.uniform(-2, height + 2, n) * PIXEL_M
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_raster(Path(tmp) / "ae.tif", values, dtype=dtype, nodata=None if dtype == "int8" else -9999.0,
-                            bottom_up=bottom_up, block=16 if height >= 16 and width >= 16 else None)
+        path = write_raster(
+            Path(tmp) / "ae.tif",
+            values,
+            dtype=dtype,
+            nodata=None if dtype == "int8" else -9999.0,
+            bottom_up=bottom_up,
+            block=16 if height >= 16 and width >= 16 else None,
+        )
         info = open_raster(str(path), n_bands=bands)
         stored, invalid = stored_values(path)  # file row order, as info.rowcol gives
         pooled = pool_points(info, x, y, [radius_px * PIXEL_M + 0.5], chunk_px=chunk_px)
@@ -56,6 +71,7 @@ def test_pooling_equals_brute_force(height, width, bands, radius_px, dtype, hole
 
 
 # ---- int8 quantization ------------------------------------------------------------------------
+
 
 @given(st.lists(st.floats(-1.0, 1.0, allow_nan=False), min_size=1, max_size=200))
 def test_quantization_round_trip_error_bound(xs):
@@ -87,10 +103,13 @@ def test_quantized_unit_vectors_stay_near_unit_length(seed, dim):
 
 # ---- ranking and suppression --------------------------------------------------------------------
 
-points = st.integers(1, 60).flatmap(lambda n: st.tuples(
-    st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=n, max_size=n, unique=True),
-    st.lists(st.integers(0, 40), min_size=n, max_size=n),
-    st.lists(st.integers(0, 40), min_size=n, max_size=n)))
+points = st.integers(1, 60).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=n, max_size=n, unique=True),
+        st.lists(st.integers(0, 40), min_size=n, max_size=n),
+        st.lists(st.integers(0, 40), min_size=n, max_size=n),
+    )
+)
 
 
 @settings(max_examples=50, deadline=None)
@@ -129,8 +148,13 @@ def test_streamed_top_candidates_give_the_global_answer(seed, k, radius_px, n_ti
     s, r, c = cands.final()
     streamed = non_max_suppression(s.astype(np.float64), c.astype(float), r.astype(float), k, float(radius_px))
     ok = np.isfinite(scores.reshape(-1))
-    full = non_max_suppression(scores.reshape(-1)[ok].astype(np.float64), cols.reshape(-1)[ok].astype(float),
-                               rows.reshape(-1)[ok].astype(float), k, float(radius_px))
+    full = non_max_suppression(
+        scores.reshape(-1)[ok].astype(np.float64),
+        cols.reshape(-1)[ok].astype(float),
+        rows.reshape(-1)[ok].astype(float),
+        k,
+        float(radius_px),
+    )
     got = sorted(zip(r[streamed].tolist(), c[streamed].tolist()))
     want = sorted(zip(rows.reshape(-1)[ok][full].tolist(), cols.reshape(-1)[ok][full].tolist()))
     assert got == want

@@ -1,4 +1,5 @@
 """retrieve.py and aether.retrieval.search: similarity maps, exact streaming top-k with suppression, refusals."""
+
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ QUERIES = ["quiet cafes near water", "a park with tall trees", "a bookshop"]
 
 # ---- non-maximum suppression against hand-computed cases ------------------------------------
 
+
 def test_nms_hand_computed():
     # five points on a line 0, 30, 60, 100, 250 m; scores make the greedy order 1, 0, 3, 2, 4
     x = np.array([0.0, 30.0, 60.0, 100.0, 250.0])
@@ -43,7 +45,10 @@ def test_nms_hand_computed():
     assert non_max_suppression(scores, x, y, k=10, radius_m=300).tolist() == [1]
     assert non_max_suppression(scores, x, y, k=1, radius_m=50).tolist() == [1]
     # a point exactly at the radius survives: only strictly closer points are suppressed
-    assert non_max_suppression(np.array([1.0, 0.5]), np.array([0.0, 50.0]), np.zeros(2), k=2, radius_m=50).tolist() == [0, 1]
+    assert non_max_suppression(np.array([1.0, 0.5]), np.array([0.0, 50.0]), np.zeros(2), k=2, radius_m=50).tolist() == [
+        0,
+        1,
+    ]
 
 
 def test_nms_projected_crs_in_feet_uses_metres():
@@ -83,6 +88,7 @@ def test_slug():
 
 # ---- end to end on a tiny generated raster ----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("retrieval")
@@ -90,7 +96,9 @@ def setup(tmp_path_factory):
     values[:, :3, :5] = np.nan  # a nodata corner
     ae = write_raster(folder / "ae.tif", values, bottom_up=True)
     ckpt = write_untrained_checkpoint(folder / "best.pt")
-    emb = embed_raster(str(ae), str(ckpt), str(folder / "aether.tif"), progress=False, options=EmbedOptions(precision="fp32"))
+    emb = embed_raster(
+        str(ae), str(ckpt), str(folder / "aether.tif"), progress=False, options=EmbedOptions(precision="fp32")
+    )
     return ae, ckpt, emb
 
 
@@ -107,10 +115,32 @@ def test_retrieve_cli_three_queries_one_pass(tmp_path, setup):
     qfile = tmp_path / "queries.txt"
     qfile.write_text("# three queries\n" + "\n".join(QUERIES) + "\n\n", encoding="utf-8")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "retrieve.py", "--ckpt", str(ckpt), "--emb", str(emb), "--queries", str(qfile),
-                           "--out", str(out), "--top-k", "5", "--nms-m", "60", "--tile", "16", "--no-progress"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "retrieve.py",
+            "--ckpt",
+            str(ckpt),
+            "--emb",
+            str(emb),
+            "--queries",
+            str(qfile),
+            "--out",
+            str(out),
+            "--top-k",
+            "5",
+            "--nms-m",
+            "60",
+            "--tile",
+            "16",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
     index = json.loads((out / "queries.json").read_text())
     assert [q["query"] for q in index["queries"]] == QUERIES
@@ -158,7 +188,13 @@ def test_an_int16_aether_raster_ranks_as_on_the_fly(tmp_path, setup):
     from aether.infer.pipeline import embed_raster
 
     ae, ckpt, _ = setup
-    emb16 = embed_raster(str(ae), str(ckpt), str(tmp_path / "aether16.tif"), progress=False, options=EmbedOptions(dtype="int16", precision="fp32", device="cpu"))
+    emb16 = embed_raster(
+        str(ae),
+        str(ckpt),
+        str(tmp_path / "aether16.tif"),
+        progress=False,
+        options=EmbedOptions(dtype="int16", precision="fp32", device="cpu"),
+    )
     kw = dict(progress=False, options=SearchOptions(top_k=5, precision="fp32", device="cpu", heatmaps=False))
     stored = retrieve(QUERIES, str(ckpt), str(tmp_path / "stored"), emb_tif=str(emb16), **kw)
     fly = retrieve(QUERIES, str(ckpt), str(tmp_path / "fly"), ae_tif=str(ae), **kw)
@@ -174,8 +210,17 @@ def test_an_int16_aether_raster_ranks_as_on_the_fly(tmp_path, setup):
 def test_from_alphaearth_matches_from_aether_raster(tmp_path, setup):
     """--ae_tif embeds on the fly; the maps agree with the int8 AETHER raster's up to its quantization."""
     ae, ckpt, emb = setup
-    a = retrieve(QUERIES[:1], str(ckpt), str(tmp_path / "a"), emb_tif=str(emb), progress=False, options=SearchOptions(top_k=3))[0]
-    b = retrieve(QUERIES[:1], str(ckpt), str(tmp_path / "b"), ae_tif=str(ae), progress=False, options=SearchOptions(top_k=3, tile_px=16))[0]
+    a = retrieve(
+        QUERIES[:1], str(ckpt), str(tmp_path / "a"), emb_tif=str(emb), progress=False, options=SearchOptions(top_k=3)
+    )[0]
+    b = retrieve(
+        QUERIES[:1],
+        str(ckpt),
+        str(tmp_path / "b"),
+        ae_tif=str(ae),
+        progress=False,
+        options=SearchOptions(top_k=3, tile_px=16),
+    )[0]
     with rasterio.open(a.tif) as sa, rasterio.open(b.tif) as sb:
         x, y = sa.read(1), sb.read(1)
         assert sa.transform == sb.transform

@@ -1,4 +1,5 @@
 """The real packaged all-MiniLM-L6-v2 model, offline, and the on-disk cache."""
+
 import numpy as np
 import pytest
 
@@ -18,8 +19,11 @@ class CountingEncoder(SentenceTransformerEncoder):
 
 
 def test_minilm_encodes_offline_and_cache_skips_second_run(tmp_path):
-    texts = ["A place of cafe, a type of amenity, named Regatta.", "A quiet park by the sea.",
-             "A place of cafe, a type of amenity, named Regatta."]
+    texts = [
+        "A place of cafe, a type of amenity, named Regatta.",
+        "A quiet park by the sea.",
+        "A place of cafe, a type of amenity, named Regatta.",
+    ]
     enc = CountingEncoder()
     cache = EmbeddingCache(tmp_path)
     emb, n = encode_texts(enc, texts, cache, batch_size=1, progress=False)
@@ -46,8 +50,10 @@ def test_cache_key_separates_encoders():
 
 
 def test_encoder_choices():
-    assert build_text_encoder("sentence-transformers", "all-MiniLM-L6-v2").identity["model"] == \
-        "sentence-transformers/all-MiniLM-L6-v2"
+    assert (
+        build_text_encoder("sentence-transformers", "all-MiniLM-L6-v2").identity["model"]
+        == "sentence-transformers/all-MiniLM-L6-v2"
+    )
     with pytest.raises(AetherError, match="openai backend only"):
         build_text_encoder("sentence-transformers", "all-MiniLM-L6-v2", dimensions=64)
     with pytest.raises(AetherError, match="'/nonexistent/model' is not available offline"):

@@ -1,10 +1,11 @@
 """The OpenAI backend over real HTTP: the official client against a loopback server (tests/openai_server.py)."""
+
 import math
 import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -134,8 +135,10 @@ def test_over_long_texts_are_truncated_and_counted(server, tmp_path, capsys):
     emb, _ = encode_texts(encoder(server), texts, cache, progress=False)
     sent = server.batches[0]
     assert sent[0] == "short" and sent[1] == "x" * 8191 and sent[2] == "é" * 4095  # 8190 bytes
-    assert "text: truncated 2 of 3 texts to the 8191-token input limit of text-embedding-3-small" in \
-        capsys.readouterr().out
+    assert (
+        "text: truncated 2 of 3 texts to the 8191-token input limit of text-embedding-3-small"
+        in capsys.readouterr().out
+    )
     np.testing.assert_allclose(emb, expected(sent), atol=1e-6)
 
     _, n = encode_texts(encoder(server), texts, cache, progress=False)  # cached under the full text
@@ -146,7 +149,7 @@ def test_over_long_texts_are_truncated_and_counted(server, tmp_path, capsys):
 def test_retry_after_forms():
     assert retry_after_s({"retry-after": "2"}) == 2.0
     assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 < retry_after_s({"retry-after": when}) <= 30
     assert retry_after_s({"retry-after": "soon"}) is None and retry_after_s({}) is None
 
@@ -155,13 +158,23 @@ def test_train_py_with_openai_backend(server, tmp_path):
     raster = write_raster(tmp_path / "ae.tif", unit_field(30, 30, seed=4))
     records = poi_records(30, 30, 30, seed=5)
     pois = write_csv(tmp_path / "pois.csv", records)
-    cfg = write_config(tmp_path / "cfg.yaml", raster, pois, train={"epochs": 1},
-                       text={"backend": "openai", "model": MODEL, "dimensions": 32, "base_url": server.base_url,
-                             "batch_size": 8})
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        raster,
+        pois,
+        train={"epochs": 1},
+        text={"backend": "openai", "model": MODEL, "dimensions": 32, "base_url": server.base_url, "batch_size": 8},
+    )
     server.script = ["429"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "train.py", "--cfg", str(cfg), "--no-progress"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "train.py", "--cfg", str(cfg), "--no-progress"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert f"text: encoded 30 of 30 unique descriptions with {MODEL}" in run.stdout
     assert server.statuses == [429] + [200] * 4 and sorted(server.inputs) == sorted(r["description"] for r in records)

@@ -10,6 +10,7 @@ is 0 (ranks draw their own dropout masks). The text cache is filled beforehand w
 vectors under the packaged MiniLM's identity, so no run loads a text model; sharded encoding is
 tested with a counting encoder. Each torchrun launch costs ~10 s (imports), so there is one.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ ATOL = 1e-6  # float32 sums in another order (per rank, then across ranks): <= 2
 
 # ---- spawned processes ----------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,8 +52,14 @@ def spawn(worker, world: int, *args) -> None:
 
 
 def _with_torchrun_env(rank: int, worker, world: int, port: int, *args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     from aether.train import distributed
 
@@ -71,13 +79,15 @@ def one_step(batch: int, arch: str) -> tuple[torch.Tensor, dict, dict[str, torch
     data = torch.Generator().manual_seed(batch)
     base, aug, text = (torch.randn(batch, n, generator=data) for n in (64, 64, 384))
     torch.manual_seed(0)
-    model = AetherModel(64, 384, latent_dim=16, hidden_dim=32, dropout=0.0, learn_temperature=True, arch=arch,
-                        ae_ae_temperature=0.1)
+    model = AetherModel(
+        64, 384, latent_dim=16, hidden_dim=32, dropout=0.0, learn_temperature=True, arch=arch, ae_ae_temperature=0.1
+    )
     net = distributed.wrap(model, torch.device("cpu"))
     rows = distributed.my_rows(batch)
     scales = (model.log_logit_scale, model.log_logit_scale_ae_ae)
-    loss, parts = global_batch_loss(net, AetherLoss(0.2), scales, base[rows], aug[rows], text[rows],
-                                    distributed.shard_sizes(batch))
+    loss, parts = global_batch_loss(
+        net, AetherLoss(0.2), scales, base[rows], aug[rows], text[rows], distributed.shard_sizes(batch)
+    )
     loss.backward()  # DDP averages the gradients over the ranks here
     return loss.detach(), parts, {k: p.grad.clone() for k, p in model.named_parameters()}
 
@@ -112,8 +122,10 @@ def _worker(rank: int, world: int, out: Path) -> None:
     encoder, cache = CountingEncoder(), EmbeddingCache(out / "cache")
     vectors, n_encoded = encode_texts_sharded(encoder, TEXTS, cache, batch_size=1, progress=False)
     cache.close()
-    torch.save({"steps": steps, "vectors": torch.from_numpy(vectors), "n_encoded": n_encoded,
-                "encoded": encoder.encoded}, out / f"rank{rank}.pt")
+    torch.save(
+        {"steps": steps, "vectors": torch.from_numpy(vectors), "n_encoded": n_encoded, "encoded": encoder.encoded},
+        out / f"rank{rank}.pt",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,11 +141,33 @@ def two_ranks(tmp_path_factory) -> list[dict]:
 
 def test_one_step_on_two_processes_matches_one_process(two_ranks):
     """Same loss (of the global batch) on every rank, same gradients after DDP's averaging."""
-    names = {"mlp": {"ae.net.0.weight", "ae.net.0.bias", "ae.net.3.weight", "ae.net.3.bias", "text.net.0.weight",
-                     "text.net.0.bias", "text.net.3.weight", "text.net.3.bias"},
-             "aether": {"ae.proj.0.weight", "ae.proj.0.bias", "ae.proj.2.weight", "ae.proj.2.bias", "ae.shortcut.weight",
-                        "ae.shortcut.bias", "ae.gate", "ae.post_mlp.0.weight", "ae.post_mlp.0.bias",
-                        "ae.post_mlp.3.weight", "ae.post_mlp.3.bias", "text.proj.weight", "text.proj.bias"}}
+    names = {
+        "mlp": {
+            "ae.net.0.weight",
+            "ae.net.0.bias",
+            "ae.net.3.weight",
+            "ae.net.3.bias",
+            "text.net.0.weight",
+            "text.net.0.bias",
+            "text.net.3.weight",
+            "text.net.3.bias",
+        },
+        "aether": {
+            "ae.proj.0.weight",
+            "ae.proj.0.bias",
+            "ae.proj.2.weight",
+            "ae.proj.2.bias",
+            "ae.shortcut.weight",
+            "ae.shortcut.bias",
+            "ae.gate",
+            "ae.post_mlp.0.weight",
+            "ae.post_mlp.0.bias",
+            "ae.post_mlp.3.weight",
+            "ae.post_mlp.3.bias",
+            "text.proj.weight",
+            "text.proj.bias",
+        },
+    }
     for arch in ARCHS:
         for batch in BATCHES:
             _check_step(two_ranks, arch, batch, names[arch] | {"log_logit_scale", "log_logit_scale_ae_ae"})
@@ -178,13 +212,18 @@ def fill_text_cache(cache_dir: Path, texts: list[str]) -> None:
 
 
 def python_train(cfg: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", "--cfg", str(cfg), "--set", f"train.run_dir={run_dir}", "--no-progress",
-            *extra]
+    return [sys.executable, "train.py", "--cfg", str(cfg), "--set", f"train.run_dir={run_dir}", "--no-progress", *extra]
 
 
 def torchrun_train(cfg: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            *python_train(cfg, run_dir, *extra)[1:]]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *python_train(cfg, run_dir, *extra)[1:],
+    ]
 
 
 def epochs_in(run_dir: Path) -> list[int]:
@@ -215,9 +254,11 @@ def assert_close_weights(path: Path, reference: Path) -> float:
         diff = float(torch.linalg.vector_norm(got[key] - want[key]))
         scale = float(torch.linalg.vector_norm(want[key]))
         tolerance = steps * FLOAT32_EPS * scale
-        assert diff <= tolerance, (f"{path.name} {key}: |difference| {diff:.3g} (largest element "
-                                   f"{float((got[key] - want[key]).abs().max()):.3g}) over the tolerance "
-                                   f"{tolerance:.3g} = {steps} steps x {FLOAT32_EPS:.3g} x |weights| {scale:.3g}")
+        assert diff <= tolerance, (
+            f"{path.name} {key}: |difference| {diff:.3g} (largest element "
+            f"{float((got[key] - want[key]).abs().max()):.3g}) over the tolerance "
+            f"{tolerance:.3g} = {steps} steps x {FLOAT32_EPS:.3g} x |weights| {scale:.3g}"
+        )
     return max(float((got[k] - want[k]).abs().max()) for k in want)
 
 
@@ -228,9 +269,14 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
     raster = write_raster(tmp / "ae.tif", unit_field(40, 40, seed=7))
     records = poi_records(80, 40, 40, seed=1)
-    cfg = write_config(tmp / "cfg.yaml", raster, write_csv(tmp / "pois.csv", records),
-                       model={"latent_dim": 16, "hidden_dim": 32, "dropout": 0.0},
-                       loss={"learn_temperature": True}, train={"epochs": EPOCHS, "batch_size": 3})
+    cfg = write_config(
+        tmp / "cfg.yaml",
+        raster,
+        write_csv(tmp / "pois.csv", records),
+        model={"latent_dim": 16, "hidden_dim": 32, "dropout": 0.0},
+        loss={"learn_temperature": True},
+        train={"epochs": EPOCHS, "batch_size": 3},
+    )
     fill_text_cache(tmp / "cache", [r["description"] for r in records])
     return tmp, cfg
 
@@ -248,8 +294,13 @@ def setup(inputs) -> tuple[Path, Path]:
 
 def assert_close_metrics(run_dir: Path, reference: Path, epochs: int) -> None:
     """metrics.jsonl holds the reference's first `epochs` lines, but for float rounding and times."""
-    rows = [[{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
-             for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (run_dir, reference)]
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+        for d in (run_dir, reference)
+    ]
     assert len(rows[0]) == epochs
     for got, want in zip(rows[0], rows[1]):
         assert got == pytest.approx(want, rel=0, abs=ATOL)
@@ -262,8 +313,9 @@ def test_torchrun_two_processes_train_like_one_and_resume_under_one(setup, monke
     process then ends on the reference's weights."""
     tmp, cfg = setup
     run_dir, reference = tmp / "two", tmp / "reference"
-    proc = subprocess.Popen(torchrun_train(cfg, run_dir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        torchrun_train(cfg, run_dir), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while 2 not in epochs_in(run_dir):
         assert proc.poll() is None, proc.communicate()
@@ -291,8 +343,10 @@ def test_torchrun_two_processes_train_like_one_and_resume_under_one(setup, monke
     code, out, err = run_script_in_process("train.py", args, monkeypatch, capsys)
     assert code == 0 and "nothing encoded" in out, err
     assert_close_metrics(run_dir, reference, EPOCHS)
-    print(f"max |weight difference| after {done} epochs on 2 processes and {EPOCHS - done} on 1: "
-          f"{assert_close_weights(run_dir / 'last.pt', reference / 'last.pt'):.1e}")
+    print(
+        f"max |weight difference| after {done} epochs on 2 processes and {EPOCHS - done} on 1: "
+        f"{assert_close_weights(run_dir / 'last.pt', reference / 'last.pt'):.1e}"
+    )
     assert_close_weights(run_dir / "best.pt", reference / "best.pt")
 
 
@@ -302,15 +356,32 @@ def torchrun_env(monkeypatch, rank: int, world: int = 2) -> None:
         monkeypatch.setenv(name, str(value))
 
 
-@pytest.mark.parametrize("world, overrides, gpus, message", [
-    (3, ["train.batch_size=2"], None, "error: config train.batch_size is 2 but torchrun started 3 processes, each "
-                                      "needing rows of every batch; use train.batch_size >= 3 or fewer processes"),
-    (2, ["train.device=cuda"], None, "error: device cuda was asked for, but PyTorch sees no CUDA GPU; use auto or cpu"),
-    (2, ["train.device=cuda"], 1, "error: torchrun started 2 processes on this machine but PyTorch sees 1 CUDA GPUs "
-                                  "(one each); use --nproc_per_node 1 or set train.device=cpu"),
-])
-def test_bad_input_under_torchrun_is_one_line_from_rank_0(inputs, monkeypatch, capsys, world, overrides, gpus,
-                                                          message):
+@pytest.mark.parametrize(
+    "world, overrides, gpus, message",
+    [
+        (
+            3,
+            ["train.batch_size=2"],
+            None,
+            "error: config train.batch_size is 2 but torchrun started 3 processes, each "
+            "needing rows of every batch; use train.batch_size >= 3 or fewer processes",
+        ),
+        (
+            2,
+            ["train.device=cuda"],
+            None,
+            "error: device cuda was asked for, but PyTorch sees no CUDA GPU; use auto or cpu",
+        ),
+        (
+            2,
+            ["train.device=cuda"],
+            1,
+            "error: torchrun started 2 processes on this machine but PyTorch sees 1 CUDA GPUs "
+            "(one each); use --nproc_per_node 1 or set train.device=cpu",
+        ),
+    ],
+)
+def test_bad_input_under_torchrun_is_one_line_from_rank_0(inputs, monkeypatch, capsys, world, overrides, gpus, message):
     """Each rank of train.py, as torchrun starts it, exits 2 before joining the others (no hang,
     no traceback); rank 0 alone prints the line."""
     tmp, cfg = inputs

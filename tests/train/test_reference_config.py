@@ -8,6 +8,7 @@ Expected values are computed here: the reference projectors in float64 from the 
 of a query straight from sentence-transformers, the window mean from the raster file's own values.
 The scripts run in this process (`run_script_in_process`): a new interpreter costs seconds of imports.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 # ---- shared inputs ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """The raster, the POIs in the reference's layout and one reference checkpoint per backend."""
@@ -55,15 +57,30 @@ def data(tmp_path_factory) -> dict:
     raster = write_raster(folder / "ae.tif", unit_field(HEIGHT_PX, WIDTH_PX, seed=21))
     records = []
     for i, r in enumerate(poi_records(N_POIS, HEIGHT_PX, WIDTH_PX, seed=4)):
-        records.append({"id": i + 1, "name": r["name"], "description": "" if i in NO_DESCRIPTION else r["description"],
-                        "lon": r["lon"], "lat": r["lat"]})
+        records.append(
+            {
+                "id": i + 1,
+                "name": r["name"],
+                "description": "" if i in NO_DESCRIPTION else r["description"],
+                "lon": r["lon"],
+                "lat": r["lat"],
+            }
+        )
     pois = write_geojson(folder / "poi_example.geojson", records)
-    hf = write_reference_checkpoint(folder / "hf_last.pth", gate=True, backend="hf", d=LATENT_DIM, h=HIDDEN_DIM,
-                                    text_dim=384, seed=3, pix_radius=4)
-    openai = write_reference_checkpoint(folder / "openai_last.pth", gate=True, backend="openai", d=LATENT_DIM,
-                                        h=HIDDEN_DIM, text_dim=384, seed=4, pix_radius=4)
-    return {"folder": folder, "raster": raster, "pois": pois, "hf": hf, "openai": openai,
-            "cache": folder / "cache"}
+    hf = write_reference_checkpoint(
+        folder / "hf_last.pth", gate=True, backend="hf", d=LATENT_DIM, h=HIDDEN_DIM, text_dim=384, seed=3, pix_radius=4
+    )
+    openai = write_reference_checkpoint(
+        folder / "openai_last.pth",
+        gate=True,
+        backend="openai",
+        d=LATENT_DIM,
+        h=HIDDEN_DIM,
+        text_dim=384,
+        seed=4,
+        pix_radius=4,
+    )
+    return {"folder": folder, "raster": raster, "pois": pois, "hf": hf, "openai": openai, "cache": folder / "cache"}
 
 
 @pytest.fixture
@@ -109,19 +126,43 @@ def info_nce(a: np.ndarray, b: np.ndarray, scale: float) -> float:
 
 # ---- 1. train.py with the reference's config.yaml ----------------------------------------------
 
+
 def reference_config(folder: Path, data: dict, **edits) -> dict:
     """The reference's config.yaml (its sections and keys), pointing at the generated data by
     paths relative to the working folder, as the reference's train.py reads them (`folder`, where
     the config lies, does not matter to it); `edits` maps "section.key" to a value."""
     cfg = {
-        "data": {"poi_path": os.path.relpath(data["pois"]), "aef_tif": os.path.relpath(data["raster"]),
-                 "crs": "EPSG:4326", "feat_mode": "pixel", "pix_radius": 4, "aug_pix_radius": 9, "split_seed": 42,
-                 "val_ratio": 0.0, "test_ratio": 0.0},
-        "text": {"backend": "hf", "hf_model": MINILM, "openai_model": "text-embedding-3-large", "emb_dim": 384,
-                 "batch_size": 64},
-        "model": {"ae_type": "AEProj", "text_type": "TextProj", "suffix": "SG_t3l", "hidden_dim": HIDDEN_DIM,
-                  "out_dim": LATENT_DIM, "lambda": LAM, "tau_img": TAU_IMG, "tau_xt": TAU_XT, "lr": 0.001,
-                  "weight_decay": 0.0001, "betas": [0.9, 0.98]},
+        "data": {
+            "poi_path": os.path.relpath(data["pois"]),
+            "aef_tif": os.path.relpath(data["raster"]),
+            "crs": "EPSG:4326",
+            "feat_mode": "pixel",
+            "pix_radius": 4,
+            "aug_pix_radius": 9,
+            "split_seed": 42,
+            "val_ratio": 0.0,
+            "test_ratio": 0.0,
+        },
+        "text": {
+            "backend": "hf",
+            "hf_model": MINILM,
+            "openai_model": "text-embedding-3-large",
+            "emb_dim": 384,
+            "batch_size": 64,
+        },
+        "model": {
+            "ae_type": "AEProj",
+            "text_type": "TextProj",
+            "suffix": "SG_t3l",
+            "hidden_dim": HIDDEN_DIM,
+            "out_dim": LATENT_DIM,
+            "lambda": LAM,
+            "tau_img": TAU_IMG,
+            "tau_xt": TAU_XT,
+            "lr": 0.001,
+            "weight_decay": 0.0001,
+            "betas": [0.9, 0.98],
+        },
         "train": {"device": "cuda:0", "batch_size": 32, "num_workers": 4, "epochs": 2},
         "eval": {"topk": [1, 5, 10]},
         "logging": {"ckpt_path": "auto", "cache_dir": "cache"},
@@ -144,21 +185,25 @@ def test_train_with_the_reference_config(tmp_path, data, elsewhere, monkeypatch,
     # as their config.yaml spells them: YAML 1.1 (PyYAML) reads 1e-3 without a decimal point as text
     text = cfg_path.read_text(encoding="utf-8")
     assert "lr: 0.001\n" in text and "weight_decay: 0.0001\n" in text
-    cfg_path.write_text(text.replace("lr: 0.001\n", "lr: 1e-3\n").replace("weight_decay: 0.0001\n", "weight_decay: 1e-4\n"),
-                        encoding="utf-8")
+    cfg_path.write_text(
+        text.replace("lr: 0.001\n", "lr: 1e-3\n").replace("weight_decay: 0.0001\n", "weight_decay: 1e-4\n"),
+        encoding="utf-8",
+    )
     assert yaml.safe_load(cfg_path.read_text(encoding="utf-8"))["model"]["lr"] == "1e-3"
     code, out, err = run_script_in_process("train.py", ["--cfg", str(cfg_path), "--no-progress"], monkeypatch, capsys)
     assert code == 0, err
 
     # each translation on stdout
     assert "is in the reference code's schema" in out
-    for line in ("data.pix_radius: 4 -> data.base_radius_m: 45.0 (9 x 9 pixels of 10 m)",
-                 "data.aug_pix_radius: 9 -> data.aug_radius_m: 95.0 (19 x 19 pixels of 10 m)",
-                 f"model.tau_xt -> loss.temperature: {TAU_XT!r}",
-                 f"model.tau_img -> loss.ae_ae_temperature: {TAU_IMG!r}",
-                 "model.out_dim -> model.latent_dim: 16",
-                 "text.backend: hf -> text.backend: 'sentence-transformers'",
-                 "data.val_ratio -> data.val_fraction: 0.0"):
+    for line in (
+        "data.pix_radius: 4 -> data.base_radius_m: 45.0 (9 x 9 pixels of 10 m)",
+        "data.aug_pix_radius: 9 -> data.aug_radius_m: 95.0 (19 x 19 pixels of 10 m)",
+        f"model.tau_xt -> loss.temperature: {TAU_XT!r}",
+        f"model.tau_img -> loss.ae_ae_temperature: {TAU_IMG!r}",
+        "model.out_dim -> model.latent_dim: 16",
+        "text.backend: hf -> text.backend: 'sentence-transformers'",
+        "data.val_ratio -> data.val_fraction: 0.0",
+    ):
         assert line in out, f"{line!r} not in:\n{out}"
     assert f"POIs: {N_POIS} read, {N_POIS} usable" in out, "POIs without a description are named by the template"
 
@@ -168,8 +213,10 @@ def test_train_with_the_reference_config(tmp_path, data, elsewhere, monkeypatch,
     assert len(runs) == 1 and runs[0].is_dir(), runs
     run = runs[0]
     assert run.name.startswith("tri2_AEProj-TextProj_"), run.name
-    assert run.name == (f"tri2_AEProj-TextProj_SG_t3l_pix4-aug9_tau{TAU_IMG:.2f}-{TAU_XT:.2f}_lam{LAM:.2f}_"
-                        f"h{HIDDEN_DIM}_l1_d{LATENT_DIM}_bs32_lr1e-03_epo2")
+    assert run.name == (
+        f"tri2_AEProj-TextProj_SG_t3l_pix4-aug9_tau{TAU_IMG:.2f}-{TAU_XT:.2f}_lam{LAM:.2f}_"
+        f"h{HIDDEN_DIM}_l1_d{LATENT_DIM}_bs32_lr1e-03_epo2"
+    )
     assert (elsewhere / "cache").is_dir(), "logging.cache_dir is taken from the working folder"
     assert (run / "last.pt").is_file()
     assert not (run / "best.pt").exists()
@@ -189,8 +236,12 @@ def test_train_with_the_reference_config(tmp_path, data, elsewhere, monkeypatch,
     assert c["train"]["lr"] == pytest.approx(0.001) and c["train"]["weight_decay"] == pytest.approx(0.0001)
     assert c["data"]["val_fraction"] == 0.0
     assert (ckpt.n_bands, ckpt.base_radius_m, ckpt.aug_radius_m) == (64, 45.0, 95.0)
-    assert {**ckpt.text.identity, "dim": ckpt.text.dim} == {"backend": "sentence-transformers", "model": MINILM, "dimensions": None,
-                                    "dim": 384}
+    assert {**ckpt.text.identity, "dim": ckpt.text.dim} == {
+        "backend": "sentence-transformers",
+        "model": MINILM,
+        "dimensions": None,
+        "dim": 384,
+    }
     assert ckpt.epoch == 2
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -231,10 +282,22 @@ def test_their_key_names_work_in_overrides(tmp_path, data, elsewhere, monkeypatc
     folder = tmp_path / "ref"
     cfg_path = write_yaml(folder / "config.yaml", reference_config(folder, data, **{"data.aef_tif": "nowhere.tif"}))
     moved = shutil.copy(data["raster"], tmp_path / "moved.tif")
-    code, out, err = run_script_in_process("train.py", ["--cfg", str(cfg_path), "--no-progress", "--set",
-                                                        f"data.aef_tif={moved}", "--set", "model.out_dim=8",
-                                                        "--set", f"train.run_dir={tmp_path / 'run'}"],
-                                           monkeypatch, capsys)
+    code, out, err = run_script_in_process(
+        "train.py",
+        [
+            "--cfg",
+            str(cfg_path),
+            "--no-progress",
+            "--set",
+            f"data.aef_tif={moved}",
+            "--set",
+            "model.out_dim=8",
+            "--set",
+            f"train.run_dir={tmp_path / 'run'}",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "data.aef_tif -> data.ae_tif:" in out and "model.out_dim -> model.latent_dim: 8" in out
     assert Checkpoint.load(tmp_path / "run" / "last.pt").config.data.ae_tif == str(moved)
@@ -243,15 +306,19 @@ def test_their_key_names_work_in_overrides(tmp_path, data, elsewhere, monkeypatc
 
 # ---- 3. train.init_from a reference checkpoint, in this project's config ------------------------
 
+
 def our_config(path: Path, data: dict, **train) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_config(path, data["raster"], data["pois"],
-                        data={"id_column": "id", "template": "A place named {name}.", "val_fraction": 0.2,
-                              "val_block_m": 100},
-                        text={"cache_dir": str(data["cache"])},
-                        model={"latent_dim": LATENT_DIM, "hidden_dim": HIDDEN_DIM, "dropout": 0.0},
-                        loss={"lam": LAM, "temperature": TAU_XT, "ae_ae_temperature": TAU_IMG},
-                        train={"epochs": 1, "batch_size": 256, "run_dir": str(path.parent / "run"), **train})
+    return write_config(
+        path,
+        data["raster"],
+        data["pois"],
+        data={"id_column": "id", "template": "A place named {name}.", "val_fraction": 0.2, "val_block_m": 100},
+        text={"cache_dir": str(data["cache"])},
+        model={"latent_dim": LATENT_DIM, "hidden_dim": HIDDEN_DIM, "dropout": 0.0},
+        loss={"lam": LAM, "temperature": TAU_XT, "ae_ae_temperature": TAU_IMG},
+        train={"epochs": 1, "batch_size": 256, "run_dir": str(path.parent / "run"), **train},
+    )
 
 
 def first_loss(run: Path) -> float:
@@ -290,12 +357,15 @@ def test_init_from_a_reference_checkpoint(tmp_path, data, monkeypatch, capsys):
     assert code == 0, err
     assert "starting from the projectors" not in out
     fresh = first_loss(tmp_path / "fresh" / "run")
-    print(f"\ninit_from: first loss {got:.7f}, expected {expected:.7f} ({n_train} training POIs); "
-          f"without init_from: {fresh:.7f}")
+    print(
+        f"\ninit_from: first loss {got:.7f}, expected {expected:.7f} ({n_train} training POIs); "
+        f"without init_from: {fresh:.7f}"
+    )
     assert abs(fresh - expected) > 0.05
 
 
 # ---- 4. init_from refusals ---------------------------------------------------------------------
+
 
 def test_init_from_refuses_another_text_encoder(tmp_path, data, monkeypatch, capsys):
     cfg_path = our_config(tmp_path / "cfg.yaml", data, init_from=str(data["openai"]))
@@ -309,8 +379,9 @@ def test_init_from_refuses_another_text_encoder(tmp_path, data, monkeypatch, cap
 
 def test_init_from_refuses_another_latent_dim(tmp_path, data, monkeypatch, capsys):
     cfg_path = our_config(tmp_path / "cfg.yaml", data, init_from=str(data["hf"]))
-    code, out, err = run_script_in_process("train.py", ["--cfg", str(cfg_path), "--set", "model.latent_dim=8",
-                                                        "--no-progress"], monkeypatch, capsys)
+    code, out, err = run_script_in_process(
+        "train.py", ["--cfg", str(cfg_path), "--set", "model.latent_dim=8", "--no-progress"], monkeypatch, capsys
+    )
     line = error_line(code, err)
     assert "model.latent_dim" in line and "train.init_from" in line, line
     assert not (tmp_path / "run").exists()
@@ -318,11 +389,25 @@ def test_init_from_refuses_another_latent_dim(tmp_path, data, monkeypatch, capsy
 
 # ---- 5. evaluate.py and retrieve.py with a reference checkpoint --------------------------------
 
+
 def test_evaluate_a_reference_checkpoint(tmp_path, data, elsewhere, monkeypatch, capsys):
     out_dir = tmp_path / "eval"
     code, out, err = run_script_in_process(
-        "evaluate.py", ["--ckpt", str(data["hf"]), "--ae_tif", str(data["raster"]), "--poi", str(data["pois"]),
-                        "--out", str(out_dir), "--no-progress"], monkeypatch, capsys)
+        "evaluate.py",
+        [
+            "--ckpt",
+            str(data["hf"]),
+            "--ae_tif",
+            str(data["raster"]),
+            "--poi",
+            str(data["pois"]),
+            "--out",
+            str(out_dir),
+            "--no-progress",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     # (the text cache goes to ./cache: the checkpoint's logging.cache_dir, relative to the working directory)
     assert "trained without a validation split" in out and f"evaluating on all {N_POIS} POIs" in out, out
@@ -343,17 +428,37 @@ def test_evaluate_a_reference_checkpoint(tmp_path, data, elsewhere, monkeypatch,
         sims = q @ d.T
         rank = 1 + (sims > np.diag(sims)[:, None]).sum(axis=1)
         for k in (1, 5, 10):
-            assert metrics["retrieval"]["trained"][f"{name}_r{k}"] == pytest.approx(np.mean(rank <= k), abs=1e-6), \
-                (name, k)
+            assert metrics["retrieval"]["trained"][f"{name}_r{k}"] == pytest.approx(np.mean(rank <= k), abs=1e-6), (
+                name,
+                k,
+            )
 
 
 def test_retrieve_with_a_reference_checkpoint(tmp_path, data, elsewhere, monkeypatch, capsys):
     out_dir = tmp_path / "retrieval"
     query = "a cafe"
     code, out, err = run_script_in_process(
-        "retrieve.py", ["--ckpt", str(data["hf"]), "--ae_tif", str(data["raster"]), "--query", query,
-                        "--out", str(out_dir), "--device", "cpu", "--precision", "fp32", "--top-k", "3",
-                        "--no-progress"], monkeypatch, capsys)
+        "retrieve.py",
+        [
+            "--ckpt",
+            str(data["hf"]),
+            "--ae_tif",
+            str(data["raster"]),
+            "--query",
+            query,
+            "--out",
+            str(out_dir),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--top-k",
+            "3",
+            "--no-progress",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     index = json.loads((out_dir / "queries.json").read_text())
     assert [q["query"] for q in index["queries"]] == [query]
@@ -370,8 +475,16 @@ def test_retrieve_with_a_reference_checkpoint(tmp_path, data, elsewhere, monkeyp
     qv = text_formula(txt_state, minilm([query]))[0]
     values, invalid = stored_values(data["raster"])
     assert not invalid.any()
-    pixels = [(0, 0), (0, WIDTH_PX - 1), (HEIGHT_PX - 1, 0), (HEIGHT_PX - 1, WIDTH_PX - 1), (3, 4), (20, 20),
-              (11, 35), (36, 9)]
+    pixels = [
+        (0, 0),
+        (0, WIDTH_PX - 1),
+        (HEIGHT_PX - 1, 0),
+        (HEIGHT_PX - 1, WIDTH_PX - 1),
+        (3, 4),
+        (20, 20),
+        (11, 35),
+        (36, 9),
+    ]
     for r, c in pixels:
         x = brute_force(values, invalid, r, c, 4, 4)
         expected = float(ae_formula(ae_state, x[None])[0] @ qv)
@@ -385,13 +498,14 @@ def test_retrieve_with_a_reference_checkpoint(tmp_path, data, elsewhere, monkeyp
 
 # ---- 6. version-1 checkpoints of this project --------------------------------------------------
 
+
 def _gelu(a: np.ndarray) -> np.ndarray:
     return 0.5 * a * (1.0 + erf(a / np.sqrt(2.0)))
 
 
 def mlp_formula(state: dict, prefix: str, x: np.ndarray) -> np.ndarray:
     """Linear, erf GELU, Linear, normalise, float64."""
-    p = {k[len(prefix):]: v.double().numpy() for k, v in state.items() if k.startswith(prefix)}
+    p = {k[len(prefix) :]: v.double().numpy() for k, v in state.items() if k.startswith(prefix)}
     h = _gelu(np.asarray(x, dtype=np.float64) @ p["net.0.weight"].T + p["net.0.bias"])
     z = h @ p["net.3.weight"].T + p["net.3.bias"]
     return z / np.linalg.norm(z, axis=1, keepdims=True)
@@ -407,28 +521,65 @@ def version1_checkpoint(path: Path, hidden: int = HIDDEN_DIM, d: int = LATENT_DI
 
     weights = {}
     for side, n_in in (("ae", 64), ("text", 384)):
-        weights.update({f"{side}.net.0.weight": normal(hidden, n_in, scale=2.0),  # pre-activations ~ N(0, 4)
-                        f"{side}.net.0.bias": normal(hidden, scale=0.5),
-                        f"{side}.net.3.weight": normal(d, hidden, scale=1 / np.sqrt(hidden)),
-                        f"{side}.net.3.bias": normal(d, scale=0.3)})
+        weights.update(
+            {
+                f"{side}.net.0.weight": normal(hidden, n_in, scale=2.0),  # pre-activations ~ N(0, 4)
+                f"{side}.net.0.bias": normal(hidden, scale=0.5),
+                f"{side}.net.3.weight": normal(d, hidden, scale=1 / np.sqrt(hidden)),
+                f"{side}.net.3.bias": normal(d, scale=0.3),
+            }
+        )
     weights["log_logit_scale"] = torch.tensor(math.log(1 / 0.05))
     config = {
-        "data": {"ae_tif": "/data/ae.tif", "poi": "/data/poi.geojson", "n_bands": 64, "id_column": "osm_id",
-                 "description_column": "description", "template": "A place of {value}, a type of {key}, named {name}.",
-                 "lon_column": "lon", "lat_column": "lat", "poi_crs": None, "base_radius_m": 45.0,
-                 "aug_radius_m": 95.0, "val_fraction": 0.2, "val_block_m": 250.0},
-        "text": {"backend": "sentence-transformers", "model": "all-MiniLM-L6-v2", "dimensions": None,
-                 "base_url": None, "batch_size": 64, "max_retries": 6, "request_timeout_s": 60.0, "device": "auto",
-                 "cache_dir": "/data/cache"},
+        "data": {
+            "ae_tif": "/data/ae.tif",
+            "poi": "/data/poi.geojson",
+            "n_bands": 64,
+            "id_column": "osm_id",
+            "description_column": "description",
+            "template": "A place of {value}, a type of {key}, named {name}.",
+            "lon_column": "lon",
+            "lat_column": "lat",
+            "poi_crs": None,
+            "base_radius_m": 45.0,
+            "aug_radius_m": 95.0,
+            "val_fraction": 0.2,
+            "val_block_m": 250.0,
+        },
+        "text": {
+            "backend": "sentence-transformers",
+            "model": "all-MiniLM-L6-v2",
+            "dimensions": None,
+            "base_url": None,
+            "batch_size": 64,
+            "max_retries": 6,
+            "request_timeout_s": 60.0,
+            "device": "auto",
+            "cache_dir": "/data/cache",
+        },
         "model": {"latent_dim": d, "hidden_dim": hidden, "dropout": 0.5},
         "loss": {"lam": 0.2, "temperature": 0.05, "learn_temperature": False, "min_temperature": 0.01},
-        "train": {"epochs": 10, "batch_size": 256, "lr": 0.001, "weight_decay": 0.1, "warmup_epochs": 1, "seed": 0,
-                  "device": "auto", "run_dir": "/runs/helsinki"},
+        "train": {
+            "epochs": 10,
+            "batch_size": 256,
+            "lr": 0.001,
+            "weight_decay": 0.1,
+            "warmup_epochs": 1,
+            "seed": 0,
+            "device": "auto",
+            "run_dir": "/runs/helsinki",
+        },
     }
-    ckpt = {"format": "aether-checkpoint", "format_version": 1, "model": weights, "config": config,
-            "input": {"n_bands": 64, "base_radius_m": 45.0, "aug_radius_m": 95.0},
-            "text_encoder": {"backend": "sentence-transformers", "model": MINILM, "dimensions": None, "dim": 384},
-            "epoch": 10, "metrics": {"epoch": 10, "train_loss": 1.5}}
+    ckpt = {
+        "format": "aether-checkpoint",
+        "format_version": 1,
+        "model": weights,
+        "config": config,
+        "input": {"n_bands": 64, "base_radius_m": 45.0, "aug_radius_m": 95.0},
+        "text_encoder": {"backend": "sentence-transformers", "model": MINILM, "dimensions": None, "dim": 384},
+        "epoch": 10,
+        "metrics": {"epoch": 10, "train_loss": 1.5},
+    }
     torch.save(ckpt, path)
     return weights
 
@@ -453,7 +604,7 @@ def test_version1_checkpoint_still_loads_as_mlp(tmp_path):
     # with teeth: the tanh GELU differs by far more than the tolerance
     p = {k: v.double().numpy() for k, v in weights.items()}
     a = x @ p["ae.net.0.weight"].T + p["ae.net.0.bias"]
-    tanh = 0.5 * a * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (a + 0.044715 * a ** 3)))
+    tanh = 0.5 * a * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (a + 0.044715 * a**3)))
     z = tanh @ p["ae.net.3.weight"].T + p["ae.net.3.bias"]
     assert np.abs(z / np.linalg.norm(z, axis=1, keepdims=True) - expected).max() > 1e-4
 
@@ -514,9 +665,25 @@ def test_retrieve_with_an_openai_reference_checkpoint(tmp_path, data, elsewhere,
         monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         code, _, err = run_script_in_process(
-            "retrieve.py", ["--ckpt", str(data["openai"]), "--ae_tif", str(data["raster"]), "--query", query,
-                            "--out", str(tmp_path / "maps"), "--device", "cpu", "--precision", "fp32",
-                            "--no-progress"], monkeypatch, capsys)
+            "retrieve.py",
+            [
+                "--ckpt",
+                str(data["openai"]),
+                "--ae_tif",
+                str(data["raster"]),
+                "--query",
+                query,
+                "--out",
+                str(tmp_path / "maps"),
+                "--device",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--no-progress",
+            ],
+            monkeypatch,
+            capsys,
+        )
         assert code == 0, err
         assert server.batches == [[query]]
     index = json.loads((tmp_path / "maps" / "queries.json").read_text())
@@ -533,8 +700,9 @@ def test_retrieve_with_an_openai_reference_checkpoint(tmp_path, data, elsewhere,
 def test_a_reference_checkpoint_trained_with_settings_not_trainable_here_still_loads(tmp_path):
     """Its hyper_parameters record how it was trained: a test split, their default aug_pix_radius 2,
     keys of a later version of their code, a temperature below their clip. It is read to be used."""
-    path = write_reference_checkpoint(tmp_path / "c.pth", gate=True, backend="hf", d=LATENT_DIM, h=HIDDEN_DIM,
-                                      text_dim=384, seed=5, pix_radius=4)
+    path = write_reference_checkpoint(
+        tmp_path / "c.pth", gate=True, backend="hf", d=LATENT_DIM, h=HIDDEN_DIM, text_dim=384, seed=5, pix_radius=4
+    )
     raw = torch.load(path, weights_only=True)
     raw["hyper_parameters"]["data"].update(test_ratio=0.1, aug_pix_radius=2)
     raw["hyper_parameters"]["train"]["amp"] = True

@@ -7,6 +7,7 @@ a third of the reference's epoch time after an epoch's checkpoint appears lands 
 epoch, or, on a machine whose load changed since the reference ran, a later one: the epochs
 left after it are what keeps such a run from ending before the signal.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,14 @@ ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 5
 # one thread per run: the runs are compared bit for bit, and two can share the 2 cores
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-MESSAGE = re.compile(r"^interrupted by (SIG\w+) at epoch (\d+), step (\d+) of (\d+); checkpoint saved to (\S+); "
-                     r"resume with: (.+)$")
+MESSAGE = re.compile(
+    r"^interrupted by (SIG\w+) at epoch (\d+), step (\d+) of (\d+); checkpoint saved to (\S+); "
+    r"resume with: (.+)$"
+)
 
 
 def command(cfg: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "train.py", "--cfg", str(cfg), "--set", f"train.run_dir={run_dir}", "--no-progress",
-            *extra]
+    return [sys.executable, "train.py", "--cfg", str(cfg), "--set", f"train.run_dir={run_dir}", "--no-progress", *extra]
 
 
 def run(args: list[str]) -> subprocess.CompletedProcess:
@@ -94,9 +96,13 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     raster = write_raster(tmp / "ae.tif", unit_field(40, 40, seed=7))
     records = poi_records(150, 40, 40, seed=1)
-    cfg = write_config(tmp / "cfg.yaml", raster, write_csv(tmp / "pois.csv", records),
-                       model={"latent_dim": 16, "hidden_dim": 32, "dropout": 0.2},
-                       train={"epochs": EPOCHS, "batch_size": 2})
+    cfg = write_config(
+        tmp / "cfg.yaml",
+        raster,
+        write_csv(tmp / "pois.csv", records),
+        model={"latent_dim": 16, "hidden_dim": 32, "dropout": 0.2},
+        train={"epochs": EPOCHS, "batch_size": 2},
+    )
     reference = run(command(cfg, tmp / "reference"))
     assert reference.returncode == 0, reference.stderr
     assert epochs_in(tmp / "reference") == list(range(1, EPOCHS + 1))
@@ -189,24 +195,36 @@ def test_bad_resume_targets_exit_2_with_one_line(setup, monkeypatch, capsys):
     """Refused before anything is written; one case as a subprocess, the rest in-process."""
     tmp, cfg, records = setup
     reference = tmp / "reference"
-    other_data = write_config(tmp / "other.yaml", tmp / "ae.tif", write_csv(tmp / "fewer.csv", records[:120]),
-                              model={"latent_dim": 16, "hidden_dim": 32, "dropout": 0.2},
-                              train={"epochs": EPOCHS, "batch_size": 2})
+    other_data = write_config(
+        tmp / "other.yaml",
+        tmp / "ae.tif",
+        write_csv(tmp / "fewer.csv", records[:120]),
+        model={"latent_dim": 16, "hidden_dim": 32, "dropout": 0.2},
+        train={"epochs": EPOCHS, "batch_size": 2},
+    )
     before = {p.name: p.read_bytes() for p in reference.iterdir()}
     proc = run(command(cfg, tmp / "new", "--resume", str(reference / "best.pt")))
     cases = [(proc.returncode, proc.stderr, "holds weights but no training state (best.pt never does)")]
     for args, expected in [
         (command(cfg, tmp / "new", "--resume", str(tmp / "nowhere")), "does not exist"),
         (command(cfg, tmp / "new", "--resume", str(tmp)), "holds no last.pt"),
-        (command(cfg, reference, "--set", "model.latent_dim=8", "--resume", str(reference)),
-         "model.latent_dim is 8 in this config but 16 in the checkpoint"),
-        (command(cfg, reference, "--set", "data.n_bands=32", "--resume", str(reference)),
-         "data.n_bands is 32 in this config but 64 in the checkpoint"),
-        (command(cfg, reference, "--set", "text.model=paraphrase-MiniLM-L3-v2", "--resume", str(reference)),
-         "text.model is 'paraphrase-MiniLM-L3-v2' in this config"),
-        (command(other_data, tmp / "new", "--resume", str(reference)),
-         "training data changed since it was written (POI ids, descriptions, AlphaEarth windows, "
-         "train/validation split differ)"),
+        (
+            command(cfg, reference, "--set", "model.latent_dim=8", "--resume", str(reference)),
+            "model.latent_dim is 8 in this config but 16 in the checkpoint",
+        ),
+        (
+            command(cfg, reference, "--set", "data.n_bands=32", "--resume", str(reference)),
+            "data.n_bands is 32 in this config but 64 in the checkpoint",
+        ),
+        (
+            command(cfg, reference, "--set", "text.model=paraphrase-MiniLM-L3-v2", "--resume", str(reference)),
+            "text.model is 'paraphrase-MiniLM-L3-v2' in this config",
+        ),
+        (
+            command(other_data, tmp / "new", "--resume", str(reference)),
+            "training data changed since it was written (POI ids, descriptions, AlphaEarth windows, "
+            "train/validation split differ)",
+        ),
     ]:
         cases.append((*train_in_process(args, monkeypatch, capsys), expected))
     for code, stderr, expected in cases:

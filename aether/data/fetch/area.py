@@ -1,4 +1,5 @@
 """Where to fetch: a bounding box in degrees, checked, or the extent of a POI file or raster grown by a margin."""
+
 from __future__ import annotations
 
 import math
@@ -24,15 +25,19 @@ def check_bbox(bbox) -> tuple[float, float, float, float]:
         raise AetherError("--bbox has a value that is not a finite number")
     for name, lat in (("south", south), ("north", north)):
         if not -90 <= lat <= 90:
-            raise AetherError(f"--bbox {name} {lat:g} is not a latitude (-90 to 90); give west south east north "
-                              f"in degrees")
+            raise AetherError(
+                f"--bbox {name} {lat:g} is not a latitude (-90 to 90); give west south east north in degrees"
+            )
     for name, lon in (("west", west), ("east", east)):
         if not -180 <= lon <= 180:
-            raise AetherError(f"--bbox {name} {lon:g} is not a longitude (-180 to 180); give west south east north "
-                              f"in degrees")
+            raise AetherError(
+                f"--bbox {name} {lon:g} is not a longitude (-180 to 180); give west south east north in degrees"
+            )
     if west >= east:
-        raise AetherError(f"--bbox west {west:g} is not west of east {east:g}; give west south east north (an area "
-                          f"across the antimeridian is fetched as two boxes)")
+        raise AetherError(
+            f"--bbox west {west:g} is not west of east {east:g}; give west south east north (an area "
+            f"across the antimeridian is fetched as two boxes)"
+        )
     if south >= north:
         raise AetherError(f"--bbox south {south:g} is not south of north {north:g}; give west south east north")
     return west, south, east, north

@@ -1,5 +1,6 @@
 """On which grid: the output CRS (the UTM zone holding most of the box, or one asked for) and the
 10 m grid of the tiles there, so their pixels are copied, never resampled."""
+
 from __future__ import annotations
 
 import math
@@ -59,14 +60,14 @@ def choose_crs(tiles: list[SourceTile], bbox, crs: str | None = None) -> tuple[C
         except rasterio.errors.CRSError:
             raise AetherError(f"--crs {crs!r} is not a CRS (e.g. EPSG:32635)") from None
         if not chosen.is_projected or abs(chosen.linear_units_factor[1] - 1.0) > 1e-9:
-            raise AetherError(f"--crs {crs}: give a projected CRS in metres (e.g. a UTM zone): AlphaEarth pixels are "
-                              f"{PIXEL_M:g} m")
+            raise AetherError(
+                f"--crs {crs}: give a projected CRS in metres (e.g. a UTM zone): AlphaEarth pixels are {PIXEL_M:g} m"
+            )
         return chosen, "as --crs asked"
     candidates = sorted({t.crs for t in tiles}, key=lambda c: (CRS.from_user_input(c).to_epsg() or 0, c))
     best = max(candidates, key=lambda c: zone_share(c, bbox))
     zone = utm_zone(best)
-    why = (f"UTM {zone[0]}{zone[1]} holds {zone_share(best, bbox):.0%} of the box" if zone
-           else "the tiles' CRS")
+    why = f"UTM {zone[0]}{zone[1]} holds {zone_share(best, bbox):.0%} of the box" if zone else "the tiles' CRS"
     return CRS.from_user_input(best), why
 
 
@@ -89,13 +90,18 @@ def output_grid(tiles: list[SourceTile], crs: CRS, bbox) -> Grid:
     width, height = int(round((right - left) / PIXEL_M)), int(round((top - bottom) / PIXEL_M))
     size = width * height * N_BANDS
     if size > MAX_OUTPUT_BYTES:
-        raise AetherError(f"the box is {width * PIXEL_M / 1000:,.0f} x {height * PIXEL_M / 1000:,.0f} km: its "
-                          f"AlphaEarth raster would be {size / 2**30:,.0f} GiB, more than the "
-                          f"{MAX_OUTPUT_BYTES / 2**30:.0f} GiB AETHER fetches at once; fetch a smaller box (or pieces)")
+        raise AetherError(
+            f"the box is {width * PIXEL_M / 1000:,.0f} x {height * PIXEL_M / 1000:,.0f} km: its "
+            f"AlphaEarth raster would be {size / 2**30:,.0f} GiB, more than the "
+            f"{MAX_OUTPUT_BYTES / 2**30:.0f} GiB AETHER fetches at once; fetch a smaller box (or pieces)"
+        )
     return Grid(crs, Affine(PIXEL_M, 0.0, left, 0.0, -PIXEL_M, top), max(width, 1), max(height, 1))
 
 
 def windows_of(grid: Grid, tile_px: int) -> list[Window]:
     """The output cut into windows of `tile_px`, row by row (smaller at the right and bottom)."""
-    return [Window(c, r, min(tile_px, grid.width - c), min(tile_px, grid.height - r))
-            for r in range(0, grid.height, tile_px) for c in range(0, grid.width, tile_px)]
+    return [
+        Window(c, r, min(tile_px, grid.width - c), min(tile_px, grid.height - r))
+        for r in range(0, grid.height, tile_px)
+        for c in range(0, grid.width, tile_px)
+    ]

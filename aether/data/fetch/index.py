@@ -6,6 +6,7 @@ The index is read with pyarrow (already a dependency) rather than aef-loader or 
 eleven columns of one Parquet file are all AETHER needs, while those packages bring obstore,
 VirtualiZarr/Zarr or xarray stacks and target other outputs (data cubes, Zarr stores).
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -43,8 +44,19 @@ GCS_HTTPS = "https://storage.googleapis.com/"
 S3_MIRRORS = {"s3://us-west-2.opendata.source.coop/": "https://data.source.coop/"}
 
 
-INDEX_COLUMNS = ("path", "year", "crs", "utm_west", "utm_south", "utm_east", "utm_north",
-                 "wgs84_west", "wgs84_south", "wgs84_east", "wgs84_north")
+INDEX_COLUMNS = (
+    "path",
+    "year",
+    "crs",
+    "utm_west",
+    "utm_south",
+    "utm_east",
+    "utm_north",
+    "wgs84_west",
+    "wgs84_south",
+    "wgs84_east",
+    "wgs84_north",
+)
 
 
 MAX_TILES = 256  # tiles one fetch reads at once (each is opened); more are refused: fetch pieces instead
@@ -82,8 +94,9 @@ def cache_dir() -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise AetherError(f"cache folder {folder} cannot be made: {existing} is a file, not a folder; set "
-                          f"AETHER_CACHE to a folder")
+        raise AetherError(
+            f"cache folder {folder} cannot be made: {existing} is a file, not a folder; set AETHER_CACHE to a folder"
+        )
     return folder
 
 
@@ -95,11 +108,11 @@ def index_url(source: str) -> str:
 def _http_url(url: str) -> str:
     """An index URL as urllib fetches it (a gs:// object through Cloud Storage's HTTPS endpoint)."""
     if url.startswith("gs://"):
-        return GCS_HTTPS + url[len("gs://"):]
+        return GCS_HTTPS + url[len("gs://") :]
     if url.startswith("s3://"):
         for prefix, https in S3_MIRRORS.items():
             if url.startswith(prefix):
-                return https + url[len(prefix):]
+                return https + url[len(prefix) :]
         raise AetherError(f"index {url}: give an s3:// index as an https:// URL or a local file")
     return url
 
@@ -153,12 +166,23 @@ def cached_index(url: str, billing_project: str | None = None, progress: bool = 
     try:
         data.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise AetherError(f"cannot make the cache folder {data.parent}: {exc.strerror}; set AETHER_CACHE to a "
-                          f"writable folder") from None
+        raise AetherError(
+            f"cannot make the cache folder {data.parent}: {exc.strerror}; set AETHER_CACHE to a writable folder"
+        ) from None
     try:
-        with http.request(_http_url(url), headers) as answer, atomic_write(data) as f, \
-                tqdm(total=int(answer.headers.get("Content-Length") or 0) or None, unit="B", unit_scale=True,
-                     unit_divisor=1024, desc="index", disable=not progress, leave=False) as bar:
+        with (
+            http.request(_http_url(url), headers) as answer,
+            atomic_write(data) as f,
+            tqdm(
+                total=int(answer.headers.get("Content-Length") or 0) or None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc="index",
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             for chunk in answer.chunks():
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -168,8 +192,10 @@ def cached_index(url: str, billing_project: str | None = None, progress: bool = 
             return data, meta.get("etag") or meta.get("last_modified") or ""
         hint = ""
         if exc.code in (401, 403) and url.startswith("gs://"):
-            hint = ("; the bucket is requester-pays: the billing project must be yours and the request authorised, "
-                    "or use --source source-coop (free, no account)")
+            hint = (
+                "; the bucket is requester-pays: the billing project must be yours and the request authorised, "
+                "or use --source source-coop (free, no account)"
+            )
         raise AetherError(f"cannot read the index {url}: HTTP {exc.code} {exc.reason}{hint}") from None
     except AetherError as exc:  # unreachable, or too slow
         if meta:
@@ -192,8 +218,9 @@ def read_index(path: Path, url: str):
         raise AetherError(f"index {url} is not a Parquet file ({first_line(exc)})") from None
     missing = [c for c in INDEX_COLUMNS if c not in schema.names]
     if missing:
-        raise AetherError(f"index {url} has no column {', '.join(missing)}: not an AlphaEarth tile index "
-                          f"(aef_index.parquet)")
+        raise AetherError(
+            f"index {url} has no column {', '.join(missing)}: not an AlphaEarth tile index (aef_index.parquet)"
+        )
     try:
         return pq.read_table(path, columns=list(INDEX_COLUMNS))
     except (pyarrow.ArrowException, OSError) as exc:
@@ -212,9 +239,12 @@ def tile_url(path: str, index: str) -> str:
     credentials GDAL finds) and s3:// through Source Cooperative's HTTPS name or /vsis3/. Anything
     else (a /vsi path such as /vsistdin/ or /vsisubfile/, file://, another host) is refused: an
     index must not make AETHER read a local file or another host into the output."""
+
     def refuse(why: str) -> AetherError:
-        return AetherError(f"index {index} names the tile {shown(path)}, {why}; tile paths must be s3://, gs://, "
-                           f"relative to the index, or http(s):// on the index's host")
+        return AetherError(
+            f"index {index} names the tile {shown(path)}, {why}; tile paths must be s3://, gs://, "
+            f"relative to the index, or http(s):// on the index's host"
+        )
 
     remote_index = index.startswith(("http://", "https://"))
     scheme = path.split("://", 1)[0].lower() if "://" in path else None
@@ -236,13 +266,13 @@ def tile_url(path: str, index: str) -> str:
         raise refuse("which is not a bucket and key")
     key = parts[1]
     if scheme == "gs" and index.startswith("gs://"):
-        return "/vsigs/" + path[len("gs://"):]
+        return "/vsigs/" + path[len("gs://") :]
     if remote_index and not index.startswith(GCS_HTTPS):
         split = urllib.parse.urlsplit(index)
         return f"/vsicurl/{split.scheme}://{split.netloc}/{key}"
     for prefix, https in S3_MIRRORS.items():
         if path.startswith(prefix):
-            return "/vsicurl/" + https + path[len(prefix):]
+            return "/vsicurl/" + https + path[len(prefix) :]
     return f"/vsi{scheme}/" + path.split("://", 1)[1]
 
 
@@ -259,8 +289,10 @@ def _numbers(table, name: str, url: str, whole: bool = False) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         what = "a whole year" if whole else "a number"
-        raise AetherError(f"index {url}: column {name}, row {row} (from 0) is {shown(raw.iloc[row])}, not {what}; "
-                          f"the index is damaged or not an AlphaEarth tile index")
+        raise AetherError(
+            f"index {url}: column {name}, row {row} (from 0) is {shown(raw.iloc[row])}, not {what}; "
+            f"the index is damaged or not an AlphaEarth tile index"
+        )
     return values.to_numpy(dtype=np.int64 if whole else np.float64)
 
 
@@ -277,8 +309,7 @@ def select_tiles(table, url: str, year: int, bbox: tuple[float, float, float, fl
     if not len(known):
         raise AetherError(f"index {url} has no tiles")
     if year not in known:
-        have = (f"{known[0]}-{known[-1]}" if len(known) == known[-1] - known[0] + 1
-                else ", ".join(str(y) for y in known))
+        have = f"{known[0]}-{known[-1]}" if len(known) == known[-1] - known[0] + 1 else ", ".join(str(y) for y in known)
         raise AetherError(f"year {year} is not in the index {url} (it has {have})")
     w, s, e, n = (_numbers(table, f"wgs84_{side}", url) for side in ("west", "south", "east", "north"))
     utm = np.stack([_numbers(table, f"utm_{side}", url) for side in ("west", "south", "east", "north")], axis=1)
@@ -304,17 +335,26 @@ def select_tiles(table, url: str, year: int, bbox: tuple[float, float, float, fl
             try:
                 box_in[crs] = transform_bounds("EPSG:4326", CRS.from_user_input(crs), *bbox, densify_pts=21)
             except (rasterio.errors.CRSError, TypeError, ValueError) as exc:
-                raise AetherError(f"index {url}: column crs, row {i} (from 0) is {shown(crs)}, not a CRS PROJ knows "
-                                  f"({first_line(exc)})") from None
+                raise AetherError(
+                    f"index {url}: column crs, row {i} (from 0) is {shown(crs)}, not a CRS PROJ knows "
+                    f"({first_line(exc)})"
+                ) from None
         bx0, by0, bx1, by1 = box_in[crs]
         bounds = tuple(float(v) for v in utm[i])
         if bx0 < bounds[2] and bx1 > bounds[0] and by0 < bounds[3] and by1 > bounds[1]:
-            tiles.append(SourceTile(path, tile_url(path, url), year, crs, bounds,
-                                    (float(w[i]), float(s[i]), float(e[i]), float(n[i]))))
+            tiles.append(
+                SourceTile(
+                    path, tile_url(path, url), year, crs, bounds, (float(w[i]), float(s[i]), float(e[i]), float(n[i]))
+                )
+            )
             if len(tiles) > MAX_TILES:
-                raise AetherError(f"the box meets more than {MAX_TILES} tiles of {year} in the index {url}; fetch a "
-                                  f"smaller box (or several pieces)")
+                raise AetherError(
+                    f"the box meets more than {MAX_TILES} tiles of {year} in the index {url}; fetch a "
+                    f"smaller box (or several pieces)"
+                )
     if not tiles:
-        raise AetherError(f"no AlphaEarth tile of {year} covers the box {west:g} {south:g} {east:g} {north:g} "
-                          f"(the index {url} has none there: open ocean, or outside the product's coverage)")
+        raise AetherError(
+            f"no AlphaEarth tile of {year} covers the box {west:g} {south:g} {east:g} {north:g} "
+            f"(the index {url} has none there: open ocean, or outside the product's coverage)"
+        )
     return sorted(tiles, key=lambda t: t.path)

@@ -1,5 +1,6 @@
 """Reading tiles into the output grid: a tile's own pixels where it shares the grid (either row
 order), else warped by nearest neighbour with an exact transformer."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,17 +30,30 @@ class TileReader:
         self.src = rasterio.open(self.info.path)
         nu = self.info.north_up_transform
         dc, dr = (grid.transform.c - nu.c) / PIXEL_M, (nu.f - grid.transform.f) / PIXEL_M
-        self.aligned = (self.info.crs == grid.crs and abs(nu.a - PIXEL_M) < 1e-9 and abs(nu.e + PIXEL_M) < 1e-9
-                        and abs(dc - round(dc)) < 1e-6 and abs(dr - round(dr)) < 1e-6)
+        self.aligned = (
+            self.info.crs == grid.crs
+            and abs(nu.a - PIXEL_M) < 1e-9
+            and abs(nu.e + PIXEL_M) < 1e-9
+            and abs(dc - round(dc)) < 1e-6
+            and abs(dr - round(dr)) < 1e-6
+        )
         self.dc, self.dr = int(round(dc)), int(round(dr))
         self.vrt = None
         if not self.aligned:
             from rasterio.enums import Resampling
             from rasterio.vrt import WarpedVRT
 
-            self.vrt = WarpedVRT(self.src, crs=grid.crs, transform=grid.transform, width=grid.width,
-                                 height=grid.height, resampling=Resampling.nearest, tolerance=WARP_TOLERANCE_PX,
-                                 src_nodata=NODATA_INT8, nodata=NODATA_INT8)
+            self.vrt = WarpedVRT(
+                self.src,
+                crs=grid.crs,
+                transform=grid.transform,
+                width=grid.width,
+                height=grid.height,
+                resampling=Resampling.nearest,
+                tolerance=WARP_TOLERANCE_PX,
+                src_nodata=NODATA_INT8,
+                nodata=NODATA_INT8,
+            )
         planar = self.src.interleaving == rasterio.enums.Interleaving.band
         self.bands = range(1, self.info.count + 1) if planar else range(1, 2)
 
@@ -97,7 +111,7 @@ class TileReader:
             pixels = pixels[:, ::-1, :]
         out = np.full((self.info.count, window.height, window.width), NODATA_INT8, dtype=np.int8)
         n0 = self.info.north_up_rows(r0, r1 - r0) - self.dr - window.row_off
-        out[:, n0:n0 + r1 - r0, c0 - self.dc - window.col_off:c1 - self.dc - window.col_off] = pixels
+        out[:, n0 : n0 + r1 - r0, c0 - self.dc - window.col_off : c1 - self.dc - window.col_off] = pixels
         return out
 
     def close(self) -> None:

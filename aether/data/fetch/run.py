@@ -11,6 +11,7 @@ Pixels are never resampled on the grid of the tiles of the output CRS (`aether.d
 tiles of another UTM zone are warped into it by nearest neighbour (`aether.data.fetch.reader`).
 An interrupted fetch continues when the same command runs again (`aether.geo.resumable`).
 """
+
 from __future__ import annotations
 
 import json
@@ -76,13 +77,16 @@ class FetchOptions:
     def check(self) -> FetchOptions:
         """Refuse, before any work, options a fetch cannot run with; returns itself."""
         if self.tile_px < 16 or self.tile_px > 8192 or self.tile_px % 16:
-            raise AetherError(f"--tile must be a multiple of 16 pixels (GeoTIFF blocks) between 16 and 8192, got "
-                              f"{self.tile_px}")
+            raise AetherError(
+                f"--tile must be a multiple of 16 pixels (GeoTIFF blocks) between 16 and 8192, got {self.tile_px}"
+            )
         if not self.checkpoint_s >= 0:
             raise AetherError(f"--checkpoint-every must be >= 0 seconds, got {self.checkpoint_s}")
         if self.per_zone and self.crs is not None:
-            raise AetherError("--crs and --per-zone do not go together: --per-zone writes each UTM zone in its own "
-                              "CRS; leave out --crs, or --per-zone to get one file in that CRS")
+            raise AetherError(
+                "--crs and --per-zone do not go together: --per-zone writes each UTM zone in its own "
+                "CRS; leave out --crs, or --per-zone to get one file in that CRS"
+            )
         if self.margin_m is not None and not 0 <= self.margin_m <= MAX_MARGIN_M:
             raise AetherError(f"--margin-m must be between 0 and {MAX_MARGIN_M:,} m, got {self.margin_m:g}")
         return self
@@ -99,8 +103,9 @@ class _Request:
     progress: bool
 
 
-def fetch_alphaearth(out: str, year: int, bbox=None, like: str | None = None, options: FetchOptions | None = None,
-                     progress: bool = True) -> Path:
+def fetch_alphaearth(
+    out: str, year: int, bbox=None, like: str | None = None, options: FetchOptions | None = None, progress: bool = True
+) -> Path:
     """Fetch AlphaEarth of `year` over `bbox` (west, south, east, north in degrees) or the extent of
     the raster or POI file `like`, into the int8 GeoTIFF `out`, as `options` ask.
 
@@ -131,13 +136,16 @@ def fetch_alphaearth(out: str, year: int, bbox=None, like: str | None = None, op
     url = request.url
     billing_project = options.billing_project or os.environ.get("GS_USER_PROJECT")
     if url.startswith("gs://") and not billing_project:
-        raise AetherError("--source gcs reads a requester-pays bucket: give your Google Cloud billing project with "
-                          "--billing-project PROJECT (or GS_USER_PROJECT) and credentials GDAL finds (e.g. "
-                          "GOOGLE_APPLICATION_CREDENTIALS), or use --source source-coop (free, no account)")
+        raise AetherError(
+            "--source gcs reads a requester-pays bucket: give your Google Cloud billing project with "
+            "--billing-project PROJECT (or GS_USER_PROJECT) and credentials GDAL finds (e.g. "
+            "GOOGLE_APPLICATION_CREDENTIALS), or use --source source-coop (free, no account)"
+        )
     path, _ = cached_index(url, billing_project if url.startswith("gs://") else None, progress)
     tiles = select_tiles(read_index(path, url), url, request.year, request.bbox)
-    check_inputs_kept(_outputs(out, options.per_zone, tiles, request.year), _inputs(url, path, tiles),
-                      "choose another --out")
+    check_inputs_kept(
+        _outputs(out, options.per_zone, tiles, request.year), _inputs(url, path, tiles), "choose another --out"
+    )
     env = {"GDAL_CACHEMAX": GDAL_CACHE_MB * 2**20}
     if billing_project and url.startswith("gs://"):
         env["GS_USER_PROJECT"] = billing_project
@@ -186,18 +194,29 @@ def _fetch_zones(tiles: list[SourceTile], out: Path, request: _Request) -> Path:
     with folder_lock(out, ".fetch.lock", f"folder {out}", "choose another --out"):
         written = []
         for name, group in zones.items():
-            written.append(_fetch_one(group, CRS.from_user_input(group[0].crs), f"zone {name}",
-                                      _zone_file(out, request.year, name), request))
+            written.append(
+                _fetch_one(
+                    group,
+                    CRS.from_user_input(group[0].crs),
+                    f"zone {name}",
+                    _zone_file(out, request.year, name),
+                    request,
+                )
+            )
         listing = out / "tiles.txt"
         atomic_write_text(listing, "".join(f"{p.name}\n" for p in written))
         write_mosaic_vrt([str(p) for p in written], out / "mosaic.vrt")
-    logger.info(f"{len(written)} zone files in {out}; train and embed them as one set of tiles: {listing} (mosaic.vrt shows "
+    logger.info(
+        f"{len(written)} zone files in {out}; train and embed them as one set of tiles: {listing} (mosaic.vrt shows "
         f"them as one layer in GDAL 3.7 or newer, and QGIS built on it: older GDAL has no Int8 type; open the zone "
-        f"files there)")
+        f"files there)"
+    )
     others = sorted(p.name for p in out.glob("alphaearth_*.tif") if p not in written)
     if others:
-        logger.warning(f"{out} also holds {', '.join(others)}, from an earlier fetch: not in tiles.txt or mosaic.vrt "
-            f"(delete them if they are not yours)")
+        logger.warning(
+            f"{out} also holds {', '.join(others)}, from an earlier fetch: not in tiles.txt or mosaic.vrt "
+            f"(delete them if they are not yours)"
+        )
     return listing
 
 
@@ -209,14 +228,27 @@ def _fetch_one(tiles: list[SourceTile], grid_crs: CRS, why: str, out: Path, requ
     tiles = sorted(tiles, key=lambda t: (CRS.from_user_input(t.crs) != grid_crs, t.path))
     warped = sorted({t.crs for t in tiles if CRS.from_user_input(t.crs) != grid_crs})
     crs_name = grid_crs.to_string()
-    logger.info(f"{len(tiles)} tile{'s' if len(tiles) > 1 else ''} of {year}; output {grid.width} x {grid.height} px of "
-        f"{PIXEL_M:g} m in {crs_name} ({why})")
+    logger.info(
+        f"{len(tiles)} tile{'s' if len(tiles) > 1 else ''} of {year}; output {grid.width} x {grid.height} px of "
+        f"{PIXEL_M:g} m in {crs_name} ({why})"
+    )
     if warped:
-        logger.info(f"tiles in {', '.join(warped)} are warped into {crs_name} by nearest neighbour where the {crs_name} tiles "
-            f"have no pixels (--crs chooses another CRS, --per-zone writes one file per zone)")
-    fingerprint = {"version": FETCH_VERSION, "index": url, "year": year, "tiles": [t.url for t in tiles],
-                   "tile versions": [tile_version(t) for t in tiles], "crs": crs_name, "transform": list(grid.transform)[:6], "width": grid.width,
-                   "height": grid.height, "tile_px": tile_px}
+        logger.info(
+            f"tiles in {', '.join(warped)} are warped into {crs_name} by nearest neighbour where the {crs_name} tiles "
+            f"have no pixels (--crs chooses another CRS, --per-zone writes one file per zone)"
+        )
+    fingerprint = {
+        "version": FETCH_VERSION,
+        "index": url,
+        "year": year,
+        "tiles": [t.url for t in tiles],
+        "tile versions": [tile_version(t) for t in tiles],
+        "crs": crs_name,
+        "transform": list(grid.transform)[:6],
+        "width": grid.width,
+        "height": grid.height,
+        "tile_px": tile_px,
+    }
     run = json.dumps(fingerprint, sort_keys=True)
     tags = {
         "AEF_SOURCE_INDEX": url,
@@ -225,8 +257,11 @@ def _fetch_one(tiles: list[SourceTile], grid_crs: CRS, why: str, out: Path, requ
         "AEF_ATTRIBUTION": ATTRIBUTION,
         "AEF_LICENSE": LICENSE,
         "AEF_BBOX_WGS84": " ".join(f"{v:.6f}" for v in bbox),
-        "AEF_WARPED": (f"tiles in {', '.join(warped)} warped into {crs_name} by nearest neighbour" if warped
-                       else "none: every pixel is a source tile's own"),
+        "AEF_WARPED": (
+            f"tiles in {', '.join(warped)} warped into {crs_name} by nearest neighbour"
+            if warped
+            else "none: every pixel is a source tile's own"
+        ),
         "AETHER_FETCH": run,
     }
     with output_lock(out):
@@ -267,21 +302,45 @@ def _write(readers: list[TileReader], grid: Grid, out: Path, fingerprint: dict, 
                 total += reader.block_bytes(block)
         window_bytes.append(total)
         touched.append(meets)
-    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=N_BANDS, dtype="int8",
-                   crs=grid.crs, transform=grid.transform, nodata=NODATA_INT8,
-                   **geotiff_layout("int8", output_block_px(tile_px)))
-    output = ResumableOutput(out, fingerprint, lambda path: create_sparse(path, profile, band_names(), tags),
-                             what="windows", checkpoint_s=checkpoint_s, level=ZSTD_LEVEL,
-                             threads=max(1, thread_budget() // 2), keep_on=(AetherError,))
+    profile = dict(
+        driver="GTiff",
+        width=grid.width,
+        height=grid.height,
+        count=N_BANDS,
+        dtype="int8",
+        crs=grid.crs,
+        transform=grid.transform,
+        nodata=NODATA_INT8,
+        **geotiff_layout("int8", output_block_px(tile_px)),
+    )
+    output = ResumableOutput(
+        out,
+        fingerprint,
+        lambda path: create_sparse(path, profile, band_names(), tags),
+        what="windows",
+        checkpoint_s=checkpoint_s,
+        level=ZSTD_LEVEL,
+        threads=max(1, thread_budget() // 2),
+        keep_on=(AetherError,),
+    )
     with output:
         done = output.start(None, "another fetch")
         if output.resumed:
             logger.info(f"resuming: {len(done)} of {len(windows)} windows were fetched")
         empty = len(windows) - sum(touched)
         if empty:
-            logger.info(f"{empty} of {len(windows)} windows meet no tile: they stay nodata, with nothing fetched or stored")
-        bar = tqdm(total=sum(window_bytes), initial=sum(window_bytes[i] for i in done), unit="B", unit_scale=True,
-                   unit_divisor=1024, desc="fetching", disable=not progress)
+            logger.info(
+                f"{empty} of {len(windows)} windows meet no tile: they stay nodata, with nothing fetched or stored"
+            )
+        bar = tqdm(
+            total=sum(window_bytes),
+            initial=sum(window_bytes[i] for i in done),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="fetching",
+            disable=not progress,
+        )
         try:
             for i, window in enumerate(windows):
                 if i in done:
@@ -293,11 +352,14 @@ def _write(readers: list[TileReader], grid: Grid, out: Path, fingerprint: dict, 
                 bar.update(window_bytes[i])
             output.finish()
         except KeyboardInterrupt:
-            logger.info(f"interrupted; the windows fetched so far are kept in {output.partial}: run the same command to "
-                f"continue")
+            logger.info(
+                f"interrupted; the windows fetched so far are kept in {output.partial}: run the same command to "
+                f"continue"
+            )
             raise
         except AetherError as exc:  # a lost connection: what is done is kept
-            raise AetherError(f"{exc} (the windows fetched so far are kept: run the same command to continue)") \
-                from None
+            raise AetherError(
+                f"{exc} (the windows fetched so far are kept: run the same command to continue)"
+            ) from None
         finally:
             bar.close()
