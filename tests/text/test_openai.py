@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 from aether.core.errors import AetherError
 from aether.model.checkpoint import Checkpoint, TextSpec
 from aether.text.cache import EmbeddingCache, encode_texts
-from aether.text.encoders import OpenAIEncoder, retry_after_s
+from aether.text.encoders import OpenAIEncoder
 from tests.helpers.fixtures import poi_records, unit_field, write_config, write_csv, write_raster
 from tests.helpers.openai_server import OpenAIServer, fake_embedding
 
@@ -34,8 +32,8 @@ def server(monkeypatch):
 
 
 def encoder(server: OpenAIServer, model: str = MODEL, **options) -> OpenAIEncoder:
-    """An encoder with short timeouts and backoff delays, so failing requests cost milliseconds."""
-    options = {"max_retries": 3, "request_timeout_s": 2.0, "retry_base_delay_s": 0.01, **options}
+    """An encoder with short timeouts (the client's own backoff waits 0.5 s, then 1 s, 2 s ...)."""
+    options = {"max_retries": 3, "request_timeout_s": 2.0, **options}
     return OpenAIEncoder(model, dimensions=8, base_url=server.base_url, **options)
 
 
@@ -65,21 +63,21 @@ def test_rate_limit_burst_honours_retry_after(server):
     server.script = ["429", "429", "429"]
     server.retry_after = "0.2"
     start = time.monotonic()
-    emb = encoder(server, retry_base_delay_s=5.0).encode_batch(TEXTS)  # Retry-After, not the backoff, sets the wait
+    emb = encoder(server).encode_batch(TEXTS)  # Retry-After, not the client's backoff, sets the wait
     elapsed = time.monotonic() - start
     assert server.statuses == [429, 429, 429, 200] and server.inputs == TEXTS
     assert all(b - a >= 0.19 for a, b in zip(server.times, server.times[1:]))
-    assert 0.6 <= elapsed < 5.0  # backoff from retry_base_delay_s would take over 17 s
+    assert 0.6 <= elapsed < 2.0  # the client's backoff (0.5 s, 1 s, 2 s, less jitter) would take over 2.6 s
     np.testing.assert_allclose(emb, expected(TEXTS), atol=1e-6)
 
 
 def test_server_errors_and_timeout_are_retried(server):
     server.script = ["500", "503", "slow"]
-    server.slow_s = 3.0
+    server.slow_s = 30.0
     start = time.monotonic()
     emb = encoder(server, request_timeout_s=0.3).encode_batch(TEXTS)
     assert server.requests == 4 and server.statuses[:2] == [500, 503] and server.inputs == TEXTS
-    assert time.monotonic() - start < 2.5  # the slow request was abandoned at the client's timeout
+    assert time.monotonic() - start < 8.0  # the slow request was abandoned at the client's timeout
     np.testing.assert_allclose(emb, expected(TEXTS), atol=1e-6)
 
 
@@ -146,12 +144,23 @@ def test_over_long_texts_are_truncated_and_counted(server, tmp_path, capsys):
     cache.close()
 
 
-def test_retry_after_forms():
-    assert retry_after_s({"retry-after": "2"}) == 2.0
-    assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
-    assert 25 < retry_after_s({"retry-after": when}) <= 30
-    assert retry_after_s({"retry-after": "soon"}) is None and retry_after_s({}) is None
+def test_a_host_that_cannot_be_reached_is_one_line_at_once(monkeypatch):
+    """Connection refused: no retries, no backoff; the line names the host and what still works."""
+    import socket
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    enc = OpenAIEncoder(MODEL, dimensions=8, base_url=f"http://127.0.0.1:{port}/v1", max_retries=6)
+    start = time.monotonic()
+    with pytest.raises(AetherError) as err:
+        enc.encode_batch(TEXTS)
+    assert time.monotonic() - start < 2.0
+    message = str(err.value)
+    assert message.startswith("cannot connect to the OpenAI API at 127.0.0.1 (") and "\n" not in message
+    assert "needs the network" in message
 
 
 def test_train_py_with_openai_backend(server, tmp_path):
