@@ -13,7 +13,7 @@ from pathlib import Path
 import geopandas as gpd
 import pandas as pd
 
-from aether.core.errors import AetherError, first_line
+from aether.core.errors import AetherError, first_line, install_hint
 from aether.core.files import atomic_write_text
 from aether.data.poi import DEFAULT_TEMPLATE, OSM_ATTRIBUTION, render_description, template_fields
 
@@ -82,7 +82,7 @@ def extract_pois(pbf_path: str | os.PathLike, template: str = DEFAULT_TEMPLATE) 
     try:
         import pyrosm
     except ImportError as e:
-        raise AetherError("reading .osm.pbf extracts needs pyrosm: pip install pyrosm") from e
+        raise AetherError(f"reading .osm.pbf extracts needs pyrosm: {install_hint('osm')}") from e
     check_osm_template(template)  # before the (slow) parse
     try:
         elements = pyrosm.OSM(str(pbf_path)).get_pois(custom_filter={k: True for k in POI_KEYS})

@@ -20,7 +20,7 @@ from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 
-from aether.core.errors import AetherError
+from aether.core.errors import AetherError, install_hint
 from aether.geo.alphaearth import N_BANDS, NODATA_INT8, PIXEL_M, band_names, dequantize, quantize
 
 CRS = "EPSG:32635"  # UTM 35N covers Helsinki (24-30 E)
@@ -183,7 +183,7 @@ def load_layers(pbf_path: str | os.PathLike) -> dict[str, gpd.GeoDataFrame | Non
     try:
         import pyrosm
     except ImportError as e:
-        raise AetherError("reading .osm.pbf extracts needs pyrosm: pip install pyrosm") from e
+        raise AetherError(f"reading .osm.pbf extracts needs pyrosm: {install_hint('osm')}") from e
     osm = pyrosm.OSM(str(pbf_path))
     return {
         "landuse": osm.get_landuse(),
