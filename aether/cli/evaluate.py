@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ae_tif", default=None, help="AlphaEarth raster, if it moved since training")
     parser.add_argument("--poi", default=None, help="POI file, if it moved since training")
+    parser.add_argument(
+        "--no-text",
+        action="store_true",
+        help="only the linear probes, which need no text: offline whatever the checkpoint's text encoder",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -71,6 +76,7 @@ def run_command(args: argparse.Namespace, launcher: list[str]) -> None:
         category_template=args.category_template,
         ae_tif=args.ae_tif,
         poi=args.poi,
+        text=not args.no_text,
     )
     metrics = evaluate(args.ckpt, args.out, options, progress=not args.no_progress)
     print(metrics_markdown(metrics))

@@ -71,6 +71,7 @@ def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction
 
 def extents(lon: np.ndarray, lat: np.ndarray, infos: list[RasterInfo]) -> str:
     """Where the points and the rasters lie, in degrees: what a message about points off the raster shows."""
+    from rasterio.transform import array_bounds
     from rasterio.warp import transform_bounds
 
     def box(w, s, e, n) -> str:
@@ -78,37 +79,34 @@ def extents(lon: np.ndarray, lat: np.ndarray, infos: list[RasterInfo]) -> str:
 
     rasters = []
     for info in infos[:3]:
-        left, top = info.transform.c, info.transform.f
-        right, bottom = info.transform * (info.width, info.height)
-        rasters.append(
-            box(
-                *transform_bounds(
-                    info.crs,
-                    "EPSG:4326",
-                    min(left, right),
-                    min(top, bottom),
-                    max(left, right),
-                    max(top, bottom),
-                    densify_pts=21,
-                )
-            )
-        )
+        x0, y0, x1, y1 = array_bounds(info.height, info.width, info.transform)  # y0 > y1 for a bottom-up raster
+        west, south, east, north = min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+        rasters.append(box(*transform_bounds(info.crs, "EPSG:4326", west, south, east, north, densify_pts=21)))
     points = box(np.nanmin(lon), np.nanmin(lat), np.nanmax(lon), np.nanmax(lat)) if len(lon) else "none"
     more = f" and {len(infos) - 3} more" if len(infos) > 3 else ""
     return f"the POIs lie at {points}; the raster{'s' if len(infos) > 1 else ''} at {'; '.join(rasters)}{more}"
 
 
 def build_dataset(
-    cfg: Config, encoder: TextEncoder | None = None, progress: bool = True, client=None, min_train_pois: int = 0
-) -> tuple[PoiDataset, RasterInfo, TextEncoder]:
+    cfg: Config,
+    encoder: TextEncoder | None = None,
+    progress: bool = True,
+    client=None,
+    min_train_pois: int = 0,
+    with_text: bool = True,
+) -> tuple[PoiDataset, RasterInfo, TextEncoder | None]:
     """Read, clean, pool and encode the POIs that `cfg` names; report what was dropped and why.
 
     data.ae_tif may name a set of tiles (aether.geo.tiles); each POI is pooled from one of them. With a
     Dask `client`, pooling and the encoding of texts not yet cached run as tasks on its workers.
     The RasterInfo returned is the first tile's. Fewer than `min_train_pois` POIs on the training
     side of the split is refused before any text is encoded (so nothing is cached in vain).
+    `with_text` False leaves the descriptions unencoded (the text array has no columns, and no
+    encoder is built): the AlphaEarth side alone, offline whatever the checkpoint's encoder.
     """
-    if encoder is None:
+    if not with_text:
+        encoder = None
+    elif encoder is None:
         encoder = build_text_encoder(
             cfg.text.backend,
             cfg.text.model,
@@ -118,7 +116,8 @@ def build_dataset(
             max_retries=cfg.text.max_retries,
             request_timeout_s=cfg.text.request_timeout_s,
         )
-    encoder.check()
+    if encoder is not None:
+        encoder.check()
     tiles = expand_tiles(cfg.data.ae_tif, "AlphaEarth tile")
     infos = [open_raster(path, cfg.data.n_bands) for path in tiles]
     for tile in infos:  # before any pooling or text encoding: the views' windows must fit in memory
@@ -172,6 +171,9 @@ def build_dataset(
             f"only {n_train} training POIs; contrastive training needs at least {min_train_pois}"
             + (" (one for each process)" if min_train_pois > 2 else "")
         )
+    base, aug = pooled.views[0][keep], pooled.views[1][keep]
+    if encoder is None:
+        return PoiDataset(pois, base, aug, np.zeros((len(pois), 0), np.float32), is_val), info, None
     cache = EmbeddingCache(cfg.text.cache_dir)
     try:
         if client is not None:
@@ -187,5 +189,4 @@ def build_dataset(
         )
     else:
         logger.info(f"text: encoded {n_encoded} of {n_unique} unique descriptions with {encoder.identity['model']}")
-    dataset = PoiDataset(pois, pooled.views[0][keep], pooled.views[1][keep], text, is_val)
-    return dataset, info, encoder
+    return PoiDataset(pois, base, aug, text, is_val), info, encoder

@@ -59,10 +59,11 @@ def metrics_markdown(m: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(fmt(values[model].get(key)) for model in MODELS) + " |")
 
     names = {"t2ae": "text-to-AE", "ae2t": "AE-to-text"}
-    for d in ("t2ae", "ae2t"):
-        for k in KS:
-            row(f"{names[d]} Recall@{k}", m["retrieval"], f"{d}_r{k}")
-        row(f"{names[d]} MRR", m["retrieval"], f"{d}_mrr")
+    if m["retrieval"] is not None:
+        for d in ("t2ae", "ae2t"):
+            for k in KS:
+                row(f"{names[d]} Recall@{k}", m["retrieval"], f"{d}_r{k}")
+            row(f"{names[d]} MRR", m["retrieval"], f"{d}_mrr")
     c = m["category_retrieval"]
     if c:
         lines.append(
@@ -71,12 +72,15 @@ def metrics_markdown(m: dict) -> str:
             + " |"
         )
     loc = m["localisation"]
-    r = loc["search_radius_m"]
-    for t in DISTANCES_M:
-        if t < r:  # at or beyond the search radius every model scores 1: nothing to show
-            row(f"localisation: best pixel within {t} m (search radius {r:g} m)", loc, f"acc_{t}m")
-    row("localisation: median error (m)", loc, "median_m", lambda v: f"{v:.0f}")
-    row("localisation: mean error (m)", loc, "mean_m", lambda v: f"{v:.0f}")
+    if loc is not None:
+        r = loc["search_radius_m"]
+        for t in DISTANCES_M:
+            if t < r:  # at or beyond the search radius every model scores 1: nothing to show
+                row(f"localisation: best pixel within {t} m (search radius {r:g} m)", loc, f"acc_{t}m")
+        row("localisation: median error (m)", loc, "median_m", lambda v: f"{v:.0f}")
+        row("localisation: mean error (m)", loc, "mean_m", lambda v: f"{v:.0f}")
+    if len(lines) == 4:  # measured without text: no table of text metrics
+        lines = lines[:1]
     lines += [
         "",
         "| linear probe (macro-F1, spatially blocked folds) | AlphaEarth | AETHER | untrained AETHER |",

@@ -55,21 +55,6 @@ MIN_CATEGORY_POIS = 5
 FOLDS = 5
 
 
-# ----- ranking metrics and their chance values -----
-
-
-# ----- spatial folds and linear probes -----
-
-
-# ----- localisation -----
-
-
-# ----- land use -----
-
-
-# ----- the command -----
-
-
 def _poi_categories(cfg, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(key, value) of each POI id from the POI file, or None when it has no such columns."""
     frame = read_poi_frame(cfg.data.poi, cfg.data.lon_column, cfg.data.lat_column, cfg.data.poi_crs)
@@ -96,7 +81,9 @@ class EvalOptions:
     `landuse_column`) adds the land-use probe; localisation searches `search_radius_m` around each
     POI; categories with at least `min_category_pois` held-out POIs are queried (as
     `category_template` words them); probes use `folds` spatially blocked folds. `ae_tif` and
-    `poi` replace the files the checkpoint's config names (moved, or another copy)."""
+    `poi` replace the files the checkpoint's config names (moved, or another copy). `text` False
+    measures only what needs no text (the linear probes): offline, whatever the checkpoint's text
+    encoder (the authors' models need OpenAI for the rest)."""
 
     landuse: str | None = None
     landuse_column: str = "landuse"
@@ -106,6 +93,7 @@ class EvalOptions:
     category_template: str = DEFAULT_CATEGORY_TEMPLATE
     ae_tif: str | None = None
     poi: str | None = None
+    text: bool = True
 
     def check(self) -> EvalOptions:
         """Refuse, before any work, options evaluation cannot run with; returns itself."""
@@ -135,20 +123,84 @@ def evaluate(
     into `out_dir` (default: `eval` beside the checkpoint) and return the metrics."""
     started = time.time()
     options = (options or EvalOptions()).check()
-    landuse, landuse_column, search_radius_m = options.landuse, options.landuse_column, options.search_radius_m
-    min_category_pois, folds, category_template = options.min_category_pois, options.folds, options.category_template
     ckpt = Path(ckpt)
     projector = Projector(ckpt, device="cpu", precision="fp32")
     cfg = projector.checkpoint.config
     out_dir = Path(out_dir) if out_dir is not None else ckpt.resolve().parent / "eval"
     check_writable_dir(out_dir, "output folder")
+    _point_at_data(cfg, options)
+    layer = read_landuse(options.landuse, options.landuse_column) if options.landuse is not None else None
+    info = open_raster(cfg.data.ae_tif, projector.n_bands)
+    check_raster(projector, info)
+    if options.text:
+        info.check_window(options.search_radius_m, fix="use a smaller --search-radius-m")  # the localisation disc
+    encoder = text_encoder_of(projector.checkpoint) if options.text else None
+    dataset, info, encoder = build_dataset(cfg, encoder=encoder, progress=progress, with_text=options.text)
+    if options.text and dataset.text.shape[1] != projector.checkpoint.text.dim:
+        raise AetherError(
+            f"text embeddings have {dataset.text.shape[1]} dimensions; the checkpoint expects "
+            f"{projector.checkpoint.text.dim}"
+        )
+    val = _held_out(cfg, dataset, projector)
+    pairs = {
+        "trained": ProjectorPair("trained", projector.checkpoint.build_model()),
+        "untrained": ProjectorPair(
+            "untrained", untrained_model(projector.n_bands, projector.checkpoint.text.dim, cfg, cfg.train.seed)
+        ),
+    }
+    base = dataset.base[val]
+    ae_z = {name: pair.ae(base) for name, pair in pairs.items()}
+    categories = _poi_categories(cfg, dataset.pois.ids[val])
+    notes = []
+    if categories is None:
+        notes.append(f"POI file has no {' and '.join(CATEGORY_FIELDS)} columns: no category retrieval or probe.")
+    measured = {"retrieval": None, "category_retrieval": None, "localisation": None}
+    if options.text:
+        measured = _text_metrics(
+            dataset, val, info, projector, pairs, ae_z, categories, encoder, options, notes, progress
+        )
+    else:
+        notes.append(
+            "Measured without text (--no-text): no retrieval, category retrieval or localisation, only the "
+            "linear probes on AlphaEarth and AETHER features."
+        )
+    probes = _probes(dataset, val, info, projector, pairs, ae_z, categories, layer, options, notes, progress)
+    notes += standard_notes(info, probes["landuse"] is not None)
+    metrics = {
+        "checkpoint": str(ckpt.resolve()),
+        "checkpoint_sha256": file_sha256(ckpt),
+        "epoch": projector.checkpoint.epoch,
+        "data": {
+            "ae_tif": cfg.data.ae_tif,
+            "poi": cfg.data.poi,
+            "pois": len(dataset),
+            "held_out": int(len(val)),
+            "val_block_m": cfg.data.val_block_m,
+            "val_fraction": cfg.data.val_fraction,
+            "seed": cfg.train.seed,
+        },
+        **measured,
+        "probes": probes,
+        "notes": notes,
+        "elapsed_s": round(time.time() - started, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_dir / "metrics.md", metrics_markdown(metrics))
+    logger.info(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}; {metrics['elapsed_s']:.1f} s")
+    return metrics
+
+
+def _point_at_data(cfg, options: EvalOptions) -> None:
+    """Point the checkpoint's config at the raster and POIs `options` give (moved since training),
+    and refuse, before any work, a set of tiles or a file that is not there."""
     for key, value in (("ae_tif", options.ae_tif), ("poi", options.poi)):
         if value is not None:
             setattr(cfg.data, key, str(Path(value).resolve()))
         path = getattr(cfg.data, key)
         if key == "ae_tif" and is_tile_set(path):
             raise AetherError(
-                f"evaluate.py works on one raster, and {path} names a set of tiles; pass --ae_tif with "
+                f"evaluation works on one raster, and {path} names a set of tiles; pass --ae_tif with "
                 f"one tile (or a VRT of tiles in one UTM zone)"
             )
         if not Path(path).exists():
@@ -156,18 +208,11 @@ def evaluate(
                 "given" if value is not None else "named by the checkpoint's config; pass --" + key + " if it moved"
             )
             raise AetherError(f"{key} file {path} does not exist ({origin})")
-    layer = read_landuse(landuse, landuse_column) if landuse is not None else None
-    info = open_raster(cfg.data.ae_tif, projector.n_bands)
-    check_raster(projector, info)
-    info.check_window(search_radius_m, fix="use a smaller --search-radius-m")  # the localisation disc
 
-    encoder = text_encoder_of(projector.checkpoint)
-    dataset, info, encoder = build_dataset(cfg, encoder=encoder, progress=progress)
-    if dataset.text.shape[1] != projector.checkpoint.text.dim:
-        raise AetherError(
-            f"text embeddings have {dataset.text.shape[1]} dimensions; the checkpoint expects "
-            f"{projector.checkpoint.text.dim}"
-        )
+
+def _held_out(cfg, dataset, projector: Projector) -> np.ndarray:
+    """The rows evaluated: the checkpoint's own held-out POIs, or every POI (said so) for a
+    checkpoint trained without a validation split or with the reference code's random one."""
     if cfg.data.val_fraction == 0 or projector.checkpoint.origin == "reference":
         # trained without validation, or with the reference code's own random split, which is not rebuilt here
         val = np.arange(len(dataset))
@@ -188,44 +233,22 @@ def evaluate(
         )
     if len(val) < 2:
         raise AetherError(f"the checkpoint's split holds {len(val)} held-out POIs; evaluation needs at least 2")
-    pairs = {
-        "trained": ProjectorPair("trained", projector.checkpoint.build_model()),
-        "untrained": ProjectorPair(
-            "untrained", untrained_model(projector.n_bands, dataset.text.shape[1], cfg, cfg.train.seed)
-        ),
-    }
-    base, text = dataset.base[val], dataset.text[val]
-    ae_z = {name: pair.ae(base) for name, pair in pairs.items()}
-    text_z = {name: pair.text(text) for name, pair in pairs.items()}
-    notes = []
+    return val
 
+
+def _text_metrics(dataset, val, info, projector, pairs, ae_z, categories, encoder, options, notes, progress) -> dict:
+    """What needs the POIs' text: cross-modal retrieval, category retrieval and localisation."""
+    text_z = {name: pair.text(dataset.text[val]) for name, pair in pairs.items()}
     retrieval = {name: retrieval_metrics(text_z[name], ae_z[name]) for name in pairs}
     retrieval["chance"] = chance_retrieval(len(val))
-
-    categories = _poi_categories(cfg, dataset.pois.ids[val])
-    category_result = probe_group = None
-    if categories is None:
-        notes.append(f"POI file has no {' and '.join(CATEGORY_FIELDS)} columns: no category retrieval or probe.")
-    else:
-        keys, values = categories
+    category_result = None
+    if categories is not None:
+        cfg = projector.checkpoint.config
         category_result = category_retrieval(
-            keys, values, ae_z, pairs, encoder, cfg, category_template, min_category_pois
+            *categories, ae_z, pairs, encoder, cfg, options.category_template, options.min_category_pois
         )
         if category_result is None:
-            notes.append(f"no category has {min_category_pois} or more held-out POIs: no category retrieval.")
-        probe_group = category_group_probe(
-            keys,
-            dataset.pois.lon[val],
-            dataset.pois.lat[val],
-            {"alphaearth": base, "aether": ae_z["trained"], "untrained": ae_z["untrained"]},
-            min_category_pois,
-            cfg.data.val_block_m,
-            folds,
-            progress,
-        )
-        if probe_group is None:
-            notes.append("too few held-out POIs, category groups or spatial blocks for the category-group probe.")
-
+            notes.append(f"no category has {options.min_category_pois} or more held-out POIs: no category retrieval.")
     loc = localisation(
         info,
         dataset.pois.x[val],
@@ -234,55 +257,47 @@ def evaluate(
         projector.base_radius_m,
         text_z,
         pairs,
-        search_radius_m,
+        options.search_radius_m,
         progress,
     )
+    return {
+        "retrieval": retrieval,
+        "category_retrieval": category_result,
+        "localisation": {"search_radius_m": options.search_radius_m, **loc},
+    }
 
+
+def _probes(dataset, val, info, projector, pairs, ae_z, categories, layer, options, notes, progress) -> dict:
+    """The linear probes, AlphaEarth against AETHER features: the POIs' category group, and land
+    use per pixel when a layer is given."""
+    block_m = projector.checkpoint.config.data.val_block_m
+    probe_group = None
+    if categories is not None:
+        probe_group = category_group_probe(
+            categories[0],
+            dataset.pois.lon[val],
+            dataset.pois.lat[val],
+            {"alphaearth": dataset.base[val], "aether": ae_z["trained"], "untrained": ae_z["untrained"]},
+            options.min_category_pois,
+            block_m,
+            options.folds,
+            progress,
+        )
+        if probe_group is None:
+            notes.append("too few held-out POIs, category groups or spatial blocks for the category-group probe.")
     probe_landuse = None
     if layer is not None:
         probe_landuse = landuse_probe(
-            layer, landuse_column, info, projector.base_radius_m, pairs, cfg.data.val_block_m, folds, progress
+            layer, options.landuse_column, info, projector.base_radius_m, pairs, block_m, options.folds, progress
         )
         if probe_landuse is None:
             notes.append(
-                f"land-use layer {landuse}: fewer than 2 classes with {LANDUSE_MIN_PIXELS} pixels on the "
+                f"land-use layer {options.landuse}: fewer than 2 classes with {LANDUSE_MIN_PIXELS} pixels on the "
                 f"raster, or one spatial block: no land-use probe."
             )
         else:
-            probe_landuse.update(file=str(Path(landuse).resolve()), column=landuse_column)
-
-    notes += standard_notes(info, probe_landuse is not None)
-    metrics = {
-        "checkpoint": str(ckpt.resolve()),
-        "checkpoint_sha256": file_sha256(ckpt),
-        "epoch": projector.checkpoint.epoch,
-        "data": {
-            "ae_tif": cfg.data.ae_tif,
-            "poi": cfg.data.poi,
-            "pois": len(dataset),
-            "held_out": int(len(val)),
-            "val_block_m": cfg.data.val_block_m,
-            "val_fraction": cfg.data.val_fraction,
-            "seed": cfg.train.seed,
-        },
-        "retrieval": retrieval,
-        "category_retrieval": category_result,
-        "localisation": {"search_radius_m": search_radius_m, **loc},
-        "probes": {
-            "poi_category_group": probe_group,
-            "landuse": probe_landuse,
-            "seed": PROBE_SEED,
-            "block_m": cfg.data.val_block_m,
-        },
-        "notes": notes,
-        "elapsed_s": round(time.time() - started, 1),
-    }
-    table = metrics_markdown(metrics)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(out_dir / "metrics.md", table)
-    logger.info(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.md'}; {metrics['elapsed_s']:.1f} s")
-    return metrics
+            probe_landuse.update(file=str(Path(options.landuse).resolve()), column=options.landuse_column)
+    return {"poi_category_group": probe_group, "landuse": probe_landuse, "seed": PROBE_SEED, "block_m": block_m}
 
 
 def category_retrieval(

@@ -276,6 +276,46 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(trained, tmp_path):
     assert not out.exists()
 
 
+def test_no_text_runs_the_probes_without_the_checkpoints_text_encoder(trained, tmp_path):
+    """A checkpoint whose text encoder cannot be reached here (OpenAI, no key): the full evaluation
+    stops in one line, `--no-text` runs the probes offline, and they equal a full run's probes."""
+    from aether.model.checkpoint import Checkpoint, TextSpec
+
+    landuse = write_landuse(tmp_path / "landuse.geojson")
+    ckpt = Checkpoint.load(trained / "run" / "best.pt")
+    ckpt.text = TextSpec("openai", "text-embedding-3-large", 384, ckpt.text.dim)
+    openai_ckpt = tmp_path / "openai.pt"
+    ckpt.save(openai_ckpt)
+    common = ["--landuse", str(landuse), "--min-category-pois", "3", "--folds", "3", "--no-progress"]
+    env = {k: v for k, v in ENV.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+
+    def evaluate(ckpt_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "evaluate.py", "--ckpt", str(ckpt_path), "--out", str(out), *common, *extra],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    refused = evaluate(openai_ckpt, tmp_path / "refused")
+    assert refused.returncode == 2
+    assert len(refused.stderr.strip().splitlines()) == 1 and "OPENAI_API_KEY" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+    probes_only = evaluate(openai_ckpt, tmp_path / "probes", "--no-text")
+    assert probes_only.returncode == 0, probes_only.stderr
+    full = evaluate(trained / "run" / "best.pt", tmp_path / "full", "--search-radius-m", "100")
+    assert full.returncode == 0, full.stderr
+    m = json.loads((tmp_path / "probes" / "metrics.json").read_text())
+    assert m["retrieval"] is None and m["category_retrieval"] is None and m["localisation"] is None
+    assert m["probes"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["probes"]
+    assert set(m["probes"]["landuse"]["macro_f1"]) == {"alphaearth", "aether", "untrained"}
+    table = (tmp_path / "probes" / "metrics.md").read_text()
+    assert "land use per pixel" in table and "Recall@10" not in table
+
+
 @pytest.mark.parametrize("bottom_up", [False, True])
 def test_landuse_samples_windowed_match_pixel_centres(tmp_path, monkeypatch, bottom_up):
     """Land-use pixels are burnt window by window; every pixel whose centre lies in a polygon is found
