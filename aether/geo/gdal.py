@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import rasterio
+
 URL_SCHEMES = ("http://", "https://", "s3://", "gs://")  # what a user may give where a raster is taken
 # GDAL's virtual file systems that go over the network (a path may nest them: /vsizip//vsicurl/...)
 NETWORK_FILE_SYSTEMS = ("/vsicurl", "/vsis3", "/vsigs", "/vsiaz", "/vsiadls", "/vsioss", "/vsiswift", "/vsiwebhdfs")
@@ -21,6 +23,15 @@ DEFAULTS = {
     "GDAL_HTTP_MAX_RETRY": "3",
     "GDAL_HTTP_RETRY_DELAY": "1",
 }
+
+# GDAL's block cache where blocks pass through once (pooling chunks, scoring tiles, joining bands):
+# a small cache bounds memory, and a larger one buys nothing
+STREAMING_CACHE_MB = 64
+
+
+def streaming_cache() -> rasterio.Env:
+    """The GDAL settings of a read or copy whose blocks pass through once: STREAMING_CACHE_MB of cache."""
+    return rasterio.Env(GDAL_CACHEMAX=STREAMING_CACHE_MB * 2**20)
 
 
 def configure() -> None:

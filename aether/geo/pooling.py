@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import rasterio
 from rasterio.warp import transform as warp_transform
 from tqdm.auto import tqdm
 
 from aether.core.cluster import run_tasks
+from aether.geo.gdal import streaming_cache
 from aether.geo.raster import BlockCache, RasterInfo, invalid_pixels
 from aether.geo.tiles import route_points
 
@@ -28,7 +28,6 @@ _INT8_MAX_SQUARE = 127 * 127
 
 ROWS_AT_ONCE = 8  # tile rows of window means computed at once: 1-2 MiB, in cache
 CHUNK_PX = 1024  # chunk side; a multiple of common block sizes (256, 512)
-GDAL_CACHE_MB = 64
 
 
 @dataclass
@@ -104,7 +103,7 @@ def pool_points(
     blocks = BlockCache(info, threads)
     try:
         # blocks are kept by BlockCache, so GDAL's own cache is kept small
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        with streaming_cache(), ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             pending: deque = deque()
             for members in _chunk_groups(rows, cols, inside, info.width, chunk_px):
                 hx = max(int(h[0][members].max()) for h in half)

@@ -22,12 +22,11 @@ import numpy as np
 
 from aether.core.errors import AetherError
 from aether.core.files import atomic_write_text, temp_file_beside
-from aether.geo.gdal import gdal_path, is_remote, local_absolute
+from aether.geo.gdal import gdal_path, is_remote, local_absolute, streaming_cache
 from aether.geo.layout import geotiff_layout
 from aether.geo.raster import RasterInfo, raster_files
 
 LIST_SUFFIXES = (".txt", ".lst")
-GDAL_CACHE_MB = 64  # joining bands: blocks pass through, they are not kept
 GLOB_CHARS = "*?["
 
 
@@ -247,7 +246,7 @@ def join_bands(parts: list[str], out: Path, tags: dict | None = None, finish=Non
     fd, tmp = temp_file_beside(out, ".partial.tif")
     os.close(fd)
     try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
+        with streaming_cache():
             rio_copy(str(vrt), str(tmp), driver="GTiff", **geotiff_layout(profile["dtype"], profile["blockxsize"]))
         with rasterio.open(tmp, "r+") as dst:
             dst.update_tags(**{**first_tags, **(tags or {})})

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import rasterio
 import torch
 from affine import Affine
 from tqdm.auto import tqdm
@@ -29,6 +28,7 @@ from aether.core.pipeline import run_pipeline
 from aether.core.runtime import thread_budget
 from aether.geo.alphaearth import band_names
 from aether.geo.blocks import create_sparse
+from aether.geo.gdal import streaming_cache
 from aether.geo.identity import content_identity
 from aether.geo.layout import ZSTD_LEVEL, geotiff_layout, output_block_px, raster_tag, to_cog
 from aether.geo.raster import RasterInfo, open_raster
@@ -40,8 +40,6 @@ from aether.model.embed import check_raster
 from aether.model.projector import Projector
 
 logger = logging.getLogger(__name__)
-
-GDAL_CACHE_MB = 64
 
 
 class _TileWriter:
@@ -160,7 +158,7 @@ def _embed_raster(
     descriptions = band_names(projector.latent_dim, "E", digits=3)
     reader = PooledTileReader(info, projector, options.pooling, strip_px)
     workers = contextlib.nullcontext(threads) if threads is not None else tile_workers(projector.device, tile_px, dtype)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), workers as threads:
+    with streaming_cache(), workers as threads:
         output = ResumableOutput(
             out,
             fingerprint,

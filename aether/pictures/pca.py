@@ -22,6 +22,7 @@ from rasterio.windows import Window
 
 from aether.core.errors import AetherError, first_line
 from aether.core.files import atomic_write, check_output_file
+from aether.geo.gdal import streaming_cache
 from aether.geo.raster import RasterInfo, decode_pixels, invalid_pixels, open_raster, read_pixels
 
 MAX_PX = 1024  # longer side of a PCA picture, in pixels
@@ -30,7 +31,6 @@ MAX_PICTURE_PX = 8192  # longer side of any picture written, --scale included: 2
 FIT_SAMPLE_PX = 50_000  # valid pixels a PCA is fitted on, at most
 STRETCH_PERCENTILES = (2.0, 98.0)
 STRIP_BYTES = 32 << 20  # raster pixels read at a time
-GDAL_CACHE_BYTES = 64 << 20  # each block is read once, so GDAL need not keep many
 UNIT_PX = 256  # narrow storage blocks are read this many pixels wide at least
 SAMPLE_SEED = 0
 
@@ -129,7 +129,7 @@ def picture_chunks(info: RasterInfo, max_px: int = MAX_PX):
     bytes_per_row = unit_w * info.count * max(np.dtype(info.dtype).itemsize, 4)
     row_runs = _runs(file_rows, block_h, max(1, STRIP_BYTES // bytes_per_row))
     col_runs = _runs(file_cols, unit_w, unit_w)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(info.path) as src:
+    with streaming_cache(), rasterio.open(info.path) as src:
         for row_run in row_runs:
             r = file_rows[row_run]
             for col_run in col_runs:

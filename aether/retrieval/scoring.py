@@ -21,6 +21,7 @@ from aether.core.files import raise_if_disk_full, temp_file_beside
 from aether.core.pipeline import run_pipeline
 from aether.core.runtime import thread_budget
 from aether.geo.blocks import BlockFile, create_sparse
+from aether.geo.gdal import streaming_cache
 from aether.geo.layout import ZSTD_LEVEL
 from aether.geo.raster import RasterInfo, open_raster, read_vectors
 from aether.infer.pipeline import read_threads
@@ -31,9 +32,6 @@ from aether.retrieval.topk import TopCandidates
 from aether.text.encoders import TextEncoder, build_text_encoder
 
 logger = logging.getLogger(__name__)
-
-
-GDAL_CACHE_MB = 64
 
 
 class Scoring:
@@ -132,7 +130,7 @@ class Scoring:
                     candidates[i].add(sims[i], rows, cols)
                 bar.update(tile.width * tile.height)
 
-            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
+            with streaming_cache():
                 run_pipeline(produce, compute, consume)
             for file in files:
                 file.close()
