@@ -2,5 +2,5 @@
 
 from aether.core.errors import AetherError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["AetherError", "__version__"]

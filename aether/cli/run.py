@@ -67,10 +67,13 @@ def run(main: Callable[[], object]) -> None:
 
 def launcher(script: str) -> list[str]:
     """The words that start this command again, for a message that says how to resume: `python
-    SCRIPT`, `aether COMMAND`, or under torchrun `torchrun --nproc_per_node=N SCRIPT`."""
+    SCRIPT`, `aether COMMAND`, or under torchrun `torchrun --nproc_per_node=N SCRIPT` (or
+    `... --no-python aether COMMAND`, which is how torchrun starts the installed command)."""
+    words = script.split()
     if "LOCAL_WORLD_SIZE" in os.environ:
-        return ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}", sys.argv[0]]
-    return script.split()
+        start = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+        return [*start, "--no-python", *words] if words[0] == "aether" else [*start, sys.argv[0]]
+    return words
 
 
 def command(
