@@ -2,7 +2,7 @@
 
 `translate_config` turns the reference's config (its config.yaml, or the `hyper_parameters` a
 reference checkpoint holds) into this project's sections and keys, saying what each key became;
-what cannot be honoured is refused in one line. README "Coming from the reference code" has the
+what cannot be honoured is refused in one line. docs/reference-code.md has the
 same table.
 """
 

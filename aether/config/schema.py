@@ -89,21 +89,29 @@ class DataConfig(_Section):
     n_bands: Annotated[int, rule(lambda v: v >= 1, "must be at least 1, got {value}")] = Field(
         64, description="bands of the AlphaEarth raster"
     )
-    id_column: str = Field("osm_id", description="POI id column")
+    id_column: str = Field("osm_id", description="POI id column (the row number where absent; duplicates are refused)")
     description_column: str = Field("description", description="POI text column (else the template is used)")
     template: Annotated[str, AfterValidator(_check_template)] = Field(
         DEFAULT_TEMPLATE, description="text for POIs without a description, from their columns"
     )
     lon_column: str = Field("lon", description="CSV longitude column")
     lat_column: str = Field("lat", description="CSV latitude column")
-    poi_crs: str | None = Field(None, description="CRS of a CSV's coordinates (null: degrees, EPSG:4326)")
+    poi_crs: str | None = Field(
+        None,
+        description="CRS of the POI file's coordinates, overriding any it declares "
+        "(null: its own; a CSV's: degrees, EPSG:4326)",
+    )
     base_radius_m: Annotated[Number, rule(lambda v: v >= 0, "must be >= 0 metres, got {value}")] = Field(
         45.0, description="ground radius of the base view's window (45 m: 9 x 9 pixels of 10 m)"
     )
     aug_radius_m: Number = Field(95.0, description="ground radius of the augmented view's window, >= base_radius_m")
     val_fraction: Annotated[
         Number, rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1) (0: no validation), got {value}")
-    ] = Field(0.2, description="share of POIs held out for validation, in spatial blocks")
+    ] = Field(
+        0.2,
+        description="share of POIs held out for validation, in spatial blocks; "
+        "0: none (no best.pt, last.pt holds the final weights)",
+    )
     val_block_m: Annotated[Number, rule(lambda v: v > 0, "must be > 0 metres, got {value}")] = Field(
         250.0, description="side of the spatial blocks the validation split holds out whole"
     )
@@ -134,7 +142,10 @@ class TextConfig(_Section):
         60.0, description="openai only: seconds a request may take"
     )
     device: Annotated[str, one_of(DEVICES)] = Field("auto", description="where sentence-transformers runs")
-    cache_dir: str = Field("data/cache", description="folder of the on-disk text embedding cache")
+    cache_dir: str = Field(
+        "data/cache",
+        description="folder of the on-disk text embedding cache (SQLite; keyed by backend, model, dimensions and text)",
+    )
 
     @model_validator(mode="after")
     def _openai_only(self):
@@ -148,10 +159,10 @@ class ModelConfig(_Section):
         "aether", description="aether: the paper's projectors; mlp: a GELU MLP on both sides"
     )
     latent_dim: Annotated[int, rule(lambda v: 1 <= v <= MAX_WIDTH, f"must be in [1, {MAX_WIDTH:,}], got {{value}}")] = (
-        Field(128, description="size of the shared latent space (AETHER raster bands)")
+        Field(128, description="size of the shared latent space (AETHER raster bands; at most 16,384)")
     )
     hidden_dim: Annotated[int, rule(lambda v: 1 <= v <= MAX_WIDTH, f"must be in [1, {MAX_WIDTH:,}], got {{value}}")] = (
-        Field(256, description="hidden width of the MLPs")
+        Field(256, description="aether: the AE post-MLP's hidden width; mlp: both MLPs' (at most 16,384)")
     )
     dropout: Annotated[Number, rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1), got {value}")] = Field(
         0.5, description="dropout in the MLPs"
@@ -186,7 +197,11 @@ class TrainConfig(_Section):
     epochs: Annotated[int, rule(lambda v: v >= 1, "must be >= 1, got {value}")] = Field(10, description="epochs")
     batch_size: Annotated[
         int, rule(lambda v: v >= 2, "must be >= 2 (a contrastive batch needs negatives), got {value}")
-    ] = Field(256, description="the global batch (under torchrun, shared among the processes)")
+    ] = Field(
+        256,
+        description="the global contrastive batch (capped at the training set's size; "
+        "under torchrun, shared among the processes)",
+    )
     lr: Annotated[Number, rule(lambda v: v > 0, "must be > 0, got {value}")] = Field(1e-3, description="AdamW's rate")
     weight_decay: Annotated[Number, rule(lambda v: v >= 0, "must be >= 0, got {value}")] = Field(
         0.1, description="AdamW's weight decay"

@@ -159,7 +159,7 @@ class PooledTileReader:
 def tile_computer(reader: PooledTileReader):
     """What computes a tile's output block (`block(data, dtype)`): on a GPU the torch path
     (`aether.infer.device_tiles`: pooling, projection and quantization on the device), on a CPU the
-    NumPy pooling with the projector (as fast or faster there: measured in the README)."""
+    NumPy pooling with the projector (as fast or faster there: measured, docs/inference.md)."""
     if reader.projector.device.type == "cpu":
         return reader.block
     return DeviceTileComputer(reader.projector, reader.info, reader.pooling).block

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -253,3 +255,13 @@ def test_yaml_that_is_not_a_mapping(tmp_path, content):
     path = _write(tmp_path / "config.yaml", content)
     with pytest.raises(AetherError, match=r"must hold a mapping of sections"):
         load_config(path)
+
+
+def test_the_config_page_lists_what_the_schema_declares():
+    """docs/config.md's table of keys is generated from the schema; a key added, renamed or given
+    another default without regenerating it fails here."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "scripts/config_reference.py", "--check"], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
