@@ -15,18 +15,14 @@ Target: top-10 agreement >= 9/10 and score error <= 0.001 for the recommended st
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import machine
 
 from aether.infer.spec import EmbedOptions
 from aether.retrieval.search import SearchOptions
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common import machine  # noqa: E402
 
 QUERIES = [
     "quiet cafes near water",

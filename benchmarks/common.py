@@ -16,7 +16,10 @@ from rasterio.windows import Window
 # the code measured: this checkout's, or another's (bench_inference.py --baseline)
 sys.path.insert(0, os.environ.get("AETHER_BENCH_CODE", str(Path(__file__).resolve().parents[1])))
 
-from aether.geo.alphaearth import N_BANDS, band_names, quantize  # noqa: E402
+try:
+    from aether.geo.alphaearth import N_BANDS, band_names, quantize
+except ImportError:  # a baseline checkout from before the package's rooms (aether.alphaearth then)
+    from aether.alphaearth import N_BANDS, band_names, quantize
 
 OUT = Path(__file__).resolve().parent / "out"
 ORIGIN = (380000.0, 6690000.0)

@@ -10,11 +10,9 @@ Usage: python scripts/build_example_data.py [--out-dir data] [--pbf extract.osm.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a file, Python puts scripts/ (not the repo root) on sys.path
 
 from aether.cli.run import run  # noqa: E402
 

@@ -13,11 +13,9 @@ Usage: python scripts/build_landuse.py [--pbf extract.osm.pbf] [--ae_tif RASTER]
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a file, Python puts scripts/ (not the repo root) on sys.path
 
 from aether.cli.run import run  # noqa: E402
 

@@ -11,15 +11,12 @@ how many of the 1% best-scoring pixels the two maps share.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from aether.infer.spec import EmbedOptions
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
