@@ -15,8 +15,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import rasterio
 
+from aether.infer.pipeline import embed_raster
 from aether.infer.spec import EmbedOptions
+from aether.model.embed import embed_texts
+from aether.model.projector import Projector
 
 
 def main() -> None:
@@ -25,11 +29,6 @@ def main() -> None:
     parser.add_argument("--ae_tif", default="data/AE/helsinki_standin_ae_int8.tif")
     parser.add_argument("--queries", default="docs/example_queries.txt")
     args = parser.parse_args()
-
-    import rasterio
-
-    from aether.infer.pipeline import embed_raster
-    from aether.model.projector import Projector
 
     maps = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +55,7 @@ def main() -> None:
         for q in Path(args.queries).read_text(encoding="utf-8").splitlines()
         if q.strip() and not q.startswith("#")
     ]
-    texts = Projector(args.ckpt, device="cpu", precision="fp32").embed_texts(queries)
+    texts = embed_texts(Projector(args.ckpt, device="cpu", precision="fp32"), queries)
     top = max(1, len(window) // 100)
     for query, t in zip(queries, texts):
         best = [set(np.argpartition(-(m @ t), top)[:top]) for m in (window, pixel)]
