@@ -103,3 +103,23 @@ def run_pipeline(
             t.join()
     if errors:
         raise errors[0]
+
+
+def read_ahead(items: list, read: Callable[[Any], Any], readers: int = 1, name: str = "read") -> Iterator[tuple]:
+    """(item, read(item)) for each item in order, `readers` items read ahead in threads (GDAL
+    decodes without the GIL); pending reads are cancelled when the caller stops early."""
+    pool = ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix=name)
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append((item, pool.submit(read, item)))
+            if len(pending) > readers:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +13,7 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
+from aether.core.pipeline import read_ahead
 from aether.core.stages import stage
 from aether.geo.alphaearth import MAX_ABS_VALUE, NODATA_INT8, NODATA_INT16
 from aether.geo.pooling import window_means
@@ -86,26 +85,13 @@ class PooledTileReader:
             odd = implausible_pixels(bands[:, hy : hy + tile.height, hx : hx + tile.width], self.info, axis=0)
             return (bands, self.rx[rows], self.ry[rows], hx, hy), odd  # odd: the tile's own, each pixel once
 
-        pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="read")
-        pending: deque = deque()
         try:
-            for tile in tiles:
-                pending.append((tile, pool.submit(read, tile)))
-                if len(pending) > readers:
-                    yield self._take(*pending.popleft())
-            while pending:
-                yield self._take(*pending.popleft())
+            for tile, (data, odd) in read_ahead(tiles, read, readers):
+                self.implausible += odd
+                yield tile, data
         finally:
-            for _, future in pending:
-                future.cancel()
-            pool.shutdown(wait=True)
             for src in handles:
                 src.close()
-
-    def _take(self, tile: Tile, future) -> tuple[Tile, tuple]:
-        data, odd = future.result()
-        self.implausible += odd
-        return tile, data
 
     def report_implausible(self) -> None:
         """One line saying how many pixels read held values no embedding has, if any did."""
