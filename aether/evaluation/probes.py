@@ -54,14 +54,6 @@ class ProjectorPair:
         return self.model.text(torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))).numpy()
 
 
-def untrained_model(n_bands: int, text_dim: int, cfg, seed: int) -> AetherModel:
-    """A projector pair of the checkpoint's shape, initialised as `train` initialises it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AetherModel.from_config(cfg, n_bands, text_dim)
-    return model.eval()
-
-
 def spatial_folds(lon: np.ndarray, lat: np.ndarray, block_m: float, n_folds: int, seed: int) -> np.ndarray:
     """Fold number (0..k-1) of each point; whole square blocks of side `block_m` go to one fold.
 

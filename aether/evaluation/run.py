@@ -35,12 +35,12 @@ from aether.evaluation.probes import (
     category_group_probe,
     landuse_probe,
     read_landuse,
-    untrained_model,
 )
 from aether.evaluation.report import MODELS, metrics_markdown, standard_notes
 from aether.evaluation.scores import average_precision, chance_average_precision, chance_retrieval, retrieval_metrics
 from aether.geo.raster import open_raster
 from aether.geo.tiles import is_tile_set
+from aether.model.architectures import untrained_model
 from aether.model.embed import check_raster, text_encoder_of
 from aether.model.projector import Projector
 from aether.text.cache import EmbeddingCache, encode_texts

@@ -193,3 +193,11 @@ class AetherModel(nn.Module):
     def forward(self, base: torch.Tensor, aug: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Latent vectors of a batch's base views, augmented views and texts (one call, as DDP wants)."""
         return self.ae(base), self.ae(aug), self.text(text)
+
+
+def untrained_model(n_bands: int, text_dim: int, cfg, seed: int) -> AetherModel:
+    """A projector pair of the checkpoint's shape, initialised as `train` initialises it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AetherModel.from_config(cfg, n_bands, text_dim)
+    return model.eval()
