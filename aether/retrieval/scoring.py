@@ -53,6 +53,7 @@ class Scoring:
         self.first_row = first_row
         self.emb_tif, self.source = emb_tif, Path(emb_tif or ae_tif).name
         self.reader = None if emb_tif is not None else PooledTileReader(info, projector, "window")
+        self.edge_rx, self.edge_ry = edge_band(info, projector.base_radius_m)
 
     def _produce_and_latent(self):
         info = self.info
@@ -124,10 +125,11 @@ class Scoring:
                 rows = tile.row0 + np.repeat(np.arange(tile.height), tile.width)
                 cols = tile.col0 + np.tile(np.arange(tile.width), tile.height)
                 row0 = info.north_up_rows(tile.row0, tile.height) - first_row
+                inner = ~on_edge(rows, cols, info, self.edge_rx, self.edge_ry)
                 for i, file in enumerate(files):
                     block = sims[i].reshape(tile.height, tile.width, 1)
                     file.write(block[::-1] if info.bottom_up else block, row0, tile.col0)
-                    candidates[i].add(sims[i], rows, cols)
+                    candidates[i].add(sims[i][inner], rows[inner], cols[inner])
                 bar.update(tile.width * tile.height)
 
             with streaming_cache():
@@ -150,6 +152,26 @@ class Scoring:
     def report_implausible(self) -> None:
         if self.reader is not None:
             self.reader.report_implausible()
+
+
+def edge_band(info: RasterInfo, radius_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per raster row, how many pixels from the raster's edge a base window (`radius_m`) is cut
+    short: (columns, rows). Zeros where the raster is too small to have pixels with whole windows."""
+    lat = None
+    if info.is_geographic:
+        lat = info.xy(np.arange(info.height), np.zeros(info.height, dtype=np.int64))[1]
+    rx, ry = info.radius_px(radius_m, lat)
+    rx = np.broadcast_to(np.asarray(rx), (info.height,)).astype(np.int64)
+    ry = np.broadcast_to(np.asarray(ry), (info.height,)).astype(np.int64)
+    if info.width <= 2 * rx.max() or info.height <= 2 * ry.max():
+        return np.zeros(info.height, np.int64), np.zeros(info.height, np.int64)
+    return rx, ry
+
+
+def on_edge(rows: np.ndarray, cols: np.ndarray, info: RasterInfo, rx: np.ndarray, ry: np.ndarray) -> np.ndarray:
+    """Pixels whose base window the raster's edge cuts short: they are averaged over fewer pixels,
+    so their vectors (and scores) are not comparable with the rest, and they are not ranked."""
+    return (cols < rx[rows]) | (cols >= info.width - rx[rows]) | (rows < ry[rows]) | (rows >= info.height - ry[rows])
 
 
 def requested_encoder(projector: Projector, backend: str | None, model: str | None) -> TextEncoder | None:
