@@ -1,6 +1,6 @@
 """`aether plot` (and `python plot.py`): embedding rasters and training runs as PNG pictures.
 
-aether plot pca --tif RASTER.tif --out PICTURE.png [--fit-on OTHER.tif] [--max-px 1024] [--scale 1]
+aether plot pca --tif RASTER.tif --out PICTURE.png [--fit-on OTHER.tif] [--max-px 1024] [--scale 1] [--plain]
 aether plot curves --metrics ckpts/helsinki/metrics.jsonl --out curves.png
 """
 
@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="repeat each picture pixel N x N times (default: enlarge a small raster's picture to at "
         "least 512 pixels across)",
     )
+    pca.add_argument(
+        "--plain",
+        action="store_true",
+        help="the picture's pixels alone (default: in a figure with a title, axes in the CRS and a scale bar)",
+    )
     curves = commands.add_parser("curves", help="training curves from metrics.jsonl")
     curves.add_argument("--metrics", required=True, help="metrics.jsonl written by training")
     curves.add_argument("--out", required=True, help="output PNG, written atomically")
@@ -44,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_command(args: argparse.Namespace, launcher: list[str]) -> None:
     if args.picture == "pca":
-        out = render_pca(args.tif, args.out, fit_on=args.fit_on, max_px=args.max_px, scale=args.scale)
+        out = render_pca(
+            args.tif, args.out, fit_on=args.fit_on, max_px=args.max_px, scale=args.scale, frame=not args.plain
+        )
     else:
         out = plot_training_curves(args.metrics, args.out)
     logger.info(f"wrote {out}")

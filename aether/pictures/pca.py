@@ -22,6 +22,7 @@ from rasterio.windows import Window
 
 from aether.core.errors import AetherError, first_line
 from aether.core.files import atomic_write, check_output_file
+from aether.geo.figures import label_axes, scale_bar
 from aether.geo.gdal import streaming_cache
 from aether.geo.raster import RasterInfo, decode_pixels, invalid_pixels, open_raster, read_pixels
 
@@ -45,6 +46,7 @@ class PcaFit:
     low: np.ndarray  # (3,) component scores shown as 0
     high: np.ndarray  # (3,) component scores shown as 255
     n_samples: int
+    explained: float = float("nan")  # share of the sample's variance the three components hold
 
     @property
     def n_bands(self) -> int:
@@ -71,14 +73,20 @@ def open_embedding(path: str | Path) -> RasterInfo:
     return open_raster(str(path), n_bands=count)
 
 
-def picture_shape(info: RasterInfo, max_px: int = MAX_PX) -> tuple[int, int, int]:
-    """Decimation step and picture (height, width): every step-th pixel, longer side <= max_px."""
+def picture_shape(info: RasterInfo, max_px: int = MAX_PX) -> tuple[int, int]:
+    """The picture's (height, width): the raster at its ground shape (a geographic raster's degrees
+    made metres at its middle latitude), one picture pixel per pixel of its coarser axis, so no
+    axis is enlarged, and the longer side brought down to `max_px` if it is longer."""
     if max_px < 1:
         raise AetherError(f"--max-px must be at least 1, got {max_px}")
-    step = max(1, math.ceil(max(info.height, info.width) / max_px))
-    height, width = math.ceil(info.height / step), math.ceil(info.width / step)
+    lat = float(np.mean(info.latitude_range())) if info.is_geographic else None
+    sx, sy = (float(v) for v in info.pixel_size_m(lat))
+    unit = max(sx, sy)
+    height, width = info.height * sy / unit, info.width * sx / unit
+    shrink = max(1.0, max(height, width) / max_px)
+    height, width = max(1, round(height / shrink)), max(1, round(width / shrink))
     check_picture_px(height, width)
-    return step, height, width
+    return height, width
 
 
 def check_picture_px(height: int, width: int, scale: int = 1) -> None:
@@ -93,9 +101,10 @@ def check_picture_px(height: int, width: int, scale: int = 1) -> None:
         )
 
 
-def _sampled(size: int, step: int) -> np.ndarray:
-    """Raster index (counted from the north or west) of each picture pixel: the middle of its step."""
-    return np.minimum(np.arange(math.ceil(size / step)) * step + step // 2, size - 1)
+def _sampled(size: int, n: int) -> np.ndarray:
+    """Raster index (counted from the north or west) of each of `n` picture pixels across `size`
+    raster pixels: the pixel under the middle of its cell."""
+    return np.minimum(((np.arange(n) + 0.5) * size / n).astype(np.int64), size - 1)
 
 
 def _runs(file_index: np.ndarray, block: int, max_span: int) -> list[np.ndarray]:
@@ -117,11 +126,11 @@ def picture_chunks(info: RasterInfo, max_px: int = MAX_PX):
     """Yield (picture rows, picture columns, vectors (rows, columns, bands) float32, valid (rows, columns)).
 
     Picture rows and columns count from the north-west whatever the file's row order, and
-    pick the middle pixel of each step x step cell. The raster is read storage block by
+    pick the pixel under the middle of each picture pixel's cell. The raster is read storage block by
     block (each decoded once), at most about STRIP_BYTES at a time, and subsampled at once.
     """
-    step, _, _ = picture_shape(info, max_px)
-    rows, cols = _sampled(info.height, step), _sampled(info.width, step)
+    height, width = picture_shape(info, max_px)
+    rows, cols = _sampled(info.height, height), _sampled(info.width, width)
     file_rows = info.north_up_rows(rows, 1)  # bottom-up: the first file row is the southernmost
     file_cols = cols if info.transform.a > 0 else info.width - 1 - cols
     block_h, block_w = info.block_shape if all(info.block_shape) else (UNIT_PX, UNIT_PX)
@@ -148,7 +157,7 @@ def fit_pca(tif: str | Path, max_px: int = MAX_PX, sample_px: int = FIT_SAMPLE_P
     for a north-up and a bottom-up copy, and bounded by `sample_px` vectors.
     """
     info = open_embedding(tif)
-    _, out_h, out_w = picture_shape(info, max_px)
+    out_h, out_w = picture_shape(info, max_px)
     chosen = np.random.default_rng(SAMPLE_SEED).random((out_h, out_w)) < sample_px / (out_h * out_w)
     positions, chunks = [], []
     for rows, cols, vectors, valid in picture_chunks(info, max_px):
@@ -162,7 +171,7 @@ def fit_pca(tif: str | Path, max_px: int = MAX_PX, sample_px: int = FIT_SAMPLE_P
         )
     mean = sample.mean(axis=0)
     centred = sample - mean
-    _, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
     components = eigenvectors[:, ::-1][:, :3].T
     largest = np.argmax(np.abs(components), axis=1)
     components *= np.sign(components[np.arange(3), largest])[:, None]
@@ -176,6 +185,7 @@ def fit_pca(tif: str | Path, max_px: int = MAX_PX, sample_px: int = FIT_SAMPLE_P
         low=low.astype(np.float32),
         high=high.astype(np.float32),
         n_samples=len(sample),
+        explained=float(eigenvalues[::-1][:3].sum() / eigenvalues.sum()) if eigenvalues.sum() > 0 else float("nan"),
     )
 
 
@@ -186,7 +196,7 @@ def pca_image(tif: str | Path, fit: PcaFit | None = None, max_px: int = MAX_PX) 
         fit = fit_pca(tif, max_px=max_px)
     else:
         _check_same_bands(tif, info.count, fit.source, fit.n_bands)
-    _, out_h, out_w = picture_shape(info, max_px)
+    out_h, out_w = picture_shape(info, max_px)
     image = np.zeros((out_h, out_w, 4), dtype=np.uint8)
     for rows, cols, vectors, valid in picture_chunks(info, max_px):
         rgba = np.zeros(valid.shape + (4,), dtype=np.uint8)
@@ -197,19 +207,25 @@ def pca_image(tif: str | Path, fit: PcaFit | None = None, max_px: int = MAX_PX) 
 
 
 def render_pca(
-    tif: str | Path, out: str | Path, fit_on: str | Path | None = None, max_px: int = MAX_PX, scale: int | None = None
+    tif: str | Path,
+    out: str | Path,
+    fit_on: str | Path | None = None,
+    max_px: int = MAX_PX,
+    scale: int | None = None,
+    frame: bool = True,
 ) -> Path:
     """Write a PCA false-colour PNG of `tif` (colours fitted on `fit_on` if given); returns the path.
 
-    `scale` repeats each picture pixel scale x scale times, for small rasters shown large; None
-    (the default) enlarges a picture whose longer side is under MIN_PX to at least that. A
-    geographic raster is drawn at its ground shape: its width is scaled by the ratio of a pixel's
-    ground width to its height at the raster's middle latitude (cos(latitude) for square degrees).
+    The picture is drawn at its ground shape (`picture_shape`). `scale` repeats each picture pixel
+    scale x scale times, for small rasters shown large; None (the default) enlarges a picture whose
+    longer side is under MIN_PX to at least that. With `frame` (the default) the picture is shown
+    whole in a figure with a title (the raster, the variance the colours hold), axes in its CRS and
+    a scale bar; without, the PNG is the picture's pixels alone.
     """
     out = Path(out)
     check_output_file(out, example="picture.png", suffixes=(".png",))
     info = open_embedding(tif)
-    _, height, width = picture_shape(info, max_px)
+    height, width = picture_shape(info, max_px)
     if scale is None:
         scale = max(1, min(math.ceil(MIN_PX / max(height, width)), max_px // max(height, width)))
     if scale < 1:
@@ -219,21 +235,47 @@ def render_pca(
     if fit_on is not None:
         _check_same_bands(tif, open_embedding(tif).count, fit_on, open_embedding(fit_on).count)
         fit = fit_pca(fit_on, max_px=max_px)
+    fit = fit or fit_pca(tif, max_px=max_px)
     image = pca_image(tif, fit=fit, max_px=max_px)
     if scale > 1:
         image = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    if frame:
+        framed_picture(image, info, fit, Path(tif), out)
+        return out
     from PIL import Image  # Pillow comes with matplotlib
 
     picture = Image.fromarray(image)
-    if info.is_geographic:
-        lat = float(np.mean(info.latitude_range()))
-        sx_m, sy_m = info.pixel_size_m(lat)
-        picture = picture.resize(
-            (max(1, round(picture.width * float(sx_m) / float(sy_m))), picture.height), Image.Resampling.NEAREST
-        )
     with atomic_write(out) as f:
         picture.save(f, format="PNG", optimize=True)
     return out
+
+
+def framed_picture(image: np.ndarray, info: RasterInfo, fit: PcaFit, tif: Path, out: Path) -> None:
+    """The picture in a figure: its pixels shown one to one, a title, axes in the CRS, a scale bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rasterio.transform import array_bounds
+
+    x0, y0, x1, y1 = array_bounds(info.height, info.width, info.transform)
+    bounds = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    height, width = image.shape[:2]
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi + 1.5, height / dpi + 1.3), dpi=dpi)
+    ax = fig.add_axes(
+        (1.0 / (width / dpi + 1.5), 0.8 / (height / dpi + 1.3), width / (width + 150), height / (height + 130))
+    )
+    ax.imshow(image, extent=(bounds[0], bounds[2], bounds[1], bounds[3]), interpolation="nearest", aspect="auto")
+    colours = (
+        "colours fitted on " + Path(fit.source).name if Path(fit.source) != tif else "R, G, B = PCA components 1, 2, 3"
+    )
+    ax.set_title(f"{tif.name}: {colours} ({fit.explained:.0%} of the variance)", fontsize=9)
+    label_axes(ax, info.crs)
+    scale_bar(ax, bounds, info.crs, colour="white")
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    plt.close(fig)
 
 
 def _check_same_bands(tif: str | Path, n_bands: int, fit_source: str | Path, n_fit_bands: int) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import rasterio
 
 from aether.core.files import temp_file_beside
+from aether.geo.figures import label_axes, scale_bar
 
 HEATMAP_MAX_PX = 1024  # longer side of the PNG heatmap's image
 
@@ -60,16 +61,8 @@ def write_heatmap(tif: Path, path: Path, query: str, hits: list[dict], temps: li
             )
     ax.set_title(query if len(query) <= 70 else query[:67] + "...", fontsize=11)
     ax.set_aspect(aspect)
-    ax.tick_params(labelsize=7)
-    ax.ticklabel_format(useOffset=False, style="plain")
-    name = crs.to_string() if crs.to_epsg() is None else f"EPSG:{crs.to_epsg()}"
-    if crs.is_geographic:
-        ax.set_xlabel(f"longitude (degrees, {name})", fontsize=8)
-        ax.set_ylabel("latitude (degrees)", fontsize=8)
-    else:
-        unit = crs.linear_units or "units"
-        ax.set_xlabel(f"easting ({unit}, {name})", fontsize=8)
-        ax.set_ylabel(f"northing ({unit})", fontsize=8)
+    label_axes(ax, crs)
+    scale_bar(ax, (b.left, b.bottom, b.right, b.top), crs, colour="white")
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     cax = make_axes_locatable(ax).append_axes("right", size="4%", pad=0.08)  # as tall as the map, never taller

@@ -6,6 +6,7 @@ The PCA is checked against an SVD of the same pixels read independently; orienta
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from aether.core.errors import AetherError
 from aether.pictures import curves
 from aether.pictures import pca as pictures
 from tests.helpers.fixtures import run_script_in_process, stored_values, unit_field, write_raster
+
+render_plain = functools.partial(pictures.render_pca, frame=False)  # the picture's pixels alone
 
 ROOT = Path(__file__).resolve().parents[2]
 HEIGHT, WIDTH = 45, 33  # 45 rows divide by a decimation step of 3
@@ -99,7 +102,10 @@ def test_bottom_up_copy_gives_the_north_up_picture(tmp_path, dtype, crs, max_px)
     kwargs = dict(dtype=dtype, crs=crs, transform=grid, nodata=nodata)
     north = pictures.pca_image(write_raster(tmp_path / "north.tif", values, **kwargs), max_px=max_px)
     south = pictures.pca_image(write_raster(tmp_path / "south.tif", values, bottom_up=True, **kwargs), max_px=max_px)
-    assert north.shape == {1024: (HEIGHT, WIDTH, 4), 15: (15, 11, 4), 12: (12, 9, 4)}[max_px]
+    if crs == "EPSG:4326":  # square degrees at 60.17 N: a pixel's ground width is cos(60.17) of its height
+        assert north.shape == (HEIGHT, round(WIDTH * np.cos(np.radians(60.17 - HEIGHT * 1e-4 / 2))), 4)
+    else:
+        assert north.shape == {1024: (HEIGHT, WIDTH, 4), 15: (15, 11, 4), 12: (12, 9, 4)}[max_px]
     assert (north[-1, 0, 3] == 0) and (north[0, 0, 3] == 255)  # the nodata block is in the south-west
     assert (north == south).all()
 
@@ -107,7 +113,7 @@ def test_bottom_up_copy_gives_the_north_up_picture(tmp_path, dtype, crs, max_px)
 def test_decimated_strips_stitch_and_stay_under_max_px(tmp_path, monkeypatch):
     tif = write_raster(tmp_path / "field.tif", unit_field(HEIGHT, WIDTH, seed=7), block=16)
     whole = pictures.pca_image(tif, max_px=20)
-    assert whole.shape[:2] == (15, 11)  # step 3: every third row and column
+    assert whole.shape[:2] == (20, 15)  # the longer side brought to max_px, the shape kept
     monkeypatch.setattr(pictures, "STRIP_BYTES", 1)  # one picture row per read
     assert (pictures.pca_image(tif, max_px=20) == whole).all()
 
@@ -115,20 +121,20 @@ def test_decimated_strips_stitch_and_stay_under_max_px(tmp_path, monkeypatch):
 def test_fit_on_itself_equals_default_and_fit_on_other_shares_colours(tmp_path):
     values = two_regions()
     tif = write_raster(tmp_path / "a.tif", values)
-    plain = pictures.render_pca(tif, tmp_path / "plain.png")
-    itself = pictures.render_pca(tif, tmp_path / "itself.png", fit_on=tif)
+    plain = render_plain(tif, tmp_path / "plain.png")
+    itself = render_plain(tif, tmp_path / "itself.png", fit_on=tif)
     assert (read_png(plain) == read_png(itself)).all()
 
     mirrored = write_raster(tmp_path / "b.tif", values[:, :, ::-1])  # east and west swapped
-    shared = read_png(pictures.render_pca(mirrored, tmp_path / "shared.png", fit_on=tif))
+    shared = read_png(render_plain(mirrored, tmp_path / "shared.png", fit_on=tif))
     assert (shared == read_png(plain)[:, ::-1]).all()
     assert not partials(tmp_path)
 
 
 def test_scale_repeats_pixels(tmp_path):
     tif = write_raster(tmp_path / "a.tif", two_regions())
-    one = read_png(pictures.render_pca(tif, tmp_path / "one.png", scale=1))
-    three = read_png(pictures.render_pca(tif, tmp_path / "three.png", scale=3))
+    one = read_png(render_plain(tif, tmp_path / "one.png", scale=1))
+    three = read_png(render_plain(tif, tmp_path / "three.png", scale=3))
     assert three.shape == (3 * HEIGHT, 3 * WIDTH, 4)
     assert (three[::3, ::3] == one).all()
 
@@ -140,13 +146,13 @@ def test_small_rasters_are_enlarged_and_geographic_ones_drawn_at_their_ground_sh
 
     tif = write_raster(tmp_path / "a.tif", two_regions())
     side = max(HEIGHT, WIDTH)
-    auto = read_png(pictures.render_pca(tif, tmp_path / "auto.png"))
+    auto = read_png(render_plain(tif, tmp_path / "auto.png"))
     k = -(-pictures.MIN_PX // side)
     assert auto.shape[:2] == (k * HEIGHT, k * WIDTH) and max(auto.shape[:2]) >= pictures.MIN_PX
     geo = write_raster(
         tmp_path / "geo.tif", unit_field(40, 40), crs="EPSG:4326", transform=from_origin(24.0, 60.002, 1e-4, 1e-4)
     )
-    picture = read_png(pictures.render_pca(geo, tmp_path / "geo.png", scale=1))
+    picture = read_png(render_plain(geo, tmp_path / "geo.png", scale=1))
     assert picture.shape[:2] == (40, 20)  # cos(60 degrees) = 0.5
 
 
@@ -230,3 +236,30 @@ def test_malformed_metrics_exit_2_through_the_script(tmp_path, monkeypatch, caps
     )
     assert_one_error_line(code, err, "line 2 is not JSON")
     assert not out.exists() and not partials(tmp_path)
+
+
+def test_max_px_is_the_longer_side_of_the_ground_shaped_picture(tmp_path):
+    """A geographic raster of 139 x 100 square-degree pixels at 44.3 N is about 100 x 100 on the
+    ground: with --max-px 120 its picture is 100 x 100, not decimated to half (a step of 2 columns)."""
+    geo = write_raster(
+        tmp_path / "geo.tif",
+        unit_field(100, 139, seed=3),
+        crs="EPSG:4326",
+        transform=from_origin(-88.8, 44.3, 1e-5, 1e-5),
+    )
+    assert pictures.pca_image(geo, max_px=120).shape[:2] == (100, 100)
+    assert pictures.pca_image(geo, max_px=50).shape[:2] == (50, 50)
+
+
+def test_the_framed_picture_has_a_title_axes_and_the_whole_map(tmp_path):
+    """The default picture: the map's pixels one to one inside a figure (title, axes, scale bar)."""
+    tif = write_raster(tmp_path / "a.tif", two_regions())
+    plain = read_png(render_plain(tif, tmp_path / "plain.png", scale=4))
+    framed = read_png(pictures.render_pca(tif, tmp_path / "framed.png", scale=4))
+    assert framed.shape[0] > plain.shape[0] and framed.shape[1] > plain.shape[1]
+    # the map's colours appear in the figure
+    colours = {tuple(c) for c in plain[..., :3].reshape(-1, 3)[::97]}
+    found = {tuple(c) for c in framed[..., :3].reshape(-1, 3)}
+    assert len(colours & found) >= 0.9 * len(colours)
+    code, stderr = run_plot(["pca", "--tif", str(tif), "--out", str(tmp_path / "cli.png")])
+    assert code == 0, stderr
