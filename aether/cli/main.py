@@ -1,6 +1,6 @@
 """The `aether` command, in the style of rasterio's `rio`: one entry point, a subcommand per task.
 
-    aether train | infer | retrieve | evaluate | zonal | plot | fetch-ae | make-pois  [--help]
+    aether train | infer | retrieve | evaluate | serve | zonal | plot | fetch-ae | make-pois  [--help]
 
 Each subcommand lives in its own module of this room and is imported only when it runs, so
 `aether --help` answers at once; the top-level scripts (train.py, ...) run the same modules.
@@ -21,6 +21,7 @@ COMMANDS = {
     "infer": ("aether.cli.infer", "turn an AlphaEarth raster into an AETHER raster"),
     "retrieve": ("aether.cli.retrieve", "ask an AETHER map questions in words"),
     "evaluate": ("aether.cli.evaluate", "evaluate a checkpoint on its held-out POIs against baselines"),
+    "serve": ("aether.cli.serve", "a map in the browser that answers questions in words"),
     "zonal": ("aether.cli.zonal", "per-zone features of an embedding raster (polygons or H3 cells), as GeoParquet"),
     "plot": ("aether.cli.plot", "draw embedding rasters (PCA) and training curves"),
     "fetch-ae": ("aether.cli.fetch_ae", "fetch real AlphaEarth for a bounding box or a file's extent"),

@@ -1,0 +1,251 @@
+"""Map tiles of an embedding raster, rendered on demand in Web Mercator: a PCA false-colour layer and
+the similarity of every pixel to a query vector. rio-tiler reads and warps each 256 px tile (any
+CRS, north-up or bottom-up, int8, int16 or float); AETHER decodes it and colours it. Memory holds
+the tiles being drawn and a small cache of finished PNGs, never the raster."""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.warp import transform_bounds
+
+from aether.geo.gdal import streaming_cache
+from aether.geo.raster import RasterInfo, decode_pixels, invalid_pixels
+from aether.geo.tiles import write_mosaic_vrt
+from aether.model.projector import unit_rows
+
+logger = logging.getLogger(__name__)
+
+TILE_PX = 256
+OVERVIEW_FROM_PX = 2048  # a raster longer than this without overviews gets them, for the map
+OVERVIEW_MIN_PX = 256  # the smallest overview's longer side, about
+SAMPLE_PX = 40_000  # pixels read once to fit the PCA and each query's colour scale
+STRETCH = (2.0, 98.0)  # percentiles a colour scale spans
+CACHE_TILES = 512  # finished PNGs kept (about 100 KiB each)
+RAW_TILES = 32  # warped tiles kept (8 MiB each for int8 AETHER, 16 for int16): more than a 1920 x 1080 view shows
+COLOURS = "viridis"
+
+
+class TileCache:
+    """The last CACHE_TILES PNGs by key (layer, z, x, y), shared by threads."""
+
+    def __init__(self, size: int = CACHE_TILES):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        return None
+
+    def put(self, key, value: bytes) -> None:
+        with self.lock:
+            self.items[key] = value
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def drop(self, prefix) -> None:
+        with self.lock:
+            for key in [k for k in self.items if k[0] == prefix]:
+                del self.items[key]
+
+
+def png(rgba: np.ndarray) -> bytes:
+    """(h, w, 4) uint8 as PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+@functools.cache
+def empty_tile() -> bytes:
+    """A transparent tile: what the map gets off the raster."""
+    return png(np.zeros((TILE_PX, TILE_PX, 4), np.uint8))
+
+
+class EmbeddingLayer:
+    """An embedding raster as map tiles: PCA false colour, and scores against query vectors."""
+
+    def __init__(self, info: RasterInfo, work_dir: Path | None = None):
+        """`work_dir`: where overviews of a large raster without its own are built (a VRT and its
+        .ovr), so that a tile of the whole map reads a few blocks, not the whole raster."""
+        self.info = info
+        self.tile_path = overviews(info, work_dir) if work_dir is not None else info.path
+        self.bands = list(range(1, info.count + 1))  # named, so rio-tiler need not inspect each band
+        self.bounds = transform_bounds(info.crs, "EPSG:4326", *_bounds(info), densify_pts=21)
+        self.sample = self._sample()
+        self.pca_mean, self.pca_axes, self.pca_low, self.pca_high = self._fit_pca()
+        self.cache = TileCache()
+        self.raw = TileCache(RAW_TILES)
+
+    def _sample(self) -> np.ndarray:
+        """Up to SAMPLE_PX valid vectors, read once at a reduced resolution (nearest pixels)."""
+        info = self.info
+        step = max(1.0, float(np.sqrt(info.width * info.height / SAMPLE_PX)))
+        shape = (info.count, max(1, int(info.height / step)), max(1, int(info.width / step)))
+        with streaming_cache(), rasterio.open(self.tile_path) as src:  # from the overviews, where there are
+            pixels = src.read(out_shape=shape, resampling=Resampling.nearest).transpose(1, 2, 0)
+        invalid = invalid_pixels(pixels, info)
+        vectors = decode_pixels(pixels, invalid, info)[~invalid]
+        return vectors.astype(np.float32)
+
+    def _fit_pca(self):
+        x = self.sample
+        if len(x) < 3:
+            return np.zeros(self.info.count), np.eye(self.info.count)[:3], np.zeros(3), np.ones(3)
+        mean = x.mean(axis=0)
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        axes = vt[:3]
+        projected = (x - mean) @ axes.T
+        low, high = np.percentile(projected, STRETCH, axis=0)
+        return mean, axes, low, np.where(high > low, high, low + 1e-6)
+
+    def score_range(self, vector: np.ndarray) -> tuple[float, float]:
+        """The colour scale of a query: the STRETCH percentiles of its scores over the sample."""
+        if len(self.sample) == 0:
+            return -1.0, 1.0
+        scores = self.sample @ vector
+        low, high = np.percentile(scores, STRETCH)
+        return float(low), float(max(high, low + 1e-6))
+
+    def _read(self, z: int, x: int, y: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(256 * 256, bands) float32 vectors of tile z/x/y and its valid mask, or None off the raster.
+        The warped pixels (in the file's type) of the last RAW_TILES tiles are kept: a new query's
+        tiles are those in view, already read for the layer below it."""
+        key = ("raw", z, x, y)
+        raw = self.raw.get(key)
+        if raw is None:
+            raw = self._warp(z, x, y)
+            self.raw.put(key, raw)
+        if raw is False:
+            return None
+        pixels, outside = raw
+        invalid = invalid_pixels(pixels, self.info) | outside
+        vectors = decode_pixels(pixels, invalid, self.info).reshape(-1, self.info.count)
+        return vectors, ~invalid.reshape(-1)
+
+    def _warp(self, z: int, x: int, y: int):
+        """(pixels (256, 256, bands) in the file's type, outside mask) of tile z/x/y, or False off the raster."""
+        from rio_tiler.errors import TileOutsideBounds
+        from rio_tiler.io import Reader
+
+        try:
+            with streaming_cache(), Reader(self.tile_path) as src:
+                image = src.tile(x, y, z, tilesize=TILE_PX, indexes=self.bands, resampling_method="nearest")
+        except TileOutsideBounds:
+            return False
+        pixels = np.ascontiguousarray(np.asarray(image.array.data).transpose(1, 2, 0))
+        return pixels, np.asarray(np.ma.getmaskarray(image.array)).any(axis=0)
+
+    def pca_tile(self, z: int, x: int, y: int) -> bytes:
+        key = ("pca", z, x, y)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        read = self._read(z, x, y)
+        if read is None:
+            return empty_tile()
+        vectors, valid = read
+        rgb = ((vectors - self.pca_mean) @ self.pca_axes.T - self.pca_low) / (self.pca_high - self.pca_low)
+        rgba = np.zeros((TILE_PX * TILE_PX, 4), np.uint8)
+        rgba[:, :3] = np.clip(rgb * 255, 0, 255).astype(np.uint8)
+        rgba[:, 3] = np.where(valid, 255, 0)
+        out = png(rgba.reshape(TILE_PX, TILE_PX, 4))
+        self.cache.put(key, out)
+        return out
+
+    def score_tile(self, name: str, vector: np.ndarray, low: float, high: float, z: int, x: int, y: int) -> bytes:
+        """Tile z/x/y of the scores against `vector`, coloured from `low` to `high`; nodata transparent."""
+        key = (name, z, x, y)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        read = self._read(z, x, y)
+        if read is None:
+            return empty_tile()
+        vectors, valid = read
+        scores = (vectors @ vector - low) / (high - low)
+        out = png(colour(scores, valid).reshape(TILE_PX, TILE_PX, 4))
+        self.cache.put(key, out)
+        return out
+
+    def vector_at(self, lon: float, lat: float) -> np.ndarray | None:
+        """The stored vector of the pixel at lon/lat (an AETHER raster's pixels are already
+        window-pooled, as inference writes them), or None off the raster or on nodata."""
+        from pyproj import Transformer
+
+        x, y = Transformer.from_crs("EPSG:4326", self.info.crs, always_xy=True).transform(lon, lat)
+        row, col = self.info.rowcol(np.array([x]), np.array([y]))
+        row, col = int(row[0]), int(col[0])
+        if not (0 <= row < self.info.height and 0 <= col < self.info.width):
+            return None
+        with rasterio.open(self.info.path) as src:
+            pixels = src.read(window=rasterio.windows.Window(col, row, 1, 1)).transpose(1, 2, 0)
+        invalid = invalid_pixels(pixels, self.info)
+        if invalid.all():
+            return None
+        return unit_rows(decode_pixels(pixels, invalid, self.info).reshape(1, -1))[0]
+
+
+@functools.cache
+def _colour_table() -> np.ndarray:
+    from matplotlib import colormaps
+
+    return (colormaps[COLOURS](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def colour(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Scores in [0, 1] (clipped) as RGBA of COLOURS; invalid pixels transparent."""
+    index = np.clip(np.nan_to_num(scores) * 255, 0, 255).astype(np.uint8)
+    rgba = np.zeros((len(scores), 4), np.uint8)
+    rgba[:, :3] = _colour_table()[index]
+    rgba[:, 3] = np.where(valid, 210, 0)
+    return rgba
+
+
+def colour_stops(n: int = 6) -> list[str]:
+    """The colour scale's colours, as CSS hex, for the legend."""
+    from matplotlib import colormaps
+
+    return ["#" + "".join(f"{int(c * 255):02x}" for c in colormaps[COLOURS](t)[:3]) for t in np.linspace(0, 1, n)]
+
+
+def overviews(info: RasterInfo, work_dir: Path) -> str:
+    """The path tiles are read from: the raster itself when it is small or has overviews; else a VRT
+    over it in `work_dir` with overviews (nearest pixels, factors of 2 until OVERVIEW_MIN_PX), built
+    once, beside the VRT: the raster itself is never written."""
+    with rasterio.open(info.path) as src:
+        has = bool(src.overviews(1))
+    if has or max(info.width, info.height) <= OVERVIEW_FROM_PX:
+        return info.path
+    factors, f = [], 2
+    while max(info.width, info.height) / f >= OVERVIEW_MIN_PX:
+        factors.append(f)
+        f *= 2
+    vrt = write_mosaic_vrt([info.path], Path(work_dir) / f"overviews_{Path(info.path).stem}.vrt")
+    logger.info(f"building map overviews of {Path(info.path).name} (x{', x'.join(map(str, factors))}); once per start")
+    started = time.perf_counter()
+    with rasterio.Env(COMPRESS_OVERVIEW="ZSTD", INTERLEAVE_OVERVIEW="PIXEL", GDAL_NUM_THREADS="ALL_CPUS"):
+        with rasterio.open(vrt, "r+") as dst:
+            dst.build_overviews(factors, Resampling.nearest)
+    logger.info(f"overviews built in {time.perf_counter() - started:.1f} s")
+    return str(vrt)
+
+
+def _bounds(info: RasterInfo) -> tuple[float, float, float, float]:
+    from rasterio.transform import array_bounds
+
+    x0, y0, x1, y1 = array_bounds(info.height, info.width, info.transform)
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
