@@ -74,6 +74,7 @@ def create_app(options: ServeOptions, work_dir: Path | None = None):
     search = SearchOptions(top_k=options.top_k, nms_m=options.nms_m, device="cpu", heatmaps=False).check()
     book = QueryBook(projector, options.ckpt, options.emb_tif, aether_layer, folder, search)
     book.warm_up()
+    aether_layer.warm_up()
     pois = poi_features(options.poi, info) if options.poi else {"type": "FeatureCollection", "features": []}
 
     app = FastAPI(title="AETHER", docs_url=None, redoc_url=None, openapi_url=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +27,8 @@ from aether.model.projector import unit_rows
 logger = logging.getLogger(__name__)
 
 TILE_PX = 256
+VIEW_PX = (880, 800)  # the map's part of a 1200 x 800 window, beside the side panel
+MAX_WARM_TILES = 30
 OVERVIEW_FROM_PX = 2048  # a raster longer than this without overviews gets them, for the map
 OVERVIEW_MIN_PX = 256  # the smallest overview's longer side, about
 SAMPLE_PX = 40_000  # pixels read once to fit the PCA and each query's colour scale
@@ -90,12 +93,28 @@ class EmbeddingLayer:
         self.cache = TileCache()
         self.raw = TileCache(RAW_TILES)
 
+    def warm_up(self, view_px: tuple[int, int] = VIEW_PX) -> int:
+        """Draw now the PCA tiles of the view a map of `view_px` (width, height) opens on (the
+        zoom at which the raster fits it, as Leaflet's fitBounds picks): the first page shows them
+        from the cache. Returns how many."""
+        tiles = fitted_tiles(self.bounds, view_px)
+        for z, x, y in tiles:
+            self.pca_tile(z, x, y)
+        return len(tiles)
+
+    def _sidecars(self) -> rasterio.Env:
+        """GDAL settings that let it find the overviews' .ovr beside the VRT (the command line turns
+        the folder listing off, for remote rasters, and with it the search for sidecar files)."""
+        if self.tile_path == self.info.path:
+            return rasterio.Env()
+        return rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="FALSE")
+
     def _sample(self) -> np.ndarray:
         """Up to SAMPLE_PX valid vectors, read once at a reduced resolution (nearest pixels)."""
         info = self.info
         step = max(1.0, float(np.sqrt(info.width * info.height / SAMPLE_PX)))
         shape = (info.count, max(1, int(info.height / step)), max(1, int(info.width / step)))
-        with streaming_cache(), rasterio.open(self.tile_path) as src:  # from the overviews, where there are
+        with streaming_cache(), self._sidecars(), rasterio.open(self.tile_path) as src:  # from the overviews
             pixels = src.read(out_shape=shape, resampling=Resampling.nearest).transpose(1, 2, 0)
         invalid = invalid_pixels(pixels, info)
         vectors = decode_pixels(pixels, invalid, info)[~invalid]
@@ -142,7 +161,7 @@ class EmbeddingLayer:
         from rio_tiler.io import Reader
 
         try:
-            with streaming_cache(), Reader(self.tile_path) as src:
+            with streaming_cache(), self._sidecars(), Reader(self.tile_path) as src:
                 image = src.tile(x, y, z, tilesize=TILE_PX, indexes=self.bands, resampling_method="nearest")
         except TileOutsideBounds:
             return False
@@ -220,6 +239,24 @@ def colour_stops(n: int = 6) -> list[str]:
     from matplotlib import colormaps
 
     return ["#" + "".join(f"{int(c * 255):02x}" for c in colormaps[COLOURS](t)[:3]) for t in np.linspace(0, 1, n)]
+
+
+def fitted_tiles(bounds, view_px: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """The Web Mercator tiles (z, x, y) covering `bounds` (west, south, east, north) at the largest
+    zoom where they fit in `view_px`, at most MAX_WARM_TILES."""
+    west, south, east, north = bounds
+
+    def xy(lon: float, lat: float, z: int) -> tuple[float, float]:
+        n = 2**z
+        return (lon + 180) / 360 * n, (1 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2 * n
+
+    for z in range(20, -1, -1):
+        x0, y0 = xy(west, north, z)
+        x1, y1 = xy(east, south, z)
+        if (x1 - x0) * TILE_PX <= view_px[0] and (y1 - y0) * TILE_PX <= view_px[1]:
+            tiles = [(z, x, y) for x in range(int(x0), int(x1) + 1) for y in range(int(y0), int(y1) + 1)]
+            return tiles[:MAX_WARM_TILES]
+    return []
 
 
 def overviews(info: RasterInfo, work_dir: Path) -> str:

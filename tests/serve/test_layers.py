@@ -71,3 +71,17 @@ def test_score_tile_colours_follow_the_scores(tmp_path):
     # viridis: high scores are yellow (much red and green), low ones dark purple
     bright = shown[:, 0].astype(int) + shown[:, 1]
     assert bright.max() > 400 and bright.min() < 150
+
+
+def test_the_opening_view_is_drawn_at_start(tmp_path):
+    """The tiles of the view the page opens on (the raster fitted in it) are drawn before any request."""
+    from aether.serve.layers import VIEW_PX, fitted_tiles
+
+    layer = EmbeddingLayer(open_raster(str(write_raster(tmp_path / "r.tif", unit_field(60, 80, bands=8))), 8))
+    tiles = fitted_tiles(layer.bounds, VIEW_PX)
+    z = tiles[0][0]
+    assert {t[0] for t in tiles} == {z} and 1 <= len(tiles) <= 20
+    bigger = fitted_tiles(layer.bounds, (VIEW_PX[0] * 2, VIEW_PX[1] * 2))
+    assert bigger[0][0] == z + 1  # twice the room: one zoom level closer
+    assert layer.warm_up() == len(tiles)
+    assert all(layer.cache.get(("pca", *t)) is not None for t in tiles)
