@@ -100,6 +100,7 @@ class EmbeddingLayer:
         tiles = fitted_tiles(self.bounds, view_px)
         for z, x, y in tiles:
             self.pca_tile(z, x, y)
+        _colour_table()  # and the heatmaps' colours (matplotlib's import is a second)
         return len(tiles)
 
     def _sidecars(self) -> rasterio.Env:

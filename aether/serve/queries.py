@@ -6,6 +6,7 @@ folder of its own: the list the page shows and the files it offers are retrieve'
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,17 @@ logger = logging.getLogger(__name__)
 MAX_QUERY_CHARS = 300
 MAX_IN_FLIGHT = 4  # searches running or waiting at once; more are refused (429) until one ends
 MAX_KEPT = 64  # queries remembered; the oldest finished ones are forgotten beyond this
+
+
+SEARCH_NICE = 10  # how much lower the background search runs than the tile requests (Linux thread niceness)
+
+
+def lower_priority() -> None:
+    """Run this thread (and the threads it starts) at a lower CPU priority, where the OS allows it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SEARCH_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the search runs as it is
+        pass
 
 
 class Busy(Exception):
@@ -120,6 +132,7 @@ class QueryBook:
             self.layer.cache.drop(f"q{q.id}")
 
     def _search(self, query: Query) -> None:
+        lower_priority()  # the tiles in view first: the map is what the user waits on
         try:
             results = retrieve(
                 [query.text],
