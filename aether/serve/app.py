@@ -60,9 +60,8 @@ def require_serve_extra() -> None:
 def create_app(options: ServeOptions, work_dir: Path | None = None):
     """The FastAPI app; searches write into `work_dir` (a temporary folder by default)."""
     require_serve_extra()
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import FileResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     projector = Projector(options.ckpt, device="cpu", precision="fp32")
@@ -80,27 +79,7 @@ def create_app(options: ServeOptions, work_dir: Path | None = None):
     app = FastAPI(title="AETHER", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.book, app.state.own_dir = book, own_dir
 
-    @app.exception_handler(AetherError)
-    async def aether_error(request: Request, exc: AetherError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
-
-    @app.exception_handler(Busy)
-    async def busy(request: Request, exc: Busy):
-        return JSONResponse({"error": str(exc)}, status_code=429)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else "request"
-        return JSONResponse({"error": f"{where}: {errors[0]['msg'] if errors else 'invalid'}"}, status_code=422)
-
-    @app.middleware("http")
-    async def unexpected(request: Request, call_next):  # one line in the log, never a traceback
-        try:
-            return await call_next(request)
-        except Exception as exc:
-            logger.warning(f"{request.method} {request.url.path}: {type(exc).__name__}: {first_line(exc)}")
-            return JSONResponse({"error": "internal error; the server's log has one line about it"}, status_code=500)
+    add_error_handlers(app)
 
     def check_tile(z: int, x: int, y: int) -> None:
         if not (0 <= z <= MAX_ZOOM and 0 <= x < 2**z and 0 <= y < 2**z):
@@ -177,18 +156,47 @@ def create_app(options: ServeOptions, work_dir: Path | None = None):
     def poi_layer():
         return pois
 
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def add_error_handlers(app) -> None:
+    """Every error as JSON {"error": one line}: 400 for bad input, 404/409 for what is not there
+    (yet), 422 for a malformed request, 429 when busy, 500 (and one log line) for a bug."""
+    from fastapi import HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(AetherError)
+    async def aether_error(request: Request, exc: AetherError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy):
+        return JSONResponse({"error": str(exc)}, status_code=429)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else "request"
+        return JSONResponse({"error": f"{where}: {errors[0]['msg'] if errors else 'invalid'}"}, status_code=422)
+
+    @app.middleware("http")
+    async def unexpected(request: Request, call_next):  # one line in the log, never a traceback
+        try:
+            return await call_next(request)
+        except Exception as exc:
+            logger.warning(f"{request.method} {request.url.path}: {type(exc).__name__}: {first_line(exc)}")
+            return JSONResponse({"error": "internal error; the server's log has one line about it"}, status_code=500)
+
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     @app.exception_handler(StarletteHTTPException)
     async def not_found(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def poi_features(path: str, info: RasterInfo) -> dict:
