@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ MAX_IN_FLIGHT = 4  # searches running or waiting at once; more are refused (429)
 MAX_KEPT = 64  # queries remembered; the oldest finished ones are forgotten beyond this
 
 
+SEARCH_DELAY_S = 1.0  # a search waits this long, so the question's visible tiles are drawn first
 SEARCH_NICE = 10  # how much lower the background search runs than the tile requests (Linux thread niceness)
 
 
@@ -133,6 +135,7 @@ class QueryBook:
 
     def _search(self, query: Query) -> None:
         lower_priority()  # the tiles in view first: the map is what the user waits on
+        time.sleep(SEARCH_DELAY_S)  # and the page's first tiles of this question before the search starts
         try:
             results = retrieve(
                 [query.text],
