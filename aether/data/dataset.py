@@ -71,7 +71,6 @@ def spatial_split(lon: np.ndarray, lat: np.ndarray, block_m: float, val_fraction
 
 def extents(lon: np.ndarray, lat: np.ndarray, infos: list[RasterInfo]) -> str:
     """Where the points and the rasters lie, in degrees: what a message about points off the raster shows."""
-    from rasterio.transform import array_bounds
     from rasterio.warp import transform_bounds
 
     def box(w, s, e, n) -> str:
@@ -79,9 +78,7 @@ def extents(lon: np.ndarray, lat: np.ndarray, infos: list[RasterInfo]) -> str:
 
     rasters = []
     for info in infos[:3]:
-        x0, y0, x1, y1 = array_bounds(info.height, info.width, info.transform)  # y0 > y1 for a bottom-up raster
-        west, south, east, north = min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
-        rasters.append(box(*transform_bounds(info.crs, "EPSG:4326", west, south, east, north, densify_pts=21)))
+        rasters.append(box(*transform_bounds(info.crs, "EPSG:4326", *info.bounds, densify_pts=21)))
     points = box(np.nanmin(lon), np.nanmin(lat), np.nanmax(lon), np.nanmax(lat)) if len(lon) else "none"
     more = f" and {len(infos) - 3} more" if len(infos) > 3 else ""
     return f"the POIs lie at {points}; the raster{'s' if len(infos) > 1 else ''} at {'; '.join(rasters)}{more}"

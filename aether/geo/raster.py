@@ -100,6 +100,24 @@ class RasterInfo:
         )
         return rx, ry
 
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(west, south, east, north) in the raster's CRS, whatever its row order."""
+        xs = (self.transform.c, self.transform.c + self.width * self.transform.a)
+        ys = (self.transform.f, self.transform.f + self.height * self.transform.e)
+        return min(xs), min(ys), max(xs), max(ys)
+
+    def row_latitudes(self) -> np.ndarray | None:
+        """Latitude of each row's pixel centres of a geographic raster; None for a projected one."""
+        if not self.is_geographic:
+            return None
+        return self.xy(np.arange(self.height), np.zeros(self.height, dtype=np.int64))[1]
+
+    def radius_px_rows(self, radius_m: float) -> tuple[np.ndarray, np.ndarray]:
+        """`radius_px` for every row, (height,) each: at each row's latitude on a geographic raster."""
+        rx, ry = self.radius_px(radius_m, self.row_latitudes())
+        return (np.broadcast_to(np.asarray(r, dtype=np.int64), (self.height,)) for r in (rx, ry))
+
     def latitude_range(self) -> np.ndarray | None:
         """Latitudes of the first and last rows' pixel centres of a geographic raster (the pixels are
         narrowest on the ground at the one nearer a pole); None for a projected raster."""

@@ -93,13 +93,11 @@ def h3_zones(info: RasterInfo, resolution: int) -> Zones:
     EPSG:4326), ids as H3 strings."""
     import geopandas
     import h3
-    from rasterio.transform import array_bounds
     from rasterio.warp import transform_geom
 
     if resolution not in H3_RESOLUTIONS:
         raise AetherError(f"--h3 must be an H3 resolution from 0 to 15, got {resolution}")
-    x0, y0, x1, y1 = array_bounds(info.height, info.width, info.transform)
-    raster_box = shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    raster_box = shapely.box(*info.bounds)
     outline = shapely.segmentize(raster_box, max(raster_box.length / 400, 1e-9))  # edges follow the projection
     outline = shapely.geometry.shape(transform_geom(info.crs, "EPSG:4326", outline.__geo_interface__, precision=-1))
     west, south, east, north = outline.bounds

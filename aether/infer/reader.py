@@ -57,13 +57,8 @@ class PooledTileReader:
         check_pooling(pooling)
         self.info, self.projector, self.pooling, self.strip_px = info, projector, pooling, strip_px
         if pooling == "window":
-            lat = None
-            if info.is_geographic:
-                lat = info.xy(np.arange(info.height), np.zeros(info.height, dtype=np.int64))[1]
-            info.check_window(projector.base_radius_m, lat, fix="use --pooling pixel")
-            rx, ry = info.radius_px(projector.base_radius_m, lat)
-            self.rx = np.broadcast_to(rx, (info.height,))
-            self.ry = np.broadcast_to(ry, (info.height,))
+            info.check_window(projector.base_radius_m, info.row_latitudes(), fix="use --pooling pixel")
+            self.rx, self.ry = info.radius_px_rows(projector.base_radius_m)
         else:
             self.rx = self.ry = np.zeros(info.height, dtype=np.int64)
         self.implausible = 0  # pixels of the tiles read holding values no embedding has (`implausible_pixels`)

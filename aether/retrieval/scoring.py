@@ -157,12 +157,7 @@ class Scoring:
 def edge_band(info: RasterInfo, radius_m: float) -> tuple[np.ndarray, np.ndarray]:
     """Per raster row, how many pixels from the raster's edge a base window (`radius_m`) is cut
     short: (columns, rows). Zeros where the raster is too small to have pixels with whole windows."""
-    lat = None
-    if info.is_geographic:
-        lat = info.xy(np.arange(info.height), np.zeros(info.height, dtype=np.int64))[1]
-    rx, ry = info.radius_px(radius_m, lat)
-    rx = np.broadcast_to(np.asarray(rx), (info.height,)).astype(np.int64)
-    ry = np.broadcast_to(np.asarray(ry), (info.height,)).astype(np.int64)
+    rx, ry = info.radius_px_rows(radius_m)
     if info.width <= 2 * rx.max() or info.height <= 2 * ry.max():
         return np.zeros(info.height, np.int64), np.zeros(info.height, np.int64)
     return rx, ry
