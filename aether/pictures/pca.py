@@ -48,6 +48,36 @@ class PcaFit:
     n_samples: int
     explained: float = float("nan")  # share of the sample's variance the three components hold
 
+    @classmethod
+    def of_sample(cls, sample: np.ndarray, source: str) -> PcaFit:
+        """The fit of (N, bands) vectors: components with their largest loading positive, stretched
+        between STRETCH_PERCENTILES of their scores; refused in one line under 3 vectors."""
+        if len(sample) < 3:
+            raise AetherError(
+                f"raster {source} has {len(sample)} valid pixels in its sample; "
+                "a PCA needs at least 3 (is it all nodata?)"
+            )
+        sample = np.asarray(sample, dtype=np.float64)
+        mean = sample.mean(axis=0)
+        centred = sample - mean
+        eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
+        components = eigenvectors[:, ::-1][:, :3].T
+        largest = np.argmax(np.abs(components), axis=1)
+        components *= np.sign(components[np.arange(3), largest])[:, None]
+        scores = centred @ components.T
+        low, high = np.percentile(scores, STRETCH_PERCENTILES, axis=0)
+        high = np.where(high - low <= 1e-12, low + 1.0, high)  # a constant component shows as black, not as 0 / 0
+        total = eigenvalues.sum()
+        return cls(
+            source=source,
+            mean=mean.astype(np.float32),
+            components=components.astype(np.float32),
+            low=low.astype(np.float32),
+            high=high.astype(np.float32),
+            n_samples=len(sample),
+            explained=float(eigenvalues[::-1][:3].sum() / total) if total > 0 else float("nan"),
+        )
+
     @property
     def n_bands(self) -> int:
         return self.mean.shape[0]
@@ -165,28 +195,7 @@ def fit_pca(tif: str | Path, max_px: int = MAX_PX, sample_px: int = FIT_SAMPLE_P
         positions.append((rows[:, None] * out_w + cols[None, :])[keep])
         chunks.append(vectors[keep].astype(np.float64))
     sample = np.concatenate(chunks)[np.argsort(np.concatenate(positions))]
-    if len(sample) < 3:
-        raise AetherError(
-            f"raster {tif} has {len(sample)} valid pixels in its sample; a PCA needs at least 3 (is it all nodata?)"
-        )
-    mean = sample.mean(axis=0)
-    centred = sample - mean
-    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
-    components = eigenvectors[:, ::-1][:, :3].T
-    largest = np.argmax(np.abs(components), axis=1)
-    components *= np.sign(components[np.arange(3), largest])[:, None]
-    scores = centred @ components.T
-    low, high = np.percentile(scores, STRETCH_PERCENTILES, axis=0)
-    high = np.where(high - low <= 1e-12, low + 1.0, high)  # a constant component shows as black, not as 0 / 0
-    return PcaFit(
-        source=str(tif),
-        mean=mean.astype(np.float32),
-        components=components.astype(np.float32),
-        low=low.astype(np.float32),
-        high=high.astype(np.float32),
-        n_samples=len(sample),
-        explained=float(eigenvalues[::-1][:3].sum() / eigenvalues.sum()) if eigenvalues.sum() > 0 else float("nan"),
-    )
+    return PcaFit.of_sample(sample, str(tif))
 
 
 def pca_image(tif: str | Path, fit: PcaFit | None = None, max_px: int = MAX_PX) -> np.ndarray:
@@ -256,10 +265,8 @@ def framed_picture(image: np.ndarray, info: RasterInfo, fit: PcaFit, tif: Path, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from rasterio.transform import array_bounds
 
-    x0, y0, x1, y1 = array_bounds(info.height, info.width, info.transform)
-    bounds = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    bounds = info.bounds
     height, width = image.shape[:2]
     dpi = 100
     fig = plt.figure(figsize=(width / dpi + 1.5, height / dpi + 1.3), dpi=dpi)

@@ -138,19 +138,21 @@ def create_app(options: ServeOptions, work_dir: Path | None = None):
         q = query_of(qid)
         return tile(aether_layer.score_tile(f"q{qid}", q.vector, q.low, q.high, z, x, y))
 
+    def search_file(qid: int, attribute: str, media_type: str, what: str):
+        """A file the query's search wrote (as `aether retrieve` writes it), once it is done."""
+        q = query_of(qid)
+        path = getattr(q, attribute)
+        if path is None:
+            raise HTTPException(409, f"query {qid} is {q.status}; {what} when the search is done")
+        return FileResponse(path, media_type=media_type, filename=path.name)
+
     @app.get("/api/query/{qid}/heatmap.tif")
     def heatmap(qid: int):
-        q = query_of(qid)
-        if q.tif is None:
-            raise HTTPException(409, f"query {qid} is {q.status}; its GeoTIFF comes when the search is done")
-        return FileResponse(q.tif, media_type="image/tiff", filename=q.tif.name)
+        return search_file(qid, "tif", "image/tiff", "its GeoTIFF comes")
 
     @app.get("/api/query/{qid}/places.geojson")
     def places(qid: int):
-        q = query_of(qid)
-        if q.geojson is None:
-            raise HTTPException(409, f"query {qid} is {q.status}; its places come when the search is done")
-        return FileResponse(q.geojson, media_type="application/geo+json", filename=q.geojson.name)
+        return search_file(qid, "geojson", "application/geo+json", "its places come")
 
     @app.get("/api/pois")
     def poi_layer():

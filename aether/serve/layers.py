@@ -23,6 +23,7 @@ from aether.geo.gdal import streaming_cache
 from aether.geo.raster import RasterInfo, decode_pixels, invalid_pixels
 from aether.geo.tiles import write_mosaic_vrt
 from aether.model.projector import unit_rows
+from aether.pictures.pca import STRETCH_PERCENTILES, PcaFit
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ MAX_WARM_TILES = 30
 OVERVIEW_FROM_PX = 2048  # a raster longer than this without overviews gets them, for the map
 OVERVIEW_MIN_PX = 256  # the smallest overview's longer side, about
 SAMPLE_PX = 40_000  # pixels read once to fit the PCA and each query's colour scale
-STRETCH = (2.0, 98.0)  # percentiles a colour scale spans
 CACHE_TILES = 512  # finished PNGs kept (about 100 KiB each)
 RAW_TILES = 32  # warped tiles kept (8 MiB each for int8 AETHER, 16 for int16): more than a 1920 x 1080 view shows
 COLOURS = "viridis"
@@ -87,9 +87,10 @@ class EmbeddingLayer:
         self.info = info
         self.tile_path = overviews(info, work_dir) if work_dir is not None else info.path
         self.bands = list(range(1, info.count + 1))  # named, so rio-tiler need not inspect each band
-        self.bounds = transform_bounds(info.crs, "EPSG:4326", *_bounds(info), densify_pts=21)
+        self.bounds = transform_bounds(info.crs, "EPSG:4326", *info.bounds, densify_pts=21)
         self.sample = self._sample()
-        self.pca_mean, self.pca_axes, self.pca_low, self.pca_high = self._fit_pca()
+        # the picture's own PCA fit (aether.pictures.pca), on the sample; none for a raster all nodata
+        self.pca = PcaFit.of_sample(self.sample, info.path) if len(self.sample) >= 3 else None
         self.cache = TileCache()
         self.raw = TileCache(RAW_TILES)
 
@@ -121,23 +122,12 @@ class EmbeddingLayer:
         vectors = decode_pixels(pixels, invalid, info)[~invalid]
         return vectors.astype(np.float32)
 
-    def _fit_pca(self):
-        x = self.sample
-        if len(x) < 3:
-            return np.zeros(self.info.count), np.eye(self.info.count)[:3], np.zeros(3), np.ones(3)
-        mean = x.mean(axis=0)
-        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-        axes = vt[:3]
-        projected = (x - mean) @ axes.T
-        low, high = np.percentile(projected, STRETCH, axis=0)
-        return mean, axes, low, np.where(high > low, high, low + 1e-6)
-
     def score_range(self, vector: np.ndarray) -> tuple[float, float]:
-        """The colour scale of a query: the STRETCH percentiles of its scores over the sample."""
+        """The colour scale of a query: the STRETCH_PERCENTILES of its scores (as the PCA pictures) over the sample."""
         if len(self.sample) == 0:
             return -1.0, 1.0
         scores = self.sample @ vector
-        low, high = np.percentile(scores, STRETCH)
+        low, high = np.percentile(scores, STRETCH_PERCENTILES)
         return float(low), float(max(high, low + 1e-6))
 
     def _read(self, z: int, x: int, y: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -169,25 +159,9 @@ class EmbeddingLayer:
         pixels = np.ascontiguousarray(np.asarray(image.array.data).transpose(1, 2, 0))
         return pixels, np.asarray(np.ma.getmaskarray(image.array)).any(axis=0)
 
-    def pca_tile(self, z: int, x: int, y: int) -> bytes:
-        key = ("pca", z, x, y)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        read = self._read(z, x, y)
-        if read is None:
-            return empty_tile()
-        vectors, valid = read
-        rgb = ((vectors - self.pca_mean) @ self.pca_axes.T - self.pca_low) / (self.pca_high - self.pca_low)
-        rgba = np.zeros((TILE_PX * TILE_PX, 4), np.uint8)
-        rgba[:, :3] = np.clip(rgb * 255, 0, 255).astype(np.uint8)
-        rgba[:, 3] = np.where(valid, 255, 0)
-        out = png(rgba.reshape(TILE_PX, TILE_PX, 4))
-        self.cache.put(key, out)
-        return out
-
-    def score_tile(self, name: str, vector: np.ndarray, low: float, high: float, z: int, x: int, y: int) -> bytes:
-        """Tile z/x/y of the scores against `vector`, coloured from `low` to `high`; nodata transparent."""
+    def _tile(self, name: str, z: int, x: int, y: int, paint) -> bytes:
+        """Tile z/x/y of layer `name` as PNG: from the cache, or `paint(vectors, valid)` -> (N, 4)
+        RGBA of the tile's pixels, then cached; transparent off the raster."""
         key = (name, z, x, y)
         cached = self.cache.get(key)
         if cached is not None:
@@ -195,11 +169,24 @@ class EmbeddingLayer:
         read = self._read(z, x, y)
         if read is None:
             return empty_tile()
-        vectors, valid = read
-        scores = (vectors @ vector - low) / (high - low)
-        out = png(colour(scores, valid).reshape(TILE_PX, TILE_PX, 4))
+        out = png(paint(*read).reshape(TILE_PX, TILE_PX, 4))
         self.cache.put(key, out)
         return out
+
+    def pca_tile(self, z: int, x: int, y: int) -> bytes:
+        """Tile z/x/y in PCA false colour (the sample's fit); nodata transparent."""
+
+        def paint(vectors: np.ndarray, valid: np.ndarray) -> np.ndarray:
+            rgba = np.zeros((len(valid), 4), np.uint8)
+            rgba[:, :3] = self.pca.colours(vectors) if self.pca is not None else 128
+            rgba[:, 3] = np.where(valid, 255, 0)
+            return rgba
+
+        return self._tile("pca", z, x, y, paint)
+
+    def score_tile(self, name: str, vector: np.ndarray, low: float, high: float, z: int, x: int, y: int) -> bytes:
+        """Tile z/x/y of the scores against `vector`, coloured from `low` to `high`; nodata transparent."""
+        return self._tile(name, z, x, y, lambda vectors, valid: colour((vectors @ vector - low) / (high - low), valid))
 
     def vector_at(self, lon: float, lat: float) -> np.ndarray | None:
         """The stored vector of the pixel at lon/lat (an AETHER raster's pixels are already
@@ -280,10 +267,3 @@ def overviews(info: RasterInfo, work_dir: Path) -> str:
             dst.build_overviews(factors, Resampling.nearest)
     logger.info(f"overviews built in {time.perf_counter() - started:.1f} s")
     return str(vrt)
-
-
-def _bounds(info: RasterInfo) -> tuple[float, float, float, float]:
-    from rasterio.transform import array_bounds
-
-    x0, y0, x1, y1 = array_bounds(info.height, info.width, info.transform)
-    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)

@@ -39,12 +39,7 @@ def test_bottom_up_and_north_up_draw_the_same_tiles(tmp_path, crs, dtype):
     (west, south_lat, east, north_lat) = north.bounds
     z, x, y = tile_at((west + east) / 2, (south_lat + north_lat) / 2, 15)  # the whole raster and beyond
     # the same colours for both (each layer fits its PCA on its own sample, read in file order)
-    south.pca_mean, south.pca_axes, south.pca_low, south.pca_high = (
-        north.pca_mean,
-        north.pca_axes,
-        north.pca_low,
-        north.pca_high,
-    )
+    south.pca = north.pca
     a, b = rgba(north.pca_tile(z, x, y)), rgba(south.pca_tile(z, x, y))
     assert (a[..., 3] == 255).any() and (a[..., 3] == 0).any()  # raster pixels, and nodata or outside
     np.testing.assert_array_equal(a, b)
