@@ -286,10 +286,8 @@ def invalid_pixels(pixels: np.ndarray, info: RasterInfo, axis: int = -1) -> np.n
     """Pixels where any band is nodata, of an (h, w, C) block (or a (C, h, w) one, with axis=0). In a
     float raster that is NaN, the declared nodata, and any value no embedding has (see
     `implausible_pixels`), so that no sum of them overflows."""
-    if info.is_int8:
-        return (pixels == NODATA_INT8).any(axis=axis)
-    if info.is_int16:
-        return (pixels == NODATA_INT16).any(axis=axis)
+    if info.is_int8 or info.is_int16:  # nodata is the type's smallest value: the band minimum finds it, no copy
+        return pixels.min(axis=axis) == (NODATA_INT8 if info.is_int8 else NODATA_INT16)
     bad = ~(np.abs(pixels) <= MAX_ABS_VALUE)  # NaN, inf and impossible magnitudes in one test
     if info.nodata is not None and not math.isnan(info.nodata):
         bad |= pixels == info.nodata
@@ -341,15 +339,23 @@ def read_vectors(src: rasterio.io.DatasetReader, window: Window, info: RasterInf
     return decode_pixels(pixels, invalid, info), ~invalid
 
 
-def decode_pixels(pixels: np.ndarray, invalid: np.ndarray, info: RasterInfo) -> np.ndarray:
+def decode_pixels(
+    pixels: np.ndarray, invalid: np.ndarray, info: RasterInfo, out: np.ndarray | None = None
+) -> np.ndarray:
     """(h, w, C) pixels in the file's type as float32 values (AlphaEarth int8 de-quantized, AETHER
-    int16 scaled), invalid pixels (h, w) zeroed first, so no cast overflows."""
+    int16 scaled), invalid pixels (h, w) zeroed first, so no cast overflows; into `out` (float32,
+    the pixels' shape) when given, so a caller decoding many blocks reuses one array."""
     if info.is_int8:
-        values = dequantize(pixels)
+        values = dequantize(pixels, out=out)
     elif info.is_int16:
-        values = dequantize_int16(pixels)
+        values = dequantize_int16(pixels, out=out)
     else:
-        values = np.where(invalid[..., None], 0, pixels).astype(np.float32)
+        cleaned = np.where(invalid[..., None], 0, pixels)
+        if out is None:
+            values = cleaned.astype(np.float32)
+        else:
+            values = out
+            np.copyto(values, cleaned, casting="same_kind")
     values[invalid] = 0.0
     return values
 

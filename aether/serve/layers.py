@@ -9,6 +9,7 @@ import functools
 import io
 import logging
 import math
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +36,7 @@ OVERVIEW_MIN_PX = 256  # the smallest overview's longer side, about
 SAMPLE_PX = 40_000  # pixels read once to fit the PCA and each query's colour scale
 CACHE_TILES = 512  # finished PNGs kept (about 100 KiB each)
 RAW_TILES = 32  # warped tiles kept (8 MiB each for int8 AETHER, 16 for int16): more than a 1920 x 1080 view shows
+PAINTERS = 2  # tiles decoded and coloured at once (one per core), each into its own float32 tile of every band
 COLOURS = "viridis"
 
 
@@ -93,6 +95,12 @@ class EmbeddingLayer:
         self.pca = PcaFit.of_sample(self.sample, info.path) if len(self.sample) >= 3 else None
         self.cache = TileCache()
         self.raw = TileCache(RAW_TILES)
+        # decoded tiles are written into these, made (and their pages touched) once: a fresh 32 MiB
+        # array per tile, page-faulted by six request threads at once, made a question's first tiles take seconds
+        self.workspaces = queue.Queue()
+        self.last_drawn = time.monotonic()  # when a tile was last drawn: searches wait for a quiet moment
+        for _ in range(PAINTERS):
+            self.workspaces.put(np.ones((TILE_PX, TILE_PX, info.count), np.float32))
 
     def warm_up(self, view_px: tuple[int, int] = VIEW_PX) -> int:
         """Draw now the PCA tiles of the view a map of `view_px` (width, height) opens on (the
@@ -130,21 +138,16 @@ class EmbeddingLayer:
         low, high = np.percentile(scores, STRETCH_PERCENTILES)
         return float(low), float(max(high, low + 1e-6))
 
-    def _read(self, z: int, x: int, y: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(256 * 256, bands) float32 vectors of tile z/x/y and its valid mask, or None off the raster.
-        The warped pixels (in the file's type) of the last RAW_TILES tiles are kept: a new query's
-        tiles are those in view, already read for the layer below it."""
+    def _read(self, z: int, x: int, y: int):
+        """(pixels (256, 256, bands) in the file's type, outside mask) of tile z/x/y, or False off the
+        raster. The last RAW_TILES are kept: a new query's tiles are those in view, already read for
+        the layer below it."""
         key = ("raw", z, x, y)
         raw = self.raw.get(key)
         if raw is None:
             raw = self._warp(z, x, y)
             self.raw.put(key, raw)
-        if raw is False:
-            return None
-        pixels, outside = raw
-        invalid = invalid_pixels(pixels, self.info) | outside
-        vectors = decode_pixels(pixels, invalid, self.info).reshape(-1, self.info.count)
-        return vectors, ~invalid.reshape(-1)
+        return raw
 
     def _warp(self, z: int, x: int, y: int):
         """(pixels (256, 256, bands) in the file's type, outside mask) of tile z/x/y, or False off the raster."""
@@ -166,12 +169,27 @@ class EmbeddingLayer:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
-        read = self._read(z, x, y)
-        if read is None:
+        raw = self._read(z, x, y)
+        if raw is False:
             return empty_tile()
-        out = png(paint(*read).reshape(TILE_PX, TILE_PX, 4))
+        pixels, outside = raw
+        workspace = self.workspaces.get()  # waits while PAINTERS tiles are being painted
+        try:
+            invalid = invalid_pixels(pixels, self.info) | outside
+            vectors = decode_pixels(pixels, invalid, self.info, out=workspace).reshape(-1, self.info.count)
+            rgba = paint(vectors, ~invalid.reshape(-1))
+        finally:
+            self.workspaces.put(workspace)
+        out = png(rgba.reshape(TILE_PX, TILE_PX, 4))
         self.cache.put(key, out)
+        self.last_drawn = time.monotonic()
         return out
+
+    def wait_until_quiet(self, quiet_s: float, at_most_s: float) -> None:
+        """Return once no tile has been drawn for `quiet_s` seconds, or after `at_most_s`."""
+        started = time.monotonic()
+        while time.monotonic() - started < at_most_s and time.monotonic() - self.last_drawn < quiet_s:
+            time.sleep(0.05)
 
     def pca_tile(self, z: int, x: int, y: int) -> bytes:
         """Tile z/x/y in PCA false colour (the sample's fit); nodata transparent."""

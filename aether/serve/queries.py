@@ -27,7 +27,9 @@ MAX_IN_FLIGHT = 4  # searches running or waiting at once; more are refused (429)
 MAX_KEPT = 64  # queries remembered; the oldest finished ones are forgotten beyond this
 
 
-SEARCH_DELAY_S = 1.0  # a search waits this long, so the question's visible tiles are drawn first
+SEARCH_DELAY_S = 0.5  # a search waits at least this long, and until no tile was drawn for QUIET_S, so
+QUIET_S = 0.4  # the question's visible tiles are drawn first (the search would slow them down)
+MAX_WAIT_S = 5.0  # but no longer than this, while someone pans the map
 SEARCH_NICE = 10  # how much lower the background search runs than the tile requests (Linux thread niceness)
 
 
@@ -136,6 +138,7 @@ class QueryBook:
     def _search(self, query: Query) -> None:
         lower_priority()  # the tiles in view first: the map is what the user waits on
         time.sleep(SEARCH_DELAY_S)  # and the page's first tiles of this question before the search starts
+        self.layer.wait_until_quiet(QUIET_S, MAX_WAIT_S)
         try:
             results = retrieve(
                 [query.text],

@@ -21,6 +21,19 @@ def test_quantization_round_trip_error_bound():
     assert np.all(quantize(x, valid=np.zeros_like(x, dtype=bool)) == -128)
 
 
+def test_dequantize_table_equals_the_formula_for_every_code():
+    codes = np.arange(-128, 128, dtype=np.int8)
+    grid = np.stack([codes, codes[::-1]], axis=-1).reshape(16, 16, 2)  # any shape, strided input
+    for q in (codes, grid, grid[:, ::3, :]):
+        f = q.astype(np.float32) / np.float32(127.5)
+        formula = np.sign(f) * f * f
+        table = dequantize(q)
+        assert table.dtype == np.float32 and table.shape == q.shape
+        assert np.array_equal(table, formula)
+    assert dequantize(np.array([127], np.int8))[0] == np.float32((127 / 127.5) ** 2)
+    assert dequantize(codes, np.float64).dtype == np.float64  # other types by the formula
+
+
 def test_metres_per_degree_known_values():
     m_lat, m_lon = metres_per_degree(np.array([0.0, 60.0]))
     np.testing.assert_allclose(m_lat, [110574, 111412], rtol=2e-4)
