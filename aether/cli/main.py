@@ -1,6 +1,6 @@
 """The `aether` command, in the style of rasterio's `rio`: one entry point, a subcommand per task.
 
-    aether train | infer | retrieve | evaluate | serve | zonal | plot | fetch-ae | make-pois  [--help]
+    aether train | infer | retrieve | evaluate | serve | zonal | plot | fetch-ae | make-pois | fetch-pois  [--help]
 
 Each subcommand lives in its own module of this room and is imported only when it runs, so
 `aether --help` answers at once; the top-level scripts (train.py, ...) run the same modules.
@@ -26,6 +26,7 @@ COMMANDS = {
     "plot": ("aether.cli.plot", "draw embedding rasters (PCA) and training curves"),
     "fetch-ae": ("aether.cli.fetch_ae", "fetch real AlphaEarth for a bounding box or a file's extent"),
     "make-pois": ("aether.cli.make_pois", "make the POI file training takes from an OpenStreetMap extract"),
+    "fetch-pois": ("aether.cli.fetch_pois", "fetch the POIs of an area from Overture Maps or OpenStreetMap"),
 }
 
 

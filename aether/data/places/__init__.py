@@ -1,0 +1,1 @@
+"""POIs for any place: Overture Maps Places (GeoParquet row groups) and OpenStreetMap (Overpass)."""
