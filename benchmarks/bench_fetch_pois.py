@@ -31,6 +31,7 @@ from tests.helpers.overpass_server import OverpassServer, helsinki_pool  # noqa:
 from tests.helpers.overture_miniature import RELEASE, make_places, release_files, s3_server  # noqa: E402
 
 RASTER = "data/AE/helsinki_standin_ae_int8.tif"
+EXAMPLE_POIS = "data/poi/helsinki_poi.geojson"
 
 
 def aether(args: list[str], env: dict) -> tuple[float, str]:
@@ -55,6 +56,9 @@ def fetch_and_train(name: str, fetch: list[str], train: list[str], env: dict, ou
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     recall = ", ".join(f"{k[4:]} {last[k]:.3f}" for k in ("val_t2ae_r1", "val_t2ae_r5", "val_t2ae_r10"))
     print(f"  {name}: fetch-pois {cold:.1f} s cold, {warm:.1f} s from the cache: {wrote}")
+    if name == "osm":
+        same = pois.read_bytes() == (REPO / EXAMPLE_POIS).read_bytes()
+        print(f"    the same bytes as the example's {EXAMPLE_POIS} (make-pois on the extract): {same}")
     print(f"    aether train ({epochs} epochs) {seconds:.1f} s; last epoch's validation recall: {recall}")
 
 
