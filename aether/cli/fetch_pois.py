@@ -11,7 +11,7 @@ import logging
 
 from aether.cli.run import command
 from aether.data.places import overpass, overture
-from aether.data.places.run import DEFAULT_MIN_CONFIDENCE, MAX_BOX_KM2, PoiRequest, fetch_pois
+from aether.data.places.run import DEFAULT_MIN_CONFIDENCE, MAX_BOX_KM2, SOURCES, PoiRequest, fetch_pois
 from aether.text.templates import DEFAULT_TEMPLATE
 
 DESCRIPTION = "Fetch the POIs of an area from Overture Maps Places or OpenStreetMap as a POI file."
@@ -25,9 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"area in degrees (WGS84), at most {MAX_BOX_KM2:,.0f} km²",
     )  # fmt: skip
     area.add_argument("--like", metavar="FILE", help="the extent of a raster (e.g. fetch-ae's) or a POI file")
-    parser.add_argument(
-        "--source", required=True, choices=("overture", "osm"), help="Overture Maps Places or OpenStreetMap"
-    )
+    parser.add_argument("--source", required=True, choices=SOURCES, help="Overture Maps Places or OpenStreetMap")
     parser.add_argument("--out", required=True, help="output .gpkg, .geojson or .parquet (written atomically)")
     parser.add_argument("--release", default=overture.RELEASE, help=f"Overture release (default {overture.RELEASE})")
     parser.add_argument(

@@ -54,6 +54,10 @@ class TooSlow(AetherError):
     """The host did not answer within the deadline, or sent its answer too slowly."""
 
 
+class Unreachable(AetherError):
+    """No connection could be made: the host does not resolve, or refuses (trying again soon will not help)."""
+
+
 class _Watchdog:
     """Closes the watched connections when the request overruns: headers not complete within
     `limit_s`, or fewer than MIN_RATE_BPS x `limit_s` bytes of body within any `limit_s`."""
@@ -189,7 +193,7 @@ def request(
                     f"{url} answered too slowly ({watch.reason}); GDAL_HTTP_TIMEOUT sets the seconds to wait"
                 ) from None
             reason = getattr(exc, "reason", exc)
-            raise AetherError(f"cannot reach {url} ({reason})") from None
+            raise Unreachable(f"cannot reach {url} ({reason})") from None
         watch.headers_received()
         with raw:
             yield Response(raw, watch, url)

@@ -15,7 +15,8 @@ import pandas as pd
 
 from aether.core.errors import AetherError, first_line, install_hint
 from aether.core.files import atomic_write_text
-from aether.data.poi import DEFAULT_TEMPLATE, OSM_ATTRIBUTION, render_description, template_fields
+from aether.data.poi import DEFAULT_TEMPLATE, OSM_ATTRIBUTION, render_description
+from aether.text.templates import check_fields
 
 POI_KEYS = ("amenity", "shop", "tourism", "leisure", "office", "craft", "historic")
 POI_COLUMNS = ("osm_id", "name", "key", "value", "description")
@@ -33,11 +34,7 @@ def _text(v) -> str | None:
 
 def check_osm_template(template: str) -> None:
     """Refuse a description template that OSM POIs cannot fill."""
-    unknown = sorted(set(template_fields(template)) - {"name", "key", "value"})
-    if unknown:
-        raise AetherError(
-            f"description template {template!r} uses {unknown}; OSM POIs only have {{name}}, {{key}} and {{value}}"
-        )
+    check_fields(template, ("name", "key", "value"), "OSM POIs")
 
 
 def pois_from_frame(frame: pd.DataFrame, template: str = DEFAULT_TEMPLATE) -> gpd.GeoDataFrame:

@@ -43,6 +43,14 @@ def template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in parsed if f]
 
 
+def check_fields(template: str, fields, whose: str) -> None:
+    """Refuse, in one line, a template that uses a field other than `fields` (what `whose` places have)."""
+    unknown = sorted(set(template_fields(template)) - set(fields))
+    if unknown:
+        have = ", ".join("{" + f + "}" for f in fields)
+        raise AetherError(f"description template {shown(template)} uses {unknown}; {whose} have {have}")
+
+
 def render_description(template: str, fields: dict) -> str | None:
     """Fill the template, or None when a field it needs is missing or empty."""
     values = {}

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from aether.core.errors import AetherError
 from aether.core.files import atomic_write_text
-from aether.core.http import TooSlow, request
+from aether.core.http import Unreachable, request
 from aether.data.osm import POI_KEYS
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def ask(url: str, text: str, cache: Path) -> list[dict]:
             if exc.code not in (429, 502, 503, 504) or attempt == TRIES:
                 raise AetherError(f"Overpass at {url} answered HTTP {exc.code} ({exc.reason})") from None
         except AetherError as exc:  # unreachable (refused, no such host): at once; too slow or cut off: again
-            if attempt == TRIES or not isinstance(exc, TooSlow) and str(exc).startswith("cannot reach"):
+            if attempt == TRIES or isinstance(exc, Unreachable):
                 raise type(exc)(str(exc).replace(target, url)) from None  # named without the long query
         logger.info(f"Overpass at {url} is busy or slow; trying again in {wait:g} s ({attempt}/{TRIES})")
         time.sleep(wait)

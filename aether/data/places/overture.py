@@ -43,6 +43,7 @@ FIELDS = ("name", "category", "alternates", "confidence")  # what a template may
 COLUMNS = ("id", "name", "category", "alternates", "confidence", "sources", "description")
 READ = ("id", "geometry", "names", "categories", "taxonomy", "confidence", "sources")  # those the file has
 BOX_STATS = ("bbox.xmin", "bbox.xmax", "bbox.ymin", "bbox.ymax")
+PLACE_COLUMNS = ("id", "name", "category", "alternates", "confidence", "sources", "lon", "lat")  # fetch_places' rows
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,12 @@ class PlacesSource:
 
     @property
     def folder(self) -> str:
-        return f"{self.root.rstrip('/')}/{self.release}/theme=places/type=place"
+        return release_folder(self.root, self.release)
+
+
+def release_folder(root: str, release: str) -> str:
+    """The folder of a release's place files under `root` (Overture's layout)."""
+    return f"{root.rstrip('/')}/{release}/theme=places/type=place"
 
 
 def filesystem(root: str) -> tuple[pafs.FileSystem, str]:
@@ -168,7 +174,7 @@ def fetch_places(
     file is opened once (its footer read once) for all its row groups that are not cached."""
     fs, root = filesystem(source.root)
     cache.mkdir(parents=True, exist_ok=True)
-    files = place_files(fs, source, f"{root.rstrip('/')}/{source.release}/theme=places/type=place", cache)
+    files = place_files(fs, source, release_folder(root, source.release), cache)
     wanted, n_groups = [], 0
     for info in tqdm(files, desc="Overture footers", unit="file", disable=not progress):
         groups = group_boxes(fs, info, cache)
@@ -190,8 +196,7 @@ def fetch_places(
                     frames.append(places_in_box(table, box))
                     bar.update()
     read = {"files": len(files), "row_groups": n_groups, "row_groups_read": sum(len(g) for _, g in wanted)}
-    empty = pd.DataFrame(columns=["id", "name", "category", "alternates", "confidence", "sources", "lon", "lat"])
-    return (pd.concat(frames, ignore_index=True) if frames else empty), read
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PLACE_COLUMNS))), read
 
 
 def open_file(fs: pafs.FileSystem, info: pafs.FileInfo, opened: ExitStack) -> pq.ParquetFile:
@@ -231,7 +236,7 @@ def places_in_box(table: pa.Table, box: tuple[float, float, float, float]) -> pd
                 "lat": float(y),
             }
         )
-    return pd.DataFrame(out, columns=["id", "name", "category", "alternates", "confidence", "sources", "lon", "lat"])
+    return pd.DataFrame(out, columns=list(PLACE_COLUMNS))
 
 
 def words(category: str | None) -> str:

@@ -26,7 +26,7 @@ from aether.data.osm import OSM_LICENSE, POI_KEYS, check_osm_template, pois_from
 from aether.data.places import overpass, overture
 from aether.data.poi import OSM_ATTRIBUTION
 from aether.geo.raster import metres_per_degree
-from aether.text.templates import DEFAULT_TEMPLATE, render_description, template_fields
+from aether.text.templates import DEFAULT_TEMPLATE, check_fields, render_description
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +80,7 @@ def check_template(template: str, source: str) -> None:
     if source == "osm":
         check_osm_template(template)
         return
-    unknown = sorted(set(template_fields(template)) - set(overture.FIELDS))
-    if unknown:
-        raise AetherError(
-            f"description template {template!r} uses {unknown}; Overture places have "
-            f"{', '.join('{' + f + '}' for f in overture.FIELDS)}"
-        )
+    check_fields(template, overture.FIELDS, "Overture places")
 
 
 def fetch_pois(req: PoiRequest, progress: bool = True) -> tuple[Path, int, dict]:
