@@ -9,7 +9,6 @@ README of the bucket requires (ATTRIBUTION).
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +22,7 @@ NODATA_INT8 = -128
 QUANT_SCALE = 127.5
 INT16_SCALE = 32767.0  # AETHER's own int16 output (not an AlphaEarth format): value = q / 32767
 NODATA_INT16 = -32768
+DECODE_CHUNK = 1 << 19  # values `dequantize` works on at a time (2 MiB of float32)
 MAX_ABS_VALUE = 1e3  # a unit vector's components lie in [-1, 1]: a float pixel beyond this (or inf) is no embedding
 ATTRIBUTION = "The AlphaEarth Foundations Satellite Embedding dataset is produced by Google and Google DeepMind."
 LICENSE = "CC-BY 4.0"
@@ -71,27 +71,22 @@ def signed_squares_torch_(codes: torch.Tensor) -> torch.Tensor:
 
 def dequantize(q: np.ndarray, dtype=np.float32, out: np.ndarray | None = None) -> np.ndarray:
     """Decode AlphaEarth int8 to floats: sign(q) * (q / 127.5) ** 2 (nodata not masked), into
-    `out` (float32, q's shape) when given. int8 codes to float32 are looked up in a table of the
-    same formula's 256 values: no temporaries (four arrays of the output's size, each freshly
+    `out` (C-contiguous, q's shape) when given. Computed as f * |f| with f = q / 127.5 (the
+    formula's own roundings, as `dequantize_torch_`), in place, DECODE_CHUNK values at a time: the
+    only temporary stays in the CPU's cache (temporaries of the output's size, each freshly
     page-faulted, made a map's first tiles take seconds)."""
     q = np.asarray(q)
-    if q.dtype == np.int8 and np.dtype(dtype) == np.float32:
-        return np.take(_dequantize_table(), q.view(np.uint8), out=out)
-    f = q.astype(dtype) / dtype(QUANT_SCALE)
-    values = np.sign(f) * f * f
-    if out is None:
-        return values
-    out[...] = values
-    return out
-
-
-@functools.cache
-def _dequantize_table() -> np.ndarray:
-    """float32 values of the 256 int8 codes, indexed by the code's byte (its uint8 view)."""
-    f = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32) / np.float32(QUANT_SCALE)
-    table = np.sign(f) * f * f
-    table.flags.writeable = False
-    return table
+    values = np.empty(q.shape, dtype) if out is None else out
+    if not values.flags.c_contiguous:
+        raise ValueError("dequantize needs a C-contiguous output array")
+    np.copyto(values, q, casting="unsafe")  # int8 codes are exact in any float type
+    flat = values.reshape(-1)
+    scale = values.dtype.type(QUANT_SCALE)
+    for start in range(0, flat.size, DECODE_CHUNK):
+        part = flat[start : start + DECODE_CHUNK]
+        np.divide(part, scale, out=part)
+        np.multiply(part, np.abs(part), out=part)
+    return values
 
 
 def quantize_int16_torch(x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from aether.core.errors import AetherError
-from aether.geo.alphaearth import band_names, dequantize, quantize
+from aether.geo.alphaearth import DECODE_CHUNK, band_names, dequantize, quantize
 from aether.geo.raster import metres_per_degree, open_raster, read_vectors
 from tests.helpers.fixtures import ORIGIN, unit_field, write_raster
 
@@ -21,17 +21,22 @@ def test_quantization_round_trip_error_bound():
     assert np.all(quantize(x, valid=np.zeros_like(x, dtype=bool)) == -128)
 
 
-def test_dequantize_table_equals_the_formula_for_every_code():
+def test_dequantize_equals_the_formula_for_every_code():
     codes = np.arange(-128, 128, dtype=np.int8)
     grid = np.stack([codes, codes[::-1]], axis=-1).reshape(16, 16, 2)  # any shape, strided input
-    for q in (codes, grid, grid[:, ::3, :]):
+    many = np.resize(codes, DECODE_CHUNK * 2 + 77)  # several chunks and a short last one
+    for q in (codes, grid, grid[:, ::3, :], many):
         f = q.astype(np.float32) / np.float32(127.5)
         formula = np.sign(f) * f * f
-        table = dequantize(q)
-        assert table.dtype == np.float32 and table.shape == q.shape
-        assert np.array_equal(table, formula)
+        values = dequantize(q)
+        assert values.dtype == np.float32 and values.shape == q.shape
+        assert np.array_equal(values, formula)
+        out = np.full(q.shape, np.nan, np.float32)
+        assert dequantize(q, out=out) is out and np.array_equal(out, formula)
     assert dequantize(np.array([127], np.int8))[0] == np.float32((127 / 127.5) ** 2)
-    assert dequantize(codes, np.float64).dtype == np.float64  # other types by the formula
+    assert dequantize(codes, np.float64).dtype == np.float64  # other types by the same formula
+    with pytest.raises(ValueError, match="contiguous"):
+        dequantize(grid[:, ::3, :], out=np.empty((16, 18, 2), np.float32)[:, ::3, :])
 
 
 def test_metres_per_degree_known_values():
