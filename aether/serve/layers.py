@@ -37,7 +37,8 @@ OVERVIEW_MIN_PX = 256  # the smallest overview's longer side, about
 SAMPLE_PX = 40_000  # pixels read once to fit the PCA and each query's colour scale
 CACHE_TILES = 512  # finished PNGs kept (about 100 KiB each)
 RAW_TILES = 32  # warped tiles kept (8 MiB each for int8 AETHER, 16 for int16): more than a 1920 x 1080 view shows
-PAINTERS = 2  # tiles decoded and coloured at once (one per core), each into its own float32 tile of every band
+PAINTERS = 2  # tiles decoded and coloured at once (one per core)
+BAND_ROWS = 16  # a tile is decoded and coloured this many rows at a time, in the painter's own float32 block
 COLOURS = "viridis"
 
 
@@ -96,12 +97,13 @@ class EmbeddingLayer:
         self.pca = PcaFit.of_sample(self.sample, info.path) if len(self.sample) >= 3 else None
         self.cache = TileCache()
         self.raw = TileCache(RAW_TILES)
-        # decoded tiles are written into these, made (and their pages touched) once: a fresh 32 MiB
-        # array per tile, page-faulted by six request threads at once, made a question's first tiles take seconds
+        # a tile's rows are decoded into these, made once, BAND_ROWS at a time (2 MiB for 128 bands):
+        # they stay in the CPU's cache (a fresh 32 MiB array per tile, page-faulted by six request
+        # threads at once, made a question's first tiles take seconds)
         self.workspaces = queue.Queue()
         self.last_drawn = time.monotonic()  # when a tile was last drawn: searches wait for a quiet moment
         for _ in range(PAINTERS):
-            self.workspaces.put(np.ones((TILE_PX, TILE_PX, info.count), np.float32))
+            self.workspaces.put(np.ones((BAND_ROWS, TILE_PX, info.count), np.float32))
 
     def warm_up(self, view_px: tuple[int, int] = VIEW_PX) -> int:
         """Draw now the PCA tiles of the view a map of `view_px` (width, height) opens on (the
@@ -171,8 +173,8 @@ class EmbeddingLayer:
         return pixels, np.asarray(np.ma.getmaskarray(image.array)).any(axis=0)
 
     def _tile(self, name: str, z: int, x: int, y: int, paint) -> bytes:
-        """Tile z/x/y of layer `name` as PNG: from the cache, or `paint(vectors, valid)` -> (N, 4)
-        RGBA of the tile's pixels, then cached; transparent off the raster."""
+        """Tile z/x/y of layer `name` as PNG: from the cache, or painted BAND_ROWS rows at a time by
+        `paint(vectors, valid)` -> (N, 4) RGBA of those N pixels, then cached; transparent off the raster."""
         key = (name, z, x, y)
         cached = self.cache.get(key)
         if cached is not None:
@@ -181,14 +183,17 @@ class EmbeddingLayer:
         if raw is False:
             return empty_tile()
         pixels, outside = raw
+        rgba = np.empty((TILE_PX, TILE_PX, 4), np.uint8)
         workspace = self.workspaces.get()  # waits while PAINTERS tiles are being painted
         try:
-            invalid = invalid_pixels(pixels, self.info) | outside
-            vectors = decode_pixels(pixels, invalid, self.info, out=workspace).reshape(-1, self.info.count)
-            rgba = paint(vectors, ~invalid.reshape(-1))
+            for top in range(0, TILE_PX, BAND_ROWS):
+                rows = slice(top, top + BAND_ROWS)
+                invalid = invalid_pixels(pixels[rows], self.info) | outside[rows]
+                vectors = decode_pixels(pixels[rows], invalid, self.info, out=workspace)
+                rgba[rows] = paint(vectors.reshape(-1, self.info.count), ~invalid.reshape(-1)).reshape(-1, TILE_PX, 4)
         finally:
             self.workspaces.put(workspace)
-        out = png(rgba.reshape(TILE_PX, TILE_PX, 4))
+        out = png(rgba)
         self.cache.put(key, out)
         self.last_drawn = time.monotonic()
         return out
