@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +112,6 @@ class EmbeddingLayer:
         for z, x, y in tiles:
             self.pca_tile(z, x, y)
         _colour_table()  # and the heatmaps' colours (matplotlib's import is a second)
-        # and a question's tiles, drawn by several threads at once, as the page asks for them: the
-        # first time that happens in a process costs about a second (the 4096 raster's first
-        # question: 0.84-1.0 s per tile, later ones 0.04-0.3 s); a throwaway question pays it here
-        probe = np.full(self.info.count, 1 / np.sqrt(self.info.count), np.float32)
-        with ThreadPoolExecutor(max(1, len(tiles))) as pool:
-            list(pool.map(lambda zxy: self.score_tile("warm-up", probe, -1.0, 1.0, *zxy), tiles))
-        self.cache.drop("warm-up")
         return len(tiles)
 
     def _sidecars(self) -> rasterio.Env:
@@ -149,7 +141,7 @@ class EmbeddingLayer:
         return float(low), float(max(high, low + 1e-6))
 
     def _read(self, z: int, x: int, y: int):
-        """(pixels (256, 256, bands) in the file's type, outside mask) of tile z/x/y, or False off the
+        """(pixels (256, 256, bands) in the file's type, invalid mask) of tile z/x/y, or False off the
         raster. The last RAW_TILES are kept: a new query's tiles are those in view, already read for
         the layer below it."""
         key = ("raw", z, x, y)
@@ -160,7 +152,8 @@ class EmbeddingLayer:
         return raw
 
     def _warp(self, z: int, x: int, y: int):
-        """(pixels (256, 256, bands) in the file's type, outside mask) of tile z/x/y, or False off the raster."""
+        """(pixels (256, 256, bands) in the file's type, invalid mask) of tile z/x/y, or False off the
+        raster: invalid where outside the raster or nodata (found once per tile, not per question)."""
         from rio_tiler.errors import TileOutsideBounds
         from rio_tiler.io import Reader
 
@@ -170,7 +163,8 @@ class EmbeddingLayer:
         except TileOutsideBounds:
             return False
         pixels = np.ascontiguousarray(np.asarray(image.array.data).transpose(1, 2, 0))
-        return pixels, np.asarray(np.ma.getmaskarray(image.array)).any(axis=0)
+        outside = np.asarray(np.ma.getmaskarray(image.array)).any(axis=0)
+        return pixels, invalid_pixels(pixels, self.info) | outside
 
     def _tile(self, name: str, z: int, x: int, y: int, paint) -> bytes:
         """Tile z/x/y of layer `name` as PNG: from the cache, or painted BAND_ROWS rows at a time by
@@ -182,15 +176,15 @@ class EmbeddingLayer:
         raw = self._read(z, x, y)
         if raw is False:
             return empty_tile()
-        pixels, outside = raw
+        pixels, invalid = raw
         rgba = np.empty((TILE_PX, TILE_PX, 4), np.uint8)
         workspace = self.workspaces.get()  # waits while PAINTERS tiles are being painted
         try:
             for top in range(0, TILE_PX, BAND_ROWS):
                 rows = slice(top, top + BAND_ROWS)
-                invalid = invalid_pixels(pixels[rows], self.info) | outside[rows]
-                vectors = decode_pixels(pixels[rows], invalid, self.info, out=workspace)
-                rgba[rows] = paint(vectors.reshape(-1, self.info.count), ~invalid.reshape(-1)).reshape(-1, TILE_PX, 4)
+                vectors = decode_pixels(pixels[rows], invalid[rows], self.info, out=workspace)
+                valid = ~invalid[rows].reshape(-1)
+                rgba[rows] = paint(vectors.reshape(-1, self.info.count), valid).reshape(-1, TILE_PX, 4)
         finally:
             self.workspaces.put(workspace)
         out = png(rgba)
