@@ -5,12 +5,14 @@ a bad request gets a 4xx with one line of message, never a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+from threadpoolctl import threadpool_limits
 
 from aether.core.errors import AetherError, first_line, install_hint
 from aether.data.poi import read_poi_frame
@@ -46,6 +48,16 @@ class ServeOptions:
     nms_m: float = 100.0
 
 
+@contextlib.asynccontextmanager
+async def one_blas_thread(app):
+    """While the app serves, numpy's BLAS (OpenBLAS) runs one thread: tiles are painted PAINTERS
+    at a time, one per core, and OpenBLAS's own threads beside them made a question's tiles take
+    about twice as long (the example's: 0.27-0.40 s, 0.15-0.17 s with one). The searches score
+    with torch, whose threads this leaves alone."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def require_serve_extra() -> None:
     """Import the web libraries once, here (threads importing rio-tiler at once break its import),
     or say in one line which extra installs them."""
@@ -76,7 +88,7 @@ def create_app(options: ServeOptions, work_dir: Path | None = None):
     aether_layer.warm_up()
     pois = poi_features(options.poi, info) if options.poi else {"type": "FeatureCollection", "features": []}
 
-    app = FastAPI(title="AETHER", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="AETHER", docs_url=None, redoc_url=None, openapi_url=None, lifespan=one_blas_thread)
     app.state.book, app.state.own_dir = book, own_dir
 
     add_error_handlers(app)
