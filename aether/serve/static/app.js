@@ -27,7 +27,7 @@ function tiles(url, options) {
 async function start() {
   const info = state.info = await api("/api/info");
   $("about").textContent = `${info.name} (checkpoint ${info.checkpoint}); top ${info.top_k} places, none within ${info.nms_m} m of a better one`;
-  const map = state.map = L.map("map", { preferCanvas: true });
+  const map = state.map = L.map("map", { preferCanvas: true, fadeAnimation: false });
   map.fitBounds(info.bounds);
   const bases = {};
   const overlays = {};
