@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import rasterio
 from PIL import Image
+from threadpoolctl import threadpool_info
 
 from tests.serve.conftest import aether
 
@@ -156,3 +157,8 @@ def test_two_tabs_asking_at_once_both_get_answers(served):
     for t in threads:
         t.join()
     assert all(a["status"] == "done" and len(a["places"]) == 5 for a in answers.values())
+
+
+def test_numpy_blas_runs_one_thread_while_serving(served):
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]  # the server runs in this process
+    assert blas and all(pool["num_threads"] == 1 for pool in blas)
