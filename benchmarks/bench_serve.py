@@ -35,7 +35,7 @@ QUERIES = ["quiet cafes near water", "a park with trees", "a shopping street wit
 # In the page, the browser's own clock: when the Ask button is clicked, and when the page marks a
 # question's overlay loaded (every visible tile drawn: Leaflet's "load") and its places listed.
 # Playwright's waits poll at 0, 20, 70, 170, 270, 770, 1270 ms..., so a wall clock around them
-# reads 0.3-0.8 s as about 0.8 s.
+# reads 0.3-0.8 s as about 0.85 s.
 MARKS = """() => {
   window.marks = {};
   const clicked = () => { window.marks.click = performance.now(); };

@@ -52,7 +52,7 @@ class ServeOptions:
 async def one_blas_thread(app):
     """While the app serves, numpy's BLAS (OpenBLAS) runs one thread: tiles are painted PAINTERS
     at a time, one per core, and OpenBLAS's own threads beside them made a question's tiles take
-    about twice as long (the example's: 0.27-0.40 s, 0.15-0.17 s with one). The searches score
+    about twice as long (the example's, in the page: 0.27-0.40 s, 0.12-0.15 s with one). The searches score
     with torch, whose threads this leaves alone."""
     with threadpool_limits(limits=1, user_api="blas"):
         yield

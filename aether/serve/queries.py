@@ -88,7 +88,8 @@ class QueryBook:
         self.encoder_lock = threading.Lock()
 
     def warm_up(self) -> None:
-        """Load the text encoder now, so the first question is answered as fast as the next."""
+        """Encode a throwaway text now (the kept encoder's first call is the slow one), so the first
+        question is answered as fast as the next."""
         self._encode("a place")
 
     def _encode(self, text: str) -> np.ndarray:
